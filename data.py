@@ -1,0 +1,495 @@
+"""Datasets and collators: text files -> batches of tensors.
+
+(Named data.py, not datasets.py: that name would shadow Hugging Face's `datasets` package.)
+
+A batch is a dict of tensors. Language-model batches are {"input_ids": Long[B,T], "labels": Long[B,T]}
+with labels ALREADY shifted (labels[:, t] is the target of position t) and -100 = ignored; variable-length
+batches add "attention_mask" (1 = real token).
+
+Pretraining data is prepared once into a flat token file (.bin, uint16, or uint32 when the vocabulary
+needs it) plus a .json sidecar; training reads it through np.memmap, so corpora larger than RAM work:
+
+    python data.py prepare --input corpus.jsonl --tokenizer tokenizer --output corpus.bin
+
+Input formats:
+  .jsonl  one JSON object per line, {"text": "..."}: one document per line (blank lines are skipped).
+  .txt    plain UTF-8 text. Documents are separated by a line holding exactly <|endoftext|> (the tokenizer's
+          eos token); a file without such a line is one document. Read line by line, never whole.
+Every document is followed by eos in the token stream. Empty documents are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+IGNORE_INDEX = -100
+SIDECAR_FORMAT = "zero2llm-tokens-v1"
+CHUNK_BYTES = 4 << 20  # text tokenized per batch_encode call: bounded memory, whatever the corpus size
+
+
+class DataError(ValueError):
+    """A problem with a user's data file; the message names the file (and line) and what to do."""
+
+
+# ----------------------------------------------------------------------------- tokenizer helpers
+
+
+def load_tokenizer(tokenizer):
+    """A transformers tokenizer from a folder path (offline), or the tokenizer itself."""
+    if isinstance(tokenizer, (str, Path)):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(tokenizer))
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the tokenizer's full definition: a cached .bin is only valid for the tokenizer that made it."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 halves disk and page-cache use; ids >= 65536 need uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+# ----------------------------------------------------------------------------- reading documents
+
+
+def _decode_line(raw: bytes, path: Path, line_no: int) -> str:
+    """The line as text; a UTF-8 byte-order mark (Windows editors) on line 1 is dropped."""
+    try:
+        return raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} line {line_no}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                        f"re-save the file as UTF-8") from None
+
+
+def _check_text(text: str, path: Path, line_no: int) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{path} line {line_no}: text contains an unpaired surrogate escape (e.g. \\ud800), "
+                        f"which is not a character; fix the JSON escapes") from None
+    return text
+
+
+def iter_jsonl_texts(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each {"text": ...} line. Any defect raises ONE DataError naming the line."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = _decode_line(raw, path, line_no)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path} line {line_no}: JSON nested too deeply") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {line_no}: expected a JSON object {{\"text\": ...}}, "
+                                f"got {type(row).__name__}")
+            if "text" not in row:
+                raise DataError(f"{path} line {line_no}: missing field 'text' (expected {{\"text\": ...}})")
+            text = row["text"]
+            if not isinstance(text, str):
+                raise DataError(f"{path} line {line_no}: field 'text' must be a string, got {type(text).__name__}")
+            yield line_no, _check_text(text, path, line_no)
+
+
+def iter_txt_pieces(path: str | Path, doc_separator: str, stats: dict | None = None) -> Iterator[str | None]:
+    r"""Pieces of text of a .txt file; None ends a document. Empty documents are skipped (counted in
+    stats["n_empty"]).
+
+    A long document is cut into pieces of ~CHUNK_BYTES only where the pre-tokenizer splits anyway:
+    after a line ending in "<non-space>\n" and before a line starting with a non-space character.
+    So the tokens are exactly those of the whole document (a cut after "\n\n" would not be: the
+    regex splits "\n\nX" as "\n", "\n" but a piece ending in "\n\n" as one "\n\n").
+    """
+    path = Path(path)
+    lines: list[str] = []  # lines of the current piece
+    held: list[str] = []  # earlier pieces of the current document, while it is all whitespace so far
+    size, has_text = 0, False
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = _decode_line(raw, path, line_no)
+            is_separator = line.rstrip("\r\n") == doc_separator
+            can_cut = (size >= CHUNK_BYTES and lines and len(lines[-1]) > 1 and not lines[-1][-2].isspace()
+                       and line[:1].strip())
+            if is_separator or can_cut:
+                piece = "".join(lines)
+                lines, size = [], 0
+                has_text = has_text or bool(piece.strip())
+                held.append(piece)
+                if has_text:
+                    yield from held
+                    held = []
+            if is_separator:
+                if has_text:
+                    yield None
+                elif stats is not None:
+                    stats["n_empty"] = stats.get("n_empty", 0) + 1
+                held, has_text = [], False
+                continue
+            lines.append(line)
+            size += len(line)
+    piece = "".join(lines)
+    if has_text or piece.strip():  # the text after the last separator (or the whole file without one)
+        yield from held + [piece]
+        yield None
+
+
+def iter_jsonl_pieces(path: str | Path, stats: dict | None = None) -> Iterator[str | None]:
+    """iter_jsonl_texts as pieces (None ends a document), empty documents skipped and counted."""
+    for _, text in iter_jsonl_texts(path):
+        if text.strip():
+            yield text
+            yield None
+        elif stats is not None:
+            stats["n_empty"] = stats.get("n_empty", 0) + 1
+
+
+# ----------------------------------------------------------------------------- prepare .bin
+
+
+def read_sidecar(bin_path: str | Path) -> dict | None:
+    """The .json written next to a .bin by prepare_pretrain, or None if there is none."""
+    side = Path(bin_path).with_suffix(".json")
+    if not side.exists():
+        return None
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{side}: unreadable sidecar ({e}); delete it and prepare the data again") from None
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+        raise DataError(f"{side}: not a {SIDECAR_FORMAT} sidecar; delete it and prepare the data again")
+    return meta
+
+
+def _source_stamp(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def prepare_pretrain(src_paths: str | Path | Sequence[str | Path], tokenizer, out_path: str | Path,
+                     show_progress: bool = True) -> Path:
+    """Tokenize .jsonl/.txt documents into a flat token file `out_path` (+ `out_path`.json sidecar).
+
+    Streams: text is read line by line and tokenized CHUNK_BYTES at a time, so memory stays flat for any
+    corpus size. Documents are joined with eos. The file is written under a temporary name and renamed,
+    and the sidecar comes last, so an interrupted run never leaves a .bin that looks complete.
+    """
+    tokenizer = load_tokenizer(tokenizer)
+    paths = [Path(src_paths)] if isinstance(src_paths, (str, Path)) else [Path(p) for p in src_paths]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"{p}: no such data file")
+        if p.suffix not in (".jsonl", ".txt"):
+            raise DataError(f"{p}: unsupported extension {p.suffix!r}; use .jsonl ({{\"text\": ...}} per line) or .txt")
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no eos_token; documents could not be separated")
+    dtype = token_dtype(len(tokenizer))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = out_path.with_name(out_path.name + ".tmp")
+    try:
+        n_tokens, n_docs, n_empty = _write_tokens(paths, tokenizer, dtype, tmp_path, show_progress)
+        if n_tokens == 0:
+            raise DataError(f"{', '.join(map(str, paths))}: no non-empty documents to tokenize")
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    out_path.with_suffix(".json").unlink(missing_ok=True)
+    os.replace(tmp_path, out_path)
+    meta = {
+        "format": SIDECAR_FORMAT,
+        "dtype": dtype.name,
+        "n_tokens": n_tokens,
+        "n_docs": n_docs,
+        "n_empty_skipped": n_empty,
+        "eos_id": tokenizer.eos_token_id,
+        "vocab_size": len(tokenizer),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "sources": [_source_stamp(p) for p in paths],
+    }
+    out_path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return out_path
+
+
+def _write_tokens(paths: list[Path], tokenizer, dtype: np.dtype, out_path: Path, show_progress: bool
+                  ) -> tuple[int, int, int]:
+    """Stream the documents of `paths` into `out_path` as tokens; returns (n_tokens, n_docs, n_empty)."""
+    backend, eos_id = tokenizer.backend_tokenizer, tokenizer.eos_token_id
+    n_tokens = n_docs = 0
+    stats = {"n_empty": 0}
+    with open(out_path, "wb") as out, tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True,
+                                          desc=f"tokenizing -> {out_path.stem}", disable=not show_progress) as bar:
+
+        def flush(pieces: list[str | None]) -> None:
+            """Encode a batch of pieces (None = end of document -> eos) and append them to the file."""
+            nonlocal n_tokens, n_docs
+            encoded = iter(backend.encode_batch([p for p in pieces if p], add_special_tokens=False))
+            arrays = []
+            for piece in pieces:
+                if piece is None:
+                    arrays.append(np.array([eos_id], dtype=dtype))
+                    n_docs += 1
+                elif piece:
+                    arrays.append(np.asarray(next(encoded).ids, dtype=dtype))
+            if arrays:
+                chunk = np.concatenate(arrays)
+                out.write(chunk.tobytes())
+                n_tokens += len(chunk)
+
+        for path in paths:
+            if path.suffix == ".jsonl":
+                stream = iter_jsonl_pieces(path, stats)
+            else:
+                stream = iter_txt_pieces(path, tokenizer.eos_token, stats)
+            pieces: list[str | None] = []
+            size = done = 0
+            for piece in stream:
+                pieces.append(piece)
+                size += len(piece or "")
+                if size >= CHUNK_BYTES:
+                    flush(pieces)
+                    bar.update(size)
+                    done += size
+                    pieces, size = [], 0
+            flush(pieces)
+            bar.update(max(0, path.stat().st_size - done))
+    return n_tokens, n_docs, stats["n_empty"]
+
+
+def pretrain_bin(path: str | Path, tokenizer, cache_dir: str | Path | None = None, dtype: str | None = None,
+                 show_progress: bool = True) -> Path:
+    """A token file for `path`: a .bin as-is (checked), or a .jsonl/.txt prepared once and cached.
+
+    The cache key is the source path, size and mtime plus the tokenizer fingerprint, so editing the
+    data or changing the tokenizer re-prepares, and anything else reuses. Cache files go to
+    `cache_dir` (default: a `.cache` folder next to the source). `dtype` is only needed for a .bin
+    without sidecar (default: what the tokenizer's vocabulary needs).
+    """
+    tokenizer = load_tokenizer(tokenizer)
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    if path.suffix == ".bin":
+        check_bin(path, tokenizer, dtype)
+        return path
+    stamp = _source_stamp(path)
+    key = hashlib.sha256(json.dumps([stamp, tokenizer_fingerprint(tokenizer)]).encode()).hexdigest()[:12]
+    cache_dir = Path(cache_dir) if cache_dir is not None else path.parent / ".cache"
+    out = cache_dir / f"{path.stem}.{key}.bin"
+    if out.exists() and out.with_suffix(".json").exists():
+        return out
+    prepare_pretrain(path, tokenizer, out, show_progress=show_progress)
+    if show_progress:
+        print(summary(out), file=sys.stderr)
+    return out
+
+
+def summary(bin_path: str | Path) -> str:
+    """One line about a prepared token file (what the user wants to see after preparing)."""
+    meta = read_sidecar(bin_path)
+    return (f"{bin_path}: {meta['n_tokens']:,} tokens ({meta['dtype']}), {meta['n_docs']:,} documents, "
+            f"{meta['n_empty_skipped']} empty skipped")
+
+
+def check_bin(path: str | Path, tokenizer=None, dtype: str | None = None, vocab_size: int | None = None
+              ) -> np.dtype:
+    """The dtype of a token file, after checking it against its sidecar (size, tokenizer).
+
+    Without a sidecar the dtype is `dtype`, else what `vocab_size` (or the tokenizer's) needs.
+    """
+    path = Path(path)
+    meta = read_sidecar(path)
+    if meta is None:
+        if dtype is not None:
+            return np.dtype(dtype)
+        if vocab_size is None and tokenizer is None:
+            raise DataError(f"{path}: no sidecar .json; say which dtype the tokens are (uint16 or uint32)")
+        return token_dtype(vocab_size if vocab_size is not None else len(tokenizer))
+    dt = np.dtype(meta["dtype"])
+    if dtype is not None and np.dtype(dtype) != dt:
+        raise DataError(f"{path}: sidecar says dtype {dt.name}, but {dtype} was asked for")
+    expected = meta["n_tokens"] * dt.itemsize
+    if path.stat().st_size != expected:
+        raise DataError(f"{path}: {path.stat().st_size} bytes, sidecar expects {expected}; the file is truncated "
+                        f"or was rewritten: prepare it again")
+    if tokenizer is not None and meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+        raise DataError(f"{path}: prepared with a different tokenizer (fingerprint {meta['tokenizer_fingerprint']}); "
+                        f"prepare it again with this one")
+    return dt
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Fixed-length rows of a flat token file: row i = tokens[i*T : i*T+T+1], no padding.
+
+    input_ids = row[:-1], labels = row[1:]. Rows cross document boundaries (documents are joined by
+    eos, so the model learns where a document ends). `rows` selects a subset of rows (the train/val
+    carve-off). The memmap is opened lazily, so DataLoader workers each open their own instead of
+    pickling the whole array. `vocab_size` checks every id is < vocab_size (one pass over the file)
+    and, for a .bin without sidecar, picks the dtype when `dtype` is not given.
+    """
+
+    def __init__(self, bin_path: str | Path, seq_len: int, rows: np.ndarray | Sequence[int] | None = None,
+                 dtype: str | None = None, vocab_size: int | None = None):
+        self.path = Path(bin_path)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: no such token file")
+        if seq_len < 1:
+            raise DataError(f"seq_len must be >= 1, got {seq_len}")
+        self.seq_len = seq_len
+        self.dtype = check_bin(self.path, None, dtype, vocab_size)
+        n_bytes = self.path.stat().st_size
+        if n_bytes % self.dtype.itemsize:
+            raise DataError(f"{self.path}: {n_bytes} bytes is not a whole number of {self.dtype.name} tokens; "
+                            f"wrong dtype or truncated file")
+        self.n_tokens = n_bytes // self.dtype.itemsize
+        self.n_rows = (self.n_tokens - 1) // seq_len if self.n_tokens else 0
+        if self.n_rows == 0:
+            raise DataError(f"{self.path}: {self.n_tokens} tokens, too few for one row of seq_len {seq_len} "
+                            f"(needs {seq_len + 1}); use more data or a shorter max_seq_len")
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        if self.rows is not None and len(self.rows) and (self.rows.min() < 0 or self.rows.max() >= self.n_rows):
+            raise DataError(f"{self.path}: row index out of range [0, {self.n_rows})")
+        self._tokens: np.memmap | None = None
+        if vocab_size is not None:
+            self.check_ids(vocab_size)
+
+    def subset(self, rows: np.ndarray | Sequence[int]) -> "PackedDataset":
+        """A view of some of this dataset's rows (indices into this dataset), sharing the file."""
+        view = copy.copy(self)
+        rows = np.asarray(rows, dtype=np.int64)
+        view.rows = rows if self.rows is None else self.rows[rows]
+        return view
+
+    @property
+    def tokens(self) -> np.memmap:
+        if self._tokens is None:
+            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
+        return self._tokens
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokens": None}
+
+    def check_ids(self, vocab_size: int, chunk: int = 1 << 24) -> None:
+        """Raise if a token id is >= vocab_size (data prepared with a bigger tokenizer), naming the offset."""
+        for start in range(0, self.n_tokens, chunk):
+            part = self.tokens[start:start + chunk]
+            bad = np.flatnonzero(part >= vocab_size)
+            if len(bad):
+                off = start + int(bad[0])
+                raise DataError(f"{self.path}: token id {int(self.tokens[off])} at offset {off} is >= vocab_size "
+                                f"{vocab_size}; the data was tokenized with another tokenizer")
+
+    def __len__(self) -> int:
+        return self.n_rows if self.rows is None else len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        r = int(self.rows[i]) if self.rows is not None else i
+        if not 0 <= r < self.n_rows:
+            raise IndexError(i)
+        start = r * self.seq_len
+        row = torch.from_numpy(self.tokens[start:start + self.seq_len + 1].astype(np.int64))
+        return {"input_ids": row[:-1], "labels": row[1:]}
+
+
+def split_train_val(n_rows: int, val_fraction: float, seed: int = 0, block_rows: int = 16
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train_rows, val_rows): disjoint, sorted, together all rows.
+
+    Validation takes whole blocks of adjacent rows chosen at random across the corpus: not just the
+    last book (unrepresentative), and not single rows interleaved with training rows (a scene split
+    across both would leak). Blocks shrink on small corpora so there are at least ~20 to choose from.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    all_rows = np.arange(n_rows, dtype=np.int64)
+    if val_fraction == 0.0 or n_rows == 0:
+        return all_rows, np.empty(0, dtype=np.int64)
+    block = max(1, min(block_rows, n_rows // 20))
+    n_blocks = -(-n_rows // block)
+    n_val = max(1, round(n_blocks * val_fraction))
+    if n_val >= n_blocks:
+        raise DataError(f"{n_rows} rows are too few to carve off a validation fraction of {val_fraction}; "
+                        f"give a validation file or more data")
+    val_blocks = np.random.default_rng(seed).choice(n_blocks, size=n_val, replace=False)
+    is_val = np.zeros(n_blocks, dtype=bool)
+    is_val[val_blocks] = True
+    row_is_val = np.repeat(is_val, block)[:n_rows]
+    return all_rows[~row_is_val], all_rows[row_is_val]
+
+
+# ----------------------------------------------------------------------------- collators
+
+
+def collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack equal-shaped examples (packed pretraining rows) into a batch."""
+    return {k: torch.stack([ex[k] for ex in batch]) for k in batch[0]}
+
+
+def pad_collate(pad_id: int, pad_to_multiple_of: int | None = None
+                ) -> Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
+    """Collator for variable-length LM examples: right-pads input_ids with `pad_id`, labels with -100.
+
+    Returns {"input_ids", "labels", "attention_mask"} (mask 1 = real token). Right padding keeps
+    position ids 0..n-1 of every example identical to unpadded training.
+    """
+
+    def fn(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        T = max(len(ex["input_ids"]) for ex in batch)
+        if pad_to_multiple_of:
+            T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+        out = {"input_ids": torch.full((len(batch), T), pad_id, dtype=torch.long),
+               "labels": torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long),
+               "attention_mask": torch.zeros((len(batch), T), dtype=torch.long)}
+        for i, ex in enumerate(batch):
+            n = len(ex["input_ids"])
+            if len(ex["labels"]) != n:
+                raise ValueError(f"example {i}: input_ids has {n} tokens but labels {len(ex['labels'])}")
+            out["input_ids"][i, :n] = torch.as_tensor(ex["input_ids"])
+            out["labels"][i, :n] = torch.as_tensor(ex["labels"])
+            out["attention_mask"][i, :n] = 1
+        return out
+
+    return fn
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Zero2LLM data tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="tokenize .jsonl/.txt documents into a flat .bin token file for pretraining")
+    prep.add_argument("--input", nargs="+", required=True, help=".jsonl ({'text': ...} per line) or .txt files")
+    prep.add_argument("--tokenizer", default="tokenizer", help="tokenizer folder (default: tokenizer)")
+    prep.add_argument("--output", required=True, help="output .bin path (a .json sidecar is written next to it)")
+    args = parser.parse_args(argv)
+    try:
+        out = prepare_pretrain(args.input, args.tokenizer, args.output)
+    except DataError as e:
+        parser.exit(1, f"error: {e}\n")
+    print(summary(out))
+
+
+if __name__ == "__main__":
+    main()

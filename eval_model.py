@@ -1,0 +1,186 @@
+"""Talk to a trained model: streamed chat, or plain text continuation.
+
+    python eval_model.py --model_path out/pretrain/final                      # continue text (interactive)
+    python eval_model.py --model_path out/sft/final --mode chat --system "You are a helpful assistant."
+    python eval_model.py --model_path out/pretrain/final --prompt "Once upon a time" --max_new_tokens 100
+
+The folder is what save_pretrained / the trainer writes (config.json + model.safetensors).
+The tokenizer is read from that folder when it has tokenizer files, else from the repo's
+tokenizer/ folder next to this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from model import Transformer, generate, resolve_dtype
+
+REPO_TOKENIZER = Path(__file__).resolve().parent / "tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", required=True, help="model folder (config.json + model.safetensors)")
+    p.add_argument(
+        "--mode", choices=("auto", "chat", "complete"), default="auto",
+        help="chat: multi-turn with the tokenizer's chat template; complete: plain continuation; "
+        'auto: chat if <model_path>/zero2llm.json has "chat": true (written for SFT/DPO/GRPO models), else complete',
+    )
+    p.add_argument("--prompt", default=None, help="answer this one prompt and exit (no interactive loop)")
+    p.add_argument("--system", default=None, help="system prompt for chat mode")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="tokens to generate per answer")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling mass (1.0 = off)")
+    p.add_argument("--repetition_penalty", type=float, default=1.0, help=">1 discourages repeating tokens (1.0 = off)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps ...")
+    p.add_argument(
+        "--dtype", default="auto", help="auto (bf16 on cuda when supported, else fp32), float32, bfloat16, float16"
+    )
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    return p.parse_args(argv)
+
+
+def pick_device(flag: str) -> torch.device:
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(flag)
+
+
+def pick_dtype(flag: str, device: torch.device) -> torch.dtype:
+    if flag == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return resolve_dtype(flag)
+
+
+def load_tokenizer(model_path: Path):
+    """The model folder's tokenizer if it has one, else the repo's shipped tokenizer/."""
+    from transformers import AutoTokenizer
+
+    for folder in (model_path, REPO_TOKENIZER):
+        if any((folder / f).is_file() for f in TOKENIZER_FILES):
+            return AutoTokenizer.from_pretrained(str(folder))
+    raise SystemExit(
+        f"error: no tokenizer found: neither {model_path} nor {REPO_TOKENIZER} has {' or '.join(TOKENIZER_FILES)}; "
+        "copy the training tokenizer into the model folder"
+    )
+
+
+def resolve_mode(mode: str, model_path: Path) -> str:
+    """auto -> chat when the trainer marked the folder as chat-tuned (zero2llm.json: {"chat": true})."""
+    if mode != "auto":
+        return mode
+    marker = model_path / "zero2llm.json"
+    if marker.is_file():
+        try:
+            return "chat" if json.loads(marker.read_text()).get("chat") else "complete"
+        except (json.JSONDecodeError, AttributeError):
+            raise SystemExit(f"error: {marker}: not a JSON object; fix it or pass --mode chat/complete") from None
+    return "complete"
+
+
+def stop_ids(tokenizer, model: Transformer) -> list[int]:
+    """Tokens that end an answer: the tokenizer's eos, ChatML's <|im_end|>, and the model config's eos."""
+    ids = {tokenizer.eos_token_id, model.config.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    return sorted(i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id)
+
+
+def stream_text(tokenizer, token_stream: Iterable[torch.Tensor], stop: list[int]) -> str:
+    """Print tokens as they arrive; returns the whole answer.
+
+    Decodes the growing id list and prints only the new suffix: decoding token by token would
+    split multi-byte UTF-8 characters (one Chinese character is often 2-3 byte tokens).
+    """
+    ids: list[int] = []
+    printed = ""
+    for token in token_stream:
+        t = int(token[0])
+        if t in stop:
+            break
+        ids.append(t)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete character: wait for its remaining bytes
+            continue
+        print(text[len(printed):], end="", flush=True)
+        printed = text
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    print(text[len(printed):], flush=True)
+    return text
+
+
+def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Render the chat template to text, then encode it.
+
+    apply_chat_template(tokenize=True) returns a list in some transformers versions and a
+    BatchEncoding in others; rendering text first is the same in all. add_special_tokens=False
+    because the template already contains every special token (no double BOS).
+    """
+    if not tokenizer.chat_template:
+        raise SystemExit("error: the tokenizer has no chat_template; use --mode complete or a chat tokenizer")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_completion(tokenizer, prompt: str) -> list[int]:
+    """Plain text; a document starts after <|endoftext|> in pretraining data, so start from bos (or eos)."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return ([start] if start is not None else []) + ids
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model_path = Path(args.model_path)
+    device = pick_device(args.device)
+    try:
+        model = Transformer.from_pretrained(model_path, device=device, dtype=pick_dtype(args.dtype, device)).eval()
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    tokenizer = load_tokenizer(model_path)
+    mode = resolve_mode(args.mode, model_path)
+    stop = stop_ids(tokenizer, model)
+    sampling = dict(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, eos_token_id=stop,
+    )
+
+    def answer(ids: list[int]) -> str:
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        return stream_text(tokenizer, generate(model, input_ids, args.max_new_tokens, **sampling), stop)
+
+    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = args.prompt is None
+    if interactive:
+        print(f"[{mode} mode, {model.num_params() / 1e6:.1f}M params on {device}; 'exit' or Ctrl-D quits]")
+    while True:
+        if interactive:
+            try:
+                user = input("\n>>> " if mode == "chat" else "\nprompt> ")
+            except EOFError:
+                print()
+                break
+            if user.strip() in ("exit", "quit"):
+                break
+        else:
+            user = args.prompt
+        if mode == "chat":
+            messages.append({"role": "user", "content": user})
+            reply = answer(encode_chat(tokenizer, messages))
+            messages.append({"role": "assistant", "content": reply})
+        else:
+            print(user, end="", flush=True)
+            answer(encode_completion(tokenizer, user))
+        if not interactive:
+            break
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Model hyper-parameters, named presets, and the Hugging Face config.json mapping.
+
+One dataclass describes every model this repo can build. `to_hf_dict()` writes the
+config.json that transformers reads, so a saved folder loads with
+`AutoModelForCausalLM.from_pretrained(folder)`:
+
+    dense, no qk-norm            -> "llama"     (LlamaForCausalLM)
+    dense, qk-norm               -> "qwen3"     (Qwen3ForCausalLM)
+    MoE, qk-norm, no shared exp. -> "qwen3_moe" (Qwen3MoeForCausalLM)
+
+Anything transformers has no class for (MoE with shared experts, MoE without qk-norm)
+is written with model_type "zero2llm": transformers then refuses to load it with a
+clear "unrecognized model type" error instead of silently producing garbage. Our own
+fields (dropout, flash_attn, seq_aux, ...) are stored under the "zero2llm" key so
+`from_hf_dict(to_hf_dict(c)) == c` exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    # Vocabulary and shape.
+    vocab_size: int = 6400
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    head_dim: int | None = None  # None -> dim // n_heads
+    hidden_dim: int | None = None  # SwiGLU width; None -> Llama rule from multiple_of
+    multiple_of: int = 64
+    max_seq_len: int = 512
+    # Positions and normalisation.
+    rope_theta: float = 1e6
+    rope_scaling: dict | None = None  # YaRN: {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}
+    norm_eps: float = 1e-5
+    # Attention.
+    dropout: float = 0.0
+    flash_attn: bool = True  # True: F.scaled_dot_product_attention; False: explicit math (readable, slow)
+    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
+    tie_word_embeddings: bool = True
+    # Mixture of experts.
+    use_moe: bool = False
+    n_routed_experts: int = 4
+    num_experts_per_tok: int = 2
+    n_shared_experts: int = 1
+    moe_hidden_dim: int | None = None  # width of each expert; None -> hidden_dim
+    aux_loss_alpha: float = 0.01
+    seq_aux: bool = True  # load-balancing loss per sequence (DeepSeek) instead of per batch (Switch)
+    norm_topk_prob: bool = True
+    # Init and special tokens.
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = 0
+
+    def __post_init__(self) -> None:
+        # Resolve the derived sizes once so every reader sees concrete numbers.
+        if self.head_dim is None and self.n_heads > 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.hidden_dim is None and self.multiple_of > 0:
+            hidden = int(2 * 4 * self.dim / 3)  # SwiGLU: 2/3 of 4*dim keeps params equal to a GELU MLP
+            self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
+        if self.moe_hidden_dim is None:
+            self.moe_hidden_dim = self.hidden_dim
+        if self.rope_scaling is not None:  # accept HF's "rope_type" spelling, store ours ("type")
+            scaling = dict(self.rope_scaling)
+            scaling.setdefault("type", scaling.pop("rope_type", None))
+            scaling.pop("rope_type", None)
+            self.rope_scaling = scaling
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "ModelConfig":
+        """Raise ValueError naming the offending field(s); returns self for chaining."""
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"invalid model config: {msg}")
+
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "multiple_of"):
+            need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        need(
+            self.n_heads % self.n_kv_heads == 0,
+            f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}) "
+            "for grouped-query attention",
+        )
+        need(self.head_dim is not None and self.head_dim > 0, f"head_dim must be > 0, got {self.head_dim}")
+        need(self.head_dim % 2 == 0, f"head_dim must be even for RoPE, got {self.head_dim}")
+        need(self.hidden_dim is not None and self.hidden_dim > 0, f"hidden_dim must be > 0, got {self.hidden_dim}")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+        need(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            tid = getattr(self, name)
+            ok = tid is None or 0 <= tid < self.vocab_size
+            need(ok, f"{name}={tid} is outside the vocabulary [0, {self.vocab_size})")
+        if self.use_moe:
+            need(self.n_routed_experts >= 1, f"n_routed_experts must be >= 1 with use_moe, got {self.n_routed_experts}")
+            need(
+                1 <= self.num_experts_per_tok <= self.n_routed_experts,
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and "
+                f"n_routed_experts ({self.n_routed_experts})",
+            )
+            need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+            need((self.moe_hidden_dim or 0) > 0, f"moe_hidden_dim must be > 0, got {self.moe_hidden_dim}")
+            need(self.aux_loss_alpha >= 0, f"aux_loss_alpha must be >= 0, got {self.aux_loss_alpha}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            need(kind == "yarn", f"rope_scaling type must be 'yarn' (the only one implemented), got {kind!r}")
+            factor = self.rope_scaling.get("factor")
+            need(factor is not None and float(factor) >= 1.0, f"rope_scaling.factor must be >= 1, got {factor}")
+            need(
+                int(self.rope_scaling.get("original_max_position_embeddings", 0)) > 0,
+                "rope_scaling needs original_max_position_embeddings (the context length used in training)",
+            )
+        return self
+
+    # ------------------------------------------------------------------ Hugging Face mapping
+    @property
+    def hf_model_type(self) -> str | None:
+        """The transformers model_type that computes exactly what our model computes, or None."""
+        if self.use_moe:
+            return "qwen3_moe" if (self.qk_norm and self.n_shared_experts == 0) else None
+        if self.qk_norm:
+            return "qwen3"
+        # LlamaConfig rejects hidden_size % num_attention_heads != 0 even when head_dim is explicit.
+        return "llama" if self.dim % self.n_heads == 0 else None
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json contents (HF field names; ours under "zero2llm")."""
+        model_type = self.hf_model_type
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(self.rope_theta)}
+        if self.rope_scaling is not None:
+            rope = {
+                "rope_type": "yarn",
+                "rope_theta": float(self.rope_theta),
+                **{k: v for k, v in self.rope_scaling.items() if k not in ("type", "rope_type")},
+            }
+        d: dict[str, Any] = {
+            "architectures": [_ARCHITECTURES.get(model_type, "Zero2LLMForCausalLM")],
+            "model_type": model_type or "zero2llm",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "intermediate_size": self.hidden_dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_seq_len,
+            "rms_norm_eps": self.norm_eps,
+            "rope_parameters": rope,
+            "rope_theta": float(self.rope_theta),  # older transformers (v4) read it from the top level
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "use_cache": True,
+        }
+        if model_type == "llama":
+            d["mlp_bias"] = False
+        if self.qk_norm:
+            d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.n_layers)
+        if self.use_moe:
+            d.update(
+                moe_intermediate_size=self.moe_hidden_dim,
+                num_experts=self.n_routed_experts,
+                num_experts_per_tok=self.num_experts_per_tok,
+                norm_topk_prob=self.norm_topk_prob,
+                router_aux_loss_coef=self.aux_loss_alpha,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+                output_router_logits=False,
+            )
+        if model_type is None:
+            d["zero2llm_note"] = (
+                "transformers has no class for this architecture (MoE with shared experts or without qk_norm, "
+                "or dim not divisible by n_heads); load it with model.Transformer.from_pretrained"
+            )
+        d["zero2llm"] = asdict(self)
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Inverse of to_hf_dict; also reads plain Llama / Qwen3 / Qwen3-MoE config.json files.
+
+        The HF fields are the source of truth for the architecture; the "zero2llm" block only
+        supplies what HF has no field for (dropout, flash_attn, seq_aux, n_shared_experts, ...).
+        """
+        model_type = d.get("model_type")
+        ours = dict(d.get("zero2llm") or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(ours) - known
+        if unknown:
+            raise ValueError(f"unknown zero2llm fields {sorted(unknown)}; was it written by a newer version?")
+        if model_type not in ("llama", "qwen3", "qwen3_moe", "zero2llm"):
+            raise ValueError(
+                f"model_type {model_type!r} is not supported; expected llama, qwen3, qwen3_moe or zero2llm"
+            )
+        if model_type == "zero2llm":
+            return cls(**ours)
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope_scaling = None
+        if rope_type == "yarn":
+            extra = {k: v for k, v in rope.items() if k not in ("rope_type", "type", "rope_theta")}
+            rope_scaling = {"type": "yarn", **extra}
+        elif rope_type not in ("default", None):
+            raise ValueError(f"rope type {rope_type!r} is not supported (only default and yarn)")
+        n_heads = d["num_attention_heads"]
+        hf = dict(
+            vocab_size=d["vocab_size"],
+            dim=d["hidden_size"],
+            n_layers=d["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=d.get("num_key_value_heads") or n_heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
+            hidden_dim=d["intermediate_size"],
+            max_seq_len=d.get("max_position_embeddings", ours.get("max_seq_len", 512)),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            norm_eps=d.get("rms_norm_eps", 1e-6),
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            initializer_range=d.get("initializer_range", 0.02),
+            bos_token_id=_first(d.get("bos_token_id")),
+            eos_token_id=_first(d.get("eos_token_id")),
+            pad_token_id=_first(d.get("pad_token_id")),
+            use_moe=model_type == "qwen3_moe",
+        )
+        if model_type == "qwen3_moe":
+            if d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1:
+                raise ValueError("Qwen3-MoE with dense layers (mlp_only_layers, decoder_sparse_step) is not supported")
+            hf.update(
+                n_routed_experts=d.get("num_experts", d.get("num_local_experts")),  # v5 saves the latter
+                num_experts_per_tok=d["num_experts_per_tok"],
+                moe_hidden_dim=d["moe_intermediate_size"],
+                norm_topk_prob=d.get("norm_topk_prob", False),
+                aux_loss_alpha=d.get("router_aux_loss_coef", 0.001),
+                n_shared_experts=0,
+            )
+        ours.update(hf)
+        return cls(**ours)
+
+
+def _first(x: int | list[int] | None) -> int | None:
+    """HF allows a list of eos ids; we keep the first (generation_config.json may list more)."""
+    return x[0] if isinstance(x, list) else x
+
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+# Named starting points. vocab_size follows the shipped tokenizer (6400) except "tiny".
+# Approximate parameter counts with vocab 6400 (tied embeddings) are in the comments.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Unit tests: milliseconds per forward on a laptop CPU.
+    "tiny": dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=64),
+    # CPU default: trains visibly in minutes (~5.9M params).
+    "small": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=2, max_seq_len=256),
+    # MiniMind2-Small-sized (~26M).
+    "26m": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, max_seq_len=512),
+    # MiniMind2-sized (~104M).
+    "104m": dict(dim=768, n_layers=16, n_heads=8, n_kv_heads=2, max_seq_len=512),
+    # Dense ~0.49B (GPU).
+    "0.5b": dict(dim=1280, n_layers=28, n_heads=20, n_kv_heads=4, max_seq_len=1024),
+    # Qwen3-MoE style, loadable by transformers: 4 experts, 2 active, qk-norm, no shared experts
+    # (~118M total, ~65M active per token).
+    "moe": dict(
+        dim=640, n_layers=8, n_heads=8, n_kv_heads=2, max_seq_len=512, qk_norm=True,
+        use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=0,
+    ),
+}
+
+
+def config_from_preset(name: str, **overrides: Any) -> ModelConfig:
+    """ModelConfig for a named preset with field overrides (e.g. vocab_size from the tokenizer)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    bad = set(overrides) - {f.name for f in fields(ModelConfig)}
+    if bad:
+        raise ValueError(f"unknown ModelConfig field(s) {sorted(bad)}")
+    return ModelConfig(**{**PRESETS[name], **overrides}).validate()

@@ -1,0 +1,113 @@
+"""Token-by-token sampling with a KV cache, as a Python generator (so callers can stream).
+
+    for tokens in generate(model, prompt_ids, max_new_tokens=64, temperature=0.7, eos_token_id=eos):
+        ...  # tokens: LongTensor [B], the next token of every row
+
+The prompt is run once (prefill), then each step feeds only the newest token. Batched
+prompts are left-padded with an attention_mask, so every row's next token lands in the
+same column and one KV cache serves the batch (what GRPO needs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .model import KVCache, Transformer
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]. temperature 0 = greedy; top_k 0 / top_p 1.0 = off."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        # Nucleus: keep the smallest set of most-likely tokens whose probability reaches top_p.
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # mass before this token already exceeds top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style (as HF): seen tokens' positive logits are divided by penalty, negative ones multiplied."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row ([B] LongTensor), one step at a time.
+
+    input_ids: [B, T] (or [T]) prompt, left-padded when rows differ in length, with attention_mask
+        [B, T] (1 = real token). Stops after max_new_tokens or once every row has produced an eos;
+        rows that already finished get pad_token_id (default: the first eos id).
+    The model is used as is: call model.eval() first (dropout, MoE aux loss are training-only).
+    Yielded tensors are inference tensors; torch.stack/cat them before using them in autograd.
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    B, T = input_ids.shape
+    if T == 0:
+        raise ValueError("generate needs at least one prompt token (start from bos_token_id)")
+    if max_new_tokens <= 0:
+        return
+    device = input_ids.device
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=device)
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+
+    total = T + max_new_tokens
+    cache = KVCache(model.config, B, total, device=device, dtype=model.lm_head.weight.dtype)
+    # One pre-allocated mask for the whole run; each forward sees the prefix written so far.
+    full_mask = None
+    if attention_mask is not None:
+        full_mask = torch.ones(B, total, dtype=torch.bool, device=device)
+        full_mask[:, :T] = attention_mask.bool()
+    seen = None
+    if repetition_penalty != 1.0:
+        prompt_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.long, device=device)
+        seen = seen.scatter_add_(1, input_ids, prompt_mask) > 0  # padding never counts as "seen"
+
+    mask = full_mask[:, :T] if full_mask is not None else None
+    logits = model(input_ids, attention_mask=mask, kv_cache=cache, logits_to_keep=1).logits[:, -1]
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        if seen is not None:
+            logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
+        token = sample_next_token(logits, temperature, top_k, top_p, generator)
+        token = token.masked_fill(finished, pad)
+        if len(eos):
+            finished |= torch.isin(token, eos)
+        yield token
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            return
+        if seen is not None:
+            seen[torch.arange(B, device=device), token] = True
+        mask = full_mask[:, : cache.length + 1] if full_mask is not None else None
+        logits = model(token[:, None], attention_mask=mask, kv_cache=cache).logits[:, -1]

@@ -1,0 +1,583 @@
+"""The Zero2LLM decoder-only transformer, top to bottom in one file.
+
+    tokens -> embed_tokens -> n_layers x Block -> norm -> lm_head -> logits
+    Block:  x = x + Attention(RMSNorm(x))      (RoPE, grouped-query attention, optional q/k norm)
+            x = x + MLP-or-MoE(RMSNorm(x))     (SwiGLU; MoE = router + top-k experts + shared experts)
+
+Parameter names are exactly those of Hugging Face Llama / Qwen3 / Qwen3-MoE, so a saved
+folder is a transformers checkpoint (see config.py for which class loads which config).
+The numerics follow the same classes (RMSNorm in fp32, rotate-half RoPE, router softmax
+in fp32), which tests/test_model.py checks logit for logit against transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # [B, T, vocab]
+    aux_loss: torch.Tensor  # scalar, MoE load-balancing loss already times aux_loss_alpha; 0 when dense or eval
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Pre-allocated keys/values for incremental decoding.
+
+    One [B, n_kv_heads, max_len, head_dim] buffer per layer, written in place, so a decode
+    step costs no allocation and no torch.cat of the whole history. All rows share one
+    length: batched prompts are left-padded, so row b's real tokens end at the same column.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.max_len = max_len
+        self.length = 0  # number of positions already written (the same for every layer after a forward)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's k/v of one layer after the cached ones; return all keys/values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KVCache is full: {end} positions needed, allocated max_len={self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Called once per forward, after every layer wrote its n new positions."""
+        self.length += n
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 (as HF does) so bf16 training keeps a stable scale."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of RoPE, and the attention scale that YaRN applies to cos/sin.
+
+    Plain RoPE rotates channel pair i at angle pos * theta^(-2i/d). YaRN (arXiv 2309.00071)
+    stretches context by `factor`: low-frequency pairs (which never complete a turn within the
+    training length) are interpolated (divided by factor), high-frequency pairs are kept
+    (extrapolated), with a linear ramp between, and cos/sin are scaled by 0.1*ln(factor)+1.
+    This mirrors transformers' _compute_yarn_parameters so exported models agree.
+    """
+    d, base = config.head_dim, config.rope_theta
+    pos_freqs = base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    inv_freq = 1.0 / pos_freqs
+    if config.rope_scaling is None:
+        return inv_freq, 1.0
+
+    s = config.rope_scaling
+    factor = float(s["factor"])
+    original_len = int(s["original_max_position_embeddings"])
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def get_mscale(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention_factor = s.get("attention_factor")
+    if attention_factor is None:
+        if s.get("mscale") and s.get("mscale_all_dim"):
+            attention_factor = get_mscale(factor, s["mscale"]) / get_mscale(factor, s["mscale_all_dim"])
+        else:
+            attention_factor = get_mscale(factor)
+
+    def correction_dim(num_rotations: float) -> float:
+        # The channel index whose wavelength fits num_rotations times into the training length.
+        return (d * math.log(original_len / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # avoid dividing by zero in the ramp
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp  # 1 for high-frequency pairs (keep), 0 for low-frequency ones (interpolate)
+    inv_freq = (inv_freq / factor) * (1 - extrapolate) + inv_freq * extrapolate
+    return inv_freq, float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for given positions, computed on the fly (cheap) so any length and any position ids work."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        inv_freq, self.attention_scaling = rope_frequencies(config)
+        # A plain attribute, not a buffer: model.to(bfloat16) would round the frequencies.
+        self.inv_freq = inv_freq
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != position_ids.device:
+            self.inv_freq = self.inv_freq.to(position_ids.device)
+        freqs = position_ids[..., None].float() * self.inv_freq  # [B, T, head_dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: pair (i, i + d/2), as HF
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, T, head_dim]; cos/sin: [B, T, head_dim]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads (n_kv_heads <= n_heads share keys/values)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.flash_attn = config.flash_attn
+        self.dropout = config.dropout
+        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        # Qwen3: RMSNorm over each head's q and k keeps attention logits bounded (fewer loss spikes).
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        kv_cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # now [B, n_kv_heads, past + T, head_dim]
+
+        dropout = self.dropout if self.training else 0.0
+        if self.flash_attn:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+                enable_gqa=self.n_heads != self.n_kv_heads,
+            )
+        else:
+            # The same computation written out: what SDPA fuses into one kernel.
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # [B, heads, T, S]
+            if is_causal:
+                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril()
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            att = F.softmax(att.float(), dim=-1).to(q.dtype)
+            att = F.dropout(att, p=dropout)
+            y = att @ v
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Mixture of experts: each token goes to its top-k routed experts, plus always-on shared experts.
+
+    Names follow Qwen3-MoE checkpoints on the Hub: mlp.gate (router), mlp.experts.E.{gate,up,down}_proj.
+    transformers 5 fuses those per-expert tensors into mlp.experts.gate_up_proj/down_proj in memory
+    when it loads, and splits them back when it saves, so the files need no conversion either way.
+    Shared experts use DeepSeek's layout: n_shared_experts SwiGLU experts of width moe_hidden_dim
+    are one SwiGLU of width n_shared_experts * moe_hidden_dim (same function, one matmul).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.norm_topk_prob, self.seq_aux = config.norm_topk_prob, config.seq_aux
+        self.aux_loss_alpha = config.aux_loss_alpha
+        self.gate = nn.Linear(config.dim, self.n_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(MLP(config.dim, config.moe_hidden_dim) for _ in range(self.n_experts))
+        self.shared_experts = (
+            MLP(config.dim, config.moe_hidden_dim * config.n_shared_experts) if config.n_shared_experts > 0 else None
+        )
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [N, dim] -> router probs [N, E] (fp32), top-k weights [N, k], top-k expert ids [N, k]."""
+        probs = F.softmax(self.gate(x).float(), dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return probs, weights.to(x.dtype), experts
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        probs, weights, experts = self.route(flat)
+
+        # Sorted-token dispatch: order the (token, slot) assignments by expert so each expert runs one
+        # matmul on a contiguous slice (the layout a grouped GEMM consumes), then scatter-add back.
+        flat_experts = experts.reshape(-1)  # [N*k]
+        order = flat_experts.argsort(stable=True)
+        token_of = order // self.top_k  # token index of each sorted assignment
+        counts = torch.bincount(flat_experts, minlength=self.n_experts).tolist()  # one GPU sync per layer
+        chunks = flat[token_of].split(counts)
+        # Every expert runs, even on 0 tokens, so all get a (zero) gradient: DDP needs no find_unused_parameters.
+        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
+        y = y * weights.reshape(-1)[order, None]
+        out = y.new_zeros(B * T, D).index_add_(0, token_of, y)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+
+        if self.training and self.aux_loss_alpha > 0:
+            valid = token_mask.reshape(B * T) if token_mask is not None else None
+            n_groups = B if self.seq_aux else 1
+            aux = self.aux_loss_alpha * load_balancing_loss(probs, experts, self.n_experts, n_groups, valid)
+        else:
+            aux = flat.new_zeros((), dtype=torch.float32)
+        return out.view(B, T, D), aux
+
+
+def load_balancing_loss(
+    probs: torch.Tensor, experts: torch.Tensor, n_experts: int, n_groups: int, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """E * sum_e f_e * P_e, averaged over groups (Switch Transformer eq. 4; DeepSeek's sequence-wise variant).
+
+    f_e: fraction of routed (token, slot) assignments that went to expert e (no gradient);
+    P_e: mean router probability of e. Both are 1/E under perfect balance, giving a loss of 1.
+    n_groups=1 pools the whole batch (token-level, as Switch/Qwen); n_groups=B balances each
+    sequence separately (seq_aux, as DeepSeek-V3/MiniMind). valid (0/1 per token) drops padding.
+    HF's Qwen3-MoE aux loss is top_k times this (it normalises f per slot) and pools all layers
+    where we sum per-layer losses; the forward passes agree exactly, only the training penalty differs.
+    """
+    N, k = experts.shape
+    valid = probs.new_ones(N) if valid is None else valid.to(probs.dtype)
+    chosen = F.one_hot(experts, n_experts).sum(1).to(probs.dtype)  # [N, E]: 1 if the token picked e
+    chosen, p = chosen.view(n_groups, -1, n_experts), probs.view(n_groups, -1, n_experts)
+    valid = valid.view(n_groups, -1, 1)
+    n_tokens = valid.sum(1).clamp(min=1)  # [G, 1]
+    f = (chosen * valid).sum(1) / (n_tokens * k)  # [G, E]
+    P = (p * valid).sum(1) / n_tokens  # [G, E]
+    return n_experts * (f * P).sum(-1).mean()
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer (norm before each sub-layer keeps the residual stream an identity path)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MoE(config) if config.use_moe else MLP(config.dim, config.hidden_dim)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        kv_cache: KVCache | None,
+        token_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv_cache))
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            h, aux = self.mlp(h, token_mask)
+        else:
+            h, aux = self.mlp(h), x.new_zeros((), dtype=torch.float32)
+        return x + self.dropout(h), aux
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config.validate()
+        # A ModuleDict named "model" gives the HF parameter names: model.embed_tokens.weight, model.layers.0...
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(config.vocab_size, config.dim),
+                layers=nn.ModuleList(Block(config, i) for i in range(config.n_layers)),
+                norm=RMSNorm(config.dim, config.norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self._init_weights()
+        if config.tie_word_embeddings:
+            # Input and output embeddings share one matrix: fewer parameters, and the standard for small LMs.
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _init_weights(self) -> None:
+        """N(0, initializer_range) everywhere; norms at 1.
+
+        Projections that write into the residual stream (o_proj, down_proj) get std / sqrt(2 * n_layers)
+        (GPT-2): each layer adds two such outputs to the stream, so with plain init the residual's
+        variance would grow with depth; this scaling keeps it roughly constant at init.
+        """
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> ModelOutput:
+        """input_ids [B, T] -> ModelOutput(logits [B, T, V], aux_loss scalar).
+
+        attention_mask: [B, past + T], 1 = real token, 0 = padding (left padding for batched prompts).
+            Leave it None for unpadded batches: the fast is_causal path is used then.
+        position_ids: default counts real tokens only, so a left-padded row sees the same positions
+            as the unpadded sequence.
+        kv_cache: when given, the T new tokens are appended after kv_cache.length cached positions.
+        logits_to_keep: compute logits for only the last n positions (0 = all); generation needs 1.
+        """
+        B, T = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        device = input_ids.device
+        if attention_mask is not None:
+            if attention_mask.shape != (B, past + T):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)} "
+                    "(batch, cached + new tokens)"
+                )
+            attention_mask = attention_mask.bool()
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + T, device=device).expand(B, T)
+        mask, is_causal = self._attention_mask(attention_mask, T, past, device)
+        token_mask = attention_mask[:, past:] if attention_mask is not None else None
+
+        x = self.dropout(self.model.embed_tokens(input_ids))
+        cos, sin = self.rotary(position_ids, x.dtype)
+        aux_loss = torch.zeros((), device=device)
+        for layer in self.model.layers:
+            x, layer_aux = layer(x, cos, sin, mask, is_causal, kv_cache, token_mask)
+            aux_loss = aux_loss + layer_aux  # summed over MoE layers (DeepSeek/MiniMind)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        x = self.model.norm(x)
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        return ModelOutput(self.lm_head(x), aux_loss)
+
+    @staticmethod
+    def _attention_mask(
+        attention_mask: torch.Tensor | None, T: int, past: int, device: torch.device
+    ) -> tuple[torch.Tensor | None, bool]:
+        """(boolean mask [B or 1, 1, T, past + T] where True = may attend, is_causal flag).
+
+        No padding and no cache: None + is_causal (SDPA's fastest path). One new token, no padding:
+        it may see everything, so no mask at all. Otherwise an explicit causal & padding mask.
+        """
+        if attention_mask is None and past == 0:
+            return None, True
+        if attention_mask is None and T == 1:
+            return None, False
+        q_pos = torch.arange(past, past + T, device=device)[:, None]
+        k_pos = torch.arange(past + T, device=device)[None, :]
+        allowed = (k_pos <= q_pos)[None, None]
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, None, :]
+            # A padding query would see no key at all (softmax over only -inf is NaN). Let every query
+            # see itself: real tokens already do, and padding outputs are never used.
+            allowed = allowed | (k_pos == q_pos)[None, None]
+        return allowed, False
+
+    # ------------------------------------------------------------------------- accounting
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied lm_head counts once). exclude_embeddings drops the input embedding table."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def estimate_flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6 * active matmul params + attention (PaLM, appendix B), for MFU.
+
+        Active params: non-embedding parameters plus the lm_head matmul (even when tied), minus the
+        routed experts a token does not visit. Attention adds 12 * layers * heads * head_dim * seq_len.
+        """
+        c = self.config
+        n = self.num_params(exclude_embeddings=True)
+        if c.tie_word_embeddings:
+            n += c.vocab_size * c.dim
+        if c.use_moe:
+            n -= c.n_layers * (c.n_routed_experts - c.num_experts_per_tok) * 3 * c.dim * c.moe_hidden_dim
+        T = seq_len or c.max_seq_len
+        return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * T
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def save_pretrained(self, save_dir: str | Path) -> None:
+        """Write config.json (HF format), model.safetensors and generation_config.json.
+
+        The tied lm_head.weight is left out, as transformers does (it re-ties on load).
+        """
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        dtype = next(self.parameters()).dtype
+        save_file(state, str(save_dir / "model.safetensors"), metadata={"format": "pt"})
+        hf = self.config.to_hf_dict()
+        hf["dtype"] = str(dtype).removeprefix("torch.")
+        (save_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        c = self.config
+        gen = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id}
+        (save_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> "Transformer":
+        """Load a folder written by save_pretrained (or a transformers Llama/Qwen3/Qwen3-MoE folder).
+
+        dtype None keeps fp32 (safe for training); pass "bfloat16" etc. for inference.
+        Every user-facing problem (missing file, bad JSON, truncated weights, shape mismatch) raises
+        one error that names the file and what to do.
+        """
+        model_dir = Path(model_dir)
+        config_path, weights_path = model_dir / "config.json", model_dir / "model.safetensors"
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"{model_dir}: no such model folder (expected config.json + model.safetensors)")
+        for p in (config_path, weights_path):
+            if not p.is_file():
+                sharded = (model_dir / "model.safetensors.index.json").exists()
+                hint = " (sharded checkpoints are not supported)" if sharded else ""
+                raise FileNotFoundError(f"{p}: file missing; a model folder needs config.json + model.safetensors{hint}")
+        try:
+            config = ModelConfig.from_hf_dict(json.loads(config_path.read_text()))
+            config.validate()
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{config_path}: {e}") from None
+        try:
+            state = load_file(str(weights_path))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(
+                f"{weights_path}: cannot read the weights, the file is truncated or corrupt ({e}); "
+                "re-save or re-copy the checkpoint"
+            ) from None
+
+        model = cls(config)
+        expected = model.state_dict()
+        if config.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+            state.pop("lm_head.weight", None)
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights_path}: does not match {config_path}: missing {_few(missing)}, "
+                f"unexpected {_few(unexpected)}; "
+                "the weights and config.json come from different models"
+            )
+        for name, tensor in state.items():
+            if tensor.shape != expected[name].shape:
+                raise ValueError(
+                    f"{weights_path}: {name} has shape {tuple(tensor.shape)} in the checkpoint but "
+                    f"{tuple(expected[name].shape)} from {config_path} "
+                    f"(dim={config.dim}, vocab_size={config.vocab_size}, "
+                    f"n_heads={config.n_heads}, n_kv_heads={config.n_kv_heads}, hidden_dim={config.hidden_dim}); "
+                    "the weights and config.json come from different models"
+                )
+        model.load_state_dict(state, strict=not config.tie_word_embeddings)
+        return model.to(device=device, dtype=resolve_dtype(dtype) if dtype is not None else None)
+
+
+def _few(names: list[str], n: int = 5) -> str:
+    if not names:
+        return "none"
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """torch.dtype from a flag value such as "bf16" or "bfloat16"."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]

@@ -1,0 +1,391 @@
+"""data.py: streaming prepare -> .bin, packed rows, train/val carve-off, collators, clear data errors."""
+
+import importlib.util
+import json
+import os
+import pickle
+import re
+import shutil
+from unittest import mock
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import data
+from data import DataError, PackedDataset
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ["To be, or not to be, that is the question:", "What is 12 + 7?\n12 + 7 = 19.",
+        "Héllo wörld 🤖 — unicode survives.", "Now is the winter of our discontent\nMade glorious summer."] * 5
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(ROOT / "tokenizer"))
+
+
+def write_jsonl(path: Path, docs: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+def expected_tokens(tok, docs: list[str]) -> list[int]:
+    return [i for d in docs for i in tok.encode(d, add_special_tokens=False) + [tok.eos_token_id]]
+
+
+def read_bin(path: Path) -> np.ndarray:
+    return np.fromfile(path, dtype=np.dtype(data.read_sidecar(path)["dtype"]))
+
+
+# ----------------------------------------------------------------------------- prepare + packing
+
+
+def test_prepare_joins_documents_with_eos(tok, tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", DOCS[:4] + ["", "   "])
+    out = data.prepare_pretrain(src, tok, tmp_path / "a.bin", show_progress=False)
+    assert read_bin(out).tolist() == expected_tokens(tok, DOCS[:4])
+    meta = data.read_sidecar(out)
+    assert (meta["dtype"], meta["n_docs"], meta["n_empty_skipped"], meta["eos_id"]) == ("uint16", 4, 2, 0)
+    assert meta["n_tokens"] == len(expected_tokens(tok, DOCS[:4]))
+    assert meta["tokenizer_fingerprint"] == data.tokenizer_fingerprint(tok)
+    assert meta["sources"][0]["size"] == src.stat().st_size
+
+
+def test_packed_rows_are_contiguous_shifted_and_unpadded(tok, tmp_path):
+    out = data.prepare_pretrain(write_jsonl(tmp_path / "a.jsonl", DOCS), tok, tmp_path / "a.bin", show_progress=False)
+    tokens = torch.tensor(expected_tokens(tok, DOCS))
+    T = 16
+    ds = PackedDataset(out, T, vocab_size=len(tok))
+    assert len(ds) == (len(tokens) - 1) // T
+    for i in range(len(ds)):
+        ex = ds[i]
+        assert ex["input_ids"].dtype == ex["labels"].dtype == torch.long
+        assert ex["input_ids"].shape == ex["labels"].shape == (T,)
+        assert torch.equal(ex["input_ids"], tokens[i * T:(i + 1) * T])
+        assert torch.equal(ex["labels"], tokens[i * T + 1:(i + 1) * T + 1])
+    assert (tokens == tok.eos_token_id).sum() == len(DOCS)
+    batch = data.collate([ds[0], ds[1]])
+    assert batch["input_ids"].shape == (2, T) and torch.equal(batch["labels"][0], ds[0]["labels"])
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_chunked_prepare_equals_one_chunk(tok, tmp_path, monkeypatch):
+    src = write_jsonl(tmp_path / "a.jsonl", DOCS)
+    whole = read_bin(data.prepare_pretrain(src, tok, tmp_path / "whole.bin", show_progress=False))
+    monkeypatch.setattr(data, "CHUNK_BYTES", 40)  # many flushes: the file is written in pieces
+    chunked = read_bin(data.prepare_pretrain(src, tok, tmp_path / "chunked.bin", show_progress=False))
+    assert chunked.tolist() == whole.tolist()
+    assert torch.equal(PackedDataset(tmp_path / "chunked.bin", 8)[3]["input_ids"],
+                       torch.from_numpy(whole[24:32].astype(np.int64)))
+
+
+def test_txt_documents_separated_by_eos_lines(tok, tmp_path, monkeypatch):
+    long_doc = "".join(f"Line {i} of a long scene,\n  indented line {i}\n\nNext {i} \nThen {i}\n" for i in range(60))
+    src = tmp_path / "a.txt"
+    src.write_text(f"first doc\nsecond line\n<|endoftext|>\n<|endoftext|>\n  \n<|endoftext|>\n{long_doc}<|endoftext|>\n",
+                   encoding="utf-8")
+    monkeypatch.setattr(data, "CHUNK_BYTES", 100)  # the long document is read in many pieces
+    stats = {}
+    pieces = list(data.iter_txt_pieces(src, "<|endoftext|>", stats))
+    assert pieces.count(None) == 2 and len(pieces) > 20 and stats == {"n_empty": 2}
+    assert "".join(p for p in pieces if p) == "first doc\nsecond line\n" + long_doc
+    out = data.prepare_pretrain(src, tok, tmp_path / "a.bin", show_progress=False)
+    assert read_bin(out).tolist() == expected_tokens(tok, ["first doc\nsecond line\n", long_doc])
+    assert data.read_sidecar(out)["n_empty_skipped"] == 2
+
+    single = tmp_path / "b.txt"
+    single.write_text("no separator: the whole file\nis one document", encoding="utf-8")
+    out = data.prepare_pretrain(single, tok, tmp_path / "b.bin", show_progress=False)
+    assert read_bin(out).tolist() == expected_tokens(tok, [single.read_text()])
+
+
+def test_several_sources_in_one_file(tok, tmp_path):
+    a, b = write_jsonl(tmp_path / "a.jsonl", DOCS[:2]), write_jsonl(tmp_path / "b.jsonl", DOCS[2:3])
+    out = data.prepare_pretrain([a, b], tok, tmp_path / "ab.bin", show_progress=False)
+    assert read_bin(out).tolist() == expected_tokens(tok, DOCS[:3])
+
+
+def test_uint32_when_vocab_exceeds_uint16(tok, tmp_path):
+    class BigVocab:  # the shipped tokenizer pretending to have 70k tokens
+        def __len__(self):
+            return 70_000
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+    out = data.prepare_pretrain(write_jsonl(tmp_path / "a.jsonl", DOCS[:2]), BigVocab(), tmp_path / "a.bin",
+                                show_progress=False)
+    assert data.read_sidecar(out)["dtype"] == "uint32"
+    assert out.stat().st_size == 4 * len(expected_tokens(tok, DOCS[:2]))
+
+    raw = tmp_path / "raw.bin"  # no sidecar: ids above 65535, written in chunks, dtype given by flag
+    ids = np.arange(65_530, 65_530 + 100, dtype=np.uint32)
+    with open(raw, "wb") as f:
+        for part in np.array_split(ids, 7):
+            f.write(part.tobytes())
+    ds = PackedDataset(raw, 9, dtype="uint32")
+    assert ds[2]["input_ids"].tolist() == list(range(65_530 + 18, 65_530 + 27))
+    with pytest.raises(DataError, match=r"token id 65536 at offset 6 is >= vocab_size 65536"):
+        PackedDataset(raw, 9, dtype="uint32", vocab_size=65_536)
+    assert PackedDataset(raw, 9, vocab_size=70_000).dtype == np.uint32  # no sidecar, no dtype: from vocab
+    with pytest.raises(DataError, match="no sidecar"):
+        PackedDataset(raw, 9)
+
+
+def test_dataset_pickles_without_the_token_array(tok, tmp_path):
+    out = data.prepare_pretrain(write_jsonl(tmp_path / "a.jsonl", DOCS), tok, tmp_path / "a.bin", show_progress=False)
+    ds = PackedDataset(out, 8)
+    _ = ds[0]
+    blob = pickle.dumps(ds)
+    assert len(blob) < 1000
+    assert torch.equal(pickle.loads(blob)[1]["labels"], ds[1]["labels"])
+
+
+def test_row_subset_and_errors(tok, tmp_path):
+    out = data.prepare_pretrain(write_jsonl(tmp_path / "a.jsonl", DOCS), tok, tmp_path / "a.bin", show_progress=False)
+    full = PackedDataset(out, 8)
+    sub = PackedDataset(out, 8, rows=[3, 1])
+    assert len(sub) == 2 and torch.equal(sub[0]["input_ids"], full[3]["input_ids"])
+    assert torch.equal(full.subset([3, 1])[0]["labels"], full[3]["labels"])
+    assert torch.equal(sub.subset([1])[0]["labels"], full[1]["labels"]) and len(full.subset([])) == 0
+    with pytest.raises(DataError, match="out of range"):
+        PackedDataset(out, 8, rows=[len(full)])
+    with pytest.raises(DataError, match="too few for one row"):
+        PackedDataset(out, 10_000)
+    with pytest.raises(DataError, match="no such token file"):
+        PackedDataset(tmp_path / "missing.bin", 8)
+
+
+# ----------------------------------------------------------------------------- caching
+
+
+def test_pretrain_bin_caches(tok, tmp_path, monkeypatch):
+    src = write_jsonl(tmp_path / "a.jsonl", DOCS)
+    first = data.pretrain_bin(src, tok, cache_dir=tmp_path / "cache", show_progress=False)
+    assert first.parent == tmp_path / "cache"
+
+    def fail(*args, **kwargs):
+        raise AssertionError("re-tokenized although the cache is valid")
+
+    monkeypatch.setattr(data, "prepare_pretrain", fail)
+    assert data.pretrain_bin(src, tok, cache_dir=tmp_path / "cache") == first
+    assert data.pretrain_bin(first, tok) == first  # a .bin is used as-is
+    monkeypatch.undo()
+
+    write_jsonl(src, DOCS[:3])  # edited source -> new key, re-prepared
+    os.utime(src, ns=(1, 1))
+    second = data.pretrain_bin(src, tok, cache_dir=tmp_path / "cache", show_progress=False)
+    assert second != first and read_bin(second).tolist() == expected_tokens(tok, DOCS[:3])
+    default = data.pretrain_bin(src, tok, show_progress=False)
+    assert default.parent == tmp_path / ".cache"
+
+
+def test_bin_checked_against_sidecar(tok, tmp_path):
+    out = data.prepare_pretrain(write_jsonl(tmp_path / "a.jsonl", DOCS), tok, tmp_path / "a.bin", show_progress=False)
+    meta = data.read_sidecar(out)
+    out.with_suffix(".json").write_text(json.dumps({**meta, "tokenizer_fingerprint": "0" * 16}))
+    with pytest.raises(DataError, match="different tokenizer"):
+        data.pretrain_bin(out, tok)
+    out.with_suffix(".json").write_text(json.dumps(meta))
+    with open(out, "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(DataError, match="truncated or was rewritten"):
+        data.pretrain_bin(out, tok)
+    with pytest.raises(DataError, match="no such data file"):
+        data.pretrain_bin(tmp_path / "nope.jsonl", tok)
+
+
+def test_cli_prepare(tok, tmp_path, capsys):
+    src = write_jsonl(tmp_path / "a.jsonl", DOCS)
+    data.main(["prepare", "--input", str(src), "--tokenizer", str(ROOT / "tokenizer"),
+               "--output", str(tmp_path / "a.bin")])
+    assert f"{len(expected_tokens(tok, DOCS)):,} tokens" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": "typo"}\n')
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", "--input", str(bad), "--tokenizer", str(ROOT / "tokenizer"),
+                   "--output", str(tmp_path / "b.bin")])
+    assert e.value.code == 1 and "line 2: missing field 'text'" in capsys.readouterr().err
+    assert not (tmp_path / "b.bin").exists() and not (tmp_path / "b.bin.tmp").exists()
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("line, message", [
+    (b'{"text": "ok"', "line 2: malformed JSON"),
+    (b'{"content": "x"}', "line 2: missing field 'text' (expected {\"text\": ...})"),
+    (b'{"text": 17}', "line 2: field 'text' must be a string, got int"),
+    (b'["text"]', "line 2: expected a JSON object"),
+    (b'{"text": "caf\xe9"}', "line 2: not valid UTF-8 (byte 0xe9 at column 14)"),
+    (b'{"text": "\\ud800"}', "line 2: text contains an unpaired surrogate"),
+])
+def test_bad_jsonl_names_file_and_line(tok, tmp_path, line, message):
+    src = tmp_path / "x.jsonl"
+    src.write_bytes(b'{"text": "fine"}\n' + line + b"\n" + b'{"text": "fine"}\n')
+    with pytest.raises(DataError) as e:
+        data.prepare_pretrain(src, tok, tmp_path / "x.bin", show_progress=False)
+    assert str(e.value).startswith(f"{src} {message}")
+    assert not (tmp_path / "x.bin").exists()
+
+
+def test_utf8_bom_is_accepted(tok, tmp_path):
+    src = tmp_path / "bom.jsonl"
+    src.write_bytes(b'\xef\xbb\xbf{"text": "hello"}\n')
+    assert list(data.iter_jsonl_texts(src)) == [(1, "hello")]
+
+
+def test_bad_inputs(tok, tmp_path):
+    with pytest.raises(DataError, match="unsupported extension"):
+        data.prepare_pretrain(write_jsonl(tmp_path / "a.json", DOCS), tok, tmp_path / "a.bin")
+    with pytest.raises(DataError, match="no non-empty documents"):
+        data.prepare_pretrain(write_jsonl(tmp_path / "e.jsonl", ["", " "]), tok, tmp_path / "e.bin")
+    bad_txt = tmp_path / "bad.txt"
+    bad_txt.write_bytes(b"fine\n\xff\xfe\n")
+    with pytest.raises(DataError, match=r"bad.txt line 2: not valid UTF-8"):
+        data.prepare_pretrain(bad_txt, tok, tmp_path / "t.bin")
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                           lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids, max_size=3),
+                           max_leaves=8)
+lines = st.one_of(
+    st.binary(max_size=40),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.dictionaries(st.sampled_from(["text", "txt"]), json_values, max_size=2).map(lambda v: json.dumps(v).encode()),
+    st.text().map(lambda t: json.dumps({"text": t}).encode()),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(line=lines)
+def test_any_line_loads_or_raises_data_error(tmp_path, line):
+    """Never a KeyError/IndexError/UnicodeDecodeError from deep inside: either texts or one DataError."""
+    src = tmp_path / "h.jsonl"
+    src.write_bytes(line.replace(b"\n", b" ") + b"\n")
+    try:
+        texts = list(data.iter_jsonl_texts(src))
+    except DataError as e:
+        assert str(e).startswith(f"{src} line 1: ")
+    else:
+        assert all(isinstance(t, str) for _, t in texts)
+
+
+# ----------------------------------------------------------------------------- split + pad_collate
+
+
+@pytest.mark.parametrize("n_rows", [2, 7, 40, 1000, 12_345])
+def test_split_train_val(n_rows):
+    train, val = data.split_train_val(n_rows, 0.1, seed=3)
+    again = data.split_train_val(n_rows, 0.1, seed=3)
+    assert np.array_equal(train, again[0]) and np.array_equal(val, again[1])
+    assert len(val) >= 1 and len(train) >= 1
+    assert not set(train.tolist()) & set(val.tolist())
+    assert sorted(train.tolist() + val.tolist()) == list(range(n_rows))
+    if n_rows >= 1000:
+        assert abs(len(val) / n_rows - 0.1) < 0.02
+        assert val.max() - val.min() > n_rows // 2  # spread over the corpus, not just its end
+        assert not np.array_equal(val, data.split_train_val(n_rows, 0.1, seed=4)[1])
+
+
+def test_split_edge_cases():
+    train, val = data.split_train_val(10, 0.0)
+    assert train.tolist() == list(range(10)) and len(val) == 0
+    with pytest.raises(DataError, match="too few"):
+        data.split_train_val(1, 0.1)
+    with pytest.raises(DataError, match="val_fraction"):
+        data.split_train_val(10, 1.0)
+
+
+def test_pad_collate_right_pads():
+    batch = [{"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 7, 8])},
+             {"input_ids": torch.tensor([9]), "labels": torch.tensor([10])}]
+    out = data.pad_collate(pad_id=0)(batch)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [9, 0, 0]]
+    assert out["labels"].tolist() == [[-100, 7, 8], [10, -100, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert all(v.dtype == torch.long for v in out.values())
+    assert data.pad_collate(0, pad_to_multiple_of=8)(batch)["input_ids"].shape == (2, 8)
+
+
+# ----------------------------------------------------------------------------- shipped sample data
+
+
+def test_shipped_pretrain_files_are_valid():
+    for name in ["pretrain.jsonl", "pretrain_val.jsonl"]:
+        texts = [t for _, t in data.iter_jsonl_texts(ROOT / "dataset" / name)]
+        assert texts and all(t.strip() for t in texts)
+    train = set(t for _, t in data.iter_jsonl_texts(ROOT / "dataset" / "pretrain.jsonl"))
+    assert not train & set(t for _, t in data.iter_jsonl_texts(ROOT / "dataset" / "pretrain_val.jsonl"))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet=st.sampled_from(list("ab Z1.'\n\n\t\r\u00a0é🤖")), max_size=120))
+def test_txt_pieces_tokenize_like_the_whole_document(tok, tmp_path, text):
+    """Cutting a long .txt document into pieces never changes its tokens (cuts only where BPE splits anyway)."""
+    src = tmp_path / "p.txt"
+    src.write_bytes(text.encode("utf-8"))
+    with mock.patch.object(data, "CHUNK_BYTES", 1):
+        pieces = [p for p in data.iter_txt_pieces(src, "<|endoftext|>") if p is not None]
+    whole = src.read_bytes().decode("utf-8")
+    assert "".join(pieces) == (whole if whole.strip() else "")
+    ids = [i for p in pieces for i in tok.encode(p, add_special_tokens=False)]
+    assert ids == (tok.encode(whole, add_special_tokens=False) if whole.strip() else [])
+
+
+def _load(name: str) -> list[dict]:
+    with open(ROOT / "dataset" / name, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _check_arithmetic(answer: str) -> None:
+    """Every "a op b (op c) = n." in an answer is true."""
+    for expr, value in re.findall(r"(\d+(?: [-+*] \d+)+) = (-?\d+)", answer):
+        assert eval(expr) == int(value), answer  # noqa: S307 - digits and + - * only, by the regex
+
+
+def test_shipped_chat_data_is_well_formed_and_correct():
+    for name in ["sft.jsonl", "sft_val.jsonl"]:
+        for row in _load(name):
+            msgs = row["conversations"]
+            roles = [m["role"] for m in msgs if m["role"] != "system"]
+            assert roles == ["user", "assistant"] * (len(roles) // 2) and roles, msgs
+            assert all(m["role"] != "system" for m in msgs[1:])
+            for m in msgs:
+                if m["role"] == "assistant":
+                    _check_arithmetic(m["content"])
+    for name in ["dpo.jsonl", "dpo_val.jsonl"]:
+        for row in _load(name):
+            assert row["chosen"][:-1] == row["rejected"][:-1] and row["chosen"][-1] != row["rejected"][-1]
+            assert row["chosen"][-1]["role"] == row["rejected"][-1]["role"] == "assistant"
+            _check_arithmetic(row["chosen"][-1]["content"])
+    for name in ["grpo.jsonl", "grpo_val.jsonl"]:
+        for row in _load(name):
+            q = row["prompt"][-1]["content"].replace(" plus ", " + ").replace(" minus ", " - ").replace(" times ", " * ")
+            q = re.sub(r"Add (\d+) and (\d+)", r"\1 + \2", q)
+            q = re.sub(r"Subtract (\d+) from (\d+)", r"\2 - \1", q)
+            q = re.sub(r"Multiply (\d+) by (\d+)", r"\1 * \2", q)
+            expr = re.search(r"\d+(?: [-+*] \d+)+", q).group()
+            assert str(eval(expr)) == row["answer"], row  # noqa: S307
+    sft_keys = {json.dumps(r) for r in _load("sft.jsonl")}
+    assert not sft_keys & {json.dumps(r) for r in _load("sft_val.jsonl")}
+    assert all(set(r) == {"instruction", "input", "output"} for r in _load("sft_alpaca.jsonl"))
+    assert all(set(r) == {"prompt", "chosen", "rejected"} for r in _load("dpo_trl.jsonl"))
+
+
+def test_chat_data_regenerates_byte_identically(tmp_path):
+    """make_samples.py (seeded) rebuilds the shipped synthetic files exactly from the shipped pretrain.jsonl."""
+    spec = importlib.util.spec_from_file_location("make_samples", ROOT / "dataset" / "make_samples.py")
+    make_samples = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_samples)
+    shutil.copy(ROOT / "dataset" / "pretrain.jsonl", tmp_path / "pretrain.jsonl")
+    make_samples.build_chat(tmp_path)
+    for name in ["sft", "sft_val", "sft_alpaca", "dpo", "dpo_val", "dpo_trl", "grpo", "grpo_val"]:
+        assert (tmp_path / f"{name}.jsonl").read_bytes() == (ROOT / "dataset" / f"{name}.jsonl").read_bytes(), name

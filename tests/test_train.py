@@ -1,0 +1,147 @@
+"""The training loop: schedule, data order, loss going down, checkpoints, exact resume, DDP."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT, read_metrics, train_args, train_losses
+from trainer import checkpoint as ckpt
+from trainer.sampler import ResumableBatchSampler
+from trainer.schedule import lr_multiplier
+
+
+def test_lr_schedule_warmup_cosine_floor():
+    m = [lr_multiplier(s, warmup_iters=10, decay_iters=110, min_lr_ratio=0.1) for s in range(200)]
+    assert m[0] == pytest.approx(0.1) and m[9] == pytest.approx(1.0)  # linear warmup to the peak
+    assert m[60] == pytest.approx(0.1 + 0.9 * 0.5)                    # cosine half way
+    assert all(a >= b for a, b in zip(m[9:110], m[10:111]))            # monotone decay
+    assert m[110] == m[199] == pytest.approx(0.1)                      # floor after the schedule
+
+
+def test_sampler_two_ranks_see_what_one_rank_sees():
+    one = list(ResumableBatchSampler(50, 4, seed=3, epoch=1))
+    r0 = list(ResumableBatchSampler(50, 2, rank=0, world_size=2, seed=3, epoch=1))
+    r1 = list(ResumableBatchSampler(50, 2, rank=1, world_size=2, seed=3, epoch=1))
+    assert len(one) == len(r0) == len(r1) == 12  # 50 rows, 4 per step: the ragged 2 are dropped
+    for step, rows in enumerate(one):
+        assert sorted(rows) == sorted(r0[step] + r1[step])
+    assert one != list(ResumableBatchSampler(50, 4, seed=3, epoch=2))  # a new order every epoch
+
+
+def test_sampler_resumes_mid_epoch_and_with_another_world_size():
+    full = [i for b in ResumableBatchSampler(64, 4, seed=0) for i in b]
+    rest = [i for b in ResumableBatchSampler(64, 4, seed=0, start=24) for i in b]
+    assert rest == full[24:]
+    # Resumed by 2 processes after 24 rows: together they read exactly the remaining rows.
+    two = [i for r in range(2) for b in ResumableBatchSampler(64, 2, r, 2, seed=0, start=24) for i in b]
+    assert sorted(two) == sorted(full[24:])
+
+
+def test_pretrain_loss_falls_and_exports(corpus, tmp_path):
+    out = tmp_path / "run"
+    result = train.main(train_args(corpus, out, "--max_steps", "60", "--learning_rate", "3e-3",
+                                   "--eval_interval", "30"))
+    losses = train_losses(out)
+    first, last = losses[1], sum(losses[s] for s in range(51, 61)) / 10
+    assert first > 6.0            # ~ln(6400) at the start
+    assert last < 0.5 * first     # the model learned the small corpus
+    assert result["val_loss"] < 0.5 * first
+    assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "tokenizer.json").is_file()
+    assert (out / "best" / "config.json").is_file()
+    vals = [r["val_loss"] for r in read_metrics(out) if "val_loss" in r]
+    assert len(vals) == 2 and vals[1] < vals[0]
+
+
+def test_checkpoints_rotate_and_ignore_incomplete(corpus, tmp_path):
+    out = tmp_path / "run"
+    train.main(train_args(corpus, out, "--max_steps", "7", "--save_interval_steps", "2",
+                          "--keep_checkpoint_max", "2", "--eval_interval", "0"))
+    names = [p.name for p in ckpt.list_checkpoints(out)]
+    assert names == ["step_000006", "step_000007"]  # 2, 4 rotated away; 7 = the final step
+    for name in names:
+        files = {p.name for p in (out / "checkpoints" / name).iterdir()}
+        assert {"model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "scaler.pt",
+                "rng_state_0.pt", ckpt.STATE_FILE} <= files
+    # A half-written checkpoint (killed before its trainer_state.json landed) is never picked.
+    half = out / "checkpoints" / "step_000009"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"partial")
+    (out / "checkpoints" / "step_000010.tmp").mkdir()
+    assert ckpt.latest_checkpoint(out).name == "step_000007"
+
+
+def test_resume_continues_with_identical_losses(corpus, tmp_path):
+    common = ("--lr_decay_iters", "10", "--eval_interval", "0", "--dropout", "0.1", "--save_interval_steps", "5")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train.main(train_args(corpus, straight, "--max_steps", "10", *common))
+    train.main(train_args(corpus, split, "--max_steps", "5", *common))
+    train.main(train_args(corpus, split, "--max_steps", "10", "--resume", *common))
+    a, b = train_losses(straight), train_losses(split)
+    assert sorted(b) == list(range(1, 11))
+    for step in range(6, 11):  # after the resume: same data, same dropout masks, same optimizer state
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), step
+
+
+def test_resume_without_checkpoint_is_a_clear_error(corpus, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train.main(train_args(corpus, tmp_path / "empty", "--max_steps", "2", "--resume"))
+
+
+def test_accumulation_matches_a_bigger_batch(corpus, tmp_path):
+    big, acc = tmp_path / "big", tmp_path / "acc"
+    common = ("--max_steps", "4", "--eval_interval", "0", "--no-save_last")
+    train.main(train_args(corpus, big, *common, "--batch_size", "4"))
+    train.main(train_args(corpus, acc, *common, "--batch_size", "2", "--accumulation_steps", "2"))
+    a, b = train_losses(big), train_losses(acc)
+    for step in range(1, 5):
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+
+
+def test_bfloat16_autocast_on_cpu_trains(corpus, tmp_path):
+    out = tmp_path / "bf16"
+    result = train.main(train_args(corpus, out, "--max_steps", "3", "--eval_interval", "0", "--dtype", "bfloat16"))
+    assert math.isfinite(result["val_loss"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n_heads", "4", "--n_kv_heads", "3"], "multiple of n_kv_heads"),
+    (["--data_path", "nope.jsonl"], "--data_path nope.jsonl: no such file"),
+    (["--preset", "huge"], "--preset 'huge'"),
+    (["--num_experts_per_tok", "5", "--use_moe", "--n_routed_experts", "4"], "num_experts_per_tok"),
+])
+def test_bad_flags_fail_before_any_work(corpus, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exc:
+        train.main(train_args(corpus, tmp_path / "x", *flags))
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_batch_larger_than_data_is_a_clear_error(corpus, tmp_path):
+    with pytest.raises(ValueError, match="Lower --batch_size"):
+        train.main(train_args(corpus, tmp_path / "x", "--batch_size", "100000"))
+
+
+def test_torchrun_two_processes_match_one(corpus, tmp_path):
+    """2 CPU processes (gloo) x batch 2 must give the losses of 1 process x batch 4."""
+    common = ("--max_steps", "4", "--eval_interval", "0", "--no-save_last", "--save_interval_steps", "0")
+    one = tmp_path / "one"
+    train.main(train_args(corpus, one, *common, "--batch_size", "4"))
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), *train_args(corpus, two, *common, "--batch_size", "2")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = train_losses(one), train_losses(two)
+    for step in range(1, 5):
+        assert b[step] == pytest.approx(a[step], rel=1e-4), step
+    seen = [[r["tokens_seen"] for r in read_metrics(run) if "tokens_seen" in r][-1] for run in (one, two)]
+    assert seen[0] == seen[1] == 4 * 4 * 32  # 4 steps x 4 rows x 32 tokens, counted over both ranks

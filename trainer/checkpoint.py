@@ -1,0 +1,150 @@
+"""Training checkpoints: atomic, rotating, resumable.
+
+Layout of one checkpoint (out_dir/checkpoints/step_000500/):
+    config.json, model.safetensors   the model, in the same HF format as final/
+    optimizer.pt, scheduler.pt, scaler.pt
+    rng_state_<rank>.pt              per-rank RNG (dropout masks differ per rank)
+    trainer_state.json               step, data position, best val loss ... written LAST
+
+Everything is written into `step_000500.tmp/` and renamed into place only when complete, so a
+kill at any moment leaves either the previous checkpoints or a `.tmp` folder that resume ignores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.distributed import DistEnv, barrier
+
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with a message saying which file and why."""
+
+
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (renamed into place, with a trainer_state.json), oldest first."""
+    root = checkpoint_dir(out_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(out_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def _fsync_write_json(path: Path, obj: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(out_dir: str | Path, step: int, env: DistEnv, *, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+                    trainer_state: dict[str, Any]) -> Path:
+    """Write a complete checkpoint atomically. Called by every rank (each saves its RNG)."""
+    root = checkpoint_dir(out_dir)
+    final = root / f"step_{step:06d}"
+    tmp = root / f"step_{step:06d}.tmp"
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    torch.save(_rng_state(), tmp / f"rng_state_{env.rank}.pt")
+    barrier()
+    if env.is_main:
+        model.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        _fsync_write_json(tmp / STATE_FILE, trainer_state)
+        if final.exists():  # the same step saved twice (e.g. a resumed run): newest wins
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    barrier()
+    return final
+
+
+def rotate_checkpoints(out_dir: str | Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints (all when keep <= 0); drop stale .tmp folders."""
+    root = checkpoint_dir(out_dir)
+    for stale in root.glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep > 0:
+        for old in list_checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _load(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete. Delete "
+                              f"{path.parent} to resume from the one before it.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or corrupt file: say which, not a pickle traceback
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e}). Delete "
+                              f"{path.parent} to resume from the one before it.") from None
+
+
+# Fields that may change between a run and its resume without changing the weights' meaning.
+_RESUMABLE_CHANGES = {"dropout", "flash_attn", "aux_loss_alpha"}
+
+
+def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load a checkpoint's weights into `model`, refusing a checkpoint of another architecture."""
+    saved = type(model).from_pretrained(path)  # names the file on missing/truncated/mismatched weights
+    diff = [f"{k}={v} (this run: {getattr(model.config, k)})" for k, v in vars(saved.config).items()
+            if k not in _RESUMABLE_CHANGES and getattr(model.config, k) != v]
+    if diff:
+        raise CheckpointError(f"{Path(path) / 'config.json'}: the checkpoint is a different model: {', '.join(diff)}. "
+                              f"Resume with the same model flags, or use a new --out_dir.")
+    model.load_state_dict(saved.state_dict())
+
+
+def load_checkpoint(path: str | Path, env: DistEnv, *, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, scaler: Any) -> dict[str, Any]:
+    """Restore optimizer, scheduler, scaler and this rank's RNG; return the trainer state.
+
+    The model weights are loaded separately (load_model_weights), which checks the architecture.
+    """
+    path = Path(path)
+    state_file = path / STATE_FILE
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{state_file}: cannot be read ({e}); not a complete checkpoint.") from None
+    optimizer.load_state_dict(_load(path / "optimizer.pt"))
+    scheduler.load_state_dict(_load(path / "scheduler.pt"))
+    scaler.load_state_dict(_load(path / "scaler.pt"))
+    rng_file = path / f"rng_state_{env.rank}.pt"
+    if not rng_file.is_file():  # resumed with more processes than were saved: reuse rank 0's
+        rng_file = path / "rng_state_0.pt"
+    rng = _load(rng_file)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state

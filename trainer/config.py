@@ -1,0 +1,93 @@
+"""Training configuration: one dataclass, one argparse parser generated from it.
+
+Every field is a command-line flag of the same name (`--learning_rate 3e-4`); its help string is
+the field's `help` metadata, so `python train.py --help` and this file never disagree.
+Model flags (dim, n_layers, ...) come from model.ModelConfig the same way and override the preset.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+MODES = ("pretrain",)
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    mode: str = _f("pretrain", "Training objective.", choices=MODES)
+    out_dir: str = _f("out/pretrain", "Run folder: checkpoints/, best/, final/, metrics.jsonl.")
+    data_path: str = _f("dataset/pretrain.jsonl",
+                        "Training data: .jsonl ({\"text\": ...}), .txt, or a prepared .bin token file.")
+    val_data_path: str = _f("dataset/pretrain_val.jsonl",
+                            "Held-out data for validation; empty string = carve --val_fraction off the training data.")
+    val_fraction: float = _f(0.02, "Share of training rows held out when --val_data_path is empty.")
+    tokenizer_path: str = _f("tokenizer", "Tokenizer folder (Hugging Face format).")
+    preset: str = _f("small", "Model size preset; model flags below override single fields of it.")
+    epochs: int = _f(2, "Passes over the training data (ignored when --max_steps > 0).")
+    max_steps: int = _f(0, "Optimizer steps to run; 0 = derive from --epochs.")
+    batch_size: int = _f(16, "Rows per micro-batch per process.")
+    accumulation_steps: int = _f(1, "Micro-batches per optimizer step (global batch = batch_size x this x processes).")
+    learning_rate: float = _f(1e-3, "Peak learning rate (AdamW).")
+    min_lr_ratio: float = _f(0.1, "Cosine decay floor as a fraction of the peak learning rate.")
+    warmup_iters: int = _f(30, "Linear warmup steps.")
+    lr_decay_iters: int = _f(0, "Steps over which the cosine decays; 0 = the run's total steps.")
+    weight_decay: float = _f(0.1, "AdamW weight decay, applied to matrices only (not norms).")
+    beta1: float = _f(0.9, "AdamW beta1.")
+    beta2: float = _f(0.95, "AdamW beta2.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this; 0 = no clipping.")
+    device: str = _f("auto", "cpu, cuda, cuda:N, or auto (CUDA when available).")
+    dtype: str = _f("auto", "Autocast dtype: auto = bfloat16 on GPUs that support it, else float32.",
+                    choices=("auto", "float32", "bfloat16", "float16"))
+    seed: int = _f(1337, "Seed for initialisation, data order and dropout.")
+    num_workers: int = _f(0, "DataLoader worker processes.")
+    log_interval: int = _f(10, "Steps between logged training metrics.")
+    eval_interval: int = _f(100, "Steps between validation runs (and always at the end); 0 = only at the end.")
+    eval_iters: int = _f(50, "Validation batches per process per evaluation; 0 = the whole validation set.")
+    save_interval_steps: int = _f(200, "Steps between checkpoints in out_dir/checkpoints; 0 = only at the end.")
+    keep_checkpoint_max: int = _f(3, "Newest checkpoints to keep; 0 = keep all.")
+    save_best_only: bool = _f(False, "Write checkpoints only at evaluations that improve the validation loss.")
+    save_last: bool = _f(True, "Export the final model to out_dir/final (Hugging Face format).")
+    resume: str = _f("", "Resume: 'auto' (or the bare flag) = newest complete checkpoint in out_dir, or a checkpoint path.",
+                     nargs="?", const="auto")
+    use_wandb: bool = _f(False, "Log to Weights & Biases (offline unless credentials are configured).")
+    wandb_project: str = _f("zero2llm", "wandb project name.")
+    wandb_run_name: str = _f("", "wandb run name; empty = derived from mode and out_dir.")
+
+
+def _flag_type(tp: Any) -> Any:
+    """The argparse `type` for a dataclass field annotation (Optional[X] -> X)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str,
+                        override_only: bool = False) -> None:
+    """One flag per field of `cls`. With override_only, defaults are None ("keep the preset's")."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _flag_type(hints[f.name])
+        if tp not in (int, float, str, bool):
+            continue  # structured fields (e.g. rope_scaling) are set through presets, not flags
+        meta = dict(f.metadata)
+        help_ = meta.pop("help", "")
+        default = None if override_only else f.default
+        if not override_only and default not in (None, ""):
+            help_ += " (default: %(default)s)"
+        if tp is bool:
+            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=help_)
+        else:
+            group.add_argument(f"--{f.name}", type=tp, default=default, help=help_, **meta)
+
+
+def take(cls: type, ns: argparse.Namespace) -> dict[str, Any]:
+    """The parsed values that belong to dataclass `cls`, skipping flags left at None."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(ns).items() if k in names and v is not None}

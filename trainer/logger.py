@@ -1,0 +1,86 @@
+"""Where metrics go: a tqdm bar, out_dir/metrics.jsonl (one JSON object per record), and wandb.
+
+Only rank 0 logs. metrics.jsonl is the run's machine-readable history (sweeps and tests read it);
+wandb is optional and never needs a network: without credentials it runs offline.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+def wandb_mode() -> str:
+    """WANDB_MODE if the user set it; 'online' only when credentials exist; else 'offline'."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+def _clean(v: Any) -> Any:
+    """JSON-friendly scalars: tensors to floats, NaN/inf to null (JSON has no NaN)."""
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str | Path, config: dict[str, Any], *, enabled: bool, total_steps: int,
+                 initial_step: int, use_wandb: bool, project: str, run_name: str) -> None:
+        self.enabled = enabled
+        self.bar = None
+        self.wandb = None
+        if not enabled:
+            return
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.file = open(out / "metrics.jsonl", "a")
+        if use_wandb:
+            import wandb  # imported only when asked for: it is slow to import
+
+            self.wandb = wandb.init(project=project, name=run_name or None, config=config, dir=str(out),
+                                    mode=wandb_mode(), resume="allow")
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc=config.get("mode", "train"),
+                        unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if v is not None}, step=step)
+
+    def progress(self, steps: int) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def postfix(self, values: dict[str, str]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(values, refresh=False)
+
+    def message(self, text: str) -> None:
+        """A line above the progress bar (tqdm.write keeps the bar intact)."""
+        if self.enabled:
+            tqdm.write(text)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,262 @@
+"""The one training loop, shared by every mode.
+
+It owns what is the same for all modes: devices and DDP, AMP, gradient accumulation, the LR
+schedule, clipping, logging, validation, checkpoints and resume. What differs between modes is
+the objective (trainer/objectives.py): how a batch becomes a loss.
+
+One optimizer step reads like a recipe:
+    fetch accumulation_steps micro-batches  ->  count the step's items on all ranks
+    forward + backward each (DDP all-reduces only on the last)  ->  unscale, clip, step, schedule
+    log  ->  checkpoint  ->  evaluate (checkpoint first: a crash in eval must not lose it)
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset
+
+from trainer import checkpoint as ckpt
+from trainer.config import TrainConfig
+from trainer.distributed import DistEnv, all_reduce_sum, barrier
+from trainer.logger import MetricsLogger
+from trainer.sampler import ResumableBatchSampler
+from trainer.schedule import build_scheduler
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that resume needs; saved as trainer_state.json."""
+    step: int = 0                # optimizer steps completed
+    epoch: int = 0
+    epoch_offset: int = 0        # rows of `epoch` consumed by all ranks together
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    skipped_steps: int = 0       # steps skipped for a non-finite gradient
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: decaying norm gains and biases just hurts."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: DistEnv, model: torch.nn.Module, objective: Any,
+                 train_data: Dataset, val_data: Dataset | None, collate_fn: Callable[[list], Batch],
+                 export: Callable[[torch.nn.Module, Path, dict[str, Any]], None]) -> None:
+        """`export(model, folder, info)` writes a Hugging Face folder (best/, final/): model,
+        tokenizer and a summary; it is the caller's so that each mode can add what it needs."""
+        self.cfg, self.env, self.objective = cfg, env, objective
+        self.train_data, self.val_data, self.collate_fn, self.export = train_data, val_data, collate_fn, export
+        self.out_dir = Path(cfg.out_dir)
+        self.raw_model = model.to(env.device)
+        self.model = self.raw_model
+        if env.is_distributed:
+            self.model = DDP(self.raw_model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        self.dtype = resolve_dtype(cfg.dtype, env.device)
+        self.autocast = torch.autocast(env.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        # Loss scaling is only needed for fp16's narrow exponent range; bf16 has fp32's range.
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.dtype == torch.float16)
+        self.optimizer = build_optimizer(self.raw_model, cfg, env.device)
+
+        rows_per_step = cfg.batch_size * env.world_size
+        if len(train_data) < rows_per_step:
+            raise ValueError(f"--batch_size {cfg.batch_size} x {env.world_size} process(es) needs at least "
+                             f"{rows_per_step} training rows, but {cfg.data_path} has {len(train_data)}. "
+                             f"Lower --batch_size or --max_seq_len, or add data.")
+        self.micro_per_epoch = len(train_data) // rows_per_step
+        self.steps_per_epoch = max(1, self.micro_per_epoch // cfg.accumulation_steps)
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.steps_per_epoch
+        decay_iters = cfg.lr_decay_iters if cfg.lr_decay_iters > 0 else self.total_steps
+        self.scheduler = build_scheduler(self.optimizer, cfg.warmup_iters, decay_iters, cfg.min_lr_ratio)
+        self.state = TrainState()
+
+    # ----------------------------------------------------------------------------- data
+    def _loader(self, sampler: ResumableBatchSampler, data: Dataset) -> DataLoader:
+        # A private generator: DataLoader otherwise draws its worker seed from the global RNG,
+        # which would shift every later dropout mask after a resume.
+        return DataLoader(data, batch_sampler=sampler, collate_fn=self.collate_fn,
+                          num_workers=self.cfg.num_workers, pin_memory=self.env.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(self.cfg.seed))
+
+    def _train_batches(self) -> Iterator[Batch]:
+        """An endless stream of this rank's micro-batches; advances the resumable data position."""
+        s, env = self.state, self.env
+        while True:
+            sampler = ResumableBatchSampler(len(self.train_data), self.cfg.batch_size, env.rank, env.world_size,
+                                            seed=self.cfg.seed, epoch=s.epoch, start=s.epoch_offset)
+            for batch in self._loader(sampler, self.train_data):
+                s.epoch_offset += sampler.rows_per_step
+                yield batch
+            s.epoch, s.epoch_offset = s.epoch + 1, 0
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+
+    # ----------------------------------------------------------------------------- steps
+    def _train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
+        env = self.env
+        n_items = torch.tensor(float(sum(self.objective.num_items(b) for b in micro_batches)), device=env.device)
+        all_reduce_sum(n_items)
+        # DDP averages gradients over ranks, so multiplying by world_size turns that average into
+        # the sum; dividing by the step's total items makes it the mean over every item of the step.
+        scale = env.world_size / n_items.clamp(min=1)
+        loss_sum = torch.zeros((), device=env.device)
+        extra: dict[str, float] = {}
+        for i, batch in enumerate(micro_batches):
+            batch = self._to_device(batch)
+            last = i == len(micro_batches) - 1
+            # no_sync: skip the gradient all-reduce on all but the last micro-batch of the step.
+            sync = contextlib.nullcontext() if last or not env.is_distributed else self.model.no_sync()
+            with sync:
+                with self.autocast:
+                    loss, metrics = self.objective(self.model, batch)
+                self.scaler.scale(loss * scale).backward()
+            loss_sum += loss.detach()
+            for k, v in metrics.items():  # objective metrics, averaged over micro-batches below
+                extra[k] = extra.get(k, 0.0) + float(v)
+            self.state.tokens_seen += batch["input_ids"].numel() * env.world_size
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        if torch.isfinite(grad_norm):
+            self.scaler.step(self.optimizer)
+        else:  # every rank sees the same all-reduced norm, so every rank skips together
+            self.state.skipped_steps += 1
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        all_reduce_sum(loss_sum)
+        return {"loss": (loss_sum / n_items).item(), "grad_norm": grad_norm.item(), "lr": lr,
+                **{k: v / len(micro_batches) for k, v in extra.items()}}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss per item over this run's validation rows (all ranks together)."""
+        if self.val_data is None:
+            return math.nan
+        model, env = self.raw_model, self.env
+        model.eval()
+        sampler = ResumableBatchSampler(len(self.val_data), self.cfg.batch_size, env.rank, env.world_size,
+                                        shuffle=False, drop_last=False)
+        totals = torch.zeros(2, device=env.device, dtype=torch.float64)
+        for i, batch in enumerate(self._loader(sampler, self.val_data)):
+            if self.cfg.eval_iters and i >= self.cfg.eval_iters:
+                break
+            batch = self._to_device(batch)
+            with self.autocast:
+                loss, _ = self.objective(model, batch)
+            totals += torch.stack([loss.double(), torch.tensor(self.objective.num_items(batch), device=env.device)])
+        all_reduce_sum(totals)
+        model.train()
+        return (totals[0] / totals[1].clamp(min=1)).item()
+
+    # ----------------------------------------------------------------------------- state
+    def _trainer_state(self) -> dict[str, Any]:
+        return {**asdict(self.state), "world_size": self.env.world_size, "config": asdict(self.cfg)}
+
+    def save_checkpoint(self) -> None:
+        ckpt.save_checkpoint(self.out_dir, self.state.step, self.env, model=self.raw_model,
+                             optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                             trainer_state=self._trainer_state())
+        if self.env.is_main:
+            ckpt.rotate_checkpoints(self.out_dir, self.cfg.keep_checkpoint_max)
+
+    def resume(self, path: Path) -> None:
+        ckpt.load_model_weights(self.raw_model, path)
+        saved = ckpt.load_checkpoint(path, self.env, optimizer=self.optimizer, scheduler=self.scheduler,
+                                     scaler=self.scaler)
+        self.state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
+
+    def _export(self, name: str, val_loss: float) -> None:
+        """best/ and final/ as Hugging Face folders, written atomically like checkpoints."""
+        if self.env.is_main:
+            folder = self.out_dir / name
+            tmp = self.out_dir / f"{name}.tmp"
+            info = {"mode": self.cfg.mode, "step": self.state.step, "val_loss": val_loss,
+                    "tokens_seen": self.state.tokens_seen}
+            self.export(self.raw_model, tmp, info)
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        barrier()
+
+    # ----------------------------------------------------------------------------- the loop
+    def fit(self) -> dict[str, Any]:
+        cfg, env, s = self.cfg, self.env, self.state
+        if cfg.resume:
+            path = ckpt.latest_checkpoint(self.out_dir) if cfg.resume == "auto" else Path(cfg.resume)
+            if path is None:
+                raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt.checkpoint_dir(self.out_dir)}; "
+                                        f"start without --resume, or pass a checkpoint folder.")
+            self.resume(path)
+            s = self.state
+        log = MetricsLogger(self.out_dir, asdict(cfg), enabled=env.is_main, total_steps=self.total_steps,
+                            initial_step=s.step, use_wandb=cfg.use_wandb, project=cfg.wandb_project,
+                            run_name=cfg.wandb_run_name)
+        if cfg.resume:
+            log.message(f"resumed from step {s.step} (epoch {s.epoch}, row {s.epoch_offset})")
+        self.raw_model.train()
+        stream = self._train_batches()
+        val_loss = math.nan
+        t_last, tokens_last = time.perf_counter(), s.tokens_seen
+        while s.step < self.total_steps:
+            metrics = self._train_step([next(stream) for _ in range(cfg.accumulation_steps)])
+            s.step += 1
+            done = s.step == self.total_steps
+            if s.step % cfg.log_interval == 0 or done:
+                dt = time.perf_counter() - t_last
+                tok_s = (s.tokens_seen - tokens_last) / max(dt, 1e-9)
+                log.log(s.step, {**metrics, "tokens_per_sec": tok_s, "tokens_seen": s.tokens_seen,
+                                 "epoch": s.epoch, "skipped_steps": s.skipped_steps})
+                log.postfix({"loss": f"{metrics['loss']:.3f}", "lr": f"{metrics['lr']:.2e}", "tok/s": f"{tok_s:,.0f}"})
+                t_last, tokens_last = time.perf_counter(), s.tokens_seen
+            log.progress(1)
+            paused = False
+            if not cfg.save_best_only and (done or (cfg.save_interval_steps and s.step % cfg.save_interval_steps == 0)):
+                self.save_checkpoint()  # before evaluation: a crash there must not lose it
+                paused = True
+            if done or (cfg.eval_interval and s.step % cfg.eval_interval == 0):
+                val_loss = self.evaluate()
+                improved = val_loss < s.best_val_loss
+                if improved:
+                    s.best_val_loss = val_loss
+                log.log(s.step, {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+                log.message(f"step {s.step}: val_loss {val_loss:.4f}  ppl {math.exp(min(val_loss, 50)):.2f}"
+                            + ("  (best)" if improved else ""))
+                if improved and self.val_data is not None:
+                    if cfg.save_best_only:
+                        self.save_checkpoint()
+                    self._export("best", val_loss)
+                paused = True
+            if paused:  # keep tokens/s a measure of training, not of saving and evaluating
+                t_last, tokens_last = time.perf_counter(), s.tokens_seen
+        if cfg.save_last:
+            self._export("final", val_loss)
+            log.message(f"final model written to {self.out_dir / 'final'}")
+        log.close()
+        return {"step": s.step, "val_loss": val_loss, "best_val_loss": s.best_val_loss,
+                "tokens_seen": s.tokens_seen, "skipped_steps": s.skipped_steps}
