@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from model import Transformer, generate, resolve_dtype
+from model import Transformer, generate
+from trainer.distributed import resolve_device, resolve_dtype
 
 REPO_TOKENIZER = Path(__file__).resolve().parent / "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -40,23 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling mass (1.0 = off)")
     p.add_argument("--repetition_penalty", type=float, default=1.0, help=">1 discourages repeating tokens (1.0 = off)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps ...")
-    p.add_argument(
-        "--dtype", default="auto", help="auto (bf16 on cuda when supported, else fp32), float32, bfloat16, float16"
-    )
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="auto: bf16 on GPUs that support it, else fp32")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     return p.parse_args(argv)
-
-
-def pick_device(flag: str) -> torch.device:
-    if flag == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(flag)
-
-
-def pick_dtype(flag: str, device: torch.device) -> torch.dtype:
-    if flag == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return resolve_dtype(flag)
 
 
 def load_tokenizer(model_path: Path):
@@ -139,9 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model_path = Path(args.model_path)
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     try:
-        model = Transformer.from_pretrained(model_path, device=device, dtype=pick_dtype(args.dtype, device)).eval()
+        model = Transformer.from_pretrained(model_path, device=device, dtype=resolve_dtype(args.dtype, device)).eval()
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     tokenizer = load_tokenizer(model_path)

@@ -3,7 +3,7 @@
 
   python train.py --mode pretrain                        # shipped data, small model, CPU, minutes
   python train.py --mode pretrain --preset 26m --dtype bfloat16 --device cuda
-  torchrun --nproc_per_node=4 train.py --mode pretrain --preset 104m
+  torchrun --standalone --nproc_per_node=4 train.py --mode pretrain --preset 104m
   python train.py --mode pretrain --resume               # continue from out_dir's newest checkpoint
 """
 from __future__ import annotations
@@ -11,30 +11,70 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
+from data import DataError, PackedDataset, collate, pretrain_bin, split_train_val
 from model import ModelConfig, Transformer
 from model.config import PRESETS, config_from_preset
-from trainer.config import TrainConfig, add_dataclass_flags, take
-from trainer.distributed import barrier, destroy, init_distributed
+from trainer.checkpoint import CheckpointError, latest_checkpoint
+from trainer.config import MODE_DEFAULTS, TrainConfig, UsageError, add_dataclass_flags, take
+from trainer.distributed import DistEnv, barrier, destroy, init_distributed
 from trainer.loop import Trainer
 from trainer.objectives import CausalLMObjective
 
 
-def build_parser() -> argparse.ArgumentParser:
+@dataclass
+class Job:
+    """What a mode builds for the loop."""
+    model: torch.nn.Module
+    objective: Any
+    train_data: Dataset
+    val_data: Dataset | None
+    collate_fn: Callable[[list], dict[str, torch.Tensor]]
+
+
+def build_pretrain(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env: DistEnv) -> Job:
+    """A fresh model on packed rows of max_seq_len tokens from a tokenized (once, cached) corpus."""
+    if env.is_main:  # rank 0 tokenizes; the others wait, then read the cached file
+        pretrain_bin(cfg.data_path, tokenizer)
+    barrier()
+
+    def packed(path: str) -> PackedDataset:
+        return PackedDataset(pretrain_bin(path, tokenizer), model_cfg.max_seq_len, vocab_size=model_cfg.vocab_size)
+
+    train = packed(cfg.data_path)
+    if cfg.val_data_path:
+        val = packed(cfg.val_data_path)
+    else:
+        train_rows, val_rows = split_train_val(len(train), cfg.val_fraction, cfg.seed)
+        train, val = train.subset(train_rows), train.subset(val_rows)
+    return Job(Transformer(model_cfg), CausalLMObjective(), train, val, collate)
+
+
+BUILDERS: dict[str, Callable[[TrainConfig, ModelConfig, Any, DistEnv], Job]] = {"pretrain": build_pretrain}
+
+
+def build_parser(mode: str = "pretrain") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_flags(parser, TrainConfig, "training")
     add_dataclass_flags(parser, ModelConfig, "model (each flag overrides one field of --preset)", override_only=True)
+    parser.set_defaults(**MODE_DEFAULTS[mode])
     return parser
 
 
 def parse_config(argv: list[str] | None) -> tuple[TrainConfig, ModelConfig, Any]:
     """Parse and check every flag before any work starts; user mistakes end in parser.error."""
-    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--mode", choices=tuple(MODE_DEFAULTS), default="pretrain")
+    mode = pre.parse_known_args(argv)[0].mode
+    parser = build_parser(mode)
     args = parser.parse_args(argv)
     cfg = TrainConfig(**take(TrainConfig, args))
     if cfg.preset not in PRESETS:
@@ -45,6 +85,11 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, ModelConfig, Any]
             parser.error(f"--{flag} {path}: no such file or folder")
     if cfg.accumulation_steps < 1 or cfg.batch_size < 1:
         parser.error("--batch_size and --accumulation_steps must be >= 1")
+    if cfg.resume == "auto" and latest_checkpoint(cfg.out_dir) is None:
+        parser.error(f"--resume: no complete checkpoint in {cfg.out_dir}/checkpoints; start without --resume, "
+                     f"or pass a checkpoint folder")
+    if cfg.resume not in ("", "auto") and not Path(cfg.resume).is_dir():
+        parser.error(f"--resume {cfg.resume}: no such checkpoint folder")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
@@ -62,23 +107,7 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, ModelConfig, Any]
     return cfg, model_cfg, tokenizer
 
 
-def build_pretrain_data(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, is_main: bool):
-    """Tokenize (once, cached) and pack the corpus into rows of max_seq_len tokens."""
-    from data import PackedDataset, pretrain_bin, split_train_val
-
-    # Rank 0 tokenizes; the others wait and then read the cached file.
-    if is_main:
-        pretrain_bin(cfg.data_path, tokenizer)
-    barrier()
-    train = PackedDataset(pretrain_bin(cfg.data_path, tokenizer), model_cfg.max_seq_len, vocab_size=model_cfg.vocab_size)
-    if cfg.val_data_path:
-        val = PackedDataset(pretrain_bin(cfg.val_data_path, tokenizer), model_cfg.max_seq_len, vocab_size=model_cfg.vocab_size)
-        return train, val
-    train_rows, val_rows = split_train_val(len(train), cfg.val_fraction, cfg.seed)
-    return train.subset(train_rows), train.subset(val_rows)
-
-
-def make_export(tokenizer: Any):
+def make_export(tokenizer: Any) -> Callable[[Transformer, Path, dict[str, Any]], None]:
     def export(model: Transformer, folder: Path, info: dict[str, Any]) -> None:
         """An HF folder: weights + config (transformers loads it as is), tokenizer, training summary."""
         model.save_pretrained(folder)
@@ -94,20 +123,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     try:
-        train_data, val_data = build_pretrain_data(cfg, model_cfg, tokenizer, env.is_main)
-        from data import collate
-
-        model = Transformer(model_cfg)
+        job = BUILDERS[cfg.mode](cfg, model_cfg, tokenizer, env)
         if env.is_main:
-            print(f"model: {model.num_params() / 1e6:.2f}M parameters ({cfg.preset} preset), "
-                  f"{len(train_data):,} training rows of {model_cfg.max_seq_len} tokens, "
-                  f"{env.world_size} process(es) on {env.device}", file=sys.stderr)
-        trainer = Trainer(cfg, env, model, CausalLMObjective(), train_data, val_data, collate,
+            print(f"{cfg.mode}: {job.model.num_params() / 1e6:.2f}M parameters ({cfg.preset} preset), "
+                  f"{len(job.train_data):,} training rows, {env.world_size} process(es) on {env.device}",
+                  file=sys.stderr)
+        trainer = Trainer(cfg, env, job.model, job.objective, job.train_data, job.val_data, job.collate_fn,
                           make_export(tokenizer))
         return trainer.fit()
     finally:
         destroy()
 
 
+def cli() -> None:
+    """`python train.py`: errors the user can fix print as one line, without a traceback."""
+    try:
+        main()
+    except (UsageError, DataError, CheckpointError, FileNotFoundError) as e:
+        sys.exit(f"train.py: error: {e}")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

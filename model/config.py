@@ -18,45 +18,52 @@ fields (dropout, flash_attn, seq_aux, ...) are stored under the "zero2llm" key s
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+
+def _f(default: Any, help: str, cli: bool = True) -> Any:
+    """A field whose help string becomes the --flag's help in train.py (cli=False: no flag)."""
+    return field(default=default, metadata={"help": help, "cli": cli})
 
 
 @dataclass
 class ModelConfig:
     # Vocabulary and shape.
-    vocab_size: int = 6400
-    dim: int = 512
-    n_layers: int = 8
-    n_heads: int = 8
-    n_kv_heads: int = 2
-    head_dim: int | None = None  # None -> dim // n_heads
-    hidden_dim: int | None = None  # SwiGLU width; None -> Llama rule from multiple_of
-    multiple_of: int = 64
-    max_seq_len: int = 512
+    vocab_size: int = _f(6400, "Vocabulary size (default: the tokenizer's).")
+    dim: int = _f(512, "Hidden size (d_model).")
+    n_layers: int = _f(8, "Transformer blocks.")
+    n_heads: int = _f(8, "Query heads.")
+    n_kv_heads: int = _f(2, "Key/value heads (grouped-query attention; must divide n_heads).")
+    head_dim: int | None = _f(None, "Size of one head (default: dim / n_heads).")
+    hidden_dim: int | None = _f(None, "SwiGLU width (default: 8/3 x dim rounded up to multiple_of).")
+    multiple_of: int = _f(64, "Round the default SwiGLU width up to a multiple of this.")
+    max_seq_len: int = _f(512, "Context length: training row length and RoPE range.")
     # Positions and normalisation.
-    rope_theta: float = 1e6
-    rope_scaling: dict | None = None  # YaRN: {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}
-    norm_eps: float = 1e-5
+    rope_theta: float = _f(1e6, "RoPE base frequency.")
+    # YaRN: {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}
+    rope_scaling: dict | None = _f(None, "RoPE scaling for longer inference contexts (YaRN).")
+    norm_eps: float = _f(1e-5, "RMSNorm epsilon.")
     # Attention.
-    dropout: float = 0.0
-    flash_attn: bool = True  # True: F.scaled_dot_product_attention; False: explicit math (readable, slow)
-    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
-    tie_word_embeddings: bool = True
+    dropout: float = _f(0.0, "Dropout on attention weights and residual branches.")
+    flash_attn: bool = _f(True, "Attention through F.scaled_dot_product_attention (flash kernels on CUDA); "
+                                "off: the explicit math path.")
+    qk_norm: bool = _f(False, "Per-head RMSNorm on queries and keys (Qwen3).")
+    tie_word_embeddings: bool = _f(True, "Share the input embedding with the output projection.")
     # Mixture of experts.
-    use_moe: bool = False
-    n_routed_experts: int = 4
-    num_experts_per_tok: int = 2
-    n_shared_experts: int = 1
-    moe_hidden_dim: int | None = None  # width of each expert; None -> hidden_dim
-    aux_loss_alpha: float = 0.01
-    seq_aux: bool = True  # load-balancing loss per sequence (DeepSeek) instead of per batch (Switch)
-    norm_topk_prob: bool = True
+    use_moe: bool = _f(False, "Mixture-of-Experts MLPs instead of dense SwiGLU.")
+    n_routed_experts: int = _f(4, "Routed experts per MoE layer.")
+    num_experts_per_tok: int = _f(2, "Experts each token is routed to (top-k).")
+    n_shared_experts: int = _f(1, "Always-on shared experts per MoE layer (0 = Qwen3-MoE, loadable by transformers).")
+    moe_hidden_dim: int | None = _f(None, "Width of each expert (default: hidden_dim).")
+    aux_loss_alpha: float = _f(0.01, "Weight of the load-balancing loss.")
+    seq_aux: bool = _f(True, "Balance experts per sequence (DeepSeek) instead of per batch (Switch).")
+    norm_topk_prob: bool = _f(True, "Renormalise the top-k routing weights to sum to 1.")
     # Init and special tokens.
-    initializer_range: float = 0.02
-    bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
-    pad_token_id: int | None = 0
+    initializer_range: float = _f(0.02, "Std of the normal weight init.")
+    bos_token_id: int | None = _f(1, "Beginning-of-sequence id (set from the tokenizer).", cli=False)
+    eos_token_id: int | None = _f(2, "End-of-sequence id (set from the tokenizer).", cli=False)
+    pad_token_id: int | None = _f(0, "Padding id (set from the tokenizer).", cli=False)
 
     def __post_init__(self) -> None:
         # Resolve the derived sizes once so every reader sees concrete numbers.

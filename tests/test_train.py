@@ -1,6 +1,7 @@
 """The training loop: schedule, data order, loss going down, checkpoints, exact resume, DDP."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -13,6 +14,7 @@ import torch
 import train
 from conftest import ROOT, read_metrics, train_args, train_losses
 from trainer import checkpoint as ckpt
+from trainer.config import UsageError
 from trainer.sampler import ResumableBatchSampler
 from trainer.schedule import lr_multiplier
 
@@ -59,6 +61,46 @@ def test_pretrain_loss_falls_and_exports(corpus, tmp_path):
     assert len(vals) == 2 and vals[1] < vals[0]
 
 
+def test_final_folder_is_a_transformers_model_and_chats(corpus, tmp_path, capsys):
+    """What a user does next: load final/ with transformers, and stream text from it with eval_model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import eval_model
+    from model import Transformer
+
+    out = tmp_path / "run"
+    train.main(train_args(corpus, out, "--max_steps", "30", "--learning_rate", "3e-3", "--eval_interval", "0"))
+    final = out / "final"
+    hf = AutoModelForCausalLM.from_pretrained(final).eval()
+    ours = Transformer.from_pretrained(final).eval()
+    ids = AutoTokenizer.from_pretrained(final)("the king and the queen", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids).logits, atol=1e-4, rtol=1e-4)
+    assert json.loads((final / "zero2llm.json").read_text())["chat"] is False
+    capsys.readouterr()
+    eval_model.main(["--model_path", str(final), "--prompt", "the king", "--max_new_tokens", "8",
+                     "--temperature", "0"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("the king") and len(printed.split()) > 2  # the prompt, then generated words
+
+
+def test_wandb_runs_offline_without_credentials(corpus, tmp_path, monkeypatch):
+    from trainer.logger import wandb_mode
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no wandb settings
+    assert wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode() == "online"
+    monkeypatch.delenv("WANDB_API_KEY")
+    out = tmp_path / "run"
+    train.main(train_args(corpus, out, "--max_steps", "2", "--eval_interval", "0", "--use_wandb"))
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
 def test_checkpoints_rotate_and_ignore_incomplete(corpus, tmp_path):
     out = tmp_path / "run"
     train.main(train_args(corpus, out, "--max_steps", "7", "--save_interval_steps", "2",
@@ -89,11 +131,6 @@ def test_resume_continues_with_identical_losses(corpus, tmp_path):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), step
 
 
-def test_resume_without_checkpoint_is_a_clear_error(corpus, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        train.main(train_args(corpus, tmp_path / "empty", "--max_steps", "2", "--resume"))
-
-
 def test_accumulation_matches_a_bigger_batch(corpus, tmp_path):
     big, acc = tmp_path / "big", tmp_path / "acc"
     common = ("--max_steps", "4", "--eval_interval", "0", "--no-save_last")
@@ -115,6 +152,8 @@ def test_bfloat16_autocast_on_cpu_trains(corpus, tmp_path):
     (["--data_path", "nope.jsonl"], "--data_path nope.jsonl: no such file"),
     (["--preset", "huge"], "--preset 'huge'"),
     (["--num_experts_per_tok", "5", "--use_moe", "--n_routed_experts", "4"], "num_experts_per_tok"),
+    (["--resume"], "--resume: no complete checkpoint"),
+    (["--resume", "no/such/ckpt"], "--resume no/such/ckpt: no such checkpoint folder"),
 ])
 def test_bad_flags_fail_before_any_work(corpus, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exc:
@@ -125,7 +164,7 @@ def test_bad_flags_fail_before_any_work(corpus, tmp_path, capsys, flags, message
 
 
 def test_batch_larger_than_data_is_a_clear_error(corpus, tmp_path):
-    with pytest.raises(ValueError, match="Lower --batch_size"):
+    with pytest.raises(UsageError, match="Lower --batch_size"):
         train.main(train_args(corpus, tmp_path / "x", "--batch_size", "100000"))
 
 

@@ -116,7 +116,10 @@ _RESUMABLE_CHANGES = {"dropout", "flash_attn", "aux_loss_alpha"}
 
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load a checkpoint's weights into `model`, refusing a checkpoint of another architecture."""
-    saved = type(model).from_pretrained(path)  # names the file on missing/truncated/mismatched weights
+    try:
+        saved = type(model).from_pretrained(path)
+    except (FileNotFoundError, ValueError) as e:  # already names the file and the problem
+        raise CheckpointError(str(e)) from None
     diff = [f"{k}={v} (this run: {getattr(model.config, k)})" for k, v in vars(saved.config).items()
             if k not in _RESUMABLE_CHANGES and getattr(model.config, k) != v]
     if diff:

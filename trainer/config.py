@@ -14,6 +14,16 @@ from typing import Any
 
 MODES = ("pretrain",)
 
+# Defaults that differ by mode; a flag given on the command line always wins.
+MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pretrain": {"out_dir": "out/pretrain", "data_path": "dataset/pretrain.jsonl",
+                 "val_data_path": "dataset/pretrain_val.jsonl"},
+}
+
+
+class UsageError(ValueError):
+    """A problem the user can fix by changing flags or files; train.py prints it without a traceback."""
+
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
@@ -22,15 +32,15 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class TrainConfig:
     mode: str = _f("pretrain", "Training objective.", choices=MODES)
-    out_dir: str = _f("out/pretrain", "Run folder: checkpoints/, best/, final/, metrics.jsonl.")
-    data_path: str = _f("dataset/pretrain.jsonl",
-                        "Training data: .jsonl ({\"text\": ...}), .txt, or a prepared .bin token file.")
-    val_data_path: str = _f("dataset/pretrain_val.jsonl",
-                            "Held-out data for validation; empty string = carve --val_fraction off the training data.")
+    out_dir: str = _f("out/pretrain", "Run folder: checkpoints/, best/, final/, metrics.jsonl (default: out/<mode>).")
+    data_path: str = _f("dataset/pretrain.jsonl", "Training data (default: the mode's shipped sample). Pretraining: "
+                        ".jsonl ({\"text\": ...}), .txt, or a prepared .bin token file.")
+    val_data_path: str = _f("dataset/pretrain_val.jsonl", "Held-out data for validation (default: the mode's shipped "
+                            "sample); empty string = carve --val_fraction off the training data.")
     val_fraction: float = _f(0.02, "Share of training rows held out when --val_data_path is empty.")
     tokenizer_path: str = _f("tokenizer", "Tokenizer folder (Hugging Face format).")
     preset: str = _f("small", "Model size preset; model flags below override single fields of it.")
-    epochs: int = _f(2, "Passes over the training data (ignored when --max_steps > 0).")
+    epochs: int = _f(1, "Passes over the training data (ignored when --max_steps > 0).")
     max_steps: int = _f(0, "Optimizer steps to run; 0 = derive from --epochs.")
     batch_size: int = _f(16, "Rows per micro-batch per process.")
     accumulation_steps: int = _f(1, "Micro-batches per optimizer step (global batch = batch_size x this x processes).")
@@ -77,6 +87,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str,
         if tp not in (int, float, str, bool):
             continue  # structured fields (e.g. rope_scaling) are set through presets, not flags
         meta = dict(f.metadata)
+        if not meta.pop("cli", True):
+            continue
         help_ = meta.pop("help", "")
         default = None if override_only else f.default
         if not override_only and default not in (None, ""):

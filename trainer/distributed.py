@@ -35,6 +35,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' means bfloat16 on GPUs that support it, else float32.
+
+    Not bfloat16 on CPU: CPUs without native bf16 instructions run it many times slower than fp32.
+    """
+    if name == "auto":
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
 def init_distributed(device: str = "auto") -> DistEnv:
     """Join the torchrun process group if launched by torchrun (NCCL on CUDA, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -26,8 +26,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
 from trainer import checkpoint as ckpt
-from trainer.config import TrainConfig
-from trainer.distributed import DistEnv, all_reduce_sum, barrier
+from trainer.config import TrainConfig, UsageError
+from trainer.distributed import DistEnv, all_reduce_sum, barrier, resolve_dtype
 from trainer.logger import MetricsLogger
 from trainer.sampler import ResumableBatchSampler
 from trainer.schedule import build_scheduler
@@ -44,13 +44,6 @@ class TrainState:
     tokens_seen: int = 0
     best_val_loss: float = math.inf
     skipped_steps: int = 0       # steps skipped for a non-finite gradient
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16_ok else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -83,7 +76,7 @@ class Trainer:
 
         rows_per_step = cfg.batch_size * env.world_size
         if len(train_data) < rows_per_step:
-            raise ValueError(f"--batch_size {cfg.batch_size} x {env.world_size} process(es) needs at least "
+            raise UsageError(f"--batch_size {cfg.batch_size} x {env.world_size} process(es) needs at least "
                              f"{rows_per_step} training rows, but {cfg.data_path} has {len(train_data)}. "
                              f"Lower --batch_size or --max_seq_len, or add data.")
         self.micro_per_epoch = len(train_data) // rows_per_step
@@ -210,8 +203,7 @@ class Trainer:
         if cfg.resume:
             path = ckpt.latest_checkpoint(self.out_dir) if cfg.resume == "auto" else Path(cfg.resume)
             if path is None:
-                raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt.checkpoint_dir(self.out_dir)}; "
-                                        f"start without --resume, or pass a checkpoint folder.")
+                raise UsageError(f"--resume: no complete checkpoint in {ckpt.checkpoint_dir(self.out_dir)}")
             self.resume(path)
             s = self.state
         log = MetricsLogger(self.out_dir, asdict(cfg), enabled=env.is_main, total_steps=self.total_steps,
