@@ -25,7 +25,7 @@ from model.config import PRESETS, config_from_preset
 from trainer.checkpoint import CheckpointError, latest_checkpoint
 from trainer.config import MODE_DEFAULTS, TrainConfig, UsageError, add_dataclass_flags, take
 from trainer.distributed import DistEnv, barrier, destroy, init_distributed
-from trainer.loop import Trainer
+from trainer.loop import Trainer, TrainingError
 from trainer.objectives import CausalLMObjective
 
 
@@ -138,9 +138,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def cli() -> None:
     """`python train.py`: errors the user can fix print as one line, without a traceback."""
     try:
-        main()
-    except (UsageError, DataError, CheckpointError, FileNotFoundError) as e:
+        result = main()
+    except (UsageError, DataError, CheckpointError, TrainingError, FileNotFoundError) as e:
         sys.exit(f"train.py: error: {e}")
+    if result["signal"]:
+        sys.exit(128 + result["signal"])  # the shell convention for "ended by a signal"
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ class TrainConfig:
     beta1: float = _f(0.9, "AdamW beta1.")
     beta2: float = _f(0.95, "AdamW beta2.")
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this; 0 = no clipping.")
+    max_bad_steps: int = _f(10, "Stop (with a checkpoint from before) after this many consecutive steps with a "
+                            "NaN/inf loss or gradient, each of which is skipped; 0 = never stop.")
     device: str = _f("auto", "cpu, cuda, cuda:N, or auto (CUDA when available).")
     dtype: str = _f("auto", "Autocast dtype: auto = bfloat16 on GPUs that support it, else float32.",
                     choices=("auto", "float32", "bfloat16", "float16"))

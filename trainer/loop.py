@@ -27,12 +27,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, UsageError
+from trainer.interrupt import StopOnSignal
 from trainer.distributed import DistEnv, all_reduce_sum, barrier, resolve_dtype
 from trainer.logger import MetricsLogger
 from trainer.sampler import ResumableBatchSampler
 from trainer.schedule import build_scheduler
 
 Batch = dict[str, torch.Tensor]
+
+_MEMORY_FLAGS = ("--batch_size (with more --accumulation_steps to keep the global batch), --max_seq_len, "
+                 "--dtype bfloat16, or a smaller --preset")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (divergence, out of memory); the message says what was saved and what to do."""
 
 
 @dataclass
@@ -85,6 +93,7 @@ class Trainer:
         decay_iters = cfg.lr_decay_iters if cfg.lr_decay_iters > 0 else self.total_steps
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_iters, decay_iters, cfg.min_lr_ratio)
         self.state = TrainState()
+        self.bad_streak = 0  # consecutive steps skipped for a non-finite gradient
 
     # ----------------------------------------------------------------------------- data
     def _loader(self, sampler: ResumableBatchSampler, data: Dataset) -> DataLoader:
@@ -135,14 +144,18 @@ class Trainer:
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
         lr = self.scheduler.get_last_lr()[0]
-        if torch.isfinite(grad_norm):
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:
             self.scaler.step(self.optimizer)
         else:  # every rank sees the same all-reduced norm, so every rank skips together
             self.state.skipped_steps += 1
+            self.bad_streak += 1
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         all_reduce_sum(loss_sum)
+        if finite:
+            self.bad_streak = 0
         return {"loss": (loss_sum / n_items).item(), "grad_norm": grad_norm.item(), "lr": lr,
                 **{k: v / len(micro_batches) for k, v in extra.items()}}
 
@@ -212,11 +225,32 @@ class Trainer:
         if cfg.resume:
             log.message(f"resumed from step {s.step} (epoch {s.epoch}, row {s.epoch_offset})")
         self.raw_model.train()
+        try:
+            with StopOnSignal() as stop:
+                val_loss, signum = self._run(log, stop)
+            if signum:
+                log.message(f"stopped by signal {signum} after step {s.step}; checkpoint written to "
+                            f"{ckpt.latest_checkpoint(self.out_dir)}. Continue with the same command plus --resume.")
+            elif cfg.save_last:
+                self._export("final", val_loss)
+                log.message(f"final model written to {self.out_dir / 'final'}")
+        finally:
+            log.close()
+        return {"step": s.step, "val_loss": val_loss, "best_val_loss": s.best_val_loss,
+                "tokens_seen": s.tokens_seen, "skipped_steps": s.skipped_steps, "signal": signum}
+
+    def _run(self, log: MetricsLogger, stop: StopOnSignal) -> tuple[float, int]:
+        """Steps until the end, a signal (-> its number) or divergence; returns (last val loss, signal)."""
+        cfg, s = self.cfg, self.state
         stream = self._train_batches()
         val_loss = math.nan
         t_last, tokens_last = time.perf_counter(), s.tokens_seen
         while s.step < self.total_steps:
-            metrics = self._train_step([next(stream) for _ in range(cfg.accumulation_steps)])
+            try:
+                metrics = self._train_step([next(stream) for _ in range(cfg.accumulation_steps)])
+            except torch.OutOfMemoryError:
+                raise TrainingError(f"out of memory at step {s.step + 1}. Reduce memory with {_MEMORY_FLAGS}; "
+                                    f"--resume continues from the last checkpoint.") from None
             s.step += 1
             done = s.step == self.total_steps
             if s.step % cfg.log_interval == 0 or done:
@@ -227,6 +261,17 @@ class Trainer:
                 log.postfix({"loss": f"{metrics['loss']:.3f}", "lr": f"{metrics['lr']:.2e}", "tok/s": f"{tok_s:,.0f}"})
                 t_last, tokens_last = time.perf_counter(), s.tokens_seen
             log.progress(1)
+            if cfg.max_bad_steps and self.bad_streak >= cfg.max_bad_steps:
+                # Skipped steps changed neither weights nor optimizer: this checkpoint predates the divergence.
+                self.save_checkpoint()
+                raise TrainingError(
+                    f"loss or gradient was NaN/inf for {self.bad_streak} consecutive steps (up to step {s.step}); "
+                    f"the weights from before were saved to {ckpt.latest_checkpoint(self.out_dir)}. Lower "
+                    f"--learning_rate, keep --grad_clip on, or use --dtype bfloat16 instead of float16, then --resume.")
+            signum = stop.poll(self.env.device)
+            if signum:
+                self.save_checkpoint()
+                return val_loss, signum
             paused = False
             if not cfg.save_best_only and (done or (cfg.save_interval_steps and s.step % cfg.save_interval_steps == 0)):
                 self.save_checkpoint()  # before evaluation: a crash there must not lose it
@@ -246,9 +291,4 @@ class Trainer:
                 paused = True
             if paused:  # keep tokens/s a measure of training, not of saving and evaluating
                 t_last, tokens_last = time.perf_counter(), s.tokens_seen
-        if cfg.save_last:
-            self._export("final", val_loss)
-            log.message(f"final model written to {self.out_dir / 'final'}")
-        log.close()
-        return {"step": s.step, "val_loss": val_loss, "best_val_loss": s.best_val_loss,
-                "tokens_seen": s.tokens_seen, "skipped_steps": s.skipped_steps}
+        return val_loss, 0
