@@ -1,13 +1,16 @@
 """What happens when things go wrong: signals, divergence, broken checkpoints."""
 from __future__ import annotations
 
+import errno
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
 import train
 from conftest import ROOT, read_metrics, train_args, train_losses
@@ -78,3 +81,78 @@ def test_truncated_checkpoint_is_a_clear_error(corpus, tmp_path):
     weights.unlink()
     with pytest.raises(CheckpointError, match="model.safetensors"):
         train.main(train_args(corpus, out, "--max_steps", "4", "--resume"))
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path, monkeypatch):
+    real_save, calls = torch.save, {"n": 0}
+
+    def save_until_disk_full(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 4:  # the first checkpoint's 4 torch.save calls succeed, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", save_until_disk_full)
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointError, match=r"No space left on device; the previous checkpoint .*step_000002 is intact"):
+        train.main(train_args(corpus, out, "--max_steps", "6", "--save_interval_steps", "2", "--eval_interval", "0"))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000002"]  # no half-written step_000004
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    assert train.main(train_args(corpus, out, "--max_steps", "6", "--resume", "--eval_interval", "0"))["step"] == 6
+
+
+def test_out_of_memory_names_the_flags_that_help(corpus, tmp_path, monkeypatch):
+    from trainer.objectives import CausalLMObjective
+
+    def oom(self, model, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(CausalLMObjective, "__call__", oom)
+    with pytest.raises(TrainingError, match="out of memory at step 1. Reduce memory with --batch_size"):
+        train.main(train_args(corpus, tmp_path / "run", "--max_steps", "2"))
+
+
+def test_kill_9_at_random_moments_then_resume_matches_an_uninterrupted_run(corpus, tmp_path):
+    """SIGKILL (no chance to clean up) at random points, mid-step or mid-checkpoint, four times."""
+    steps = 12
+    common = ("--max_steps", str(steps), "--lr_decay_iters", str(steps), "--save_interval_steps", "1",
+              "--keep_checkpoint_max", "2", "--eval_interval", "0", "--dropout", "0.1")
+    straight = tmp_path / "straight"
+    train.main(train_args(corpus, straight, *common))
+    out = tmp_path / "killed"
+    rng = random.Random(1234)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for _ in range(4):
+        resume = ("--resume",) if ckpt.latest_checkpoint(out) else ()
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *train_args(corpus, out, *common, *resume)],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        before = ckpt.latest_checkpoint(out)
+        while ckpt.latest_checkpoint(out) == before and proc.poll() is None:  # let it make progress first
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.1))
+        proc.kill()
+        assert proc.wait() in (0, -signal.SIGKILL), proc.stderr.read()[-2000:]
+    killed_at = int(ckpt.latest_checkpoint(out).name.split("_")[1])
+    assert killed_at < steps  # the kills really interrupted the run
+    train.main(train_args(corpus, out, *common, "--resume"))
+    a, b = train_losses(straight), train_losses(out)
+    assert sorted(b) == list(range(1, steps + 1))
+    for s in range(1, steps + 1):
+        assert b[s] == pytest.approx(a[s], rel=1e-6, abs=1e-6), s
+
+
+def test_resume_with_fewer_processes_continues_the_same_data(corpus, tmp_path):
+    """2 processes x batch 2 for 3 steps, then 1 process x batch 4: the losses of a 1-process run."""
+    common = ("--lr_decay_iters", "6", "--eval_interval", "0", "--save_interval_steps", "3")
+    out = tmp_path / "two_then_one"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *train_args(corpus, out, *common, "--max_steps", "3", "--batch_size", "2")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train.main(train_args(corpus, out, *common, "--max_steps", "6", "--batch_size", "4", "--resume"))
+    straight = tmp_path / "one"
+    train.main(train_args(corpus, straight, *common, "--max_steps", "6", "--batch_size", "4"))
+    a, b = train_losses(straight), train_losses(out)
+    for s in range(1, 7):
+        assert b[s] == pytest.approx(a[s], rel=1e-4), s

@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from model.config import ModelConfig
 from trainer.distributed import DistEnv, barrier
 
 STATE_FILE = "trainer_state.json"
@@ -70,21 +73,28 @@ def save_checkpoint(out_dir: str | Path, step: int, env: DistEnv, *, model: torc
     root = checkpoint_dir(out_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
-    if env.is_main:
+    try:
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        torch.save(_rng_state(), tmp / f"rng_state_{env.rank}.pt")
+        barrier()
+        if env.is_main:
+            model.save_pretrained(tmp)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+            _fsync_write_json(tmp / STATE_FILE, trainer_state)
+            if final.exists():  # the same step saved twice (e.g. a resumed run): newest wins
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+    except OSError as e:  # typically a full disk: keep what was there, say so
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    torch.save(_rng_state(), tmp / f"rng_state_{env.rank}.pt")
-    barrier()
-    if env.is_main:
-        model.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        _fsync_write_json(tmp / STATE_FILE, trainer_state)
-        if final.exists():  # the same step saved twice (e.g. a resumed run): newest wins
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        prev = latest_checkpoint(out_dir)
+        kept = f"the previous checkpoint {prev} is intact" if prev else "there is no earlier checkpoint"
+        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}; {kept}. "
+                              f"Free disk space (or lower --keep_checkpoint_max), then --resume.") from None
     barrier()
     return final
 
@@ -115,17 +125,33 @@ _RESUMABLE_CHANGES = {"dropout", "flash_attn", "aux_loss_alpha"}
 
 
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load a checkpoint's weights into `model`, refusing a checkpoint of another architecture."""
+    """Load a checkpoint's weights into `model`, refusing a checkpoint of another architecture.
+
+    The file holds exactly the run's model.state_dict() (for LoRA: the frozen base and the adapter),
+    so it is loaded as a state dict, not through Transformer.from_pretrained, which knows no adapters.
+    """
+    config_file, weights_file = Path(path) / "config.json", Path(path) / "model.safetensors"
     try:
-        saved = type(model).from_pretrained(path)
-    except (FileNotFoundError, ValueError) as e:  # already names the file and the problem
-        raise CheckpointError(str(e)) from None
-    diff = [f"{k}={v} (this run: {getattr(model.config, k)})" for k, v in vars(saved.config).items()
+        saved = ModelConfig.from_hf_dict(json.loads(config_file.read_text()))
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_file}: cannot be read ({e}); not a complete checkpoint.") from None
+    diff = [f"{k}={v} (this run: {getattr(model.config, k)})" for k, v in vars(saved).items()
             if k not in _RESUMABLE_CHANGES and getattr(model.config, k) != v]
     if diff:
-        raise CheckpointError(f"{Path(path) / 'config.json'}: the checkpoint is a different model: {', '.join(diff)}. "
+        raise CheckpointError(f"{config_file}: the checkpoint is a different model: {', '.join(diff)}. "
                               f"Resume with the same model flags, or use a new --out_dir.")
-    model.load_state_dict(saved.state_dict())
+    try:
+        state = load_file(str(weights_file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights_file}: cannot read the weights, the file is missing, truncated or corrupt "
+                              f"({e}). Delete {weights_file.parent} to resume from the one before it.") from None
+    if saved.tie_word_embeddings and "model.embed_tokens.weight" in state:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])  # saved once, as transformers does
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # e.g. LoRA resumed with another --lora_rank or --lora_target_modules
+        raise CheckpointError(f"{weights_file}: does not fit this run's model ({e}). "
+                              f"Resume with the same flags, or use a new --out_dir.") from None
 
 
 def load_checkpoint(path: str | Path, env: DistEnv, *, optimizer: torch.optim.Optimizer,
