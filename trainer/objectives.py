@@ -34,4 +34,4 @@ class CausalLMObjective:
         # The MoE balance loss is a per-batch mean; weighting it by the batch's item count makes
         # the loop's division by the step's item count average it over micro-batches.
         loss_sum = ce_sum + out.aux_loss * n
-        return loss_sum, {"ce_sum": ce_sum.detach(), "aux_loss": out.aux_loss.detach()}
+        return loss_sum, {"aux_loss": out.aux_loss.detach()}
