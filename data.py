@@ -27,7 +27,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -85,8 +85,9 @@ def _check_text(text: str, path: Path, line_no: int) -> str:
     return text
 
 
-def iter_jsonl_texts(path: str | Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each {"text": ...} line. Any defect raises ONE DataError naming the line."""
+def iter_jsonl_objects(path: str | Path, expected: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line; a line that is not a JSON object raises ONE DataError
+    naming the line (`expected` describes the format for that message)."""
     path = Path(path)
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
@@ -100,14 +101,20 @@ def iter_jsonl_texts(path: str | Path) -> Iterator[tuple[int, str]]:
             except RecursionError:
                 raise DataError(f"{path} line {line_no}: JSON nested too deeply") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path} line {line_no}: expected a JSON object {{\"text\": ...}}, "
-                                f"got {type(row).__name__}")
-            if "text" not in row:
-                raise DataError(f"{path} line {line_no}: missing field 'text' (expected {{\"text\": ...}})")
-            text = row["text"]
-            if not isinstance(text, str):
-                raise DataError(f"{path} line {line_no}: field 'text' must be a string, got {type(text).__name__}")
-            yield line_no, _check_text(text, path, line_no)
+                raise DataError(f"{path} line {line_no}: expected a JSON object {expected}, got {type(row).__name__}")
+            yield line_no, row
+
+
+def iter_jsonl_texts(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each {"text": ...} line. Any defect raises ONE DataError naming the line."""
+    path = Path(path)
+    for line_no, row in iter_jsonl_objects(path, '{"text": ...}'):
+        if "text" not in row:
+            raise DataError(f"{path} line {line_no}: missing field 'text' (expected {{\"text\": ...}})")
+        text = row["text"]
+        if not isinstance(text, str):
+            raise DataError(f"{path} line {line_no}: field 'text' must be a string, got {type(text).__name__}")
+        yield line_no, _check_text(text, path, line_no)
 
 
 def iter_txt_pieces(path: str | Path, doc_separator: str, stats: dict | None = None) -> Iterator[str | None]:
@@ -204,7 +211,9 @@ def prepare_pretrain(src_paths: str | Path | Sequence[str | Path], tokenizer, ou
     dtype = token_dtype(len(tokenizer))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = out_path.with_name(out_path.name + ".tmp")
+    # A per-process temporary name: parallel runs (sweep trials) may prepare the same cache at once;
+    # each writes its own file and the identical results replace one another atomically.
+    tmp_path = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")
     try:
         n_tokens, n_docs, n_empty = _write_tokens(paths, tokenizer, dtype, tmp_path, show_progress)
         if n_tokens == 0:
@@ -225,7 +234,9 @@ def prepare_pretrain(src_paths: str | Path | Sequence[str | Path], tokenizer, ou
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "sources": [_source_stamp(p) for p in paths],
     }
-    out_path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    sidecar_tmp = out_path.with_name(f"{out_path.stem}.{os.getpid()}.json.tmp")
+    sidecar_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    os.replace(sidecar_tmp, out_path.with_suffix(".json"))
     return out_path
 
 
@@ -436,6 +447,153 @@ def split_train_val(n_rows: int, val_fraction: float, seed: int = 0, block_rows:
     is_val[val_blocks] = True
     row_is_val = np.repeat(is_val, block)[:n_rows]
     return all_rows[~row_is_val], all_rows[row_is_val]
+
+
+# ----------------------------------------------------------------------------- SFT conversations
+
+CHAT_ROLES = ("system", "user", "assistant")
+SFT_FORMATS = ('{"conversations": [{"role": ..., "content": ...}, ...]} (chat) or '
+               '{"instruction": ..., "input": ..., "output": ...} (Alpaca)')
+
+
+def sft_messages(row: dict, path: Path, line_no: int) -> tuple[list[dict[str, str]], str]:
+    """The chat messages of one SFT line and its format ("chat" or "alpaca"), detected per line.
+
+    Chat: an optional first system message, then user/assistant messages (at least one assistant).
+    Alpaca: user = instruction (+ a blank line + input when input is not empty), assistant = output;
+    an optional "system" field becomes the system message.
+    """
+    where = f"{path} line {line_no}"
+    if "conversations" in row:
+        conv = row["conversations"]
+        if not isinstance(conv, list) or not conv:
+            raise DataError(f"{where}: 'conversations' must be a non-empty list of {{\"role\", \"content\"}} messages")
+        messages = []
+        for i, m in enumerate(conv, start=1):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: message {i} must be an object {{\"role\": \"...\", \"content\": \"...\"}} "
+                                f"with string values")
+            if m["role"] not in CHAT_ROLES:
+                raise DataError(f"{where}: message {i} has role {m['role']!r}; expected one of {', '.join(CHAT_ROLES)}")
+            if m["role"] == "system" and i > 1:
+                raise DataError(f"{where}: message {i} is a system message; only the first message may be one")
+            messages.append({"role": m["role"], "content": _check_text(m["content"], path, line_no)})
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: the conversation has no assistant message, so nothing to train on")
+        return messages, "chat"
+    if "instruction" in row or "output" in row:
+        fields = {}
+        for key, required in (("instruction", True), ("input", False), ("output", True), ("system", False)):
+            value = row.get(key, None if required else "")
+            if value is None and required:
+                raise DataError(f"{where}: Alpaca format needs a string field '{key}'")
+            if not isinstance(value, str):
+                raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+            fields[key] = _check_text(value, path, line_no)
+        user = fields["instruction"] + (f"\n\n{fields['input']}" if fields["input"].strip() else "")
+        system = [{"role": "system", "content": fields["system"]}] if fields["system"] else []
+        turns = [{"role": "user", "content": user}, {"role": "assistant", "content": fields["output"]}]
+        return system + turns, "alpaca"
+    raise DataError(f"{where}: expected {SFT_FORMATS}; got keys {sorted(row)[:5]}")
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """Conversations for supervised fine-tuning: one row each, loss on the assistant's tokens only.
+
+    Each line (chat or Alpaca, see sft_messages) is rendered with the tokenizer's chat template and
+    tokenized once, up front. The template's {% generation %} blocks mark what the assistant says:
+    its content and the closing <|im_end|> (so the model learns to stop), never the role header
+    "<|im_start|>assistant\n", nor system/user turns. With tokens x_0..x_n and that mask m:
+        input_ids = x_0..x_{n-1},  labels[t] = x_{t+1} if m_{t+1} else -100   (pre-shifted, as PackedDataset)
+    A conversation longer than max_seq_len + 1 tokens is cut to that length and counted in
+    `n_truncated`, never dropped (`n_truncated_untrained`: cut so early no assistant token is left).
+    `lengths` (tokens per row) lets the sampler batch rows of similar length together.
+    """
+
+    def __init__(self, path: str | Path, tokenizer, max_seq_len: int):
+        tokenizer = load_tokenizer(tokenizer)
+        self.path, self.max_seq_len = Path(path), max_seq_len
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: no such data file")
+        if not tokenizer.chat_template:
+            raise DataError(f"the tokenizer ({tokenizer.name_or_path}) has no chat_template; SFT needs one")
+        tokens: list[np.ndarray] = []
+        trained: list[np.ndarray] = []
+        self.formats = {"chat": 0, "alpaca": 0}
+        self.n_truncated = self.n_truncated_untrained = 0
+        for line_no, row in iter_jsonl_objects(self.path, SFT_FORMATS):
+            messages, fmt = sft_messages(row, self.path, line_no)
+            self.formats[fmt] += 1
+            out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=True)
+            ids = np.asarray(out["input_ids"], dtype=np.int32)
+            mask = np.asarray(out["assistant_masks"], dtype=bool)
+            if not mask.any():
+                raise DataError(f"{self.path} line {line_no}: the chat template of {tokenizer.name_or_path} marks no "
+                                f"assistant tokens; it needs {{% generation %}} ... {{% endgeneration %}} around "
+                                f"assistant replies (see tokenizer/tokenizer_config.json)")
+            if len(ids) > max_seq_len + 1:
+                ids, mask = ids[:max_seq_len + 1], mask[:max_seq_len + 1]
+                self.n_truncated += 1
+                self.n_truncated_untrained += int(not mask[1:].any())
+            tokens.append(ids)
+            trained.append(mask)
+        if not tokens:
+            raise DataError(f"{self.path}: no conversations (expected one JSON object per line: {SFT_FORMATS})")
+        self.offsets = np.cumsum([0] + [len(t) for t in tokens])
+        self.tokens, self.trained = np.concatenate(tokens), np.concatenate(trained)
+        self.rows: np.ndarray | None = None  # a subset's conversations (see subset), None = all
+
+    def subset(self, rows: np.ndarray | Sequence[int]) -> "SFTDataset":
+        """A view of some of this dataset's rows (the --val_fraction carve-off), sharing the tokens."""
+        view = copy.copy(self)
+        rows = np.asarray(rows, dtype=np.int64)
+        view.rows = rows if self.rows is None else self.rows[rows]
+        return view
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Input tokens of each row: the sampler groups rows of similar length into a batch."""
+        lengths = torch.from_numpy(np.diff(self.offsets) - 1)
+        return lengths if self.rows is None else lengths[torch.from_numpy(self.rows)]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1 if self.rows is None else len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if self.rows is not None:
+            i = int(self.rows[i])
+        a, b = self.offsets[i], self.offsets[i + 1]
+        ids = torch.from_numpy(self.tokens[a:b].astype(np.int64))
+        labels = ids[1:].masked_fill(~torch.from_numpy(self.trained[a + 1:b]), IGNORE_INDEX)
+        return {"input_ids": ids[:-1], "labels": labels}
+
+    @property
+    def n_trained_tokens(self) -> int:
+        """Label tokens over all conversations read (a row's first token is never a target)."""
+        return int(self.trained.sum() - self.trained[self.offsets[:-1]].sum())
+
+    def summary(self) -> str:
+        """One line for the log: what was read, how much is trained, what was cut."""
+        fmts = ", ".join(f"{n:,} {k}" for k, n in self.formats.items() if n)
+        cut = (f"{self.n_truncated:,} truncated at max_seq_len {self.max_seq_len}"
+               + (f" ({self.n_truncated_untrained:,} of them with no assistant token left)"
+                  if self.n_truncated_untrained else ""))
+        return (f"{self.path}: {len(self.offsets) - 1:,} conversations ({fmts}), {len(self.tokens):,} tokens, "
+                f"{self.n_trained_tokens:,} trained (assistant); {cut}")
+
+
+def padding_fraction(lengths: Sequence[int] | torch.Tensor, batches: Iterable[list[int]]) -> float:
+    """Share of a padded batch's positions that are padding, over `batches` (lists of row indices)."""
+    lengths = torch.as_tensor(lengths)
+    real = padded = 0
+    for rows in batches:
+        lens = lengths[rows]
+        real += int(lens.sum())
+        padded += int(lens.max()) * len(rows)
+    return 1 - real / max(padded, 1)
 
 
 # ----------------------------------------------------------------------------- collators

@@ -3,8 +3,11 @@
     python eval_model.py --model_path out/pretrain/final                      # continue text (interactive)
     python eval_model.py --model_path out/sft/final --mode chat --system "You are a helpful assistant."
     python eval_model.py --model_path out/pretrain/final --prompt "Once upon a time" --max_new_tokens 100
+    python eval_model.py --model_path out/lora/final                          # a LoRA adapter on its base model
 
-The folder is what save_pretrained / the trainer writes (config.json + model.safetensors).
+The folder is what save_pretrained / the trainer writes (config.json + model.safetensors), or a LoRA
+adapter folder (adapter_config.json + adapter_model.safetensors): its base model (adapter_config.json's
+base_model_name_or_path, or --base_model_path) is loaded and the adapter merged into it.
 The tokenizer is read from that folder when it has tokenizer files, else from the repo's
 tokenizer/ folder next to this script.
 """
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 
 from model import Transformer, generate
+from model.lora import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
 from trainer.distributed import resolve_device, resolve_dtype
 
 REPO_TOKENIZER = Path(__file__).resolve().parent / "tokenizer"
@@ -27,7 +31,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", required=True, help="model folder (config.json + model.safetensors)")
+    p.add_argument("--model_path", required=True, help="model folder (config.json + model.safetensors), or a LoRA "
+                   "adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--base_model_path", default=None, help="for an adapter folder: the base model folder "
+                   "(default: base_model_name_or_path in its adapter_config.json)")
     p.add_argument(
         "--mode", choices=("auto", "chat", "complete"), default="auto",
         help="chat: multi-turn with the tokenizer's chat template; complete: plain continuation; "
@@ -122,6 +129,20 @@ def encode_completion(tokenizer, prompt: str) -> list[int]:
     return ([start] if start is not None else []) + ids
 
 
+def load_model(model_path: Path, base_model_path: str | None = None) -> Transformer:
+    """A model folder as is; an adapter folder as its base model with the adapter merged in (fp32, eval mode)."""
+    if not (model_path / ADAPTER_CONFIG).is_file():
+        return Transformer.from_pretrained(model_path).eval()
+    base = base_model_path or read_adapter_config(model_path).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{model_path / ADAPTER_CONFIG}: no base_model_name_or_path; pass --base_model_path")
+    try:
+        model = Transformer.from_pretrained(base)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"base model of the adapter {model_path}: {e}; pass --base_model_path") from None
+    return merge_lora(load_adapter(model, model_path)).eval()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.seed is not None:
@@ -129,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     model_path = Path(args.model_path)
     device = resolve_device(args.device)
     try:
-        model = Transformer.from_pretrained(model_path, device=device, dtype=resolve_dtype(args.dtype, device)).eval()
+        model = load_model(model_path, args.base_model_path).to(device=device, dtype=resolve_dtype(args.dtype, device))
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     tokenizer = load_tokenizer(model_path)

@@ -5,10 +5,14 @@
   python train.py --mode pretrain --preset 26m --dtype bfloat16 --device cuda
   torchrun --standalone --nproc_per_node=4 train.py --mode pretrain --preset 104m
   python train.py --mode pretrain --resume               # continue from out_dir's newest checkpoint
+  python train.py --mode sft                             # chat fine-tuning of out/pretrain/final -> out/sft
+  python train.py --mode lora --merge                    # a LoRA adapter on out/sft/final -> out/lora
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -19,14 +23,18 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from data import DataError, PackedDataset, collate, pretrain_bin, split_train_val
+from data import DataError, PackedDataset, SFTDataset, collate, pad_collate, pretrain_bin, split_train_val
 from model import ModelConfig, Transformer
 from model.config import PRESETS, config_from_preset
+from model.lora import apply_lora, count_parameters, merge_lora, save_adapter
 from trainer.checkpoint import CheckpointError, latest_checkpoint
-from trainer.config import MODE_DEFAULTS, TrainConfig, UsageError, add_dataclass_flags, take
+from trainer.config import MODE_DEFAULTS, PREVIOUS_STAGE, TrainConfig, UsageError, add_dataclass_flags, take
 from trainer.distributed import DistEnv, barrier, destroy, init_distributed
 from trainer.loop import Trainer, TrainingError
 from trainer.objectives import CausalLMObjective
+
+
+Export = Callable[[torch.nn.Module, Path, dict[str, Any]], None]
 
 
 @dataclass
@@ -37,6 +45,7 @@ class Job:
     train_data: Dataset
     val_data: Dataset | None
     collate_fn: Callable[[list], dict[str, torch.Tensor]]
+    export: Export | None = None  # how best/ and final/ are written; None = a full HF folder (make_export)
 
 
 def build_pretrain(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env: DistEnv) -> Job:
@@ -57,11 +66,65 @@ def build_pretrain(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env
     return Job(Transformer(model_cfg), CausalLMObjective(), train, val, collate)
 
 
-BUILDERS: dict[str, Callable[[TrainConfig, ModelConfig, Any, DistEnv], Job]] = {"pretrain": build_pretrain}
+def load_init_model(cfg: TrainConfig, model_cfg: ModelConfig) -> Transformer:
+    """The --init_from weights in a model built from model_cfg (that folder's config, dropout etc. overridden)."""
+    try:
+        saved = Transformer.from_pretrained(cfg.init_from)
+    except (FileNotFoundError, ValueError) as e:  # already names the file and the problem
+        raise UsageError(f"--init_from: {e}") from None
+    model = Transformer(model_cfg)
+    model.load_state_dict(saved.state_dict())
+    return model
+
+
+def build_sft(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env: DistEnv) -> Job:
+    """The --init_from model on chat/Alpaca conversations: loss on the assistant's tokens only, batches of
+    similar-length conversations (the sampler groups by SFTDataset.lengths), right-padded."""
+
+    def conversations(path: str) -> SFTDataset:
+        data = SFTDataset(path, tokenizer, model_cfg.max_seq_len)  # each rank: the same rows, seconds for 8k chats
+        if env.is_main:
+            print(data.summary(), file=sys.stderr)
+        return data
+
+    train = conversations(cfg.data_path)
+    if cfg.val_data_path:
+        val = conversations(cfg.val_data_path)
+    else:
+        train_rows, val_rows = split_train_val(len(train), cfg.val_fraction, cfg.seed)
+        train, val = train.subset(train_rows), train.subset(val_rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Job(load_init_model(cfg, model_cfg), CausalLMObjective(), train, val, pad_collate(pad_id or 0))
+
+
+def build_lora(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env: DistEnv) -> Job:
+    """SFT's data and objective, on the frozen --init_from model with trainable LoRA adapters.
+
+    Checkpoints hold the whole model (base + adapter) like every mode's; best/ and final/ hold only
+    the adapter, in PEFT's layout, and with --merge also merged/, the full merged model.
+    """
+    job = build_sft(cfg, model_cfg, tokenizer, env)
+    try:
+        wrapped = apply_lora(job.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    except ValueError as e:
+        raise UsageError(f"--lora_target_modules {cfg.lora_target_modules}: {e}") from None
+    trainable, total = count_parameters(job.model)
+    if env.is_main:
+        print(f"lora: rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g} on {len(wrapped)} layers; "
+              f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)", file=sys.stderr)
+    job.export = make_lora_export(tokenizer, str(Path(cfg.init_from).resolve()), cfg.merge)
+    return job
+
+
+BUILDERS: dict[str, Callable[[TrainConfig, ModelConfig, Any, DistEnv], Job]] = {
+    "pretrain": build_pretrain, "sft": build_sft, "lora": build_lora}
+# Model fields a fine-tuning run may change: they do not change what the weights mean.
+FINETUNE_MODEL_FLAGS = ("dropout", "flash_attn", "aux_loss_alpha", "max_seq_len")
 
 
 def build_parser(mode: str = "pretrain") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
+    # allow_abbrev=False: a typo such as --warmup must fail, not silently set --warmup_iters.
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_flags(parser, TrainConfig, "training")
     add_dataclass_flags(parser, ModelConfig, "model (each flag overrides one field of --preset)", override_only=True)
@@ -71,14 +134,25 @@ def build_parser(mode: str = "pretrain") -> argparse.ArgumentParser:
 
 def parse_config(argv: list[str] | None) -> tuple[TrainConfig, ModelConfig, Any]:
     """Parse and check every flag before any work starts; user mistakes end in parser.error."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--mode", choices=tuple(MODE_DEFAULTS), default="pretrain")
     mode = pre.parse_known_args(argv)[0].mode
     parser = build_parser(mode)
     args = parser.parse_args(argv)
     cfg = TrainConfig(**take(TrainConfig, args))
-    if cfg.preset not in PRESETS:
+    finetune = cfg.mode in PREVIOUS_STAGE
+    if finetune:
+        check_init_from(parser, cfg)
+    elif cfg.preset not in PRESETS:
         parser.error(f"--preset {cfg.preset!r}: choose one of {', '.join(PRESETS)}")
+    elif cfg.init_from:
+        parser.error(f"--init_from is for the fine-tuning modes ({', '.join(PREVIOUS_STAGE)}); pretraining starts "
+                     f"from random weights (--resume continues a pretraining run)")
+    if cfg.merge and cfg.mode != "lora":
+        parser.error("--merge is for --mode lora (it merges the LoRA adapter into the base model)")
+    if cfg.mode == "lora" and not (cfg.lora_rank >= 1 and cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1):
+        parser.error(f"--lora_rank {cfg.lora_rank}, --lora_alpha {cfg.lora_alpha:g}, --lora_dropout "
+                     f"{cfg.lora_dropout:g}: need rank >= 1, alpha > 0 and 0 <= dropout < 1")
     for flag in ("data_path", "val_data_path", "tokenizer_path"):
         path = getattr(cfg, flag)
         if path and not Path(path).exists():
@@ -94,20 +168,62 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, ModelConfig, Any]
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
     overrides = take(ModelConfig, args)
-    overrides.setdefault("vocab_size", len(tokenizer))
-    overrides.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id)
-    try:
-        model_cfg = config_from_preset(cfg.preset, **overrides)
-    except ValueError as e:
-        parser.error(str(e))
+    if finetune:
+        model_cfg = finetune_model_config(parser, cfg, overrides)
+    else:
+        overrides.setdefault("vocab_size", len(tokenizer))
+        overrides.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+        try:
+            model_cfg = config_from_preset(cfg.preset, **overrides)
+        except ValueError as e:
+            parser.error(str(e))
     if model_cfg.vocab_size < len(tokenizer):
-        parser.error(f"--vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens "
-                     f"({cfg.tokenizer_path})")
+        source = f"--init_from {cfg.init_from}" if finetune else "--vocab_size"
+        parser.error(f"{source}: vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} "
+                     f"tokens ({cfg.tokenizer_path})")
     return cfg, model_cfg, tokenizer
 
 
-def make_export(tokenizer: Any) -> Callable[[Transformer, Path, dict[str, Any]], None]:
+def check_init_from(parser: argparse.ArgumentParser, cfg: TrainConfig) -> None:
+    """A fine-tuning mode starts from a model folder; its tokenizer is that folder's unless one is given."""
+    mode, init = cfg.mode, Path(cfg.init_from)
+    if cfg.preset:
+        parser.error(f"--preset: --mode {mode} takes the architecture from --init_from ({cfg.init_from}); "
+                     f"drop --preset")
+    if not cfg.init_from:
+        parser.error(f"--mode {mode} fine-tunes a trained model: pass --init_from <model folder>")
+    if not (init / "config.json").is_file():
+        if (init / "adapter_config.json").is_file():
+            hint = "it holds a LoRA adapter, not a full model: use its merged/ folder (train with --merge)"
+        elif cfg.init_from == MODE_DEFAULTS[mode]["init_from"]:
+            hint = (f"run the previous stage first (python train.py --mode {PREVIOUS_STAGE[mode]}), "
+                    f"or point --init_from at a model folder")
+        else:
+            hint = "point --init_from at a folder with config.json + model.safetensors (a final/ or best/ folder)"
+        parser.error(f"--init_from {cfg.init_from}: no model there; {hint}")
+    if not cfg.tokenizer_path:
+        if not (init / "tokenizer_config.json").is_file():
+            parser.error(f"--init_from {cfg.init_from} has no tokenizer files; pass --tokenizer_path")
+        cfg.tokenizer_path = cfg.init_from
+
+
+def finetune_model_config(parser: argparse.ArgumentParser, cfg: TrainConfig,
+                          overrides: dict[str, Any]) -> ModelConfig:
+    """The --init_from folder's architecture; only FINETUNE_MODEL_FLAGS may be changed."""
+    fixed = [k for k in overrides if k not in FINETUNE_MODEL_FLAGS]
+    if fixed:
+        parser.error(f"--{fixed[0]}: --mode {cfg.mode} takes the architecture from --init_from ({cfg.init_from}); "
+                     f"only --{', --'.join(FINETUNE_MODEL_FLAGS)} may be changed")
+    config_file = Path(cfg.init_from) / "config.json"
+    try:
+        saved = ModelConfig.from_hf_dict(json.loads(config_file.read_text()))
+        return dataclasses.replace(saved, **overrides).validate()
+    except (KeyError, TypeError, ValueError) as e:
+        parser.error(f"{config_file}: {e}")
+
+
+def make_export(tokenizer: Any) -> Export:
     def export(model: Transformer, folder: Path, info: dict[str, Any]) -> None:
         """An HF folder: weights + config (transformers loads it as is), tokenizer, training summary."""
         model.save_pretrained(folder)
@@ -118,6 +234,20 @@ def make_export(tokenizer: Any) -> Callable[[Transformer, Path, dict[str, Any]],
     return export
 
 
+def make_lora_export(tokenizer: Any, base_model: str, merge: bool) -> Export:
+    def export(model: torch.nn.Module, folder: Path, info: dict[str, Any]) -> None:
+        """The adapter in PEFT's layout (adapter_config.json + adapter_model.safetensors) with the tokenizer;
+        with --merge also folder/merged/, the base with the adapter folded in: a full HF folder."""
+        save_adapter(model, folder, base_model)
+        tokenizer.save_pretrained(folder)
+        summary = {**info, "chat": True, "base_model": base_model}
+        (folder / "zero2llm.json").write_text(json.dumps(summary, indent=2))
+        if merge:
+            merged = merge_lora(copy.deepcopy(model))  # a copy: best/ is written mid-training
+            make_export(tokenizer)(merged, folder / "merged", {**info, "base_model": base_model})
+    return export
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg, model_cfg, tokenizer = parse_config(argv)
     env = init_distributed(cfg.device)
@@ -125,11 +255,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         job = BUILDERS[cfg.mode](cfg, model_cfg, tokenizer, env)
         if env.is_main:
-            print(f"{cfg.mode}: {job.model.num_params() / 1e6:.2f}M parameters ({cfg.preset} preset), "
+            source = f"{cfg.preset} preset" if cfg.mode == "pretrain" else f"from {cfg.init_from}"
+            print(f"{cfg.mode}: {job.model.num_params() / 1e6:.2f}M parameters ({source}), "
                   f"{len(job.train_data):,} training rows, {env.world_size} process(es) on {env.device}",
                   file=sys.stderr)
         trainer = Trainer(cfg, env, job.model, job.objective, job.train_data, job.val_data, job.collate_fn,
-                          make_export(tokenizer))
+                          job.export or make_export(tokenizer))
         return trainer.fit()
     finally:
         destroy()

@@ -213,7 +213,7 @@ def test_cli_prepare(tok, tmp_path, capsys):
         data.main(["prepare", "--input", str(bad), "--tokenizer", str(ROOT / "tokenizer"),
                    "--output", str(tmp_path / "b.bin")])
     assert e.value.code == 1 and "line 2: missing field 'text'" in capsys.readouterr().err
-    assert not (tmp_path / "b.bin").exists() and not (tmp_path / "b.bin.tmp").exists()
+    assert not list(tmp_path.glob("b.*"))  # neither the .bin nor a temporary file is left behind
 
 
 # ----------------------------------------------------------------------------- errors

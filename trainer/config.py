@@ -12,13 +12,24 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-MODES = ("pretrain",)
+MODES = ("pretrain", "sft", "lora")
 
 # Defaults that differ by mode; a flag given on the command line always wins.
+# Fine-tuning modes start from the previous stage's final/ (the pipeline pretrain -> sft -> lora); their
+# model comes from that folder, so they have no preset, and their tokenizer is that folder's ("").
+_FINETUNE = {"preset": "", "tokenizer_path": "", "warmup_iters": 20, "eval_interval": 100, "eval_iters": 0}
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": {"out_dir": "out/pretrain", "data_path": "dataset/pretrain.jsonl",
                  "val_data_path": "dataset/pretrain_val.jsonl"},
+    "sft": {**_FINETUNE, "out_dir": "out/sft", "data_path": "dataset/sft.jsonl",
+            "val_data_path": "dataset/sft_val.jsonl", "init_from": "out/pretrain/final", "learning_rate": 5e-4,
+            "epochs": 2},
+    "lora": {**_FINETUNE, "out_dir": "out/lora", "data_path": "dataset/sft.jsonl",
+             "val_data_path": "dataset/sft_val.jsonl", "init_from": "out/sft/final", "learning_rate": 2e-3,
+             "epochs": 1},
 }
+# The stage whose output a mode's default --init_from is (for the "run it first" message).
+PREVIOUS_STAGE = {"sft": "pretrain", "lora": "sft"}
 
 
 class UsageError(ValueError):
@@ -38,8 +49,13 @@ class TrainConfig:
     val_data_path: str = _f("dataset/pretrain_val.jsonl", "Held-out data for validation (default: the mode's shipped "
                             "sample); empty string = carve --val_fraction off the training data.")
     val_fraction: float = _f(0.02, "Share of training rows held out when --val_data_path is empty.")
-    tokenizer_path: str = _f("tokenizer", "Tokenizer folder (Hugging Face format).")
-    preset: str = _f("small", "Model size preset; model flags below override single fields of it.")
+    tokenizer_path: str = _f("tokenizer", "Tokenizer folder (Hugging Face format); sft/lora: empty = the "
+                             "--init_from folder's.")
+    preset: str = _f("small", "Model size preset; model flags below override single fields of it (pretrain only: "
+                     "sft/lora take the architecture from --init_from).")
+    init_from: str = _f("", "Model folder to start from (sft: out/pretrain/final, lora: out/sft/final); its "
+                        "config.json fixes the architecture (only --dropout, --flash_attn, --aux_loss_alpha and "
+                        "--max_seq_len, the conversation truncation length, may be changed).")
     epochs: int = _f(1, "Passes over the training data (ignored when --max_steps > 0).")
     max_steps: int = _f(0, "Optimizer steps to run; 0 = derive from --epochs.")
     batch_size: int = _f(16, "Rows per micro-batch per process.")
@@ -71,12 +87,27 @@ class TrainConfig:
     use_wandb: bool = _f(False, "Log to Weights & Biases (offline unless credentials are configured).")
     wandb_project: str = _f("zero2llm", "wandb project name.")
     wandb_run_name: str = _f("", "wandb run name; empty = derived from mode and out_dir.")
+    lora_rank: int = _f(8, "LoRA rank r of the update B @ A (lora mode).")
+    lora_alpha: float = _f(16.0, "LoRA alpha: the update is scaled by alpha / rank (lora mode).")
+    lora_dropout: float = _f(0.05, "Dropout on the input of LoRA's A (lora mode).")
+    lora_target_modules: str = _f("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                                  "Comma-separated linear layers that get LoRA (lora mode; default: all attention "
+                                  "and MLP projections).")
+    merge: bool = _f(False, "lora mode: also export the adapter merged into the base, a full model, to "
+                     "best/merged/ and final/merged/.")
 
 
 def _flag_type(tp: Any) -> Any:
     """The argparse `type` for a dataclass field annotation (Optional[X] -> X)."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     return args[0] if args else tp
+
+
+def _parse_bool(text: str) -> bool:
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str,
@@ -96,7 +127,10 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str,
         if not override_only and default not in (None, ""):
             help_ += " (default: %(default)s)"
         if tp is bool:
-            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=help_)
+            # --flag, --no-flag, and --flag=true/false (the form sweep tools generate).
+            group.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, default=default,
+                               metavar="true|false", help=f"{help_} Off: --no-{f.name}.")
+            group.add_argument(f"--no-{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
         else:
             group.add_argument(f"--{f.name}", type=tp, default=default, help=help_, **meta)
 

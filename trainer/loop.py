@@ -108,7 +108,11 @@ class Trainer:
         s, env = self.state, self.env
         while True:
             sampler = ResumableBatchSampler(len(self.train_data), self.cfg.batch_size, env.rank, env.world_size,
-                                            seed=self.cfg.seed, epoch=s.epoch, start=s.epoch_offset)
+                                            seed=self.cfg.seed, epoch=s.epoch, start=s.epoch_offset,
+                                            # SFT rows vary in length: batch similar lengths per optimizer step
+                                            lengths=getattr(self.train_data, "lengths", None),
+                                            group_rows=env.world_size * self.cfg.batch_size
+                                            * self.cfg.accumulation_steps)
             for batch in self._loader(sampler, self.train_data):
                 s.epoch_offset += sampler.rows_per_step
                 yield batch

@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""Did SFT work? Greedy answers to held-out chats, before (pretrained) vs after (SFT / LoRA).
+
+    python scripts/pipeline_check.py --before out/pretrain/final --after out/sft/final
+    python scripts/pipeline_check.py --before out/sft/final --after out/lora/final      # an adapter folder works too
+
+For each conversation of --data (default dataset/sft_val.jsonl: chats never seen in training) the
+messages before the first assistant reply are rendered with the chat template (generation prompt
+added), and the model answers greedily. Reported per model:
+
+  loss           cross-entropy on the reference replies' tokens (what SFT trains), per token
+  stop rate      answers that end with <|im_end|> within --max_new_tokens: the model has learnt
+                 the chat format and when to stop (a pretrained model never has)
+  exact match    answers equal to the reference reply, over all conversations
+  arithmetic     answers whose final "a + b = c." line equals the reference's, over the arithmetic ones
+
+Exits with status 1 when --after stops less often than --min_stop_rate or than --before, so it can
+guard a pipeline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data import SFTDataset, iter_jsonl_objects, pad_collate, sft_messages  # noqa: E402
+from eval_model import encode_chat, load_model, load_tokenizer  # noqa: E402
+from model import generate  # noqa: E402
+from trainer.objectives import CausalLMObjective  # noqa: E402
+
+ARITHMETIC = re.compile(r"\d+( [-+*] \d+)+ = \d+\.")
+
+
+def prompts_and_references(path: Path) -> list[tuple[list[dict[str, str]], str]]:
+    """(messages before the first assistant reply, that reply) for each conversation."""
+    pairs = []
+    for line_no, row in iter_jsonl_objects(path, "(an SFT conversation)"):
+        messages, _ = sft_messages(row, path, line_no)
+        i = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        pairs.append((messages[:i], messages[i]["content"]))
+    return pairs
+
+
+@torch.no_grad()
+def answer_all(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int
+               ) -> list[tuple[str, bool]]:
+    """(answer text, stopped at <|im_end|>) for each prompt; greedy, left-padded batches."""
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    stop = sorted({im_end, tokenizer.eos_token_id})
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(chunk):
+            ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+        steps = list(generate(model, ids, max_new_tokens, temperature=0, eos_token_id=stop, attention_mask=mask))
+        tokens = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in chunk]
+        for row in tokens:
+            end = next((i for i, t in enumerate(row) if t in stop), len(row))
+            stopped = end < len(row) and row[end] == im_end
+            results.append((tokenizer.decode(row[:end], skip_special_tokens=False), stopped))
+    return results
+
+
+@torch.no_grad()
+def reply_loss(model, tokenizer, data_path: Path, batch_size: int) -> float:
+    """Mean cross-entropy per assistant token of the held-out conversations (the SFT objective)."""
+    data, objective = SFTDataset(data_path, tokenizer, model.config.max_seq_len), CausalLMObjective()
+    collate, total, items = pad_collate(tokenizer.pad_token_id or 0), 0.0, 0
+    for start in range(0, len(data), batch_size):
+        batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+        total += float(objective(model, batch)[0])
+        items += objective.num_items(batch)
+    return total / items
+
+
+def evaluate(model_path: Path, data_path: Path, pairs: list[tuple[list[dict[str, str]], str]],
+             max_new_tokens: int, batch_size: int) -> dict[str, float]:
+    model, tokenizer = load_model(model_path), load_tokenizer(model_path)
+    answers = answer_all(model, tokenizer, [encode_chat(tokenizer, m) for m, _ in pairs], max_new_tokens, batch_size)
+    arithmetic = [(a, ref) for (a, _), (_, ref) in zip(answers, pairs) if ARITHMETIC.fullmatch(ref.split("\n")[-1])]
+    return {
+        "conversations": len(pairs),
+        "loss": reply_loss(model, tokenizer, data_path, batch_size),
+        "stop_rate": sum(stopped for _, stopped in answers) / len(answers),
+        "exact_match": sum(a.strip() == ref for (a, _), (_, ref) in zip(answers, pairs)) / len(pairs),
+        "arithmetic": len(arithmetic),
+        "arithmetic_accuracy": sum(a.strip().split("\n")[-1] == ref.split("\n")[-1] for a, ref in arithmetic)
+        / max(len(arithmetic), 1),
+        "example": answers[0][0],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--before", default="out/pretrain/final", help="model folder before fine-tuning")
+    p.add_argument("--after", default="out/sft/final", help="model (or LoRA adapter) folder after fine-tuning")
+    p.add_argument("--data", default="dataset/sft_val.jsonl", help="held-out conversations (SFT format)")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N conversations (0 = all)")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="answer length limit")
+    p.add_argument("--batch_size", type=int, default=50, help="prompts generated together")
+    p.add_argument("--min_stop_rate", type=float, default=0.9, help="fail unless --after stops at least this often")
+    args = p.parse_args(argv)
+    pairs = prompts_and_references(Path(args.data))[:args.limit or None]
+    results = {}
+    for name in ("before", "after"):
+        results[name] = evaluate(Path(getattr(args, name)), Path(args.data), pairs, args.max_new_tokens,
+                                 args.batch_size)
+        r = results[name]
+        print(f"{name:>6} {getattr(args, name)}: reply loss {r['loss']:.3f}, stop rate {r['stop_rate']:.1%}, "
+              f"exact match {r['exact_match']:.1%}, "
+              f"arithmetic {r['arithmetic_accuracy']:.1%} of {r['arithmetic']}; first answer: {r['example']!r}")
+    print(json.dumps({k: {m: v for m, v in r.items() if m != "example"} for k, r in results.items()}))
+    before, after = results["before"], results["after"]
+    ok = after["stop_rate"] >= max(args.min_stop_rate, before["stop_rate"])
+    if not ok:
+        print(f"FAIL: the fine-tuned model stops in {after['stop_rate']:.1%} of answers (needs >= "
+              f"{args.min_stop_rate:.0%} and as often as before: {before['stop_rate']:.1%})", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
