@@ -16,6 +16,10 @@ Input formats:
   .txt    plain UTF-8 text. Documents are separated by a line holding exactly <|endoftext|> (the tokenizer's
           eos token); a file without such a line is one document. Read line by line, never whole.
 Every document is followed by eos in the token stream. Empty documents are skipped and counted.
+
+A defective record (a line that is not UTF-8, not JSON, lacks a field, ...) raises one DataError naming the
+file and line; with skip_bad_records (train.py --skip_bad_records) it is skipped and counted per reason
+instead (see BadRecords, the one policy every line reader takes).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import hashlib
 import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -40,6 +45,59 @@ CHUNK_BYTES = 4 << 20  # text tokenized per batch_encode call: bounded memory, w
 
 class DataError(ValueError):
     """A problem with a user's data file; the message names the file (and line) and what to do."""
+
+
+class BadRecord(DataError):
+    """One defective record (line) of a data file: `reason` is its short category, for the skip counts."""
+
+    def __init__(self, path: str | Path, line_no: int, detail: str, reason: str):
+        super().__init__(f"{path} line {line_no}: {detail}")
+        self.path, self.line_no, self.detail, self.reason = Path(path), line_no, detail, reason
+
+
+class BadRecords:
+    """What the line readers do with a BadRecord: raise it (the default), or, with skip=True, count it per
+    file and reason and go on. One object is passed down to every reader of a run (pretraining .jsonl/.txt,
+    SFT, and any later format such as DPO pairs), so the policy and the report live in one place.
+
+    A file whose records are ALL bad is an error either way (finish()): skipping must not turn a wrong
+    file into an empty run.
+    """
+
+    def __init__(self, skip: bool = False):
+        self.skip = skip
+        self.counts: dict[str, Counter[str]] = {}
+        self.first: dict[str, BadRecord] = {}
+
+    def __call__(self, err: BadRecord) -> None:
+        if not self.skip:
+            raise err
+        key = str(err.path)
+        self.counts.setdefault(key, Counter())[err.reason] += 1
+        self.first.setdefault(key, err)
+
+    def skipped(self, path: str | Path) -> dict[str, int]:
+        """reason -> records skipped in `path`, most frequent first."""
+        return dict(self.counts.get(str(path), Counter()).most_common())
+
+    def report(self, path: str | Path) -> str | None:
+        """One line for stderr, or None when nothing was skipped in `path`."""
+        counts = self.skipped(path)
+        if not counts:
+            return None
+        n = sum(counts.values())
+        reasons = ", ".join(f"{k} {reason}" for reason, k in counts.items())
+        return f"{path}: skipped {n:,} bad record{'s' if n != 1 else ''} ({reasons})"
+
+    def finish(self, path: str | Path, n_good: int) -> None:
+        """Called by a reader at the end of `path`: raise if records were skipped and none was good."""
+        counts = self.skipped(path)
+        if n_good == 0 and counts:
+            first = self.first[str(path)]
+            reasons = ", ".join(f"{k} {reason}" for reason, k in counts.items())
+            n = sum(counts.values())
+            raise DataError(f"{path}: {'its only record is' if n == 1 else f'all {n:,} records are'} bad ({reasons}), "
+                            f"nothing to train on; line {first.line_no}: {first.detail}")
 
 
 # ----------------------------------------------------------------------------- tokenizer helpers
@@ -72,52 +130,85 @@ def _decode_line(raw: bytes, path: Path, line_no: int) -> str:
     try:
         return raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} line {line_no}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                        f"re-save the file as UTF-8") from None
+        raise BadRecord(path, line_no, f"not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                        f"re-save the file as UTF-8", "not UTF-8") from None
 
 
 def _check_text(text: str, path: Path, line_no: int) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise DataError(f"{path} line {line_no}: text contains an unpaired surrogate escape (e.g. \\ud800), "
-                        f"which is not a character; fix the JSON escapes") from None
+        raise BadRecord(path, line_no, "text contains an unpaired surrogate escape (e.g. \\ud800), which is not a "
+                        "character; fix the JSON escapes", "unpaired surrogate") from None
     return text
 
 
-def iter_jsonl_objects(path: str | Path, expected: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of each non-blank line; a line that is not a JSON object raises ONE DataError
-    naming the line (`expected` describes the format for that message)."""
-    path = Path(path)
+def iter_lines(path: Path, bad: BadRecords) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of `path`; a line that is not UTF-8 goes to `bad`."""
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
-            line = _decode_line(raw, path, line_no)
-            if not line.strip():
-                continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
-            except RecursionError:
-                raise DataError(f"{path} line {line_no}: JSON nested too deeply") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {line_no}: expected a JSON object {expected}, got {type(row).__name__}")
-            yield line_no, row
+                line = _decode_line(raw, path, line_no)
+            except BadRecord as e:
+                bad(e)
+                continue
+            yield line_no, line
 
 
-def iter_jsonl_texts(path: str | Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each {"text": ...} line. Any defect raises ONE DataError naming the line."""
-    path = Path(path)
-    for line_no, row in iter_jsonl_objects(path, '{"text": ...}'):
-        if "text" not in row:
-            raise DataError(f"{path} line {line_no}: missing field 'text' (expected {{\"text\": ...}})")
-        text = row["text"]
-        if not isinstance(text, str):
-            raise DataError(f"{path} line {line_no}: field 'text' must be a string, got {type(text).__name__}")
-        yield line_no, _check_text(text, path, line_no)
+def _json_object(line: str, path: Path, line_no: int, expected: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadRecord(path, line_no, f"malformed JSON ({e.msg} at column {e.colno})", "malformed JSON") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise BadRecord(path, line_no, f"malformed JSON ({e})", "malformed JSON") from None
+    except RecursionError:
+        raise BadRecord(path, line_no, "JSON nested too deeply", "malformed JSON") from None
+    if not isinstance(row, dict):
+        raise BadRecord(path, line_no, f"expected a JSON object {expected}, got {type(row).__name__}",
+                        "not a JSON object")
+    return row
 
 
-def iter_txt_pieces(path: str | Path, doc_separator: str, stats: dict | None = None) -> Iterator[str | None]:
+def iter_jsonl_objects(path: str | Path, expected: str, parse: Callable[[dict, Path, int], object] | None = None,
+                       bad: BadRecords | None = None) -> Iterator[tuple[int, object]]:
+    """(line number, record) of each non-blank line: the JSON object, or what `parse(row, path, line_no)` makes
+    of it. The one reader of JSONL records: every defect (not UTF-8, not a JSON object, or a BadRecord from
+    `parse`) goes to `bad`, which raises it (default) or skips and counts it; `expected` describes the format."""
+    path, bad = Path(path), bad if bad is not None else BadRecords()
+    n_good = 0
+    for line_no, line in iter_lines(path, bad):
+        if not line.strip():
+            continue
+        try:
+            row = _json_object(line, path, line_no, expected)
+            record = parse(row, path, line_no) if parse is not None else row
+        except BadRecord as e:
+            bad(e)
+            continue
+        n_good += 1
+        yield line_no, record
+    bad.finish(path, n_good)
+
+
+def _text_field(row: dict, path: Path, line_no: int) -> str:
+    if "text" not in row:
+        raise BadRecord(path, line_no, "missing field 'text' (expected {\"text\": ...})", "missing field 'text'")
+    text = row["text"]
+    if not isinstance(text, str):
+        raise BadRecord(path, line_no, f"field 'text' must be a string, got {type(text).__name__}",
+                        "field 'text' not a string")
+    return _check_text(text, path, line_no)
+
+
+def iter_jsonl_texts(path: str | Path, bad: BadRecords | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each {"text": ...} line. A defect raises ONE DataError naming the line (or is
+    skipped and counted, see BadRecords)."""
+    yield from iter_jsonl_objects(path, '{"text": ...}', _text_field, bad)
+
+
+def iter_txt_pieces(path: str | Path, doc_separator: str, stats: dict | None = None,
+                    bad: BadRecords | None = None) -> Iterator[str | None]:
     r"""Pieces of text of a .txt file; None ends a document. Empty documents are skipped (counted in
     stats["n_empty"]).
 
@@ -129,39 +220,41 @@ def iter_txt_pieces(path: str | Path, doc_separator: str, stats: dict | None = N
     path = Path(path)
     lines: list[str] = []  # lines of the current piece
     held: list[str] = []  # earlier pieces of the current document, while it is all whitespace so far
-    size, has_text = 0, False
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            line = _decode_line(raw, path, line_no)
-            is_separator = line.rstrip("\r\n") == doc_separator
-            can_cut = (size >= CHUNK_BYTES and lines and len(lines[-1]) > 1 and not lines[-1][-2].isspace()
-                       and line[:1].strip())
-            if is_separator or can_cut:
-                piece = "".join(lines)
-                lines, size = [], 0
-                has_text = has_text or bool(piece.strip())
-                held.append(piece)
-                if has_text:
-                    yield from held
-                    held = []
-            if is_separator:
-                if has_text:
-                    yield None
-                elif stats is not None:
-                    stats["n_empty"] = stats.get("n_empty", 0) + 1
-                held, has_text = [], False
-                continue
-            lines.append(line)
-            size += len(line)
+    size, has_text, n_good = 0, False, 0
+    bad = bad if bad is not None else BadRecords()
+    for _, line in iter_lines(path, bad):
+        n_good += 1
+        is_separator = line.rstrip("\r\n") == doc_separator
+        can_cut = (size >= CHUNK_BYTES and lines and len(lines[-1]) > 1 and not lines[-1][-2].isspace()
+                   and line[:1].strip())
+        if is_separator or can_cut:
+            piece = "".join(lines)
+            lines, size = [], 0
+            has_text = has_text or bool(piece.strip())
+            held.append(piece)
+            if has_text:
+                yield from held
+                held = []
+        if is_separator:
+            if has_text:
+                yield None
+            elif stats is not None:
+                stats["n_empty"] = stats.get("n_empty", 0) + 1
+            held, has_text = [], False
+            continue
+        lines.append(line)
+        size += len(line)
+    bad.finish(path, n_good)
     piece = "".join(lines)
     if has_text or piece.strip():  # the text after the last separator (or the whole file without one)
         yield from held + [piece]
         yield None
 
 
-def iter_jsonl_pieces(path: str | Path, stats: dict | None = None) -> Iterator[str | None]:
+def iter_jsonl_pieces(path: str | Path, stats: dict | None = None, bad: BadRecords | None = None
+                      ) -> Iterator[str | None]:
     """iter_jsonl_texts as pieces (None ends a document), empty documents skipped and counted."""
-    for _, text in iter_jsonl_texts(path):
+    for _, text in iter_jsonl_texts(path, bad):
         if text.strip():
             yield text
             yield None
@@ -192,12 +285,14 @@ def _source_stamp(path: Path) -> dict:
 
 
 def prepare_pretrain(src_paths: str | Path | Sequence[str | Path], tokenizer, out_path: str | Path,
-                     show_progress: bool = True) -> Path:
+                     show_progress: bool = True, skip_bad_records: bool = False) -> Path:
     """Tokenize .jsonl/.txt documents into a flat token file `out_path` (+ `out_path`.json sidecar).
 
     Streams: text is read line by line and tokenized CHUNK_BYTES at a time, so memory stays flat for any
     corpus size. Documents are joined with eos. The file is written under a temporary name and renamed,
     and the sidecar comes last, so an interrupted run never leaves a .bin that looks complete.
+    A bad line raises a DataError naming it; with skip_bad_records it is skipped, and the counts per reason
+    are printed (one stderr line per file) and recorded in the sidecar.
     """
     tokenizer = load_tokenizer(tokenizer)
     paths = [Path(src_paths)] if isinstance(src_paths, (str, Path)) else [Path(p) for p in src_paths]
@@ -214,13 +309,17 @@ def prepare_pretrain(src_paths: str | Path | Sequence[str | Path], tokenizer, ou
     # A per-process temporary name: parallel runs (sweep trials) may prepare the same cache at once;
     # each writes its own file and the identical results replace one another atomically.
     tmp_path = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")
+    bad = BadRecords(skip=skip_bad_records)
     try:
-        n_tokens, n_docs, n_empty = _write_tokens(paths, tokenizer, dtype, tmp_path, show_progress)
+        n_tokens, n_docs, n_empty = _write_tokens(paths, tokenizer, dtype, tmp_path, show_progress, bad)
         if n_tokens == 0:
             raise DataError(f"{', '.join(map(str, paths))}: no non-empty documents to tokenize")
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    for p in paths:
+        if bad.report(p):
+            print(bad.report(p), file=sys.stderr)
     out_path.with_suffix(".json").unlink(missing_ok=True)
     os.replace(tmp_path, out_path)
     meta = {
@@ -229,10 +328,12 @@ def prepare_pretrain(src_paths: str | Path | Sequence[str | Path], tokenizer, ou
         "n_tokens": n_tokens,
         "n_docs": n_docs,
         "n_empty_skipped": n_empty,
+        "skip_bad_records": skip_bad_records,
+        "n_bad_skipped": sum(sum(bad.skipped(p).values()) for p in paths),
         "eos_id": tokenizer.eos_token_id,
         "vocab_size": len(tokenizer),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "sources": [_source_stamp(p) for p in paths],
+        "sources": [{**_source_stamp(p), "bad_skipped": bad.skipped(p)} for p in paths],
     }
     sidecar_tmp = out_path.with_name(f"{out_path.stem}.{os.getpid()}.json.tmp")
     sidecar_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -240,8 +341,8 @@ def prepare_pretrain(src_paths: str | Path | Sequence[str | Path], tokenizer, ou
     return out_path
 
 
-def _write_tokens(paths: list[Path], tokenizer, dtype: np.dtype, out_path: Path, show_progress: bool
-                  ) -> tuple[int, int, int]:
+def _write_tokens(paths: list[Path], tokenizer, dtype: np.dtype, out_path: Path, show_progress: bool,
+                  bad: BadRecords) -> tuple[int, int, int]:
     """Stream the documents of `paths` into `out_path` as tokens; returns (n_tokens, n_docs, n_empty)."""
     backend, eos_id = tokenizer.backend_tokenizer, tokenizer.eos_token_id
     n_tokens = n_docs = 0
@@ -267,9 +368,9 @@ def _write_tokens(paths: list[Path], tokenizer, dtype: np.dtype, out_path: Path,
 
         for path in paths:
             if path.suffix == ".jsonl":
-                stream = iter_jsonl_pieces(path, stats)
+                stream = iter_jsonl_pieces(path, stats, bad)
             else:
-                stream = iter_txt_pieces(path, tokenizer.eos_token, stats)
+                stream = iter_txt_pieces(path, tokenizer.eos_token, stats, bad)
             pieces: list[str | None] = []
             size = done = 0
             for piece in stream:
@@ -286,11 +387,12 @@ def _write_tokens(paths: list[Path], tokenizer, dtype: np.dtype, out_path: Path,
 
 
 def pretrain_bin(path: str | Path, tokenizer, cache_dir: str | Path | None = None, dtype: str | None = None,
-                 show_progress: bool = True) -> Path:
+                 show_progress: bool = True, skip_bad_records: bool = False) -> Path:
     """A token file for `path`: a .bin as-is (checked), or a .jsonl/.txt prepared once and cached.
 
-    The cache key is the source path, size and mtime plus the tokenizer fingerprint, so editing the
-    data or changing the tokenizer re-prepares, and anything else reuses. Cache files go to
+    The cache key is the source path, size and mtime plus the tokenizer fingerprint (and skip_bad_records),
+    so editing the data or changing the tokenizer re-prepares, and anything else reuses; a cache prepared
+    with bad lines skipped is never used by a strict run (which fails on the first bad line), nor vice versa. Cache files go to
     `cache_dir` (default: a `.cache` folder next to the source). `dtype` is only needed for a .bin
     without sidecar (default: what the tokenizer's vocabulary needs).
     """
@@ -302,12 +404,13 @@ def pretrain_bin(path: str | Path, tokenizer, cache_dir: str | Path | None = Non
         check_bin(path, tokenizer, dtype)
         return path
     stamp = _source_stamp(path)
-    key = hashlib.sha256(json.dumps([stamp, tokenizer_fingerprint(tokenizer)]).encode()).hexdigest()[:12]
+    key_parts = [stamp, tokenizer_fingerprint(tokenizer)] + (["skip_bad_records"] if skip_bad_records else [])
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:12]
     cache_dir = Path(cache_dir) if cache_dir is not None else path.parent / ".cache"
     out = cache_dir / f"{path.stem}.{key}.bin"
     if out.exists() and out.with_suffix(".json").exists():
         return out
-    prepare_pretrain(path, tokenizer, out, show_progress=show_progress)
+    prepare_pretrain(path, tokenizer, out, show_progress=show_progress, skip_bad_records=skip_bad_records)
     if show_progress:
         print(summary(out), file=sys.stderr)
     return out
@@ -316,8 +419,9 @@ def pretrain_bin(path: str | Path, tokenizer, cache_dir: str | Path | None = Non
 def summary(bin_path: str | Path) -> str:
     """One line about a prepared token file (what the user wants to see after preparing)."""
     meta = read_sidecar(bin_path)
+    bad = f", {meta['n_bad_skipped']:,} bad records skipped" if meta.get("n_bad_skipped") else ""
     return (f"{bin_path}: {meta['n_tokens']:,} tokens ({meta['dtype']}), {meta['n_docs']:,} documents, "
-            f"{meta['n_empty_skipped']} empty skipped")
+            f"{meta['n_empty_skipped']} empty skipped{bad}")
 
 
 def check_bin(path: str | Path, tokenizer=None, dtype: str | None = None, vocab_size: int | None = None
@@ -463,38 +567,43 @@ def sft_messages(row: dict, path: Path, line_no: int) -> tuple[list[dict[str, st
     Alpaca: user = instruction (+ a blank line + input when input is not empty), assistant = output;
     an optional "system" field becomes the system message.
     """
-    where = f"{path} line {line_no}"
+    def fail(detail: str, reason: str) -> BadRecord:
+        return BadRecord(path, line_no, detail, reason)
+
     if "conversations" in row:
         conv = row["conversations"]
         if not isinstance(conv, list) or not conv:
-            raise DataError(f"{where}: 'conversations' must be a non-empty list of {{\"role\", \"content\"}} messages")
+            raise fail("'conversations' must be a non-empty list of {\"role\", \"content\"} messages",
+                       "bad 'conversations'")
         messages = []
         for i, m in enumerate(conv, start=1):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: message {i} must be an object {{\"role\": \"...\", \"content\": \"...\"}} "
-                                f"with string values")
+                raise fail(f"message {i} must be an object {{\"role\": \"...\", \"content\": \"...\"}} "
+                           f"with string values", "malformed message")
             if m["role"] not in CHAT_ROLES:
-                raise DataError(f"{where}: message {i} has role {m['role']!r}; expected one of {', '.join(CHAT_ROLES)}")
+                raise fail(f"message {i} has role {m['role']!r}; expected one of {', '.join(CHAT_ROLES)}",
+                           "unknown role")
             if m["role"] == "system" and i > 1:
-                raise DataError(f"{where}: message {i} is a system message; only the first message may be one")
+                raise fail(f"message {i} is a system message; only the first message may be one",
+                           "late system message")
             messages.append({"role": m["role"], "content": _check_text(m["content"], path, line_no)})
         if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"{where}: the conversation has no assistant message, so nothing to train on")
+            raise fail("the conversation has no assistant message, so nothing to train on", "no assistant message")
         return messages, "chat"
     if "instruction" in row or "output" in row:
         fields = {}
         for key, required in (("instruction", True), ("input", False), ("output", True), ("system", False)):
             value = row.get(key, None if required else "")
             if value is None and required:
-                raise DataError(f"{where}: Alpaca format needs a string field '{key}'")
+                raise fail(f"Alpaca format needs a string field '{key}'", f"missing field '{key}'")
             if not isinstance(value, str):
-                raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+                raise fail(f"field '{key}' must be a string, got {type(value).__name__}", f"field '{key}' not a string")
             fields[key] = _check_text(value, path, line_no)
         user = fields["instruction"] + (f"\n\n{fields['input']}" if fields["input"].strip() else "")
         system = [{"role": "system", "content": fields["system"]}] if fields["system"] else []
         turns = [{"role": "user", "content": user}, {"role": "assistant", "content": fields["output"]}]
         return system + turns, "alpaca"
-    raise DataError(f"{where}: expected {SFT_FORMATS}; got keys {sorted(row)[:5]}")
+    raise fail(f"expected {SFT_FORMATS}; got keys {sorted(row)[:5]}", "unknown format")
 
 
 class SFTDataset(torch.utils.data.Dataset):
@@ -508,9 +617,11 @@ class SFTDataset(torch.utils.data.Dataset):
     A conversation longer than max_seq_len + 1 tokens is cut to that length and counted in
     `n_truncated`, never dropped (`n_truncated_untrained`: cut so early no assistant token is left).
     `lengths` (tokens per row) lets the sampler batch rows of similar length together.
+    A bad line raises a DataError naming it; with skip_bad_records it is skipped and counted per reason
+    (`bad_skipped`, `bad_report`).
     """
 
-    def __init__(self, path: str | Path, tokenizer, max_seq_len: int):
+    def __init__(self, path: str | Path, tokenizer, max_seq_len: int, skip_bad_records: bool = False):
         tokenizer = load_tokenizer(tokenizer)
         self.path, self.max_seq_len = Path(path), max_seq_len
         if not self.path.is_file():
@@ -521,8 +632,8 @@ class SFTDataset(torch.utils.data.Dataset):
         trained: list[np.ndarray] = []
         self.formats = {"chat": 0, "alpaca": 0}
         self.n_truncated = self.n_truncated_untrained = 0
-        for line_no, row in iter_jsonl_objects(self.path, SFT_FORMATS):
-            messages, fmt = sft_messages(row, self.path, line_no)
+        bad = BadRecords(skip=skip_bad_records)
+        for line_no, (messages, fmt) in iter_jsonl_objects(self.path, SFT_FORMATS, sft_messages, bad):
             self.formats[fmt] += 1
             out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                                 return_assistant_tokens_mask=True)
@@ -540,6 +651,8 @@ class SFTDataset(torch.utils.data.Dataset):
             trained.append(mask)
         if not tokens:
             raise DataError(f"{self.path}: no conversations (expected one JSON object per line: {SFT_FORMATS})")
+        self.bad_skipped = bad.skipped(self.path)  # reason -> lines skipped (skip_bad_records)
+        self.bad_report = bad.report(self.path)  # the stderr line about them, or None
         self.offsets = np.cumsum([0] + [len(t) for t in tokens])
         self.tokens, self.trained = np.concatenate(tokens), np.concatenate(trained)
         self.rows: np.ndarray | None = None  # a subset's conversations (see subset), None = all
@@ -641,9 +754,11 @@ def main(argv: list[str] | None = None) -> None:
     prep.add_argument("--input", nargs="+", required=True, help=".jsonl ({'text': ...} per line) or .txt files")
     prep.add_argument("--tokenizer", default="tokenizer", help="tokenizer folder (default: tokenizer)")
     prep.add_argument("--output", required=True, help="output .bin path (a .json sidecar is written next to it)")
+    prep.add_argument("--skip_bad_records", action="store_true",
+                      help="skip malformed lines (counted per reason) instead of stopping at the first one")
     args = parser.parse_args(argv)
     try:
-        out = prepare_pretrain(args.input, args.tokenizer, args.output)
+        out = prepare_pretrain(args.input, args.tokenizer, args.output, skip_bad_records=args.skip_bad_records)
     except DataError as e:
         parser.exit(1, f"error: {e}\n")
     print(summary(out))

@@ -50,12 +50,14 @@ class Job:
 
 def build_pretrain(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env: DistEnv) -> Job:
     """A fresh model on packed rows of max_seq_len tokens from a tokenized (once, cached) corpus."""
-    if env.is_main:  # rank 0 tokenizes; the others wait, then read the cached file
-        pretrain_bin(cfg.data_path, tokenizer)
+    skip = cfg.skip_bad_records
+    if env.is_main:  # rank 0 tokenizes (and reports skipped bad lines); the others wait, then read the cached file
+        pretrain_bin(cfg.data_path, tokenizer, skip_bad_records=skip)
     barrier()
 
     def packed(path: str) -> PackedDataset:
-        return PackedDataset(pretrain_bin(path, tokenizer), model_cfg.max_seq_len, vocab_size=model_cfg.vocab_size)
+        return PackedDataset(pretrain_bin(path, tokenizer, skip_bad_records=skip), model_cfg.max_seq_len,
+                             vocab_size=model_cfg.vocab_size)
 
     train = packed(cfg.data_path)
     if cfg.val_data_path:
@@ -82,8 +84,11 @@ def build_sft(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env: Dis
     similar-length conversations (the sampler groups by SFTDataset.lengths), right-padded."""
 
     def conversations(path: str) -> SFTDataset:
-        data = SFTDataset(path, tokenizer, model_cfg.max_seq_len)  # each rank: the same rows, seconds for 8k chats
+        # each rank: the same rows, seconds for 8k chats
+        data = SFTDataset(path, tokenizer, model_cfg.max_seq_len, skip_bad_records=cfg.skip_bad_records)
         if env.is_main:
+            if data.bad_report:
+                print(data.bad_report, file=sys.stderr)
             print(data.summary(), file=sys.stderr)
         return data
 
@@ -118,6 +123,11 @@ def build_lora(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env: Di
 
 BUILDERS: dict[str, Callable[[TrainConfig, ModelConfig, Any, DistEnv], Job]] = {
     "pretrain": build_pretrain, "sft": build_sft, "lora": build_lora}
+# Integer flags where a negative value means nothing: flag -> what 0 means (for the message).
+NON_NEGATIVE_FLAGS = {"eval_iters": "the whole validation set", "eval_interval": "only at the end",
+                      "save_interval_steps": "only at the end", "keep_checkpoint_max": "keep all",
+                      "max_bad_steps": "never stop", "max_steps": "derive from --epochs", "warmup_iters": "no warmup",
+                      "lr_decay_iters": "the run's total steps", "num_workers": "load in the main process"}
 # Model fields a fine-tuning run may change: they do not change what the weights mean.
 FINETUNE_MODEL_FLAGS = ("dropout", "flash_attn", "aux_loss_alpha", "max_seq_len")
 
@@ -157,8 +167,14 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, ModelConfig, Any]
         path = getattr(cfg, flag)
         if path and not Path(path).exists():
             parser.error(f"--{flag} {path}: no such file or folder")
-    if cfg.accumulation_steps < 1 or cfg.batch_size < 1:
-        parser.error("--batch_size and --accumulation_steps must be >= 1")
+    below_one = [f for f in ("batch_size", "accumulation_steps", "log_interval") if getattr(cfg, f) < 1]
+    if below_one:
+        parser.error(f"--{below_one[0]} {getattr(cfg, below_one[0])}: must be >= 1")
+    negative = [f for f in NON_NEGATIVE_FLAGS if getattr(cfg, f) < 0]
+    if negative:
+        parser.error(f"--{negative[0]} {getattr(cfg, negative[0])}: must be >= 0 (0 = {NON_NEGATIVE_FLAGS[negative[0]]})")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        parser.error(f"--val_fraction {cfg.val_fraction:g}: must be in [0, 1) (0 = no validation carve-off)")
     if cfg.resume == "auto" and latest_checkpoint(cfg.out_dir) is None:
         parser.error(f"--resume: no complete checkpoint in {cfg.out_dir}/checkpoints; start without --resume, "
                      f"or pass a checkpoint folder")
@@ -218,9 +234,24 @@ def finetune_model_config(parser: argparse.ArgumentParser, cfg: TrainConfig,
     config_file = Path(cfg.init_from) / "config.json"
     try:
         saved = ModelConfig.from_hf_dict(json.loads(config_file.read_text()))
-        return dataclasses.replace(saved, **overrides).validate()
+        model_cfg = dataclasses.replace(saved, **overrides).validate()
     except (KeyError, TypeError, ValueError) as e:
         parser.error(f"{config_file}: {e}")
+    limit = rope_range(saved)
+    if model_cfg.max_seq_len > limit:
+        how = (f"max_position_embeddings {saved.max_seq_len}" if saved.rope_scaling is None else
+               f"rope_scaling covers {limit}")
+        parser.error(f"--max_seq_len {model_cfg.max_seq_len}: beyond the RoPE range of --init_from {cfg.init_from} "
+                     f"({how}, in {config_file}); positions past {limit} were never trained. Use --max_seq_len "
+                     f"{limit} or less, or a model whose config has rope_scaling covering {model_cfg.max_seq_len}")
+    return model_cfg
+
+
+def rope_range(config: ModelConfig) -> int:
+    """Positions a saved model handles: its max_seq_len, or what its YaRN rope_scaling extends it to."""
+    scaling = config.rope_scaling or {}
+    extended = int(float(scaling.get("factor", 1.0)) * int(scaling.get("original_max_position_embeddings", 0)))
+    return max(config.max_seq_len, extended)
 
 
 def make_export(tokenizer: Any) -> Export:

@@ -389,3 +389,131 @@ def test_chat_data_regenerates_byte_identically(tmp_path):
     make_samples.build_chat(tmp_path)
     for name in ["sft", "sft_val", "sft_alpaca", "dpo", "dpo_val", "dpo_trl", "grpo", "grpo_val"]:
         assert (tmp_path / f"{name}.jsonl").read_bytes() == (ROOT / "dataset" / f"{name}.jsonl").read_bytes(), name
+
+
+# ----------------------------------------------------------------------------- --skip_bad_records
+
+MIXED = [b'{"text": "first good line"}', b'{"text": "broken', b'{"txt": "typo"}', b'{"text": "caf\xe9"}',
+         b'{"text": "second good line"}', b'[1, 2]', b'{"text": 3}', b'{"text": "unclosed"', b'{"text": "third"}']
+
+
+def write_mixed(path: Path) -> Path:
+    path.write_bytes(b"\n".join(MIXED) + b"\n")
+    return path
+
+
+def test_strict_run_names_the_first_bad_line(tok, tmp_path):
+    src = write_mixed(tmp_path / "mixed.jsonl")
+    with pytest.raises(DataError) as e:
+        data.prepare_pretrain(src, tok, tmp_path / "m.bin", show_progress=False)
+    assert str(e.value).startswith(f"{src} line 2: malformed JSON")
+    assert not list(tmp_path.glob("m.*"))
+
+
+def test_skip_bad_records_skips_counts_and_records_in_the_sidecar(tok, tmp_path, capsys):
+    src = write_mixed(tmp_path / "mixed.jsonl")
+    out = data.prepare_pretrain(src, tok, tmp_path / "m.bin", show_progress=False, skip_bad_records=True)
+    assert read_bin(out).tolist() == expected_tokens(tok, ["first good line", "second good line", "third"])
+    expected = {"malformed JSON": 2, "missing field 'text'": 1, "not UTF-8": 1, "not a JSON object": 1,
+                "field 'text' not a string": 1}
+    assert capsys.readouterr().err.splitlines() == [
+        f"{src}: skipped 6 bad records (2 malformed JSON, 1 missing field 'text', 1 not UTF-8, "
+        f"1 not a JSON object, 1 field 'text' not a string)"]
+    meta = data.read_sidecar(out)
+    assert meta["skip_bad_records"] is True and meta["n_bad_skipped"] == 6
+    assert meta["sources"][0]["bad_skipped"] == expected
+    assert "6 bad records skipped" in data.summary(out)
+
+
+def test_skip_bad_records_in_txt_drops_undecodable_lines(tok, tmp_path, capsys):
+    src = tmp_path / "t.txt"
+    src.write_bytes(b"good one\n\xff\xfe bad\n<|endoftext|>\nalso \xc3 bad\ngood two\n")
+    out = data.prepare_pretrain(src, tok, tmp_path / "t.bin", show_progress=False, skip_bad_records=True)
+    assert read_bin(out).tolist() == expected_tokens(tok, ["good one\n", "good two\n"])
+    assert f"{src}: skipped 2 bad records (2 not UTF-8)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix, content", [(".jsonl", b'{"txt": 1}\nnot json\n'), (".txt", b"\xff\n\xfe\n")])
+def test_a_file_of_only_bad_records_fails_even_when_skipping(tok, tmp_path, suffix, content):
+    src = tmp_path / f"allbad{suffix}"
+    src.write_bytes(content)
+    with pytest.raises(DataError, match=rf"allbad{suffix}: all 2 records are bad \(.*\), nothing to train on; line 1: "):
+        data.prepare_pretrain(src, tok, tmp_path / "b.bin", show_progress=False, skip_bad_records=True)
+
+
+def test_cache_of_a_skipping_run_is_not_reused_by_a_strict_one(tok, tmp_path, capsys):
+    src = write_mixed(tmp_path / "mixed.jsonl")
+    skipped = data.pretrain_bin(src, tok, show_progress=False, skip_bad_records=True)
+    assert data.pretrain_bin(src, tok, show_progress=False, skip_bad_records=True) == skipped  # cached
+    with pytest.raises(DataError, match="line 2: malformed JSON"):
+        data.pretrain_bin(src, tok, show_progress=False)  # a strict run still fails on the first bad line
+    good = write_jsonl(tmp_path / "good.jsonl", DOCS)
+    assert data.pretrain_bin(good, tok, show_progress=False) != data.pretrain_bin(good, tok, show_progress=False,
+                                                                                 skip_bad_records=True)
+
+
+many_lines = st.lists(lines, min_size=1, max_size=4)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=many_lines)
+def test_any_lines_with_skipping_load_or_fail_only_when_all_are_bad(tmp_path, rows):
+    """Skipping: the good lines come back, the bad ones are counted; a DataError only when no line is good."""
+    src = tmp_path / "h.jsonl"
+    src.write_bytes(b"".join(r.replace(b"\n", b" ").replace(b"\r", b" ") + b"\n" for r in rows))
+    bad = data.BadRecords(skip=True)
+    try:
+        texts = list(data.iter_jsonl_texts(src, bad))
+    except DataError as e:
+        assert re.match(rf"{re.escape(str(src))}: (all \d+ records are|its only record is) bad", str(e))
+    else:
+        assert all(isinstance(t, str) for _, t in texts)
+        assert len(texts) + sum(bad.skipped(src).values()) <= len(rows)
+
+
+# ----------------------------------------------------------------------------- collators, property-based
+
+
+@settings(max_examples=80, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=9), pad_id=st.integers(0, 6399),
+       multiple=st.sampled_from([None, 1, 8, 64]), data_=st.data())
+def test_pad_collate_any_lengths(lengths, pad_id, multiple, data_):
+    batch = []
+    for n in lengths:
+        ids = data_.draw(st.lists(st.integers(0, 6399), min_size=n, max_size=n))
+        labels = data_.draw(st.lists(st.integers(0, 6399) | st.just(-100), min_size=n, max_size=n))
+        batch.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)})
+    out = data.pad_collate(pad_id, pad_to_multiple_of=multiple)(batch)
+    T = max(lengths)
+    if multiple:
+        T = -(-T // multiple) * multiple
+    assert set(out) == {"input_ids", "labels", "attention_mask"}
+    for k, v in out.items():
+        assert v.shape == (len(lengths), T) and v.dtype == torch.long, k
+    for i, (n, ex) in enumerate(zip(lengths, batch)):
+        assert out["attention_mask"][i].tolist() == [1] * n + [0] * (T - n)
+        assert torch.equal(out["input_ids"][i, :n], ex["input_ids"]) and (out["input_ids"][i, n:] == pad_id).all()
+        assert torch.equal(out["labels"][i, :n], ex["labels"]) and (out["labels"][i, n:] == data.IGNORE_INDEX).all()
+
+
+@settings(max_examples=50, deadline=None)
+@given(n_in=st.integers(1, 6), n_lab=st.integers(1, 6))
+def test_pad_collate_mismatched_example_is_a_value_error(n_in, n_lab):
+    batch = [{"input_ids": torch.ones(n_in, dtype=torch.long), "labels": torch.ones(n_lab, dtype=torch.long)}]
+    if n_in == n_lab:
+        assert data.pad_collate(0)(batch)["input_ids"].shape == (1, n_in)
+    else:
+        with pytest.raises(ValueError, match=f"example 0: input_ids has {n_in} tokens but labels {n_lab}"):
+            data.pad_collate(0)(batch)
+
+
+@settings(max_examples=50, deadline=None)
+@given(batch_size=st.integers(1, 9), T=st.integers(1, 33), seed=st.integers(0, 1000))
+def test_collate_stacks_packed_rows(batch_size, T, seed):
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(0, 6400, (T + 1,), generator=g) for _ in range(batch_size)]
+    batch = [{"input_ids": r[:-1], "labels": r[1:]} for r in rows]
+    out = data.collate(batch)
+    assert out["input_ids"].shape == out["labels"].shape == (batch_size, T)
+    assert torch.equal(out["input_ids"][:, 1:], out["labels"][:, :-1])
+    assert torch.equal(out["labels"][-1], rows[-1][1:])

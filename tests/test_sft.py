@@ -241,6 +241,7 @@ def test_sft_resume_continues_with_identical_losses(sft_files, base_model, tmp_p
     (["--dim", "128"], "--dim: --mode sft takes the architecture from --init_from"),
     (["--preset", "small"], "drop --preset"),
     (["--merge"], "--merge is for --mode lora"),
+    (["--max_seq_len", "128"], "--max_seq_len 128: beyond the RoPE range of --init_from"),
 ])
 def test_sft_flag_errors(sft_files, base_model, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exc:
@@ -270,3 +271,97 @@ def test_pipeline_check_fails_when_fine_tuning_taught_nothing(base_model, sft_fi
     assert code == 1 and "FAIL" in err
     assert results["after"]["stop_rate"] == 0.0 and results["after"]["conversations"] == 3
     assert 5 < results["after"]["loss"] < 12  # ~ln(6400) for an untrained model
+
+
+# ----------------------------------------------------------------------------- bad records, property-based
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import data as data_module  # noqa: E402
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                           lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids, max_size=3),
+                           max_leaves=6)
+messages = st.lists(st.one_of(json_values, st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant", "human", 3]), "content": st.text(max_size=12) | json_values})),
+    max_size=4)
+texts = st.text(max_size=16) | st.sampled_from(["<|im_end|>", "{{ x }}", "{% generation %}", "\u2028", "\ud800"])
+good_chats = st.builds(
+    lambda system, turns, last: {"conversations": system + [{"role": r, "content": c} for r, c in turns]
+                                 + [{"role": "assistant", "content": last}]},
+    st.lists(texts.map(lambda t: {"role": "system", "content": t}), max_size=1),
+    st.lists(st.tuples(st.sampled_from(["user", "assistant"]), texts), max_size=3), texts)
+good_alpaca = st.fixed_dictionaries({"instruction": texts, "output": texts},
+                                    optional={"input": texts, "system": texts})
+sft_lines = st.one_of(
+    good_chats.map(lambda v: json.dumps(v).encode()),
+    good_alpaca.map(lambda v: json.dumps(v).encode()),
+    st.binary(max_size=30),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.dictionaries(st.sampled_from(["conversations", "instruction", "input", "output", "system", "text"]),
+                    messages | json_values | st.text(max_size=12), max_size=4).map(lambda v: json.dumps(v).encode()),
+    messages.map(lambda m: json.dumps({"conversations": m}).encode()),
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(sft_lines, min_size=1, max_size=3), skip=st.booleans())
+def test_any_sft_lines_load_or_raise_data_error(tok, tmp_path, rows, skip):
+    """Never a KeyError/IndexError/TypeError/AttributeError/UnicodeDecodeError: conversations or one DataError."""
+    path = tmp_path / "h.jsonl"
+    path.write_bytes(b"".join(r.replace(b"\n", b" ").replace(b"\r", b" ") + b"\n" for r in rows))
+    try:
+        ds = SFTDataset(path, tok, 64, skip_bad_records=skip)
+    except DataError as e:
+        assert str(e).startswith(f"{path}")
+    else:
+        assert 1 <= len(ds) <= len(rows) and len(ds) + sum(ds.bad_skipped.values()) <= len(rows)
+        assert (ds.bad_report is None) == (not ds.bad_skipped) and (skip or not ds.bad_skipped)
+        for i in range(len(ds)):
+            ex = ds[i]
+            assert ex["input_ids"].shape == ex["labels"].shape and len(ex["input_ids"]) <= 64
+
+
+SFT_MIXED = [json.dumps({"conversations": CONVERSATION[1:3]}), "{not json",
+             json.dumps({"conversations": [{"role": "user", "content": "hi"}]}),
+             json.dumps({"instruction": "Say hi.", "output": "hi"}),
+             json.dumps({"conversations": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]}),
+             json.dumps({"instruction": "no output"})]
+
+
+def test_sft_skip_bad_records(tok, tmp_path):
+    path = write_jsonl(tmp_path / "mixed.jsonl", SFT_MIXED)
+    with pytest.raises(DataError, match=r"mixed.jsonl line 2: malformed JSON"):
+        SFTDataset(path, tok, 64)
+    ds = SFTDataset(path, tok, 64, skip_bad_records=True)
+    assert len(ds) == 2 and ds.formats == {"chat": 1, "alpaca": 1}
+    assert ds.bad_skipped == {"no assistant message": 2, "malformed JSON": 1, "missing field 'output'": 1}
+    assert ds.bad_report == (f"{path}: skipped 4 bad records (2 no assistant message, 1 malformed JSON, "
+                             f"1 missing field 'output')")
+    with pytest.raises(DataError, match=r"all 2 records are bad .* line 1: .*no assistant message"):
+        SFTDataset(write_jsonl(tmp_path / "allbad.jsonl", SFT_MIXED[2::2][:1] + SFT_MIXED[4:5]), tok, 64,
+                   skip_bad_records=True)
+
+
+def test_sft_run_with_skip_bad_records_reports_the_counts(sft_files, base_model, tmp_path, capsys):
+    rows = sft_files["train"].read_text().splitlines()[:40] + SFT_MIXED[1:3]
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", rows), "val": sft_files["val"]}
+    with pytest.raises(DataError, match=r"train.jsonl line 41: malformed JSON"):
+        train.main(sft_args(files, base_model, tmp_path / "strict", "--max_steps", "1"))
+    capsys.readouterr()
+    train.main(sft_args(files, base_model, tmp_path / "skip", "--max_steps", "2", "--eval_interval", "0",
+                        "--no-save_last", "--skip_bad_records"))
+    err = capsys.readouterr().err
+    assert f"{files['train']}: skipped 2 bad records (1 malformed JSON, 1 no assistant message)" in err
+    assert "40 conversations (40 chat)" in err
+
+
+def test_rope_range_counts_yarn_scaling():
+    from model.config import config_from_preset
+
+    plain = config_from_preset("tiny", max_seq_len=64)
+    assert train.rope_range(plain) == 64
+    yarn = config_from_preset("tiny", max_seq_len=64, rope_scaling={"type": "yarn", "factor": 4.0,
+                                                                    "original_max_position_embeddings": 64})
+    assert train.rope_range(yarn) == 256

@@ -13,6 +13,7 @@ import torch
 
 import train
 from conftest import ROOT, read_metrics, train_args, train_losses
+from data import DataError
 from trainer import checkpoint as ckpt
 from trainer.config import UsageError
 from trainer.sampler import ResumableBatchSampler
@@ -154,6 +155,11 @@ def test_bfloat16_autocast_on_cpu_trains(corpus, tmp_path):
     (["--num_experts_per_tok", "5", "--use_moe", "--n_routed_experts", "4"], "num_experts_per_tok"),
     (["--resume"], "--resume: no complete checkpoint"),
     (["--resume", "no/such/ckpt"], "--resume no/such/ckpt: no such checkpoint folder"),
+    (["--val_fraction", "1.0"], "--val_fraction 1: must be in [0, 1)"),
+    (["--val_fraction", "-0.1"], "--val_fraction -0.1: must be in [0, 1)"),
+    (["--eval_iters", "-1"], "--eval_iters -1: must be >= 0 (0 = the whole validation set)"),
+    (["--log_interval", "0"], "--log_interval 0: must be >= 1"),
+    (["--save_interval_steps", "-5"], "--save_interval_steps -5: must be >= 0"),
 ])
 def test_bad_flags_fail_before_any_work(corpus, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exc:
@@ -184,3 +190,26 @@ def test_torchrun_two_processes_match_one(corpus, tmp_path):
         assert b[step] == pytest.approx(a[step], rel=1e-4), step
     seen = [[r["tokens_seen"] for r in read_metrics(run) if "tokens_seen" in r][-1] for run in (one, two)]
     assert seen[0] == seen[1] == 4 * 4 * 32  # 4 steps x 4 rows x 32 tokens, counted over both ranks
+
+
+def test_skip_bad_records_trains_and_reports_per_reason(corpus, tmp_path, capsys):
+    """A strict run stops at the first bad line; --skip_bad_records trains on the rest and says what it skipped."""
+    lines = corpus["train"].read_bytes().splitlines()
+    bad = [b'{"text": "cut', b'{"txt": "typo"}', b'{"text": "caf\xe9"}', b'{"text": "cut again']
+    src = tmp_path / "mixed.jsonl"
+    src.write_bytes(b"\n".join(lines[:5] + bad[:2] + lines[5:] + bad[2:]) + b"\n")
+    corpus = {**corpus, "train": src}
+    with pytest.raises(DataError, match=rf"{src} line 6: malformed JSON"):
+        train.main(train_args(corpus, tmp_path / "strict", "--max_steps", "1"))
+    capsys.readouterr()
+    out = tmp_path / "skip"
+    train.main(train_args(corpus, out, "--max_steps", "2", "--eval_interval", "0", "--no-save_last",
+                          "--skip_bad_records"))
+    err = capsys.readouterr().err
+    assert f"{src}: skipped 4 bad records (2 malformed JSON, 1 missing field 'text', 1 not UTF-8)" in err
+    assert train_losses(out).keys() == {1, 2}
+    (sidecar,) = (tmp_path / ".cache").glob("mixed.*.json")
+    meta = json.loads(sidecar.read_text())
+    assert meta["n_bad_skipped"] == 4 and meta["skip_bad_records"] is True
+    assert meta["sources"][0]["bad_skipped"] == {"malformed JSON": 2, "missing field 'text'": 1, "not UTF-8": 1}
+    assert meta["n_docs"] == len(lines)

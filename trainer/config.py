@@ -49,6 +49,10 @@ class TrainConfig:
     val_data_path: str = _f("dataset/pretrain_val.jsonl", "Held-out data for validation (default: the mode's shipped "
                             "sample); empty string = carve --val_fraction off the training data.")
     val_fraction: float = _f(0.02, "Share of training rows held out when --val_data_path is empty.")
+    skip_bad_records: bool = _f(False, "Skip malformed data lines (bad JSON or UTF-8, a missing field, a conversation "
+                                "without an assistant turn, ...) and report how many per reason, instead of "
+                                "stopping at the first one with its file and line. A file with no good line still "
+                                "fails.")
     tokenizer_path: str = _f("tokenizer", "Tokenizer folder (Hugging Face format); sft/lora: empty = the "
                              "--init_from folder's.")
     preset: str = _f("small", "Model size preset; model flags below override single fields of it (pretrain only: "
