@@ -156,3 +156,14 @@ def test_resume_with_fewer_processes_continues_the_same_data(corpus, tmp_path):
     a, b = train_losses(straight), train_losses(out)
     for s in range(1, 7):
         assert b[s] == pytest.approx(a[s], rel=1e-4), s
+
+
+def test_first_signal_is_recorded_second_ctrl_c_stops_at_once():
+    from trainer.interrupt import StopOnSignal
+
+    with StopOnSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.poll(torch.device("cpu")) == signal.SIGTERM  # recorded: the loop finishes its step first
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored afterwards
