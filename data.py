@@ -454,7 +454,20 @@ def check_bin(path: str | Path, tokenizer=None, dtype: str | None = None, vocab_
 # ----------------------------------------------------------------------------- datasets
 
 
-class PackedDataset(torch.utils.data.Dataset):
+class RowsDataset(torch.utils.data.Dataset):
+    """A dataset of rows that can be viewed through a subset of them (the train/val carve-off)."""
+
+    rows: np.ndarray | None  # the rows this view shows, None = all
+
+    def subset(self, rows: np.ndarray | Sequence[int]) -> "RowsDataset":
+        """A view of some of this dataset's rows (indices into this view), sharing the underlying data."""
+        view = copy.copy(self)
+        rows = np.asarray(rows, dtype=np.int64)
+        view.rows = rows if self.rows is None else self.rows[rows]
+        return view
+
+
+class PackedDataset(RowsDataset):
     """Fixed-length rows of a flat token file: row i = tokens[i*T : i*T+T+1], no padding.
 
     input_ids = row[:-1], labels = row[1:]. Rows cross document boundaries (documents are joined by
@@ -488,13 +501,6 @@ class PackedDataset(torch.utils.data.Dataset):
         self._tokens: np.memmap | None = None
         if vocab_size is not None:
             self.check_ids(vocab_size)
-
-    def subset(self, rows: np.ndarray | Sequence[int]) -> "PackedDataset":
-        """A view of some of this dataset's rows (indices into this dataset), sharing the file."""
-        view = copy.copy(self)
-        rows = np.asarray(rows, dtype=np.int64)
-        view.rows = rows if self.rows is None else self.rows[rows]
-        return view
 
     @property
     def tokens(self) -> np.memmap:
@@ -606,7 +612,7 @@ def sft_messages(row: dict, path: Path, line_no: int) -> tuple[list[dict[str, st
     raise fail(f"expected {SFT_FORMATS}; got keys {sorted(row)[:5]}", "unknown format")
 
 
-class SFTDataset(torch.utils.data.Dataset):
+class SFTDataset(RowsDataset):
     """Conversations for supervised fine-tuning: one row each, loss on the assistant's tokens only.
 
     Each line (chat or Alpaca, see sft_messages) is rendered with the tokenizer's chat template and
@@ -656,13 +662,6 @@ class SFTDataset(torch.utils.data.Dataset):
         self.offsets = np.cumsum([0] + [len(t) for t in tokens])
         self.tokens, self.trained = np.concatenate(tokens), np.concatenate(trained)
         self.rows: np.ndarray | None = None  # a subset's conversations (see subset), None = all
-
-    def subset(self, rows: np.ndarray | Sequence[int]) -> "SFTDataset":
-        """A view of some of this dataset's rows (the --val_fraction carve-off), sharing the tokens."""
-        view = copy.copy(self)
-        rows = np.asarray(rows, dtype=np.int64)
-        view.rows = rows if self.rows is None else self.rows[rows]
-        return view
 
     @property
     def lengths(self) -> torch.Tensor:

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from data import DataError, PackedDataset, SFTDataset, collate, pad_collate, pretrain_bin, split_train_val
+from data import (DataError, PackedDataset, RowsDataset, SFTDataset, collate, pad_collate, pretrain_bin,
+                  split_train_val)
 from model import ModelConfig, Transformer
 from model.config import PRESETS, config_from_preset
 from model.lora import apply_lora, count_parameters, merge_lora, save_adapter
@@ -48,6 +49,15 @@ class Job:
     export: Export | None = None  # how best/ and final/ are written; None = a full HF folder (make_export)
 
 
+def train_and_val(cfg: TrainConfig, load: Callable[[str], RowsDataset]) -> tuple[RowsDataset, RowsDataset]:
+    """The training data and its validation data: --val_data_path, or a carve-off of --val_fraction."""
+    train = load(cfg.data_path)
+    if cfg.val_data_path:
+        return train, load(cfg.val_data_path)
+    train_rows, val_rows = split_train_val(len(train), cfg.val_fraction, cfg.seed)
+    return train.subset(train_rows), train.subset(val_rows)
+
+
 def build_pretrain(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env: DistEnv) -> Job:
     """A fresh model on packed rows of max_seq_len tokens from a tokenized (once, cached) corpus."""
     skip = cfg.skip_bad_records
@@ -59,12 +69,7 @@ def build_pretrain(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env
         return PackedDataset(pretrain_bin(path, tokenizer, skip_bad_records=skip), model_cfg.max_seq_len,
                              vocab_size=model_cfg.vocab_size)
 
-    train = packed(cfg.data_path)
-    if cfg.val_data_path:
-        val = packed(cfg.val_data_path)
-    else:
-        train_rows, val_rows = split_train_val(len(train), cfg.val_fraction, cfg.seed)
-        train, val = train.subset(train_rows), train.subset(val_rows)
+    train, val = train_and_val(cfg, packed)
     return Job(Transformer(model_cfg), CausalLMObjective(), train, val, collate)
 
 
@@ -92,12 +97,7 @@ def build_sft(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env: Dis
             print(data.summary(), file=sys.stderr)
         return data
 
-    train = conversations(cfg.data_path)
-    if cfg.val_data_path:
-        val = conversations(cfg.val_data_path)
-    else:
-        train_rows, val_rows = split_train_val(len(train), cfg.val_fraction, cfg.seed)
-        train, val = train.subset(train_rows), train.subset(val_rows)
+    train, val = train_and_val(cfg, conversations)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Job(load_init_model(cfg, model_cfg), CausalLMObjective(), train, val, pad_collate(pad_id or 0))
 

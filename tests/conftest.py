@@ -10,6 +10,23 @@ import pytest
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "tokenizer"
+# A multi-turn chat with a system prompt: what the chat template and the SFT masks are tested on.
+CONVERSATION = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is 12 + 7?"},
+    {"role": "assistant", "content": "12 + 7 = 19."},
+    {"role": "user", "content": "And if you add 3 more?"},
+    {"role": "assistant", "content": "19 + 3 = 22."},
+]
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The shipped tokenizer, loaded once."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(TOKENIZER))
 
 # Small, repetitive English: a tiny model's loss falls quickly and measurably on it.
 _WORDS = ("the king and the queen walk to the castle , where a knight waits by the gate . "

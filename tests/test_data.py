@@ -23,13 +23,6 @@ DOCS = ["To be, or not to be, that is the question:", "What is 12 + 7?\n12 + 7 =
         "Héllo wörld 🤖 — unicode survives.", "Now is the winter of our discontent\nMade glorious summer."] * 5
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(ROOT / "tokenizer"))
-
-
 def write_jsonl(path: Path, docs: list[str]) -> Path:
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     return path

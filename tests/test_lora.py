@@ -14,7 +14,7 @@ from model import Transformer
 from model.config import config_from_preset
 from model.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, count_parameters, load_adapter, lora_layers,
                         merge_lora, save_adapter)
-from test_sft import base_model, sft_args, sft_files, tok  # noqa: F401  (shared fixtures)
+from test_sft import base_model, sft_args, sft_files  # noqa: F401  (shared fixtures)
 from trainer.config import UsageError
 
 

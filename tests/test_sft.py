@@ -9,25 +9,10 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, read_metrics, train_losses
+from conftest import CONVERSATION, ROOT, TOKENIZER, read_metrics, train_losses
 from data import IGNORE_INDEX, DataError, SFTDataset, padding_fraction, pad_collate
 from trainer.sampler import ResumableBatchSampler
 
-TOKENIZER = ROOT / "tokenizer"
-CONVERSATION = [
-    {"role": "system", "content": "You are a helpful assistant."},
-    {"role": "user", "content": "What is 12 + 7?"},
-    {"role": "assistant", "content": "12 + 7 = 19."},
-    {"role": "user", "content": "And if you add 3 more?"},
-    {"role": "assistant", "content": "19 + 3 = 22."},
-]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(TOKENIZER))
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

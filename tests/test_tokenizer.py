@@ -9,6 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import CONVERSATION
+
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_DIR = ROOT / "tokenizer"
 
@@ -16,20 +18,6 @@ spec = importlib.util.spec_from_file_location("train_tokenizer", TOKENIZER_DIR /
 train_tokenizer = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(train_tokenizer)
 
-CONVERSATION = [
-    {"role": "system", "content": "You are a helpful assistant."},
-    {"role": "user", "content": "What is 12 + 7?"},
-    {"role": "assistant", "content": "12 + 7 = 19."},
-    {"role": "user", "content": "And if you add 3 more?"},
-    {"role": "assistant", "content": "19 + 3 = 22."},
-]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
 
 def test_special_token_ids(tok):
