@@ -159,7 +159,8 @@ def _json_object(line: str, path: Path, line_no: int, expected: str) -> dict:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        raise BadRecord(path, line_no, f"malformed JSON ({e.msg} at column {e.colno})", "malformed JSON") from None
+        reason = e.msg.removesuffix(" at")  # "Invalid control character at" would read "at at column"
+        raise BadRecord(path, line_no, f"malformed JSON ({reason} at column {e.colno})", "malformed JSON") from None
     except ValueError as e:  # e.g. an integer of more than 4300 digits
         raise BadRecord(path, line_no, f"malformed JSON ({e})", "malformed JSON") from None
     except RecursionError:
