@@ -403,3 +403,22 @@ def test_transformers_saved_moe_loads_back(tmp_path) -> None:
     loaded = Transformer.from_pretrained(tmp_path / "hf")
     x = ids()
     torch.testing.assert_close(logits_of(loaded, x), logits_of(model, x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_models_made_by_transformers_import_with_equal_logits(tmp_path, arch: str) -> None:
+    """The other direction: a random Llama / Qwen3 that transformers built and saved loads into ours."""
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    if arch == "llama":
+        config = transformers.LlamaConfig(**common)
+    else:
+        config = transformers.Qwen3Config(**common, head_dim=16)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    hf.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path).eval()
+    assert ours.config.qk_norm == (arch == "qwen3") and not ours.config.tie_word_embeddings
+    x = ids(2, 24)
+    torch.testing.assert_close(logits_of(ours, x), logits_of(hf, x), atol=1e-4, rtol=0)
