@@ -613,6 +613,39 @@ def sft_messages(row: dict, path: Path, line_no: int) -> tuple[list[dict[str, st
     raise fail(f"expected {SFT_FORMATS}; got keys {sorted(row)[:5]}", "unknown format")
 
 
+def render_chat(tokenizer, messages: list[dict[str, str]], path: Path, line_no: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of a conversation rendered with the chat template, and the mask of the assistant's tokens.
+
+    The template's {% generation %} blocks mark what the assistant says: its content and the closing
+    <|im_end|> (so the model learns to stop), never the role header "<|im_start|>assistant\n", nor
+    system/user turns. The one place SFT and DPO get their masks from."""
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids = np.asarray(out["input_ids"], dtype=np.int32)
+    mask = np.asarray(out["assistant_masks"], dtype=bool)
+    if not mask.any():
+        raise DataError(f"{path} line {line_no}: the chat template of {tokenizer.name_or_path} marks no "
+                        f"assistant tokens; it needs {{% generation %}} ... {{% endgeneration %}} around "
+                        f"assistant replies (see tokenizer/tokenizer_config.json)")
+    return ids, mask
+
+
+def last_reply_mask(mask: np.ndarray) -> np.ndarray:
+    """Only the last contiguous run of a render_chat mask: the final assistant reply (+ its <|im_end|>)."""
+    end = int(np.flatnonzero(mask)[-1]) + 1
+    before = np.flatnonzero(~mask[:end])
+    start = int(before[-1]) + 1 if before.size else 0
+    out = np.zeros_like(mask)
+    out[start:end] = True
+    return out
+
+
+def shifted_example(tokens: np.ndarray, trained: np.ndarray) -> dict[str, torch.Tensor]:
+    """{"input_ids": x_0..x_{n-1}, "labels": x_{t+1} where trained[t+1], else -100} (pre-shifted)."""
+    ids = torch.from_numpy(tokens.astype(np.int64))
+    labels = ids[1:].masked_fill(~torch.from_numpy(np.asarray(trained[1:], dtype=bool)), IGNORE_INDEX)
+    return {"input_ids": ids[:-1], "labels": labels}
+
+
 class SFTDataset(RowsDataset):
     """Conversations for supervised fine-tuning: one row each, loss on the assistant's tokens only.
 
@@ -642,14 +675,7 @@ class SFTDataset(RowsDataset):
         bad = BadRecords(skip=skip_bad_records)
         for line_no, (messages, fmt) in iter_jsonl_objects(self.path, SFT_FORMATS, sft_messages, bad):
             self.formats[fmt] += 1
-            out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                                return_assistant_tokens_mask=True)
-            ids = np.asarray(out["input_ids"], dtype=np.int32)
-            mask = np.asarray(out["assistant_masks"], dtype=bool)
-            if not mask.any():
-                raise DataError(f"{self.path} line {line_no}: the chat template of {tokenizer.name_or_path} marks no "
-                                f"assistant tokens; it needs {{% generation %}} ... {{% endgeneration %}} around "
-                                f"assistant replies (see tokenizer/tokenizer_config.json)")
+            ids, mask = render_chat(tokenizer, messages, self.path, line_no)
             if len(ids) > max_seq_len + 1:
                 ids, mask = ids[:max_seq_len + 1], mask[:max_seq_len + 1]
                 self.n_truncated += 1
@@ -679,9 +705,7 @@ class SFTDataset(RowsDataset):
         if self.rows is not None:
             i = int(self.rows[i])
         a, b = self.offsets[i], self.offsets[i + 1]
-        ids = torch.from_numpy(self.tokens[a:b].astype(np.int64))
-        labels = ids[1:].masked_fill(~torch.from_numpy(self.trained[a + 1:b]), IGNORE_INDEX)
-        return {"input_ids": ids[:-1], "labels": labels}
+        return shifted_example(self.tokens[a:b], self.trained[a:b])
 
     @property
     def n_trained_tokens(self) -> int:
@@ -696,6 +720,149 @@ class SFTDataset(RowsDataset):
                   if self.n_truncated_untrained else ""))
         return (f"{self.path}: {len(self.offsets) - 1:,} conversations ({fmts}), {len(self.tokens):,} tokens, "
                 f"{self.n_trained_tokens:,} trained (assistant); {cut}")
+
+
+# ----------------------------------------------------------------------------- DPO preference pairs
+
+DPO_FORMATS = ('{"chosen": [messages], "rejected": [messages]} (MiniMind) or {"prompt": str | [messages], '
+               '"chosen": str | [assistant message], "rejected": ...} (TRL)')
+
+
+def dpo_pair(row: dict, path: Path, line_no: int) -> tuple[list[dict[str, str]], list[dict[str, str]], str]:
+    """(chosen conversation, rejected conversation, format) of one DPO line; the format is detected per line.
+
+    MiniMind: two full conversations that end with an assistant reply and share everything before it.
+    TRL: a prompt (a string = one user message, or messages) and each side's completion (a string or a list
+    of assistant messages) appended to it. Both conversations go through sft_messages' checks.
+    """
+    def fail(detail: str, reason: str) -> BadRecord:
+        return BadRecord(path, line_no, detail, reason)
+
+    missing = [k for k in ("chosen", "rejected") if k not in row]
+    if missing and not ("prompt" in row or len(missing) == 1):
+        raise fail(f"expected {DPO_FORMATS}; got keys {sorted(row)[:5]}", "unknown format")
+    if missing:
+        raise fail(f"the pair has no '{missing[0]}' side", f"missing '{missing[0]}'")
+    fmt = "trl" if "prompt" in row else "minimind"
+    prompt: list = []
+    if fmt == "trl":
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if not isinstance(prompt, list) or not prompt:
+            raise fail("'prompt' must be a string or a non-empty list of messages", "bad 'prompt'")
+    sides = []
+    for side in ("chosen", "rejected"):
+        value = row[side]
+        if fmt == "trl" and isinstance(value, str):
+            value = [{"role": "assistant", "content": value}]
+        if not isinstance(value, list) or not value:
+            raise fail(f"'{side}' must be a non-empty list of {{\"role\", \"content\"}} messages"
+                       + (" or a string" if fmt == "trl" else ""), f"bad '{side}'")
+        try:
+            messages, _ = sft_messages({"conversations": prompt + value}, path, line_no)
+        except BadRecord as e:
+            raise fail(f"'{side}': {e.detail}", e.reason) from None
+        if messages[-1]["role"] != "assistant":
+            raise fail(f"the '{side}' conversation does not end with an assistant reply", "no final assistant reply")
+        sides.append(messages)
+    if sides[0][:-1] != sides[1][:-1]:
+        raise fail("'chosen' and 'rejected' differ before their final assistant reply; a pair shares its prompt",
+                   "different prompts")
+    return sides[0], sides[1], fmt
+
+
+class DPODataset(RowsDataset):
+    """Preference pairs for DPO: one row per pair, each side a conversation rendered with the chat template.
+
+    Labels (pre-shifted, as SFTDataset's) train only the FINAL assistant reply and its <|im_end|>: the
+    prompt, earlier turns and role headers are -100 (render_chat's mask cut to its last run). A side longer
+    than max_seq_len + 1 tokens is cut and the pair counted in `n_truncated`. `lengths` is the longer side of
+    each pair, for the sampler's length grouping. `ref_logps` ([pairs, 2]: chosen, rejected; NaN = not
+    computed), once set (set_ref_logps), travels with each item so the reference model need not run.
+    """
+
+    SIDES = ("chosen", "rejected")
+
+    def __init__(self, path: str | Path, tokenizer, max_seq_len: int, skip_bad_records: bool = False):
+        tokenizer = load_tokenizer(tokenizer)
+        self.path, self.max_seq_len = Path(path), max_seq_len
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: no such data file")
+        if not tokenizer.chat_template:
+            raise DataError(f"the tokenizer ({tokenizer.name_or_path}) has no chat_template; DPO needs one")
+        tokens: dict[str, list[np.ndarray]] = {s: [] for s in self.SIDES}
+        trained: dict[str, list[np.ndarray]] = {s: [] for s in self.SIDES}
+        self.formats = {"minimind": 0, "trl": 0}
+        self.n_truncated = self.n_truncated_untrained = 0
+        self.n_truncated_identical = 0  # cut before the sides differ: loss ln 2, no gradient, whatever the model
+        bad = BadRecords(skip=skip_bad_records)
+        for line_no, (chosen, rejected, fmt) in iter_jsonl_objects(self.path, DPO_FORMATS, dpo_pair, bad):
+            self.formats[fmt] += 1
+            cut = untrained = False
+            for side, messages in zip(self.SIDES, (chosen, rejected)):
+                ids, mask = render_chat(tokenizer, messages, self.path, line_no)
+                mask = last_reply_mask(mask)
+                if len(ids) > max_seq_len + 1:
+                    ids, mask = ids[:max_seq_len + 1], mask[:max_seq_len + 1]
+                    cut, untrained = True, untrained or not mask[1:].any()
+                tokens[side].append(ids)
+                trained[side].append(mask)
+            self.n_truncated += cut
+            self.n_truncated_untrained += untrained
+            self.n_truncated_identical += cut and np.array_equal(tokens["chosen"][-1], tokens["rejected"][-1])
+        if not tokens["chosen"]:
+            raise DataError(f"{self.path}: no preference pairs (expected one JSON object per line: {DPO_FORMATS})")
+        self.bad_skipped = bad.skipped(self.path)
+        self.bad_report = bad.report(self.path)
+        self.offsets = {s: np.cumsum([0] + [len(t) for t in tokens[s]]) for s in self.SIDES}
+        self.tokens = {s: np.concatenate(tokens[s]) for s in self.SIDES}
+        self.trained = {s: np.concatenate(trained[s]) for s in self.SIDES}
+        self.ref_logps: np.ndarray | None = None  # [all pairs, 2], shared by subset views
+        self.rows: np.ndarray | None = None
+
+    def _row(self, i: int) -> int:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return i if self.rows is None else int(self.rows[i])
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Input tokens of each pair's longer side (both sides are padded to one length in a batch)."""
+        lengths = torch.from_numpy(np.maximum(*(np.diff(self.offsets[s]) - 1 for s in self.SIDES)))
+        return lengths if self.rows is None else lengths[torch.from_numpy(self.rows)]
+
+    def __len__(self) -> int:
+        return len(self.offsets["chosen"]) - 1 if self.rows is None else len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        i = self._row(i)
+        item = {}
+        for s in self.SIDES:
+            a, b = self.offsets[s][i], self.offsets[s][i + 1]
+            for k, v in shifted_example(self.tokens[s][a:b], self.trained[s][a:b]).items():
+                item[f"{s}_{k}"] = v
+        if self.ref_logps is not None:
+            item["ref_logps"] = torch.from_numpy(self.ref_logps[i].copy())
+        return item
+
+    def set_ref_logps(self, values: torch.Tensor | np.ndarray) -> None:
+        """Reference log-probs [len(self), 2] of this view's pairs (chosen, rejected), in this view's order."""
+        values = np.asarray(values, dtype=np.float32).reshape(len(self), 2)
+        if self.ref_logps is None:
+            self.ref_logps = np.full((len(self.offsets["chosen"]) - 1, 2), np.nan, dtype=np.float32)
+        rows = np.arange(len(self)) if self.rows is None else self.rows
+        self.ref_logps[rows] = values  # in place: subset views of the same file share it
+
+    def summary(self) -> str:
+        fmts = ", ".join(f"{n:,} {k}" for k, n in self.formats.items() if n)
+        n_tok = sum(len(t) for t in self.tokens.values())
+        cut = (f"{self.n_truncated:,} truncated at max_seq_len {self.max_seq_len}"
+               + (f" ({self.n_truncated_untrained:,} of them with a side left without reply tokens)"
+                  if self.n_truncated_untrained else "")
+               + (f" ({self.n_truncated_identical:,} cut before the sides differ: they teach nothing; raise "
+                  f"--max_seq_len)" if self.n_truncated_identical else ""))
+        return f"{self.path}: {len(self.offsets['chosen']) - 1:,} preference pairs ({fmts}), {n_tok:,} tokens; {cut}"
 
 
 def padding_fraction(lengths: Sequence[int] | torch.Tensor, batches: Iterable[list[int]]) -> float:
@@ -739,6 +906,26 @@ def pad_collate(pad_id: int, pad_to_multiple_of: int | None = None
             out["input_ids"][i, :n] = torch.as_tensor(ex["input_ids"])
             out["labels"][i, :n] = torch.as_tensor(ex["labels"])
             out["attention_mask"][i, :n] = 1
+        return out
+
+    return fn
+
+
+def pair_collate(pad_id: int, pad_to_multiple_of: int | None = None
+                 ) -> Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
+    """Collator for DPODataset items: B pairs -> ONE right-padded batch of 2B rows, the B chosen sides first,
+    then the B rejected ones, all padded to one common length, so a single forward pass serves both sides.
+    Returns pad_collate's {"input_ids", "labels", "attention_mask"}, plus "ref_logps" [2B] when the items
+    carry precomputed reference log-probs (same row order)."""
+    pad = pad_collate(pad_id, pad_to_multiple_of)
+
+    def fn(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        rows = [{"input_ids": ex[f"{side}_input_ids"], "labels": ex[f"{side}_labels"]}
+                for side in DPODataset.SIDES for ex in batch]
+        out = pad(rows)
+        if "ref_logps" in batch[0]:
+            ref = torch.stack([ex["ref_logps"] for ex in batch]).float()  # [B, 2]
+            out["ref_logps"] = torch.cat([ref[:, 0], ref[:, 1]])
         return out
 
     return fn

@@ -7,6 +7,7 @@
   python train.py --mode pretrain --resume               # continue from out_dir's newest checkpoint
   python train.py --mode sft                             # chat fine-tuning of out/pretrain/final -> out/sft
   python train.py --mode lora --merge                    # a LoRA adapter on out/sft/final -> out/lora
+  python train.py --mode dpo                             # preference optimisation of out/sft/final -> out/dpo
 """
 from __future__ import annotations
 
@@ -23,16 +24,16 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from data import (DataError, PackedDataset, RowsDataset, SFTDataset, collate, pad_collate, pretrain_bin,
-                  split_train_val)
+from data import (DataError, DPODataset, PackedDataset, RowsDataset, SFTDataset, collate, pad_collate,
+                  pair_collate, pretrain_bin, split_train_val)
 from model import ModelConfig, Transformer
 from model.config import PRESETS, config_from_preset
 from model.lora import apply_lora, count_parameters, merge_lora, save_adapter
 from trainer.checkpoint import CheckpointError, latest_checkpoint
 from trainer.config import MODE_DEFAULTS, PREVIOUS_STAGE, TrainConfig, UsageError, add_dataclass_flags, take
-from trainer.distributed import DistEnv, barrier, destroy, init_distributed
+from trainer.distributed import DistEnv, barrier, destroy, init_distributed, resolve_dtype
 from trainer.loop import Trainer, TrainingError
-from trainer.objectives import CausalLMObjective
+from trainer.objectives import CausalLMObjective, DPOObjective, sequence_logps
 
 
 Export = Callable[[torch.nn.Module, Path, dict[str, Any]], None]
@@ -73,14 +74,21 @@ def build_pretrain(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env
     return Job(Transformer(model_cfg), CausalLMObjective(), train, val, collate)
 
 
-def load_init_model(cfg: TrainConfig, model_cfg: ModelConfig) -> Transformer:
-    """The --init_from weights in a model built from model_cfg (that folder's config, dropout etc. overridden)."""
+def load_init_model(cfg: TrainConfig, model_cfg: ModelConfig, path: str | None = None,
+                    flag: str = "--init_from") -> Transformer:
+    """The --init_from weights (or `path`'s) in a model built from model_cfg (that folder's config, dropout etc.
+    overridden)."""
+    path = path or cfg.init_from
     try:
-        saved = Transformer.from_pretrained(cfg.init_from)
+        saved = Transformer.from_pretrained(path)
     except (FileNotFoundError, ValueError) as e:  # already names the file and the problem
-        raise UsageError(f"--init_from: {e}") from None
+        raise UsageError(f"{flag}: {e}") from None
     model = Transformer(model_cfg)
-    model.load_state_dict(saved.state_dict())
+    try:
+        model.load_state_dict(saved.state_dict())
+    except RuntimeError as e:
+        raise UsageError(f"{flag} {path}: its architecture differs from --init_from {cfg.init_from}'s: "
+                         f"{str(e).splitlines()[0]}") from None
     return model
 
 
@@ -121,8 +129,53 @@ def build_lora(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env: Di
     return job
 
 
+def build_dpo(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env: DistEnv) -> Job:
+    """The --init_from model trained on preference pairs against a frozen reference (--ref_model_path, default
+    the --init_from model itself). Each batch holds both sides of its pairs (pair_collate); with
+    --precompute_ref_logps the reference scores every pair once here and is freed."""
+
+    def pairs(path: str) -> DPODataset:
+        data = DPODataset(path, tokenizer, model_cfg.max_seq_len, skip_bad_records=cfg.skip_bad_records)
+        if env.is_main:
+            if data.bad_report:
+                print(data.bad_report, file=sys.stderr)
+            print(data.summary(), file=sys.stderr)
+        return data
+
+    train, val = train_and_val(cfg, pairs)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collate_fn = pair_collate(pad_id or 0)
+    ref_path = cfg.ref_model_path or cfg.init_from
+    ref = load_init_model(cfg, model_cfg, ref_path, "--ref_model_path").to(env.device).eval().requires_grad_(False)
+    if cfg.precompute_ref_logps:
+        for data in (train, val):
+            precompute_ref_logps(ref, data, collate_fn, cfg, env)
+        ref = None  # the objective reads batch["ref_logps"]; the reference's memory goes back
+    return Job(load_init_model(cfg, model_cfg), DPOObjective(ref, cfg.dpo_beta, cfg.dpo_label_smoothing, cfg.dpo_loss),
+               train, val, collate_fn)
+
+
+@torch.no_grad()
+def precompute_ref_logps(ref: torch.nn.Module, data: DPODataset, collate_fn: Callable, cfg: TrainConfig,
+                         env: DistEnv) -> None:
+    """The reference's summed log-probs of both sides of every pair of `data`, under the run's autocast, stored
+    on the dataset (items then carry "ref_logps"). Every rank scores every pair: simple, fine for datasets that
+    take seconds; a large one would shard this and all-gather."""
+    dtype = resolve_dtype(cfg.dtype, env.device)
+    autocast = torch.autocast(env.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    out = []
+    for start in range(0, len(data), cfg.batch_size):
+        batch = collate_fn([data[i] for i in range(start, min(start + cfg.batch_size, len(data)))])
+        batch = {k: v.to(env.device) for k, v in batch.items() if k != "ref_logps"}
+        with autocast:
+            logps = sequence_logps(ref, batch)[0].float().cpu()
+        n = len(logps) // 2
+        out.append(torch.stack([logps[:n], logps[n:]], dim=1))
+    data.set_ref_logps(torch.cat(out))
+
+
 BUILDERS: dict[str, Callable[[TrainConfig, ModelConfig, Any, DistEnv], Job]] = {
-    "pretrain": build_pretrain, "sft": build_sft, "lora": build_lora}
+    "pretrain": build_pretrain, "sft": build_sft, "lora": build_lora, "dpo": build_dpo}
 # Integer flags where a negative value means nothing: flag -> what 0 means (for the message).
 NON_NEGATIVE_FLAGS = {"eval_iters": "the whole validation set", "eval_interval": "only at the end",
                       "save_interval_steps": "only at the end", "keep_checkpoint_max": "keep all",
@@ -163,6 +216,8 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, ModelConfig, Any]
     if cfg.mode == "lora" and not (cfg.lora_rank >= 1 and cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1):
         parser.error(f"--lora_rank {cfg.lora_rank}, --lora_alpha {cfg.lora_alpha:g}, --lora_dropout "
                      f"{cfg.lora_dropout:g}: need rank >= 1, alpha > 0 and 0 <= dropout < 1")
+    if cfg.mode == "dpo":
+        check_dpo_flags(parser, cfg)
     for flag in ("data_path", "val_data_path", "tokenizer_path"):
         path = getattr(cfg, flag)
         if path and not Path(path).exists():
@@ -222,6 +277,17 @@ def check_init_from(parser: argparse.ArgumentParser, cfg: TrainConfig) -> None:
         if not (init / "tokenizer_config.json").is_file():
             parser.error(f"--init_from {cfg.init_from} has no tokenizer files; pass --tokenizer_path")
         cfg.tokenizer_path = cfg.init_from
+
+
+def check_dpo_flags(parser: argparse.ArgumentParser, cfg: TrainConfig) -> None:
+    if not cfg.dpo_beta > 0:
+        parser.error(f"--dpo_beta {cfg.dpo_beta:g}: must be > 0")
+    if not 0 <= cfg.dpo_label_smoothing < 0.5:
+        parser.error(f"--dpo_label_smoothing {cfg.dpo_label_smoothing:g}: must be in [0, 0.5)")
+    if cfg.dpo_label_smoothing and cfg.dpo_loss != "sigmoid":
+        parser.error(f"--dpo_label_smoothing is for --dpo_loss sigmoid, not {cfg.dpo_loss}")
+    if cfg.ref_model_path and not (Path(cfg.ref_model_path) / "config.json").is_file():
+        parser.error(f"--ref_model_path {cfg.ref_model_path}: no model there (config.json + model.safetensors)")
 
 
 def finetune_model_config(parser: argparse.ArgumentParser, cfg: TrainConfig,

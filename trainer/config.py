@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-MODES = ("pretrain", "sft", "lora")
+MODES = ("pretrain", "sft", "lora", "dpo")
 
 # Defaults that differ by mode; a flag given on the command line always wins.
 # Fine-tuning modes start from the previous stage's final/ (the pipeline pretrain -> sft -> lora); their
@@ -27,9 +27,14 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora": {**_FINETUNE, "out_dir": "out/lora", "data_path": "dataset/sft.jsonl",
              "val_data_path": "dataset/sft_val.jsonl", "init_from": "out/sft/final", "learning_rate": 2e-3,
              "epochs": 1},
+    # DPO moves a model that already chats; a tiny LR (5e-7..5e-6 for billion-parameter models) keeps it
+    # close to the reference. The shipped 6M-parameter models tolerate more.
+    "dpo": {**_FINETUNE, "out_dir": "out/dpo", "data_path": "dataset/dpo.jsonl",
+            "val_data_path": "dataset/dpo_val.jsonl", "init_from": "out/sft/final", "learning_rate": 5e-5,
+            "epochs": 1, "eval_interval": 50},
 }
 # The stage whose output a mode's default --init_from is (for the "run it first" message).
-PREVIOUS_STAGE = {"sft": "pretrain", "lora": "sft"}
+PREVIOUS_STAGE = {"sft": "pretrain", "lora": "sft", "dpo": "sft"}
 
 
 class UsageError(ValueError):
@@ -57,7 +62,7 @@ class TrainConfig:
                              "--init_from folder's.")
     preset: str = _f("small", "Model size preset; model flags below override single fields of it (pretrain only: "
                      "sft/lora take the architecture from --init_from).")
-    init_from: str = _f("", "Model folder to start from (sft: out/pretrain/final, lora: out/sft/final); its "
+    init_from: str = _f("", "Model folder to start from (sft: out/pretrain/final, lora and dpo: out/sft/final); its "
                         "config.json fixes the architecture (only --dropout, --flash_attn, --aux_loss_alpha and "
                         "--max_seq_len, the conversation truncation length, may be changed).")
     epochs: int = _f(1, "Passes over the training data (ignored when --max_steps > 0).")
@@ -97,6 +102,15 @@ class TrainConfig:
     lora_target_modules: str = _f("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                                   "Comma-separated linear layers that get LoRA (lora mode; default: all attention "
                                   "and MLP projections).")
+    dpo_beta: float = _f(0.1, "DPO beta: strength of the pull towards the reference model (higher = stay closer); "
+                         "IPO: the target log-ratio margin is 1 / (2 beta) (dpo mode).")
+    dpo_label_smoothing: float = _f(0.0, "Assumed share of flipped preference labels, in [0, 0.5) (conservative "
+                                    "DPO; sigmoid loss only; dpo mode).")
+    dpo_loss: str = _f("sigmoid", "Preference loss: sigmoid (DPO) or ipo (dpo mode).", choices=("sigmoid", "ipo"))
+    ref_model_path: str = _f("", "Frozen reference model folder for DPO; empty = the --init_from folder (dpo mode).")
+    precompute_ref_logps: bool = _f(False, "Compute the reference model's log-probs of every train/val pair once "
+                                    "up front and free it: less memory and one forward per step instead of two "
+                                    "(dpo mode).")
     merge: bool = _f(False, "lora mode: also export the adapter merged into the base, a full model, to "
                      "best/merged/ and final/merged/.")
 

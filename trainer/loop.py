@@ -164,25 +164,35 @@ class Trainer:
                 **{k: v / len(micro_batches) for k, v in extra.items()}}
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean validation loss per item over this run's validation rows (all ranks together)."""
+    def evaluate(self) -> tuple[float, dict[str, float]]:
+        """(mean validation loss per item, mean of the objective's eval_metrics) over this run's
+        validation rows, all ranks together.
+
+        `eval_metrics` names the metrics an objective returns as batch means (e.g. DPO's reward accuracy);
+        they are weighted by each batch's items. The names come from the objective, not from the batches
+        seen, so every rank all-reduces the same tensor even when one rank has no validation batch."""
         if self.val_data is None:
-            return math.nan
+            return math.nan, {}
         model, env = self.raw_model, self.env
+        names = tuple(getattr(self.objective, "eval_metrics", ()))
         model.eval()
         sampler = ResumableBatchSampler(len(self.val_data), self.cfg.batch_size, env.rank, env.world_size,
                                         shuffle=False, drop_last=False)
-        totals = torch.zeros(2, device=env.device, dtype=torch.float64)
+        # [loss sum, items, metric_1 * items, ...]
+        totals = torch.zeros(2 + len(names), device=env.device, dtype=torch.float64)
         for i, batch in enumerate(self._loader(sampler, self.val_data)):
             if self.cfg.eval_iters and i >= self.cfg.eval_iters:
                 break
             batch = self._to_device(batch)
             with self.autocast:
-                loss, _ = self.objective(model, batch)
-            totals += torch.stack([loss.double(), torch.tensor(self.objective.num_items(batch), device=env.device)])
+                loss, metrics = self.objective(model, batch)
+            n = self.objective.num_items(batch)
+            totals += torch.stack([loss.double(), torch.tensor(n, device=env.device, dtype=torch.float64),
+                                   *(torch.as_tensor(metrics[k], device=env.device).double() * n for k in names)])
         all_reduce_sum(totals)
         model.train()
-        return (totals[0] / totals[1].clamp(min=1)).item()
+        items = totals[1].clamp(min=1)
+        return (totals[0] / items).item(), {k: (totals[2 + j] / items).item() for j, k in enumerate(names)}
 
     # ----------------------------------------------------------------------------- state
     def _trainer_state(self) -> dict[str, Any]:
@@ -281,11 +291,12 @@ class Trainer:
                 self.save_checkpoint()  # before evaluation: a crash there must not lose it
                 paused = True
             if done or (cfg.eval_interval and s.step % cfg.eval_interval == 0):
-                val_loss = self.evaluate()
+                val_loss, val_metrics = self.evaluate()
                 improved = val_loss < s.best_val_loss
                 if improved:
                     s.best_val_loss = val_loss
-                log.log(s.step, {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+                log.log(s.step, {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+                                 **{f"val_{k}": v for k, v in val_metrics.items()}})
                 log.message(f"step {s.step}: val_loss {val_loss:.4f}  ppl {math.exp(min(val_loss, 50)):.2f}"
                             + ("  (best)" if improved else ""))
                 if improved and self.val_data is not None:

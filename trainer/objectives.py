@@ -35,3 +35,91 @@ class CausalLMObjective:
         # the loop's division by the step's item count average it over micro-batches.
         loss_sum = ce_sum + out.aux_loss * n
         return loss_sum, {"aux_loss": out.aux_loss.detach()}
+
+
+def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                   chunk_rows: int = 4) -> tuple[torch.Tensor, object]:
+    """Log-probability of each row's labelled tokens, SUMMED over those tokens (not averaged, and padding
+    or the prompt, labelled -100, adds nothing): [rows]. Also returns the model output (for aux_loss).
+
+    The log-softmax runs in fp32 a few rows at a time (cross_entropy(reduction='none') negated), so no
+    fp32 copy of the whole [rows, T, vocab] logits is made at once (PITFALLS: the usual DPO OOM).
+    """
+    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    labels = batch["labels"]
+    sums = []
+    for i in range(0, labels.shape[0], chunk_rows):
+        lab = labels[i:i + chunk_rows]
+        token_logps = -F.cross_entropy(out.logits[i:i + chunk_rows].float().flatten(0, 1), lab.flatten(),
+                                       ignore_index=IGNORE_INDEX, reduction="none")  # 0 at ignored positions
+        sums.append(token_logps.view_as(lab).sum(-1))
+    return torch.cat(sums), out
+
+
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0,
+             loss_type: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair preference losses from summed sequence log-probs, and the implicit rewards
+    beta * (log pi - log pi_ref) of the chosen and rejected sides.
+
+    h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))
+    sigmoid (DPO, Rafailov et al. 2023; with label_smoothing = conservative DPO / cDPO):
+        loss = -(1 - ls) * log sigmoid(beta * h) - ls * log sigmoid(-beta * h)
+    ipo (Azar et al. 2023, eq. 17): loss = (h - 1 / (2 * beta))^2 on the UNSCALED log-ratio difference h, as in
+        the paper and in TRL. (TRL additionally divides each side's log-prob by its token count for IPO; here
+        h uses the same summed log-probs as DPO.)
+    """
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if loss_type == "sigmoid":
+        logits = beta * h
+        losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss_type!r}; expected one of {', '.join(DPO_LOSSES)}")
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+class DPOObjective:
+    """Direct preference optimisation on pair_collate batches (B chosen rows, then B rejected rows).
+
+    One item = one pair. The reference log-probs come from batch["ref_logps"] when precomputed, else from
+    `ref_model`, frozen, run under no_grad in eval mode (and under the caller's autocast, like the policy).
+    """
+
+    eval_metrics = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy")
+
+    def __init__(self, ref_model: torch.nn.Module | None, beta: float, label_smoothing: float = 0.0,
+                 loss_type: str = "sigmoid") -> None:
+        if loss_type not in DPO_LOSSES:
+            raise ValueError(f"unknown DPO loss {loss_type!r}; expected one of {', '.join(DPO_LOSSES)}")
+        self.ref_model, self.beta, self.label_smoothing, self.loss_type = ref_model, beta, label_smoothing, loss_type
+
+    def num_items(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "ref_logps" in batch:
+            return batch["ref_logps"].float()
+        if self.ref_model is None:
+            raise ValueError("DPOObjective: no reference model and the batch carries no precomputed 'ref_logps'")
+        self.ref_model.eval()
+        with torch.no_grad():
+            return sequence_logps(self.ref_model, batch)[0]
+
+    def __call__(self, model: torch.nn.Module,
+                 batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        n = self.num_items(batch)
+        policy, out = sequence_logps(model, batch)
+        ref = self.reference_logps(batch)
+        losses, chosen, rejected = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], self.beta,
+                                            self.label_smoothing, self.loss_type)
+        margin = chosen - rejected
+        metrics = {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+                   "rewards/margin": margin.mean(), "rewards/accuracy": (margin > 0).float().mean()}
+        return losses.sum() + out.aux_loss * n, metrics
