@@ -92,22 +92,34 @@ def load_init_model(cfg: TrainConfig, model_cfg: ModelConfig, path: str | None =
     return model
 
 
-def build_sft(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env: DistEnv) -> Job:
-    """The --init_from model on chat/Alpaca conversations: loss on the assistant's tokens only, batches of
-    similar-length conversations (the sampler groups by SFTDataset.lengths), right-padded."""
+def read_chat_data(dataset_cls: type[RowsDataset], cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any,
+                   env: DistEnv) -> tuple[RowsDataset, RowsDataset]:
+    """Train and validation chat data (SFT conversations or DPO pairs), tokenized up front on every rank
+    (seconds for the shipped files); rank 0 reports skipped records and a summary."""
 
-    def conversations(path: str) -> SFTDataset:
-        # each rank: the same rows, seconds for 8k chats
-        data = SFTDataset(path, tokenizer, model_cfg.max_seq_len, skip_bad_records=cfg.skip_bad_records)
+    def read(path: str) -> RowsDataset:
+        data = dataset_cls(path, tokenizer, model_cfg.max_seq_len, skip_bad_records=cfg.skip_bad_records)
         if env.is_main:
             if data.bad_report:
                 print(data.bad_report, file=sys.stderr)
             print(data.summary(), file=sys.stderr)
         return data
 
-    train, val = train_and_val(cfg, conversations)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Job(load_init_model(cfg, model_cfg), CausalLMObjective(), train, val, pad_collate(pad_id or 0))
+    return train_and_val(cfg, read)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The padding id: the tokenizer's pad token, else its eos (padding is masked out either way)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad or 0
+
+
+def build_sft(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env: DistEnv) -> Job:
+    """The --init_from model on chat/Alpaca conversations: loss on the assistant's tokens only, batches of
+    similar-length conversations (the sampler groups by SFTDataset.lengths), right-padded."""
+
+    train, val = read_chat_data(SFTDataset, cfg, model_cfg, tokenizer, env)
+    return Job(load_init_model(cfg, model_cfg), CausalLMObjective(), train, val, pad_collate(pad_id(tokenizer)))
 
 
 def build_lora(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env: DistEnv) -> Job:
@@ -134,17 +146,8 @@ def build_dpo(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env: Dis
     the --init_from model itself). Each batch holds both sides of its pairs (pair_collate); with
     --precompute_ref_logps the reference scores every pair once here and is freed."""
 
-    def pairs(path: str) -> DPODataset:
-        data = DPODataset(path, tokenizer, model_cfg.max_seq_len, skip_bad_records=cfg.skip_bad_records)
-        if env.is_main:
-            if data.bad_report:
-                print(data.bad_report, file=sys.stderr)
-            print(data.summary(), file=sys.stderr)
-        return data
-
-    train, val = train_and_val(cfg, pairs)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collate_fn = pair_collate(pad_id or 0)
+    train, val = read_chat_data(DPODataset, cfg, model_cfg, tokenizer, env)
+    collate_fn = pair_collate(pad_id(tokenizer))
     ref_path = cfg.ref_model_path or cfg.init_from
     ref = load_init_model(cfg, model_cfg, ref_path, "--ref_model_path").to(env.device).eval().requires_grad_(False)
     if cfg.precompute_ref_logps:
