@@ -646,6 +646,16 @@ def shifted_example(tokens: np.ndarray, trained: np.ndarray) -> dict[str, torch.
     return {"input_ids": ids[:-1], "labels": labels}
 
 
+def chat_tokenizer(tokenizer, path: str | Path, mode: str):
+    """The tokenizer for a chat data file, after checking the file exists and the tokenizer can render chats."""
+    tokenizer = load_tokenizer(tokenizer)
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such data file")
+    if not tokenizer.chat_template:
+        raise DataError(f"the tokenizer ({tokenizer.name_or_path}) has no chat_template; {mode} needs one")
+    return tokenizer
+
+
 class SFTDataset(RowsDataset):
     """Conversations for supervised fine-tuning: one row each, loss on the assistant's tokens only.
 
@@ -662,12 +672,8 @@ class SFTDataset(RowsDataset):
     """
 
     def __init__(self, path: str | Path, tokenizer, max_seq_len: int, skip_bad_records: bool = False):
-        tokenizer = load_tokenizer(tokenizer)
+        tokenizer = chat_tokenizer(tokenizer, path, "SFT")
         self.path, self.max_seq_len = Path(path), max_seq_len
-        if not self.path.is_file():
-            raise DataError(f"{self.path}: no such data file")
-        if not tokenizer.chat_template:
-            raise DataError(f"the tokenizer ({tokenizer.name_or_path}) has no chat_template; SFT needs one")
         tokens: list[np.ndarray] = []
         trained: list[np.ndarray] = []
         self.formats = {"chat": 0, "alpaca": 0}
@@ -785,12 +791,8 @@ class DPODataset(RowsDataset):
     SIDES = ("chosen", "rejected")
 
     def __init__(self, path: str | Path, tokenizer, max_seq_len: int, skip_bad_records: bool = False):
-        tokenizer = load_tokenizer(tokenizer)
+        tokenizer = chat_tokenizer(tokenizer, path, "DPO")
         self.path, self.max_seq_len = Path(path), max_seq_len
-        if not self.path.is_file():
-            raise DataError(f"{self.path}: no such data file")
-        if not tokenizer.chat_template:
-            raise DataError(f"the tokenizer ({tokenizer.name_or_path}) has no chat_template; DPO needs one")
         tokens: dict[str, list[np.ndarray]] = {s: [] for s in self.SIDES}
         trained: dict[str, list[np.ndarray]] = {s: [] for s in self.SIDES}
         self.formats = {"minimind": 0, "trl": 0}
