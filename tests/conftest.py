@@ -67,3 +67,33 @@ def read_metrics(out_dir: Path) -> list[dict]:
 def train_losses(out_dir: Path) -> dict[int, float]:
     """step -> training loss, from the run's metrics.jsonl (later records win, as after a resume)."""
     return {r["step"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory, tok) -> Path:
+    """A tiny randomly initialised model folder (weights, config, tokenizer) to fine-tune from."""
+    import torch
+
+    from model import Transformer
+    from model.config import config_from_preset
+
+    folder = tmp_path_factory.mktemp("base") / "final"
+    torch.manual_seed(0)
+    Transformer(config_from_preset("tiny", vocab_size=len(tok), max_seq_len=64)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def check_resume_is_exact(args_for, tmp_path: Path, total: int, split: int, *common: str) -> None:
+    """`total` steps straight vs `split` steps + --resume to `total`: the losses after the resume must be equal
+    (same data, same dropout masks, same optimizer state). `args_for(out_dir, *extra)` gives train.py's argv."""
+    import train
+
+    straight, resumed = tmp_path / "straight", tmp_path / "split"
+    train.main(args_for(straight, "--max_steps", str(total), *common))
+    train.main(args_for(resumed, "--max_steps", str(split), *common))
+    train.main(args_for(resumed, "--max_steps", str(total), "--resume", *common))
+    a, b = train_losses(straight), train_losses(resumed)
+    assert sorted(b) == list(range(1, total + 1))
+    for step in range(split + 1, total + 1):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), step

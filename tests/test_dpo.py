@@ -40,19 +40,6 @@ def dpo_files(tmp_path_factory) -> dict[str, Path]:
     return {"train": write_jsonl(folder / "train.jsonl", rows[:64]), "val": write_jsonl(folder / "val.jsonl", val)}
 
 
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory, tok) -> Path:
-    """A tiny random 'SFT' model folder (weights, config, tokenizer)."""
-    from model import Transformer
-    from model.config import config_from_preset
-
-    folder = tmp_path_factory.mktemp("sft") / "final"
-    torch.manual_seed(0)
-    Transformer(config_from_preset("tiny", vocab_size=len(tok), max_seq_len=64)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def dpo_args(files: dict[str, Path], base: Path, out: Path, *extra: str) -> list[str]:
     return ["--mode", "dpo", "--init_from", str(base), "--data_path", str(files["train"]),
             "--val_data_path", str(files["val"]), "--out_dir", str(out), "--batch_size", "8", "--log_interval", "1",

@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import train_losses
+from conftest import check_resume_is_exact, train_losses
 from model import Transformer
 from model.config import config_from_preset
 from model.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, count_parameters, load_adapter, lora_layers,
                         merge_lora, save_adapter)
-from test_sft import base_model, sft_args, sft_files  # noqa: F401  (shared fixtures)
+from test_sft import sft_args, sft_files  # noqa: F401  (shared fixtures)
 from trainer.config import UsageError
 
 
@@ -160,16 +160,10 @@ def test_peft_loads_our_adapter_onto_the_transformers_base(lora_run, base_model)
         torch.testing.assert_close(merged_hf(ids).logits, ours(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_lora_resume_continues_with_identical_losses(sft_files, base_model, tmp_path):  # noqa: F811
-    common = ("--lr_decay_iters", "6", "--eval_interval", "0", "--lora_dropout", "0.1", "--save_interval_steps", "3",
-              "--no-save_last", "--learning_rate", "1e-2")
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    train.main(lora_args(sft_files, base_model, straight, "--max_steps", "6", *common))
-    train.main(lora_args(sft_files, base_model, split, "--max_steps", "3", *common))
-    train.main(lora_args(sft_files, base_model, split, "--max_steps", "6", "--resume", *common))
-    a, b = train_losses(straight), train_losses(split)
-    for step in range(4, 7):
-        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), step
+def test_lora_resume_continues_with_identical_losses(sft_files, base_model, tmp_path):
+    check_resume_is_exact(lambda out, *extra: lora_args(sft_files, base_model, out, *extra), tmp_path, 6, 3,
+                          "--lr_decay_iters", "6", "--eval_interval", "0", "--lora_dropout", "0.1", "--save_interval_steps",
+                          "3", "--no-save_last", "--learning_rate", "1e-2")
 
 
 def test_lora_user_errors(sft_files, base_model, lora_run, tmp_path, capsys):  # noqa: F811

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from conftest import CONVERSATION, ROOT, TOKENIZER, read_metrics, train_losses
+from conftest import CONVERSATION, ROOT, TOKENIZER, check_resume_is_exact, read_metrics, train_losses
 from data import IGNORE_INDEX, DataError, SFTDataset, padding_fraction, pad_collate
 from trainer.sampler import ResumableBatchSampler
 
@@ -28,19 +28,6 @@ def sft_files(tmp_path_factory) -> dict[str, Path]:
     alpaca = (ROOT / "dataset" / "sft_alpaca.jsonl").read_text().splitlines()[:40]
     val = (ROOT / "dataset" / "sft_val.jsonl").read_text().splitlines()[:32]
     return {"train": write_jsonl(folder / "train.jsonl", chats + alpaca), "val": write_jsonl(folder / "val.jsonl", val)}
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory, tok) -> Path:
-    """A tiny randomly initialised 'pretrained' model folder (weights, config, tokenizer)."""
-    from model import Transformer
-    from model.config import config_from_preset
-
-    folder = tmp_path_factory.mktemp("base") / "final"
-    torch.manual_seed(0)
-    Transformer(config_from_preset("tiny", vocab_size=len(tok), max_seq_len=64)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def sft_args(files: dict[str, Path], base: Path, out: Path, *extra: str) -> list[str]:
@@ -210,15 +197,9 @@ def test_sft_accumulation_matches_a_bigger_batch(sft_files, base_model, tmp_path
 
 
 def test_sft_resume_continues_with_identical_losses(sft_files, base_model, tmp_path):
-    common = ("--lr_decay_iters", "8", "--eval_interval", "0", "--dropout", "0.1", "--save_interval_steps", "4",
-              "--no-save_last")
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    train.main(sft_args(sft_files, base_model, straight, "--max_steps", "8", *common))
-    train.main(sft_args(sft_files, base_model, split, "--max_steps", "4", *common))
-    train.main(sft_args(sft_files, base_model, split, "--max_steps", "8", "--resume", *common))
-    a, b = train_losses(straight), train_losses(split)
-    for step in range(5, 9):
-        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), step
+    check_resume_is_exact(lambda out, *extra: sft_args(sft_files, base_model, out, *extra), tmp_path, 8, 4,
+                          "--lr_decay_iters", "8", "--eval_interval", "0", "--dropout", "0.1", "--save_interval_steps", "4",
+                          "--no-save_last")
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, read_metrics, train_args, train_losses
+from conftest import ROOT, check_resume_is_exact, read_metrics, train_args, train_losses
 from data import DataError
 from trainer import checkpoint as ckpt
 from trainer.config import UsageError
@@ -121,15 +121,8 @@ def test_checkpoints_rotate_and_ignore_incomplete(corpus, tmp_path):
 
 
 def test_resume_continues_with_identical_losses(corpus, tmp_path):
-    common = ("--lr_decay_iters", "10", "--eval_interval", "0", "--dropout", "0.1", "--save_interval_steps", "5")
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    train.main(train_args(corpus, straight, "--max_steps", "10", *common))
-    train.main(train_args(corpus, split, "--max_steps", "5", *common))
-    train.main(train_args(corpus, split, "--max_steps", "10", "--resume", *common))
-    a, b = train_losses(straight), train_losses(split)
-    assert sorted(b) == list(range(1, 11))
-    for step in range(6, 11):  # after the resume: same data, same dropout masks, same optimizer state
-        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), step
+    check_resume_is_exact(lambda out, *extra: train_args(corpus, out, *extra), tmp_path, 10, 5,
+                          "--lr_decay_iters", "10", "--eval_interval", "0", "--dropout", "0.1", "--save_interval_steps", "5")
 
 
 def test_accumulation_matches_a_bigger_batch(corpus, tmp_path):
