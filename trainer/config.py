@@ -80,8 +80,11 @@ class TrainConfig:
     max_bad_steps: int = _f(10, "Stop (with a checkpoint from before) after this many consecutive steps with a "
                             "NaN/inf loss or gradient, each of which is skipped; 0 = never stop.")
     device: str = _f("auto", "cpu, cuda, cuda:N, or auto (CUDA when available).")
-    dtype: str = _f("auto", "Autocast dtype: auto = bfloat16 on GPUs that support it, else float32.",
+    dtype: str = _f("auto", "Autocast dtype: auto = bfloat16 where the hardware has native bf16 (recent GPUs, CPUs "
+                    "with AVX512-BF16/AMX), else float32.",
                     choices=("auto", "float32", "bfloat16", "float16"))
+    peak_tflops: float = _f(0.0, "Peak TFLOP/s that the logged MFU is relative to; 0 = the datasheet figure of a "
+                            "known GPU for --dtype, else a matmul measured at startup.")
     seed: int = _f(1337, "Seed for initialisation, data order and dropout.")
     num_workers: int = _f(0, "DataLoader worker processes.")
     log_interval: int = _f(10, "Steps between logged training metrics.")

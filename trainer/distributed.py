@@ -35,13 +35,32 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' means bfloat16 on GPUs that support it, else float32.
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU has bf16 matrix instructions (x86 AVX512-BF16 or AMX-BF16, Arm BF16).
 
-    Not bfloat16 on CPU: CPUs without native bf16 instructions run it many times slower than fp32.
+    On those, oneDNN runs bf16 matmuls several times faster than fp32 (here a 2048^2 matmul: ~1,000 vs
+    ~170 GFLOP/s on 2 cores); without them bf16 is emulated and many times slower than fp32. torch.cpu's
+    probes (torch >= 2.3) answer for x86; /proc/cpuinfo's flags answer elsewhere (Linux).
     """
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(probe is not None and probe() for probe in probes):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})  # "bf16": Arm's Features line
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' means bfloat16 where the hardware runs it natively (GPUs that support it, CPUs with
+    cpu_has_native_bf16()), else float32."""
     if name == "auto":
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        if device.type == "cuda":
+            bf16_ok = torch.cuda.is_bf16_supported()
+        else:
+            bf16_ok = device.type == "cpu" and cpu_has_native_bf16()
         return torch.bfloat16 if bf16_ok else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 

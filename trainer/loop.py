@@ -29,6 +29,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, UsageError
 from trainer.interrupt import StopOnSignal
 from trainer.distributed import DistEnv, all_reduce_sum, barrier, resolve_dtype
+from trainer.flops import peak_flops
 from trainer.logger import MetricsLogger
 from trainer.sampler import ResumableBatchSampler
 from trainer.schedule import build_scheduler
@@ -49,7 +50,7 @@ class TrainState:
     step: int = 0                # optimizer steps completed
     epoch: int = 0
     epoch_offset: int = 0        # rows of `epoch` consumed by all ranks together
-    tokens_seen: int = 0
+    tokens_seen: int = 0         # real (non-padding) input tokens, all ranks
     best_val_loss: float = math.inf
     skipped_steps: int = 0       # steps skipped for a non-finite gradient
 
@@ -61,6 +62,12 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type == "cuda")
+
+
+def real_tokens(batch: Batch) -> int:
+    """Input tokens that are not padding: attention_mask's ones when the batch is padded, else every one."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 class Trainer:
@@ -81,6 +88,10 @@ class Trainer:
         # Loss scaling is only needed for fp16's narrow exponent range; bf16 has fp32's range.
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.dtype == torch.float16)
         self.optimizer = build_optimizer(self.raw_model, cfg, env.device)
+        # MFU = model FLOPs per second / peak (trainer/flops.py); None for a model that cannot count its FLOPs.
+        self.flops_per_token = getattr(self.raw_model, "estimate_flops_per_token", None)
+        self.peak_flops = peak_flops(env.device, self.dtype, cfg.peak_tflops) if self.flops_per_token else None
+        self.step_flops = 0.0  # model FLOPs since the last log, this rank
 
         rows_per_step = cfg.batch_size * env.world_size
         if len(train_data) < rows_per_step:
@@ -124,8 +135,16 @@ class Trainer:
     # ----------------------------------------------------------------------------- steps
     def _train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
         env = self.env
-        n_items = torch.tensor(float(sum(self.objective.num_items(b) for b in micro_batches)), device=env.device)
-        all_reduce_sum(n_items)
+        # One collective for the step's item count (the loss normaliser) and its real tokens (for tokens/s):
+        # padding of SFT/DPO batches is not counted as work done.
+        tokens = [real_tokens(b) for b in micro_batches]
+        counts = torch.tensor([float(sum(self.objective.num_items(b) for b in micro_batches)), float(sum(tokens))],
+                              device=env.device)
+        all_reduce_sum(counts)
+        n_items = counts[0]
+        self.state.tokens_seen += int(counts[1])
+        if self.flops_per_token:
+            self.step_flops += sum(n * self.flops_per_token(b["input_ids"].shape[1]) for n, b in zip(tokens, micro_batches))
         # DDP averages gradients over ranks, so multiplying by world_size turns that average into
         # the sum; dividing by the step's total items makes it the mean over every item of the step.
         scale = env.world_size / n_items.clamp(min=1)
@@ -143,7 +162,6 @@ class Trainer:
             loss_sum += loss.detach()
             for k, v in metrics.items():  # objective metrics, averaged over micro-batches below
                 extra[k] = extra.get(k, 0.0) + float(v)
-            self.state.tokens_seen += batch["input_ids"].numel() * env.world_size
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
@@ -259,6 +277,7 @@ class Trainer:
         stream = self._train_batches()
         val_loss = math.nan
         t_last, tokens_last = time.perf_counter(), s.tokens_seen
+        self.step_flops = 0.0
         while s.step < self.total_steps:
             try:
                 metrics = self._train_step([next(stream) for _ in range(cfg.accumulation_steps)])
@@ -270,10 +289,15 @@ class Trainer:
             if s.step % cfg.log_interval == 0 or done:
                 dt = time.perf_counter() - t_last
                 tok_s = (s.tokens_seen - tokens_last) / max(dt, 1e-9)
-                log.log(s.step, {**metrics, "tokens_per_sec": tok_s, "tokens_seen": s.tokens_seen,
+                speed = {"tokens_per_sec": tok_s}
+                postfix = {"loss": f"{metrics['loss']:.3f}", "lr": f"{metrics['lr']:.2e}", "tok/s": f"{tok_s:,.0f}"}
+                if self.peak_flops:  # this rank's FLOPs over this rank's peak
+                    speed["mfu"] = self.step_flops / max(dt, 1e-9) / self.peak_flops
+                    postfix["mfu"] = f"{speed['mfu']:.1%}"
+                log.log(s.step, {**metrics, **speed, "tokens_seen": s.tokens_seen,
                                  "epoch": s.epoch, "skipped_steps": s.skipped_steps})
-                log.postfix({"loss": f"{metrics['loss']:.3f}", "lr": f"{metrics['lr']:.2e}", "tok/s": f"{tok_s:,.0f}"})
-                t_last, tokens_last = time.perf_counter(), s.tokens_seen
+                log.postfix(postfix)
+                t_last, tokens_last, self.step_flops = time.perf_counter(), s.tokens_seen, 0.0
             log.progress(1)
             if cfg.max_bad_steps and self.bad_streak >= cfg.max_bad_steps:
                 # Skipped steps changed neither weights nor optimizer: this checkpoint predates the divergence.
@@ -305,5 +329,5 @@ class Trainer:
                     self._export("best", val_loss)
                 paused = True
             if paused:  # keep tokens/s a measure of training, not of saving and evaluating
-                t_last, tokens_last = time.perf_counter(), s.tokens_seen
+                t_last, tokens_last, self.step_flops = time.perf_counter(), s.tokens_seen, 0.0
         return val_loss, 0

@@ -1,0 +1,109 @@
+"""The optimised code paths compute what the plain ones do (speed itself is measured in bench/, never here)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, read_metrics, train_args
+from trainer import distributed, objectives
+from trainer.flops import gpu_datasheet_peak, peak_flops
+from trainer.objectives import IGNORE_INDEX, token_cross_entropy
+
+
+# ----------------------------------------------------------------------------- dtype auto
+
+
+@pytest.mark.parametrize("probes, cpuinfo, expected", [
+    ({"_is_avx512_bf16_supported": True, "_is_amx_tile_supported": False}, "flags : avx512f", torch.bfloat16),
+    ({"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": True}, "flags : avx512f", torch.bfloat16),
+    ({"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": False}, "flags : avx2 avx512f", torch.float32),
+    ({}, "flags : fpu avx512_bf16 amx_tile", torch.bfloat16),           # a torch without the probes
+    ({}, "Features : fp asimd bf16 i8mm", torch.bfloat16),              # Arm (Graviton 3)
+    ({}, "Features : fp asimd", torch.float32),
+])
+def test_auto_dtype_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, tmp_path, probes, cpuinfo, expected):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        if name in probes:
+            monkeypatch.setattr(torch.cpu, name, lambda v=probes[name]: v, raising=False)
+        else:
+            monkeypatch.delattr(torch.cpu, name, raising=False)
+    info = tmp_path / "cpuinfo"
+    info.write_text(cpuinfo + "\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k))
+    assert distributed.resolve_dtype("auto", torch.device("cpu")) == expected
+    assert distributed.resolve_dtype("float32", torch.device("cpu")) == torch.float32
+
+
+# ----------------------------------------------------------------------------- chunked cross-entropy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_equals_f_cross_entropy(monkeypatch, dtype):
+    monkeypatch.setattr(objectives, "CE_CHUNK_ROWS", 7)  # chunks that do not divide the 3 x 10 positions
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 10, 50, generator=g) * 4).to(dtype)
+    labels = torch.randint(0, 50, (3, 10), generator=g)
+    labels[0, :4] = labels[2, 9] = IGNORE_INDEX
+    weights = torch.rand(3, 10, generator=g)  # a non-uniform upstream gradient
+
+    a = logits.clone().requires_grad_()
+    ref = F.cross_entropy(a.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    (ref.view(3, 10) * weights).sum().backward()
+    b = logits.clone().requires_grad_()
+    ours = token_cross_entropy(b, labels)
+    (ours * weights).sum().backward()
+
+    assert ours.dtype == torch.float32 and ours.shape == (3, 10)
+    torch.testing.assert_close(ours, ref.view(3, 10), atol=1e-5, rtol=1e-5)
+    assert ours[0, :4].eq(0).all() and b.grad[0, :4].eq(0).all()
+    assert b.grad.dtype == dtype
+    torch.testing.assert_close(b.grad.float(), a.grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-2,
+                               rtol=0 if dtype == torch.float32 else 1e-2)
+
+
+def test_chunked_cross_entropy_without_grad_keeps_no_gradient_buffer():
+    logits = torch.randn(4, 9)
+    with torch.no_grad():
+        out = token_cross_entropy(logits, torch.tensor([1, 2, IGNORE_INDEX, 8]))
+    torch.testing.assert_close(out[[0, 1, 3]], F.cross_entropy(logits[[0, 1, 3]], torch.tensor([1, 2, 8]),
+                                                               reduction="none"))
+    assert out[2] == 0 and out.grad_fn is None
+
+
+# ----------------------------------------------------------------------------- tokens/s and MFU
+
+
+def test_mfu_peak_sources():
+    assert peak_flops(torch.device("cpu"), torch.float32, given_tflops=2.5) == 2.5e12
+    assert gpu_datasheet_peak(torch.device("cpu"), torch.bfloat16) is None
+    measured = peak_flops(torch.device("cpu"), torch.float32)
+    assert 1e9 < measured < 1e15
+
+
+def test_logged_tokens_are_real_tokens_and_mfu_is_logged(corpus, tmp_path, base_model, tok):
+    """Pretraining rows are packed (every token is real); SFT batches are padded and the padding is not counted."""
+    import train
+    from data import SFTDataset
+    from trainer.sampler import ResumableBatchSampler
+
+    run = tmp_path / "pre"
+    train.main(train_args(corpus, run, "--max_steps", "3", "--eval_interval", "0", "--no-save_last"))
+    logs = [r for r in read_metrics(run) if "tokens_per_sec" in r]
+    assert [r["tokens_seen"] for r in logs] == [4 * 32 * s for s in (1, 2, 3)]
+    assert all(0 < r["mfu"] < 1 for r in logs)
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join((ROOT / "dataset" / "sft.jsonl").read_text().splitlines()[:40]) + "\n")
+    sft = tmp_path / "sft"
+    train.main(["--mode", "sft", "--init_from", str(base_model), "--data_path", str(chats), "--val_data_path",
+                str(chats), "--out_dir", str(sft), "--max_steps", "2", "--batch_size", "8", "--eval_interval", "0",
+                "--no-save_last", "--device", "cpu", "--dtype", "float32", "--log_interval", "1"])
+    seen = [r["tokens_seen"] for r in read_metrics(sft) if "tokens_seen" in r]
+    lengths = SFTDataset(chats, tok, 64).lengths
+    batches = list(ResumableBatchSampler(len(lengths), 8, seed=1337, lengths=lengths, group_rows=8))[:2]
+    real = [int(lengths[rows].sum()) for rows in batches]
+    padded = [int(lengths[rows].max()) * len(rows) for rows in batches]
+    assert seen == [real[0], real[0] + real[1]]
+    assert real != padded  # the batches do hold padding, so counting it would fail the line above
