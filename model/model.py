@@ -234,6 +234,10 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+CPU_EXPERT_ROWS = 64  # on CPU, expert token counts are padded to a multiple of this (see MoE._experts_looped)
+EXPERT_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
 class MoE(nn.Module):
     """Mixture of experts: each token goes to its top-k routed experts, plus always-on shared experts.
 
@@ -254,6 +258,7 @@ class MoE(nn.Module):
         self.shared_experts = (
             MLP(config.dim, config.moe_hidden_dim * config.n_shared_experts) if config.n_shared_experts > 0 else None
         )
+        self.grouped_mm: bool | None = None  # None = auto (see _use_grouped_mm)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [N, dim] -> router probs [N, E] (fp32), top-k weights [N, k], top-k expert ids [N, k]."""
@@ -268,15 +273,17 @@ class MoE(nn.Module):
         flat = x.reshape(B * T, D)
         probs, weights, experts = self.route(flat)
 
-        # Sorted-token dispatch: order the (token, slot) assignments by expert so each expert runs one
-        # matmul on a contiguous slice (the layout a grouped GEMM consumes), then scatter-add back.
+        # Sorted-token dispatch: order the (token, slot) assignments by expert so each expert's tokens are one
+        # contiguous slice (the layout a grouped GEMM consumes), run the experts, then scatter-add back.
         flat_experts = experts.reshape(-1)  # [N*k]
         order = flat_experts.argsort(stable=True)
         token_of = order // self.top_k  # token index of each sorted assignment
-        counts = torch.bincount(flat_experts, minlength=self.n_experts).tolist()  # one GPU sync per layer
-        chunks = flat[token_of].split(counts)
-        # Every expert runs, even on 0 tokens, so all get a (zero) gradient: DDP needs no find_unused_parameters.
-        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
+        counts = torch.bincount(flat_experts, minlength=self.n_experts)
+        dtype = _compute_dtype(flat)
+        if self._use_grouped_mm(flat, dtype):
+            y = self._experts_grouped(flat.to(dtype)[token_of], counts)
+        else:
+            y = self._experts_looped(flat[token_of], counts)
         y = y * weights.reshape(-1)[order, None]
         out = y.new_zeros(B * T, D).index_add_(0, token_of, y)
         if self.shared_experts is not None:
@@ -289,6 +296,52 @@ class MoE(nn.Module):
         else:
             aux = flat.new_zeros((), dtype=torch.float32)
         return out.view(B, T, D), aux
+
+    def _experts_looped(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Expert e's SwiGLU on its slice of the sorted tokens, one expert after the other.
+
+        On CPU each slice is padded with zero rows to a multiple of CPU_EXPERT_ROWS: oneDNN builds a kernel
+        for every new matmul shape (~5 ms each), and raw per-expert token counts change every step, so
+        unpadded they would rebuild kernels all the time; padded, the few shapes repeat and stay cached.
+        """
+        multiple = CPU_EXPERT_ROWS if tokens.device.type == "cpu" else 1
+        ys = []
+        # Every expert runs, even on 0 tokens, so all get a (zero) gradient: DDP needs no find_unused_parameters.
+        for expert, chunk in zip(self.experts, tokens.split(counts.tolist())):  # one GPU sync per layer
+            n = chunk.shape[0]
+            pad = -n % multiple
+            ys.append(expert(F.pad(chunk, (0, 0, 0, pad)))[:n] if pad else expert(chunk))
+        return torch.cat(ys)
+
+    def _experts_grouped(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """All experts at once with grouped GEMMs (torch._grouped_mm: one kernel per projection for every
+        expert, row groups given by offsets, no host sync). The per-expert weights are stacked on the fly
+        ([E, out, in]), so checkpoints keep Hugging Face's per-expert tensors."""
+        offs = counts.cumsum(0).to(torch.int32)
+
+        def stacked(name: str) -> torch.Tensor:
+            w = torch.stack([getattr(e, name).weight for e in self.experts]).to(tokens.dtype)
+            return w.transpose(-2, -1)  # [E, in, out]
+
+        with torch.autocast(tokens.device.type, enabled=False):  # operands are already in the compute dtype
+            gate = torch._grouped_mm(tokens, stacked("gate_proj"), offs=offs)
+            up = torch._grouped_mm(tokens, stacked("up_proj"), offs=offs)
+            return torch._grouped_mm(F.silu(gate) * up, stacked("down_proj"), offs=offs)
+
+    def _use_grouped_mm(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Grouped GEMMs where they exist and pay: bf16 on CUDA (sm80+), plain nn.Linear experts (not LoRA).
+        `grouped_mm` True/False forces the choice (tests compare both paths on CPU, where bf16 also runs)."""
+        if self.grouped_mm is not None:
+            return self.grouped_mm
+        return (x.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+                and torch.cuda.get_device_capability(x.device) >= (8, 0)
+                and all(type(getattr(e, n)) is nn.Linear for e in self.experts for n in EXPERT_PROJ))
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: autocast's when it is on, else the tensor's own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 def load_balancing_loss(

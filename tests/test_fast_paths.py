@@ -107,3 +107,73 @@ def test_logged_tokens_are_real_tokens_and_mfu_is_logged(corpus, tmp_path, base_
     padded = [int(lengths[rows].max()) * len(rows) for rows in batches]
     assert seen == [real[0], real[0] + real[1]]
     assert real != padded  # the batches do hold padding, so counting it would fail the line above
+
+
+# ----------------------------------------------------------------------------- MoE dispatch
+
+
+def moe_model(device: str = "cpu"):
+    from model import Transformer
+    from model.config import ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=64,
+                      qk_norm=True, use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1)
+    return Transformer(cfg).to(device).train()
+
+
+def moe_loss_and_grads(model, x: torch.Tensor, grouped: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    for layer in model.model.layers:
+        layer.mlp.grouped_mm = grouped
+    model.zero_grad()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        out = model(x)
+        loss = token_cross_entropy(out.logits, x).mean() + out.aux_loss
+    loss.backward()
+    return out.logits.float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
+
+
+def check_grouped_equals_looped(device: str) -> None:
+    model = moe_model(device)
+    x = torch.randint(0, 320, (3, 40), generator=torch.Generator().manual_seed(1)).to(device)
+    ref_logits, ref_grads = moe_loss_and_grads(model, x, grouped=False)
+    logits, grads = moe_loss_and_grads(model, x, grouped=True)
+    torch.testing.assert_close(logits, ref_logits, atol=2e-2, rtol=2e-2)  # bf16 matmuls, other summation order
+    expert_grads = [n for n in grads if ".experts." in n]
+    assert len(expert_grads) == 2 * 4 * 3
+    for name in grads:
+        scale = ref_grads[name].abs().max().clamp(min=1e-6)
+        assert (grads[name] - ref_grads[name]).abs().max() / scale < 3e-2, name
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm needs torch >= 2.8")
+def test_moe_grouped_gemm_equals_the_expert_loop_on_cpu():
+    """torch._grouped_mm also runs (bf16) on CPU, so the GPU path's math is checked here against the loop."""
+    check_grouped_equals_looped("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_moe_picks_grouped_gemm_on_cuda_and_it_equals_the_loop():
+    model = moe_model("cuda")
+    moe = model.model.layers[0].mlp
+    flat = torch.randn(8, 64, device="cuda")
+    assert moe._use_grouped_mm(flat, torch.bfloat16) == (torch.cuda.get_device_capability() >= (8, 0))
+    assert not moe._use_grouped_mm(flat, torch.float32)
+    check_grouped_equals_looped("cuda")
+
+
+def test_cpu_expert_padding_keeps_outputs_and_gradients(monkeypatch):
+    """Expert slices padded to CPU_EXPERT_ROWS rows give the unpadded results (padding rows are dropped)."""
+    from model import model as model_module
+
+    x = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(2))
+    results = []
+    for rows in (1, 64):
+        monkeypatch.setattr(model_module, "CPU_EXPERT_ROWS", rows)
+        m = moe_model()
+        out = m(x)
+        (out.logits.square().mean() + out.aux_loss).backward()
+        results.append((out.logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], atol=1e-5, rtol=1e-5)

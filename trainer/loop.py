@@ -56,12 +56,16 @@ class TrainState:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: decaying norm gains and biases just hurts."""
+    """AdamW with weight decay on matrices only: decaying norm gains and biases just hurts.
+
+    fused=True on CUDA and CPU: one kernel reads and writes each parameter, gradient and moment once per
+    step instead of one pass per elementwise op (on CPU ~4x faster than the default foreach version).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type == "cuda")
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def real_tokens(batch: Batch) -> int:
