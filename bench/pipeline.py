@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Whole-pipeline training throughput on the shipped data: real (non-padding) tokens/s of train.py itself.
+
+Runs `python train.py --mode pretrain` (the default recipe: small preset, shipped corpus, batch 16) and then
+`--mode sft` from that run's final model, each for --steps optimizer steps, with --dtype auto (the default)
+and --dtype float32, alternating round after round. Tokens/s is what the loop logs (real tokens: padding of
+SFT batches is not counted; data loading included, evaluation and checkpointing excluded), as the median of
+the logged windows after the first; "vs float32" is the ratio measured in the same round (median over
+rounds). MFU is the loop's own (trainer/flops.py).
+
+    python bench/pipeline.py
+    python bench/pipeline.py --record
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import ROOT, machine_line, record
+
+
+def train(mode: str, dtype: str, out_dir: Path, steps: int, *extra: str) -> dict:
+    """One train.py run; its logged tokens/s and MFU (median over windows after the first) and wall time."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "--mode", mode, "--dtype", dtype, "--out_dir", str(out_dir),
+           "--max_steps", str(steps), "--log_interval", "5", "--eval_interval", "0", "--save_interval_steps", "0",
+           *extra]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    logs = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    logs = [r for r in logs if "tokens_per_sec" in r][1:]
+    return {"tokens_per_s": statistics.median(r["tokens_per_sec"] for r in logs),
+            "mfu": statistics.median(r["mfu"] for r in logs), "tokens": logs[-1]["tokens_seen"], "wall_s": wall}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
+    p.add_argument("--rounds", type=int, default=2, help="rounds; each runs every (mode, dtype) once")
+    p.add_argument("--record", action="store_true", help="append the result table to bench/RESULTS.md")
+    args = p.parse_args()
+
+    machine = machine_line(torch.device("cpu"))
+    runs = [(mode, dtype) for mode in ("pretrain", "sft") for dtype in ("float32", "auto")]
+    results: dict[tuple[str, str], list[dict]] = {run: [] for run in runs}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for r in range(args.rounds):
+            for mode, dtype in runs:
+                out = tmp / f"{mode}-{dtype}-{r}"
+                # SFT fine-tunes the first round's pretrained model (its final/ folder is only written for that).
+                extra = (["--init_from", str(tmp / "pretrain-auto-0" / "final")] if mode == "sft"
+                         else [] if (dtype, r) == ("auto", 0) else ["--no-save_last"])
+                results[(mode, dtype)].append(train(mode, dtype, out, args.steps, *extra))
+    from trainer.distributed import resolve_dtype
+
+    auto = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    lines = [f"whole pipeline, train.py defaults (small preset, batch 16, shipped data), {args.steps} steps per run, "
+             f"{args.rounds} rounds, cpu — {machine} (load after: {machine_line(torch.device('cpu')).rsplit(' ', 1)[-1]})",
+             "", "| mode | --dtype | real tokens/s | vs float32 | MFU | wall s per run (incl. startup) |",
+             "|---|---|---|---|---|---|"]
+    for mode, dtype in runs:
+        rs, base = results[(mode, dtype)], results[(mode, "float32")]
+        ratio = statistics.median(a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(rs, base))
+        name = f"auto ({auto})" if dtype == "auto" else dtype
+        lines.append(f"| {mode} | {name} | {statistics.median(x['tokens_per_s'] for x in rs):,.0f} | {ratio:.2f}x "
+                     f"| {statistics.median(x['mfu'] for x in rs):.1%} | {statistics.median(x['wall_s'] for x in rs):.0f} |")
+    print("\n".join(lines))
+    if args.record:
+        record(lines)
+
+
+if __name__ == "__main__":
+    main()
