@@ -26,12 +26,13 @@ from trainer.distributed import resolve_device
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch_size", type=int, default=4, help="rows of 512 tokens per step")
+    p.add_argument("--batch_size", type=int, default=8, help="rows of 512 tokens per step (config S's batch)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="trainer dtype of both")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--steps", type=int, default=3, help="timed steps per model and round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--rounds", type=int, default=2, help="rounds; each runs both models once")
+    p.add_argument("--compile", action="store_true", help="both models with trainer/compile.py's compile_model")
     p.add_argument("--record", action="store_true", help="append the result table to bench/RESULTS.md")
     args = p.parse_args()
 
@@ -47,22 +48,22 @@ def main() -> None:
             save_weights(configs[name], Path(folder) / name)
         for _ in range(args.rounds):
             for name in names:
-                out = measure("ours", str(Path(folder) / name), args.dtype, args)
+                out = measure("compiled" if args.compile else "ours", str(Path(folder) / name), args.dtype, args)
                 times[name].append(out["step_s"])
                 peak_mb[name], dtype = max(out["peak_mb"], peak_mb.get(name, 0)), out["dtype"]
     ratios = ratio_rounds(times, "moe_dense")
     tokens = args.batch_size * configs["moe"].max_seq_len
     lines = [f"MoE step vs dense with equal active parameters, batch {args.batch_size} x "
-             f"{configs['moe'].max_seq_len}, {dtype}, {device.type}, {args.rounds} rounds x {args.steps} steps — "
+             f"{configs['moe'].max_seq_len}, {dtype}{', compile_model' if args.compile else ''}, {device.type}, {args.rounds} rounds x {args.steps} steps — "
              f"{machine} (load after: {machine_line(device).rsplit(' ', 1)[-1]})",
-             "", "| model | parameters (total / active MFLOP per token) | step (s) | tokens/s | step time vs dense "
-             "| peak memory (MB) |", "|---|---|---|---|---|---|"]
+             "", "| model | parameters | MFLOP/token | step (s) | tokens/s | step time vs dense | peak memory (MB) |",
+             "|---|---|---|---|---|---|---|"]
     for name in names:
         model = Transformer(configs[name])
         step = statistics.median(times[name])
         label = ("moe preset (4 experts, top-2)" if name == "moe"
                  else f"dense, SwiGLU {configs[name].hidden_dim} (= 2 x {configs['moe'].moe_hidden_dim})")
-        lines.append(f"| {label} | {model.num_params() / 1e6:.1f}M / {model.estimate_flops_per_token() / 1e6:.0f} "
+        lines.append(f"| {label} | {model.num_params() / 1e6:.1f}M | {model.estimate_flops_per_token() / 1e6:.0f} "
                      f"| {step:.2f} | {tokens / step:,.0f} | {1 / ratios[name]:.2f}x | {peak_mb[name]:,.0f} |")
     print("\n".join(lines))
     if args.record:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     p.add_argument("--rounds", type=int, default=2, help="rounds; each runs every (mode, dtype) once")
+    p.add_argument("--train_args", default="", help="extra train.py flags for every run, e.g. \"--compile\"")
     p.add_argument("--record", action="store_true", help="append the result table to bench/RESULTS.md")
     args = p.parse_args()
 
@@ -61,12 +63,12 @@ def main() -> None:
                 # SFT fine-tunes the first round's pretrained model (its final/ folder is only written for that).
                 extra = (["--init_from", str(tmp / "pretrain-auto-0" / "final")] if mode == "sft"
                          else [] if (dtype, r) == ("auto", 0) else ["--no-save_last"])
-                results[(mode, dtype)].append(train(mode, dtype, out, args.steps, *extra))
+                results[(mode, dtype)].append(train(mode, dtype, out, args.steps, *extra, *shlex.split(args.train_args)))
     from trainer.distributed import resolve_dtype
 
     auto = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
     lines = [f"whole pipeline, train.py defaults (small preset, batch 16, shipped data), {args.steps} steps per run, "
-             f"{args.rounds} rounds, cpu — {machine} (load after: {machine_line(torch.device('cpu')).rsplit(' ', 1)[-1]})",
+             f"{args.rounds} rounds{', ' + args.train_args if args.train_args else ''}, cpu — {machine} (load after: {machine_line(torch.device('cpu')).rsplit(' ', 1)[-1]})",
              "", "| mode | --dtype | real tokens/s | vs float32 | MFU | wall s per run (incl. startup) |",
              "|---|---|---|---|---|---|"]
     for mode, dtype in runs:

@@ -8,6 +8,8 @@ Implementations (each in its own subprocess, so peak memory is its own; identica
   ours       our Transformer, CausalLMObjective (chunked fp32 cross-entropy) and build_optimizer (fused AdamW):
              the trainer's step, in --dtype
   recipe     the same step in the trainer's default dtype (--dtype auto: bfloat16 on CPUs/GPUs with native bf16)
+  compiled   recipe with trainer/compile.py's compile_model (each block through torch.compile), first steps
+             (compilation) untimed
   hf_recipe  transformers in that same dtype (bf16 autocast): the like-for-like comparison of the recipe
 Rounds alternate the implementations; "vs hf" is the ratio of step times measured in the same round (median
 over rounds). MFU = tokens/s x FLOPs/token / peak, with FLOPs/token = 6 x (non-embedding params + lm_head) +
@@ -31,12 +33,14 @@ import torch
 
 from common import CONFIGS, machine_line, model_config, peak_memory_mb, ratio_rounds, record, save_weights, timed
 from model import Transformer
+from trainer.compile import compile_model
 from trainer.distributed import resolve_device, resolve_dtype
 from trainer.flops import peak_flops
 
-IMPLS = ("hf", "hf_fused", "ours", "recipe", "hf_recipe")
+IMPLS = ("hf", "hf_fused", "ours", "recipe", "compiled", "hf_recipe")
 LABELS = {"hf": "transformers LlamaForCausalLM, AdamW", "hf_fused": "transformers LlamaForCausalLM, AdamW fused",
           "ours": "zero2llm trainer step", "recipe": "zero2llm trainer step, default dtype",
+          "compiled": "zero2llm trainer step, default dtype, compile_model",
           "hf_recipe": "transformers LlamaForCausalLM, AdamW, default dtype"}
 
 
@@ -49,8 +53,10 @@ def run_one(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.run_dtype, device)
     torch.manual_seed(0)
-    if args.impl in ("ours", "recipe"):
+    if args.impl in ("ours", "recipe", "compiled"):
         model = Transformer.from_pretrained(args.weights).to(device).train()
+        if args.impl == "compiled":
+            compile_model(model, device)
         optimizer = build_optimizer(model, TrainConfig(learning_rate=1e-4), device)
         objective = CausalLMObjective()
 
@@ -127,7 +133,7 @@ def main() -> None:
         save_weights(config, Path(weights))
         for _ in range(args.rounds):
             for impl in impls:
-                run_dtype = "auto" if impl in ("recipe", "hf_recipe") else args.dtype
+                run_dtype = "auto" if impl in ("recipe", "compiled", "hf_recipe") else args.dtype
                 out = measure(impl, weights, run_dtype, args)
                 times[impl].append(out["step_s"])
                 results[impl] = {**out, "peak_mb": max(out["peak_mb"], results.get(impl, {}).get("peak_mb", 0))}
