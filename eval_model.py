@@ -49,7 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repetition_penalty", type=float, default=1.0, help=">1 discourages repeating tokens (1.0 = off)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps ...")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="auto: bf16 on GPUs that support it, else fp32")
+                   help="auto: bf16 where the hardware has it natively (recent GPUs, CPUs with AVX512-BF16/AMX), "
+                   "else fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step: a one-off wait (~30 s "
+                   "on a laptop CPU), then ~2x faster generation; worth it for long answers or many prompts")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     return p.parse_args(argv)
 
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     stop = stop_ids(tokenizer, model)
     sampling = dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, eos_token_id=stop,
+        repetition_penalty=args.repetition_penalty, eos_token_id=stop, compile=args.compile,
     )
 
     def answer(ids: list[int]) -> str:

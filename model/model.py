@@ -73,6 +73,22 @@ class KVCache:
 # ----------------------------------------------------------------------------- building blocks
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose single-row products on CPU (decoding one token of one sequence) run as matrix x vector.
+
+    Decoding at batch 1 reads every weight once per token, so it is bound by memory bandwidth; F.linear on one
+    row goes through the general matmul, which for bf16 weights streams them at about half the speed of
+    torch.mv's kernel (2x fewer bytes than fp32 then buy 2x fewer seconds). Same product, same parameters.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.shape[:-1].numel() == 1 and not torch.is_autocast_enabled("cpu"):
+            v = x.reshape(-1)
+            y = torch.mv(self.weight, v) if self.bias is None else torch.addmv(self.bias, self.weight, v)
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in fp32 (as HF does) so bf16 training keeps a stable scale.
 
@@ -174,10 +190,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.flash_attn = config.flash_attn
         self.dropout = config.dropout
-        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.q_proj = Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         # Qwen3: RMSNorm over each head's q and k keeps attention logits bounded (fewer loss spikes).
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
@@ -235,9 +251,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
-        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
-        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.gate_proj = Linear(dim, hidden_dim, bias=False)
+        self.up_proj = Linear(dim, hidden_dim, bias=False)
+        self.down_proj = Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -262,7 +278,7 @@ class MoE(nn.Module):
         self.n_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
         self.norm_topk_prob, self.seq_aux = config.norm_topk_prob, config.seq_aux
         self.aux_loss_alpha = config.aux_loss_alpha
-        self.gate = nn.Linear(config.dim, self.n_experts, bias=False)  # the router
+        self.gate = Linear(config.dim, self.n_experts, bias=False)  # the router
         self.experts = nn.ModuleList(MLP(config.dim, config.moe_hidden_dim) for _ in range(self.n_experts))
         self.shared_experts = (
             MLP(config.dim, config.moe_hidden_dim * config.n_shared_experts) if config.n_shared_experts > 0 else None
@@ -344,7 +360,7 @@ class MoE(nn.Module):
             return self.grouped_mm
         return (x.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
                 and torch.cuda.get_device_capability(x.device) >= (8, 0)
-                and all(type(getattr(e, n)) is nn.Linear for e in self.experts for n in EXPERT_PROJ))
+                and all(isinstance(getattr(e, n), nn.Linear) for e in self.experts for n in EXPERT_PROJ))
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -421,7 +437,7 @@ class Transformer(nn.Module):
                 norm=RMSNorm(config.dim, config.norm_eps),
             )
         )
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
         self.dropout = nn.Dropout(config.dropout)
         self._init_weights()

@@ -210,3 +210,36 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
     for name, grad in results[0][1].items():
         scale = grad.abs().max().clamp(min=1e-6)
         assert (results[1][1][name] - grad).abs().max() / scale < 3e-2, name
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_single_row_matrix_vector_path_equals_f_linear(dtype, bias):
+    from model.model import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(48, 80, bias=bias).to(dtype)
+    for shape in ((1, 1, 48), (1, 48), (2, 1, 48)):  # one row (mv), and more rows (F.linear)
+        x = torch.randn(shape).to(dtype)
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), **tol)
+        assert layer(x).shape == (*shape[:-1], 80)
+
+
+@pytest.mark.skipif(not can_compile(torch.device("cpu")), reason="Inductor needs a C++ compiler")
+def test_compiled_decode_step_generates_the_eager_tokens():
+    from model import Transformer, generate
+    from model.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32,
+                                    max_seq_len=64)).eval()
+    prompt = torch.randint(3, 320, (2, 5), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0  # a left-padded row: the compiled step also takes the attention-mask path
+    eager = torch.stack(list(generate(model, prompt, 12, temperature=0, attention_mask=mask)), dim=1)
+    compiled = torch.stack(list(generate(model, prompt, 12, temperature=0, attention_mask=mask, compile=True)), dim=1)
+    assert torch.equal(compiled, eager)
