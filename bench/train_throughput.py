@@ -1,16 +1,17 @@
 #!/usr/bin/env python
 """Train-step throughput: our trainer's step vs transformers' LlamaForCausalLM, same dimensions, same run.
 
-Implementations (each in its own subprocess, so peak memory is its own; identical weights, random tokens):
-  hf         transformers LlamaForCausalLM + F.cross_entropy(logits.float()) + torch.optim.AdamW (its default,
-             foreach) in --dtype: what a user would write
-  hf_fused   the same with AdamW(fused=True): separates the optimizer's share of our gain
-  ours       our Transformer, CausalLMObjective (chunked fp32 cross-entropy) and build_optimizer (fused AdamW):
-             the trainer's step, in --dtype
-  recipe     the same step in the trainer's default dtype (--dtype auto: bfloat16 on CPUs/GPUs with native bf16)
-  compiled   recipe with trainer/compile.py's compile_model (each block through torch.compile), first steps
-             (compilation) untimed
-  hf_recipe  transformers in that same dtype (bf16 autocast): the like-for-like comparison of the recipe
+Implementations (each in its own subprocess, so peak memory is its own; identical weights, random tokens;
+compilation happens in the untimed warm-up steps):
+  hf             transformers LlamaForCausalLM + F.cross_entropy(logits.float()) + torch.optim.AdamW (its
+                 default, foreach) in --dtype: what a user would write
+  hf_fused       the same with AdamW(fused=True): separates the optimizer's share of our gain
+  ours           our Transformer, CausalLMObjective (chunked fp32 cross-entropy) and build_optimizer (fused
+                 AdamW): the trainer's step, in --dtype
+  ours_compiled  ours with trainer/compile.py's compile_model (each block through torch.compile)
+  recipe         ours in the trainer's default dtype (--dtype auto: bfloat16 on CPUs/GPUs with native bf16)
+  compiled       recipe with compile_model
+  hf_recipe      transformers in that same default dtype (bf16 autocast): the like-for-like comparison
 Rounds alternate the implementations; "vs hf" is the ratio of step times measured in the same round (median
 over rounds). MFU = tokens/s x FLOPs/token / peak, with FLOPs/token = 6 x (non-embedding params + lm_head) +
 12 x layers x heads x head_dim x seq (PaLM appendix B; Transformer.estimate_flops_per_token) and the peak a
@@ -37,9 +38,9 @@ from trainer.compile import compile_model
 from trainer.distributed import resolve_device, resolve_dtype
 from trainer.flops import peak_flops
 
-IMPLS = ("hf", "hf_fused", "ours", "recipe", "compiled", "hf_recipe")
+IMPLS = ("hf", "hf_fused", "ours", "ours_compiled", "recipe", "compiled", "hf_recipe")
 LABELS = {"hf": "transformers LlamaForCausalLM, AdamW", "hf_fused": "transformers LlamaForCausalLM, AdamW fused",
-          "ours": "zero2llm trainer step", "recipe": "zero2llm trainer step, default dtype",
+          "ours": "zero2llm trainer step", "ours_compiled": "zero2llm trainer step, compile_model", "recipe": "zero2llm trainer step, default dtype",
           "compiled": "zero2llm trainer step, default dtype, compile_model",
           "hf_recipe": "transformers LlamaForCausalLM, AdamW, default dtype"}
 
@@ -53,9 +54,9 @@ def run_one(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.run_dtype, device)
     torch.manual_seed(0)
-    if args.impl in ("ours", "recipe", "compiled"):
+    if not args.impl.startswith("hf"):
         model = Transformer.from_pretrained(args.weights).to(device).train()
-        if args.impl == "compiled":
+        if args.impl.endswith("compiled"):
             compile_model(model, device)
         optimizer = build_optimizer(model, TrainConfig(learning_rate=1e-4), device)
         objective = CausalLMObjective()
