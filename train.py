@@ -83,12 +83,15 @@ def load_init_model(cfg: TrainConfig, model_cfg: ModelConfig, path: str | None =
         saved = Transformer.from_pretrained(path)
     except (FileNotFoundError, ValueError) as e:  # already names the file and the problem
         raise UsageError(f"{flag}: {e}") from None
-    model = Transformer(model_cfg)
+    with torch.device("meta"):  # no random init of weights about to be replaced (minutes for billions)
+        model = Transformer(model_cfg)
     try:
-        model.load_state_dict(saved.state_dict())
+        model.load_state_dict(saved.state_dict(), assign=True)
     except RuntimeError as e:
         raise UsageError(f"{flag} {path}: its architecture differs from --init_from {cfg.init_from}'s: "
                          f"{str(e).splitlines()[0]}") from None
+    model.tie_weights()
+    model.generation_config = saved.generation_config  # several eos ids, sampling defaults: kept for export
     return model
 
 

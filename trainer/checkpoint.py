@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from model import hf
 from model.config import ModelConfig
 from trainer.distributed import DistEnv, barrier
 
@@ -140,9 +141,9 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     if diff:
         raise CheckpointError(f"{config_file}: the checkpoint is a different model: {', '.join(diff)}. "
                               f"Resume with the same model flags, or use a new --out_dir.")
-    try:
-        state = load_file(str(weights_file))
-    except (SafetensorError, OSError) as e:
+    try:  # written by save_pretrained, so in the layout of the model's transformers class: convert back
+        state = hf.from_hf_state(load_file(str(weights_file)), saved, weights_file)
+    except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights_file}: cannot read the weights, the file is missing, truncated or corrupt "
                               f"({e}). Delete {weights_file.parent} to resume from the one before it.") from None
     if saved.tie_word_embeddings and "model.embed_tokens.weight" in state:
