@@ -224,6 +224,9 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, ModelConfig, Any]
                      f"{cfg.lora_dropout:g}: need rank >= 1, alpha > 0 and 0 <= dropout < 1")
     if cfg.mode == "dpo":
         check_dpo_flags(parser, cfg)
+    if cfg.fsdp and cfg.dtype == "float16":
+        parser.error("--fsdp with --dtype float16: FSDP's sharded gradients have no loss scaler here; use "
+                     "--dtype bfloat16 (or float32)")
     for flag in ("data_path", "val_data_path", "tokenizer_path"):
         path = getattr(cfg, flag)
         if path and not Path(path).exists():
@@ -353,7 +356,7 @@ def make_lora_export(tokenizer: Any, base_model: str, merge: bool) -> Export:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg, model_cfg, tokenizer = parse_config(argv)
-    env = init_distributed(cfg.device)
+    env = init_distributed(cfg.device, process_group=cfg.fsdp)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     try:
         job = BUILDERS[cfg.mode](cfg, model_cfg, tokenizer, env)

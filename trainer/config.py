@@ -82,6 +82,12 @@ class TrainConfig:
     device: str = _f("auto", "cpu, cuda, cuda:N, or auto (CUDA when available).")
     dtype: str = _f("auto", "Autocast dtype: auto = bfloat16 on GPUs that support it, else float32.",
                     choices=("auto", "float32", "bfloat16", "float16"))
+    fsdp: bool = _f(False, "Shard parameters, gradients and optimizer states over the processes (FSDP2, per "
+                    "block) instead of replicating them (DDP): for models that do not fit one device. Checkpoints "
+                    "are sharded (torch.distributed.checkpoint); best/ and final/ are consolidated HF folders.")
+    grad_checkpointing: bool = _f(False, "Activation checkpointing: keep only each block's input and recompute the "
+                                  "block in backward (about 1/3 more compute for far less activation memory).")
+    compile: bool = _f(False, "torch.compile each block (faster steps on GPU after a compile of tens of seconds).")
     seed: int = _f(1337, "Seed for initialisation, data order and dropout.")
     num_workers: int = _f(0, "DataLoader worker processes.")
     log_interval: int = _f(10, "Steps between logged training metrics.")
