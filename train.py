@@ -8,6 +8,9 @@
   python train.py --mode sft                             # chat fine-tuning of out/pretrain/final -> out/sft
   python train.py --mode lora --merge                    # a LoRA adapter on out/sft/final -> out/lora
   python train.py --mode dpo                             # preference optimisation of out/sft/final -> out/dpo
+  python train.py --mode sft --init_from models/qwen2.5-0.5b-instruct --data_path chats.jsonl   # an open model
+  torchrun --nproc_per_node=8 train.py --mode sft --init_from models/llama-3.1-8b --fsdp --grad_checkpointing
+  torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
 """
 from __future__ import annotations
 
@@ -323,7 +326,7 @@ def finetune_model_config(parser: argparse.ArgumentParser, cfg: TrainConfig,
 
 
 def rope_range(config: ModelConfig) -> int:
-    """Positions a saved model handles: its max_seq_len, or what its YaRN rope_scaling extends it to."""
+    """Positions a saved model handles: its max_seq_len, or what its rope_scaling (yarn, llama3) extends it to."""
     scaling = config.rope_scaling or {}
     extended = int(float(scaling.get("factor", 1.0)) * int(scaling.get("original_max_position_embeddings", 0)))
     return max(config.max_seq_len, extended)

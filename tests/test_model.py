@@ -281,6 +281,19 @@ def test_config_hf_model_types_and_round_trip() -> None:
         ModelConfig.from_hf_dict({"model_type": "gpt2"})
 
 
+def test_readme_presets_table_is_what_the_code_computes() -> None:
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("model_sizes", ROOT / "scripts" / "model_sizes.py")
+    model_sizes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_sizes)
+    table = model_sizes.table()
+    assert table in (ROOT / "README.md").read_text()
+    assert "| Qwen2.5-7B (`--init_from`) | 3584 × 28 | 28 / 4 | 152,064 | 7,615.6 M |" in table  # the published 7.6B
+
+
 def test_config_from_preset_rejects_unknown_names() -> None:
     with pytest.raises(ValueError, match="unknown model preset"):
         config_from_preset("huge")
