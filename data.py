@@ -614,6 +614,9 @@ def sft_messages(row: dict, path: Path, line_no: int) -> tuple[list[dict[str, st
     raise fail(f"expected {SFT_FORMATS}; got keys {sorted(row)[:5]}", "unknown format")
 
 
+GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")  # a chat template's assistant-token marks
+
+
 def render_chat(tokenizer, messages: list[dict[str, str]], path: Path, line_no: int) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of a conversation rendered with the chat template, and the mask of the assistant's tokens.
 
@@ -632,9 +635,6 @@ def render_chat(tokenizer, messages: list[dict[str, str]], path: Path, line_no: 
                         f"assistant tokens; it needs {{% generation %}} ... {{% endgeneration %}} around "
                         f"assistant replies (see tokenizer/tokenizer_config.json)")
     return ids, mask
-
-
-GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
 def assistant_spans(tokenizer, messages: list[dict[str, str]], path: Path, line_no: int

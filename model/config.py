@@ -65,7 +65,7 @@ class ModelConfig:
     use_moe: bool = _f(False, "Mixture-of-Experts MLPs instead of dense SwiGLU.")
     n_routed_experts: int = _f(4, "Routed experts per MoE layer.")
     num_experts_per_tok: int = _f(2, "Experts each token is routed to (top-k).")
-    n_shared_experts: int = _f(1, "Always-on shared experts per MoE layer (0 = Qwen3-MoE, loadable by transformers).")
+    n_shared_experts: int = _f(1, "Always-on shared experts per MoE layer (0 = none, as Qwen3-MoE).")
     moe_hidden_dim: int | None = _f(None, "Width of each expert (default: hidden_dim).")
     shared_expert_gate: bool = _f(False, "Scale the shared experts' output by sigmoid(w . x) per token (Qwen2-MoE).")
     aux_loss_alpha: float = _f(0.01, "Weight of the load-balancing loss.")
