@@ -34,6 +34,7 @@ from model.config import PRESETS, config_from_preset
 from model.lora import apply_lora, count_parameters, merge_lora, save_adapter
 from trainer.checkpoint import CheckpointError, latest_checkpoint
 from trainer.config import MODE_DEFAULTS, PREVIOUS_STAGE, TrainConfig, UsageError, add_dataclass_flags, take
+from trainer import parallel
 from trainer.distributed import DistEnv, barrier, destroy, init_distributed, resolve_dtype
 from trainer.loop import Trainer, TrainingError
 from trainer.objectives import CausalLMObjective, DPOObjective, sequence_logps
@@ -155,7 +156,9 @@ def build_dpo(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env: Dis
     train, val = read_chat_data(DPODataset, cfg, model_cfg, tokenizer, env)
     collate_fn = pair_collate(pad_id(tokenizer))
     ref_path = cfg.ref_model_path or cfg.init_from
-    ref = load_init_model(cfg, model_cfg, ref_path, "--ref_model_path").to(env.device).eval().requires_grad_(False)
+    ref = load_init_model(cfg, model_cfg, ref_path, "--ref_model_path").eval().requires_grad_(False)
+    # Under --fsdp the reference is sharded like the policy (else every GPU would hold a whole copy).
+    ref = parallel.shard(ref, env, resolve_dtype(cfg.dtype, env.device)) if cfg.fsdp else ref.to(env.device)
     if cfg.precompute_ref_logps:
         for data in (train, val):
             precompute_ref_logps(ref, data, collate_fn, cfg, env)

@@ -84,6 +84,24 @@ def test_fsdp_lora_resumes_exactly_and_exports_the_adapter(base_model, tmp_path)
     assert (tmp_path / "straight" / "final" / "adapter_model.safetensors").is_file()
 
 
+def test_fsdp_dpo_shards_the_reference_too(base_model, tmp_path):
+    """DPO under --fsdp (policy and frozen reference both sharded; every rank runs the reference in step):
+    the losses of the plain run."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(line + "\n" for line in (ROOT / "dataset" / "dpo.jsonl").read_text().splitlines()[:40]
+                             if "<think>" not in line))
+    losses = []
+    for name, flags in (("plain", ()), ("fsdp", ("--fsdp",))):
+        train.main(["--mode", "dpo", "--init_from", str(base_model), "--data_path", str(pairs), "--val_data_path",
+                    str(pairs), "--out_dir", str(tmp_path / name), "--max_steps", "3", "--batch_size", "4",
+                    "--learning_rate", "1e-3", "--warmup_iters", "0", "--log_interval", "1", "--eval_interval", "0",
+                    "--no-save_last", "--save_interval_steps", "0", "--device", "cpu", "--dtype", "float32", *flags])
+        losses.append(train_losses(tmp_path / name))
+    assert sorted(losses[1]) == [1, 2, 3] and losses[0][3] != losses[0][1]
+    for step in (1, 2, 3):
+        assert losses[1][step] == pytest.approx(losses[0][step], rel=1e-5), step
+
+
 def test_fsdp_flag_errors(corpus, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(train_args(corpus, tmp_path / "x", "--fsdp", "--dtype", "float16"))

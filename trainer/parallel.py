@@ -41,16 +41,21 @@ def parallelize(model: nn.Module, env: DistEnv, *, fsdp: bool, dtype: torch.dtyp
         for block in blocks:  # per block: small graphs compile fast and are reused by every layer
             block.compile()
     if fsdp:
-        mesh = init_device_mesh(env.device.type, (env.world_size,))
-        policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype,
-                                      reduce_dtype=torch.float32)
-        for block in blocks:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)  # moves each shard to the mesh's device
-        return model
+        return shard(model, env, dtype)
     model.to(env.device)
     if env.is_distributed:
         return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return model
+
+
+def shard(model: nn.Module, env: DistEnv, dtype: torch.dtype) -> nn.Module:
+    """FSDP2 in place: each block, then the root; computing in `dtype`, reducing gradients in fp32. Also for a
+    frozen model every rank runs in step (DPO's reference)."""
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)  # moves each shard to the mesh's device
     return model
 
 
