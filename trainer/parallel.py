@@ -8,7 +8,7 @@ process, DDP and FSDP, on one node or many (torchrun sets the ranks either way).
 FSDP2 (torch.distributed.fsdp.fully_shard) shards each Block, then the root (embeddings, final norm,
 lm_head); under a MixedPrecisionPolicy the gathered parameters are cast to --dtype for compute, while
 the sharded fp32 master weights, the optimizer and the gradient reduce-scatter (reduce_dtype) stay in
-fp32. It runs on CUDA with NCCL and on CPU with gloo (what the tests use).
+fp32. The same code runs with NCCL on GPUs and with gloo on CPU (what the tests use; no GPU here).
 """
 from __future__ import annotations
 
@@ -36,9 +36,8 @@ def parallelize(model: nn.Module, env: DistEnv, *, fsdp: bool, dtype: torch.dtyp
     """
     if grad_checkpointing:
         model.gradient_checkpointing = True  # Transformer.forward recomputes each block in backward
-    blocks = list(model.model.layers)
     if compile:
-        for block in blocks:  # per block: small graphs compile fast and are reused by every layer
+        for block in model.model.layers:  # per block: small graphs compile fast and are reused by every layer
             block.compile()
     if fsdp:
         return shard(model, env, dtype)
