@@ -317,13 +317,18 @@ ROPE_SCALINGS = ("yarn", "llama3", "linear")
 def _check_full_attention(d: dict[str, Any], model_type: str, rope: dict[str, Any]) -> None:
     """Refuse configs whose attention is not plain full causal attention over the whole head: sliding windows,
     Qwen3-Next's linear-attention layers, partial RoPE."""
-    layer_types = set(d.get("layer_types") or ())
+    layer_types = d.get("layer_types")
     if model_type == "qwen3_next" and (not layer_types or "linear_attention" in layer_types):
         raise ValueError("Qwen3-Next's linear-attention (Gated DeltaNet) layers are not implemented; only folders "
                          "whose layer_types are all full_attention load (as zero2llm exports MoE with shared experts "
                          "and qk-norm)")
-    if d.get("use_sliding_window") or layer_types - {"full_attention"}:
-        raise ValueError(f"sliding-window attention (use_sliding_window, layer_types {sorted(layer_types)}) is not "
+    window = d.get("sliding_window")
+    if layer_types is None and d.get("use_sliding_window") and window:  # transformers 4's rule (Qwen2)
+        layer_types = ["sliding_attention" if i >= d.get("max_window_layers", 0) else "full_attention"
+                       for i in range(d["num_hidden_layers"])]
+    sliding = [i for i, kind in enumerate(layer_types or ()) if kind != "full_attention"]
+    if sliding and not (window and window >= d.get("max_position_embeddings", 0)):  # a window the context fits in
+        raise ValueError(f"sliding-window attention (sliding_window {window} on layers {sliding}) is not "
                          "implemented; every layer here attends to the whole context")
     partial = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.25 if model_type == "qwen3_next" else 1))
     if float(partial) != 1.0:

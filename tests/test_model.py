@@ -541,8 +541,10 @@ def test_generation_config_travels(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("arch, changes, message", [
-    ("qwen2", dict(use_sliding_window=True, layer_types=["sliding_attention", "full_attention"]),
-     "sliding-window attention"),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=16, layer_types=["full_attention", "sliding_attention"]),
+     r"sliding-window attention \(sliding_window 16 on layers \[1\]\)"),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=0, layer_types=None),
+     r"sliding_window 16 on layers \[0, 1\]"),  # transformers 4's configs: no layer_types
     ("qwen3_next", dict(layer_types=["linear_attention", "full_attention"]), "linear-attention"),
     ("llama", dict(hidden_act="gelu"), "hidden_act 'gelu'"),
     ("qwen3", dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), "rope type 'dynamic'"),
@@ -553,6 +555,18 @@ def test_unsupported_hf_architectures_are_refused(tmp_path, arch: str, changes: 
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, **changes}))
     with pytest.raises(ValueError, match=f"config.json: .*{message}"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_sliding_window_fields_that_change_nothing_are_accepted(tmp_path) -> None:
+    """Qwen2.5's configs carry sliding-window fields that are off, or windows no shorter than the context."""
+    transformers = pytest.importorskip("transformers")
+    random_hf_model("qwen2", transformers).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for changes in (dict(use_sliding_window=False, sliding_window=16, max_window_layers=0, layer_types=None),
+                    dict(use_sliding_window=True, sliding_window=16, max_window_layers=2, layer_types=None),
+                    dict(use_sliding_window=True, sliding_window=64, layer_types=["sliding_attention"] * 2)):
+        (tmp_path / "config.json").write_text(json.dumps({**config, **changes}))
         Transformer.from_pretrained(tmp_path)
 
 
