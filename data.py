@@ -29,6 +29,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -613,12 +614,19 @@ def sft_messages(row: dict, path: Path, line_no: int) -> tuple[list[dict[str, st
     raise fail(f"expected {SFT_FORMATS}; got keys {sorted(row)[:5]}", "unknown format")
 
 
+GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")  # a chat template's assistant-token marks
+
+
 def render_chat(tokenizer, messages: list[dict[str, str]], path: Path, line_no: int) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of a conversation rendered with the chat template, and the mask of the assistant's tokens.
 
-    The template's {% generation %} blocks mark what the assistant says: its content and the closing
-    <|im_end|> (so the model learns to stop), never the role header "<|im_start|>assistant\n", nor
-    system/user turns. The one place SFT and DPO get their masks from."""
+    The mask covers what the assistant says: its reply and the end-of-turn token that closes it (<|im_end|>,
+    <|eot_id|>; so the model learns to stop), never the role header ("<|im_start|>assistant\n"), nor
+    system/user turns. A template with {% generation %} blocks marks those tokens itself
+    (return_assistant_tokens_mask); the templates real models ship (Qwen, Llama) have none, and are read
+    by rendering prefixes instead (assistant_spans). The one place SFT and DPO get their masks from."""
+    if not GENERATION_BLOCK.search(tokenizer.chat_template or ""):
+        return _render_chat_by_prefixes(tokenizer, messages, path, line_no)
     out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids = np.asarray(out["input_ids"], dtype=np.int32)
     mask = np.asarray(out["assistant_masks"], dtype=bool)
@@ -626,6 +634,68 @@ def render_chat(tokenizer, messages: list[dict[str, str]], path: Path, line_no: 
         raise DataError(f"{path} line {line_no}: the chat template of {tokenizer.name_or_path} marks no "
                         f"assistant tokens; it needs {{% generation %}} ... {{% endgeneration %}} around "
                         f"assistant replies (see tokenizer/tokenizer_config.json)")
+    return ids, mask
+
+
+def assistant_spans(tokenizer, messages: list[dict[str, str]], path: Path, line_no: int
+                    ) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of each assistant reply in it, for templates without
+    {% generation %} marks.
+
+    For assistant message i: `before` = messages[:i] rendered with the generation prompt (ends with the
+    assistant header), `upto` = messages[:i+1] rendered. The reply is upto[len(before):] minus trailing
+    whitespace (ChatML's "\n" after <|im_end|> is the next turn's business). That needs the template to be
+    prefix-stable: `before` a prefix of `upto` and of the whole rendering. Templates that render a reply
+    differently once later turns follow (Qwen3 drops the <think> block of earlier replies) are still read
+    when the reply's content and closing text appear right there; anything else is refused, naming the line.
+    """
+    name = tokenizer.name_or_path
+
+    def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as e:  # the template's own raise_exception, or a Jinja error
+            raise DataError(f"{path} line {line_no}: the chat template of {name} fails on this conversation: "
+                            f"{type(e).__name__}: {e}") from None
+
+    full = render(messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, upto = render(messages[:i], True), render(messages[:i + 1], False)
+        reply = upto[len(before):].rstrip()
+        start = len(before)
+        if upto.startswith(before) and full.startswith(before):
+            if full.startswith(reply, start):
+                spans.append((start, start + len(reply)))
+                continue
+            content = message["content"]
+            at, closing = full.find(content, start), reply[reply.rfind(content) + len(content):]
+            if content and content in reply and at >= 0 and full.startswith(closing, at + len(content)):
+                spans.append((start, at + len(content) + len(closing)))
+                continue
+        raise DataError(f"{path} line {line_no}: the chat template of {name} is not prefix-stable: the conversation "
+                        f"rendered up to assistant message {i + 1} is not how the whole conversation renders it, so "
+                        f"its tokens cannot be told apart. Put {{% generation %}} ... {{% endgeneration %}} around "
+                        f"assistant replies in the template (tokenizer_config.json's chat_template)")
+    return full, spans
+
+
+def _render_chat_by_prefixes(tokenizer, messages: list[dict[str, str]], path: Path, line_no: int
+                             ) -> tuple[np.ndarray, np.ndarray]:
+    """render_chat for templates without {% generation %}: the assistant_spans' characters, mapped to tokens
+    through the tokenizer's offsets (a token is trained when it overlaps a reply)."""
+    if not tokenizer.is_fast:
+        raise DataError(f"{tokenizer.name_or_path}: its chat template has no {{% generation %}} marks and it is not "
+                        f"a fast tokenizer (no character offsets), so assistant tokens cannot be found")
+    text, spans = assistant_spans(tokenizer, messages, path, line_no)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(encoded["input_ids"], dtype=np.int32)
+    offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    mask = np.zeros(len(ids), dtype=bool)
+    for a, b in spans:
+        mask |= (offsets[:, 1] > a) & (offsets[:, 0] < b)
     return ids, mask
 
 

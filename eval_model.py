@@ -84,8 +84,11 @@ def resolve_mode(mode: str, model_path: Path) -> str:
 
 
 def stop_ids(tokenizer, model: Transformer) -> list[int]:
-    """Tokens that end an answer: the tokenizer's eos, ChatML's <|im_end|>, and the model config's eos."""
+    """Tokens that end an answer: the tokenizer's eos, ChatML's <|im_end|>, the model config's eos, and those of
+    the folder's generation_config.json (an imported Llama 3 Instruct lists <|eot_id|> there)."""
     ids = {tokenizer.eos_token_id, model.config.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    listed = (model.generation_config or {}).get("eos_token_id")
+    ids.update(listed if isinstance(listed, list) else [listed])
     return sorted(i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id)
 
 

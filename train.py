@@ -8,6 +8,9 @@
   python train.py --mode sft                             # chat fine-tuning of out/pretrain/final -> out/sft
   python train.py --mode lora --merge                    # a LoRA adapter on out/sft/final -> out/lora
   python train.py --mode dpo                             # preference optimisation of out/sft/final -> out/dpo
+  python train.py --mode sft --init_from models/qwen2.5-0.5b-instruct --data_path chats.jsonl   # an open model
+  torchrun --nproc_per_node=8 train.py --mode sft --init_from models/llama-3.1-8b --fsdp --grad_checkpointing
+  torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from model.config import PRESETS, config_from_preset
 from model.lora import apply_lora, count_parameters, merge_lora, save_adapter
 from trainer.checkpoint import CheckpointError, latest_checkpoint
 from trainer.config import MODE_DEFAULTS, PREVIOUS_STAGE, TrainConfig, UsageError, add_dataclass_flags, take
+from trainer import parallel
 from trainer.distributed import DistEnv, barrier, destroy, init_distributed, resolve_dtype
 from trainer.loop import Trainer, TrainingError
 from trainer.objectives import CausalLMObjective, DPOObjective, sequence_logps
@@ -83,12 +87,15 @@ def load_init_model(cfg: TrainConfig, model_cfg: ModelConfig, path: str | None =
         saved = Transformer.from_pretrained(path)
     except (FileNotFoundError, ValueError) as e:  # already names the file and the problem
         raise UsageError(f"{flag}: {e}") from None
-    model = Transformer(model_cfg)
+    with torch.device("meta"):  # no random init of weights about to be replaced (minutes for billions)
+        model = Transformer(model_cfg)
     try:
-        model.load_state_dict(saved.state_dict())
+        model.load_state_dict(saved.state_dict(), assign=True)
     except RuntimeError as e:
         raise UsageError(f"{flag} {path}: its architecture differs from --init_from {cfg.init_from}'s: "
                          f"{str(e).splitlines()[0]}") from None
+    model.tie_weights()
+    model.generation_config = saved.generation_config  # several eos ids, sampling defaults: kept for export
     return model
 
 
@@ -149,7 +156,9 @@ def build_dpo(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env: Dis
     train, val = read_chat_data(DPODataset, cfg, model_cfg, tokenizer, env)
     collate_fn = pair_collate(pad_id(tokenizer))
     ref_path = cfg.ref_model_path or cfg.init_from
-    ref = load_init_model(cfg, model_cfg, ref_path, "--ref_model_path").to(env.device).eval().requires_grad_(False)
+    ref = load_init_model(cfg, model_cfg, ref_path, "--ref_model_path").eval().requires_grad_(False)
+    # Under --fsdp the reference is sharded like the policy (else every GPU would hold a whole copy).
+    ref = parallel.shard(ref, env, resolve_dtype(cfg.dtype, env.device)) if cfg.fsdp else ref.to(env.device)
     if cfg.precompute_ref_logps:
         for data in (train, val):
             precompute_ref_logps(ref, data, collate_fn, cfg, env)
@@ -221,6 +230,9 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, ModelConfig, Any]
                      f"{cfg.lora_dropout:g}: need rank >= 1, alpha > 0 and 0 <= dropout < 1")
     if cfg.mode == "dpo":
         check_dpo_flags(parser, cfg)
+    if cfg.fsdp and cfg.dtype == "float16":
+        parser.error("--fsdp with --dtype float16: FSDP's sharded gradients have no loss scaler here; use "
+                     "--dtype bfloat16 (or float32)")
     for flag in ("data_path", "val_data_path", "tokenizer_path"):
         path = getattr(cfg, flag)
         if path and not Path(path).exists():
@@ -317,7 +329,7 @@ def finetune_model_config(parser: argparse.ArgumentParser, cfg: TrainConfig,
 
 
 def rope_range(config: ModelConfig) -> int:
-    """Positions a saved model handles: its max_seq_len, or what its YaRN rope_scaling extends it to."""
+    """Positions a saved model handles: its max_seq_len, or what its rope_scaling (yarn, llama3) extends it to."""
     scaling = config.rope_scaling or {}
     extended = int(float(scaling.get("factor", 1.0)) * int(scaling.get("original_max_position_embeddings", 0)))
     return max(config.max_seq_len, extended)
@@ -350,7 +362,7 @@ def make_lora_export(tokenizer: Any, base_model: str, merge: bool) -> Export:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg, model_cfg, tokenizer = parse_config(argv)
-    env = init_distributed(cfg.device)
+    env = init_distributed(cfg.device, process_group=cfg.fsdp)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     try:
         job = BUILDERS[cfg.mode](cfg, model_cfg, tokenizer, env)

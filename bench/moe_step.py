@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per model and round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--rounds", type=int, default=2, help="rounds; each runs both models once")
-    p.add_argument("--compile", action="store_true", help="both models with trainer/compile.py's compile_model")
+    p.add_argument("--compile", action="store_true", help="both models with the trainer's --compile")
     p.add_argument("--record", action="store_true", help="append the result table to bench/RESULTS.md")
     args = p.parse_args()
 
@@ -54,7 +54,7 @@ def main() -> None:
     ratios = ratio_rounds(times, "moe_dense")
     tokens = args.batch_size * configs["moe"].max_seq_len
     lines = [f"MoE step vs dense with equal active parameters, batch {args.batch_size} x "
-             f"{configs['moe'].max_seq_len}, {dtype}{', compile_model' if args.compile else ''}, {device.type}, {args.rounds} rounds x {args.steps} steps — "
+             f"{configs['moe'].max_seq_len}, {dtype}{', --compile' if args.compile else ''}, {device.type}, {args.rounds} rounds x {args.steps} steps — "
              f"{machine} (load after: {machine_line(device).rsplit(' ', 1)[-1]})",
              "", "| model | parameters | MFLOP/token | step (s) | tokens/s | step time vs dense | peak memory (MB) |",
              "|---|---|---|---|---|---|---|"]

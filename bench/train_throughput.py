@@ -8,9 +8,9 @@ compilation happens in the untimed warm-up steps):
   hf_fused       the same with AdamW(fused=True): separates the optimizer's share of our gain
   ours           our Transformer, CausalLMObjective (chunked fp32 cross-entropy) and build_optimizer (fused
                  AdamW): the trainer's step, in --dtype
-  ours_compiled  ours with trainer/compile.py's compile_model (each block through torch.compile)
+  ours_compiled  ours with the trainer's --compile (trainer/parallel.py: each block through torch.compile)
   recipe         ours in the trainer's default dtype (--dtype auto: bfloat16 on CPUs/GPUs with native bf16)
-  compiled       recipe with compile_model
+  compiled       recipe with --compile
   hf_recipe      transformers in that same default dtype (bf16 autocast): the like-for-like comparison
 Rounds alternate the implementations; "vs hf" is the ratio of step times measured in the same round (median
 over rounds). MFU = tokens/s x FLOPs/token / peak, with FLOPs/token = 6 x (non-embedding params + lm_head) +
@@ -34,14 +34,14 @@ import torch
 
 from common import CONFIGS, machine_line, model_config, peak_memory_mb, ratio_rounds, record, save_weights, timed
 from model import Transformer
-from trainer.compile import compile_model
-from trainer.distributed import resolve_device, resolve_dtype
+from trainer.distributed import DistEnv, resolve_device, resolve_dtype
 from trainer.flops import peak_flops
+from trainer.parallel import parallelize
 
 IMPLS = ("hf", "hf_fused", "ours", "ours_compiled", "recipe", "compiled", "hf_recipe")
 LABELS = {"hf": "transformers LlamaForCausalLM, AdamW", "hf_fused": "transformers LlamaForCausalLM, AdamW fused",
-          "ours": "zero2llm trainer step", "ours_compiled": "zero2llm trainer step, compile_model", "recipe": "zero2llm trainer step, default dtype",
-          "compiled": "zero2llm trainer step, default dtype, compile_model",
+          "ours": "zero2llm trainer step", "ours_compiled": "zero2llm trainer step, --compile", "recipe": "zero2llm trainer step, default dtype",
+          "compiled": "zero2llm trainer step, default dtype, --compile",
           "hf_recipe": "transformers LlamaForCausalLM, AdamW, default dtype"}
 
 
@@ -55,9 +55,9 @@ def run_one(args: argparse.Namespace) -> dict:
     dtype = resolve_dtype(args.run_dtype, device)
     torch.manual_seed(0)
     if not args.impl.startswith("hf"):
-        model = Transformer.from_pretrained(args.weights).to(device).train()
-        if args.impl.endswith("compiled"):
-            compile_model(model, device)
+        model = Transformer.from_pretrained(args.weights).train()
+        model = parallelize(model, DistEnv(0, 0, 1, device), fsdp=False, dtype=dtype, grad_checkpointing=False,
+                            compile=args.impl.endswith("compiled"))
         optimizer = build_optimizer(model, TrainConfig(learning_rate=1e-4), device)
         objective = CausalLMObjective()
 

@@ -4,14 +4,21 @@ One dataclass describes every model this repo can build. `to_hf_dict()` writes t
 config.json that transformers reads, so a saved folder loads with
 `AutoModelForCausalLM.from_pretrained(folder)`:
 
-    dense, no qk-norm            -> "llama"     (LlamaForCausalLM)
-    dense, qk-norm               -> "qwen3"     (Qwen3ForCausalLM)
-    MoE, qk-norm, no shared exp. -> "qwen3_moe" (Qwen3MoeForCausalLM)
+    dense, no qk-norm            -> "llama"      (LlamaForCausalLM; attention_bias, mlp_bias)
+    dense, no qk-norm, qkv_bias  -> "qwen2"      (Qwen2ForCausalLM)
+    dense, qk-norm               -> "qwen3"      (Qwen3ForCausalLM)
+    MoE, qk-norm, no shared exp. -> "qwen3_moe"  (Qwen3MoeForCausalLM)
+    MoE, no qk-norm              -> "qwen2_moe"  (Qwen2MoeForCausalLM; shared experts, gated or not)
+    MoE, qk-norm, shared experts -> "qwen3_next" (Qwen3NextForCausalLM, every layer full attention)
 
-Anything transformers has no class for (MoE with shared experts, MoE without qk-norm)
-is written with model_type "zero2llm": transformers then refuses to load it with a
-clear "unrecognized model type" error instead of silently producing garbage. Our own
-fields (dropout, flash_attn, seq_aux, ...) are stored under the "zero2llm" key so
+The last two are exact re-parameterisations, done on the weights by model/hf.py: an ungated
+shared expert is written with a zero sigmoid gate (sigmoid(0) = 1/2) and a doubled down_proj,
+Qwen3-Next's output gate is zero with a doubled o_proj, its (1 + w) norms get w - 1; powers of
+two, so the logits are unchanged. What transformers has no class for (dense with qk-norm and
+mlp_bias, MoE with an o_proj bias and no qk-norm, dim not divisible by n_heads for Llama) is
+written with model_type "zero2llm": transformers then refuses to load it with a clear
+"unrecognized model type" error instead of silently producing garbage. Our own fields
+(dropout, flash_attn, seq_aux, ...) are stored under the "zero2llm" key so
 `from_hf_dict(to_hf_dict(c)) == c` exactly.
 """
 
@@ -41,8 +48,9 @@ class ModelConfig:
     max_seq_len: int = _f(512, "Context length: training row length and RoPE range.")
     # Positions and normalisation.
     rope_theta: float = _f(1e6, "RoPE base frequency.")
-    # YaRN: {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}
-    rope_scaling: dict | None = _f(None, "RoPE scaling for longer inference contexts (YaRN).")
+    # YaRN: {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}; Llama 3.1: {"type": "llama3",
+    # "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    rope_scaling: dict | None = _f(None, "RoPE scaling for longer contexts (yarn, llama3 or linear).")
     norm_eps: float = _f(1e-5, "RMSNorm epsilon.")
     # Attention.
     dropout: float = _f(0.0, "Dropout on attention weights and residual branches.")
@@ -50,12 +58,16 @@ class ModelConfig:
                                 "off: the explicit math path.")
     qk_norm: bool = _f(False, "Per-head RMSNorm on queries and keys (Qwen3).")
     tie_word_embeddings: bool = _f(True, "Share the input embedding with the output projection.")
+    attention_bias: bool = _f(False, "Bias terms on q/k/v/o projections (Llama's attention_bias).")
+    qkv_bias: bool = _f(False, "Bias terms on q/k/v only (Qwen2); implied by --attention_bias.")
+    mlp_bias: bool = _f(False, "Bias terms on the SwiGLU projections (Llama's mlp_bias; dense models only).")
     # Mixture of experts.
     use_moe: bool = _f(False, "Mixture-of-Experts MLPs instead of dense SwiGLU.")
     n_routed_experts: int = _f(4, "Routed experts per MoE layer.")
     num_experts_per_tok: int = _f(2, "Experts each token is routed to (top-k).")
-    n_shared_experts: int = _f(1, "Always-on shared experts per MoE layer (0 = Qwen3-MoE, loadable by transformers).")
+    n_shared_experts: int = _f(1, "Always-on shared experts per MoE layer (0 = none, as Qwen3-MoE).")
     moe_hidden_dim: int | None = _f(None, "Width of each expert (default: hidden_dim).")
+    shared_expert_gate: bool = _f(False, "Scale the shared experts' output by sigmoid(w . x) per token (Qwen2-MoE).")
     aux_loss_alpha: float = _f(0.01, "Weight of the load-balancing loss.")
     seq_aux: bool = _f(True, "Balance experts per sequence (DeepSeek) instead of per batch (Switch).")
     norm_topk_prob: bool = _f(True, "Renormalise the top-k routing weights to sum to 1.")
@@ -115,15 +127,24 @@ class ModelConfig:
             need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
             need((self.moe_hidden_dim or 0) > 0, f"moe_hidden_dim must be > 0, got {self.moe_hidden_dim}")
             need(self.aux_loss_alpha >= 0, f"aux_loss_alpha must be >= 0, got {self.aux_loss_alpha}")
+        need(not (self.attention_bias and self.qkv_bias), "qkv_bias is implied by attention_bias; set only one")
+        need(not (self.mlp_bias and self.use_moe), "mlp_bias is for dense models (experts have no bias terms)")
+        need(not self.shared_expert_gate or (self.use_moe and self.n_shared_experts > 0),
+             "shared_expert_gate needs use_moe and n_shared_experts > 0")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
-            need(kind == "yarn", f"rope_scaling type must be 'yarn' (the only one implemented), got {kind!r}")
+            need(kind in ROPE_SCALINGS, f"rope_scaling type must be one of {', '.join(ROPE_SCALINGS)} "
+                                        f"(the ones implemented), got {kind!r}")
             factor = self.rope_scaling.get("factor")
             need(factor is not None and float(factor) >= 1.0, f"rope_scaling.factor must be >= 1, got {factor}")
             need(
-                int(self.rope_scaling.get("original_max_position_embeddings", 0)) > 0,
+                kind == "linear" or int(self.rope_scaling.get("original_max_position_embeddings", 0)) > 0,
                 "rope_scaling needs original_max_position_embeddings (the context length used in training)",
             )
+            if kind == "llama3":
+                low, high = self.rope_scaling.get("low_freq_factor"), self.rope_scaling.get("high_freq_factor")
+                need(low is not None and high is not None and float(high) > float(low),
+                     f"llama3 rope_scaling needs low_freq_factor < high_freq_factor, got {low} and {high}")
         return self
 
     # ------------------------------------------------------------------ Hugging Face mapping
@@ -131,9 +152,13 @@ class ModelConfig:
     def hf_model_type(self) -> str | None:
         """The transformers model_type that computes exactly what our model computes, or None."""
         if self.use_moe:
-            return "qwen3_moe" if (self.qk_norm and self.n_shared_experts == 0) else None
+            if self.qk_norm:
+                return "qwen3_next" if self.n_shared_experts > 0 else "qwen3_moe"
+            return None if self.attention_bias else "qwen2_moe"  # Qwen2-MoE's o_proj has no bias
         if self.qk_norm:
-            return "qwen3"
+            return None if self.mlp_bias else "qwen3"
+        if self.qkv_bias and not self.mlp_bias:
+            return "qwen2"
         # LlamaConfig rejects hidden_size % num_attention_heads != 0 even when head_dim is explicit.
         return "llama" if self.dim % self.n_heads == 0 else None
 
@@ -143,7 +168,7 @@ class ModelConfig:
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(self.rope_theta)}
         if self.rope_scaling is not None:
             rope = {
-                "rope_type": "yarn",
+                "rope_type": self.rope_scaling["type"],
                 "rope_theta": float(self.rope_theta),
                 **{k: v for k, v in self.rope_scaling.items() if k not in ("type", "rope_type")},
             }
@@ -162,7 +187,6 @@ class ModelConfig:
             "rms_norm_eps": self.norm_eps,
             "rope_parameters": rope,
             "rope_theta": float(self.rope_theta),  # older transformers (v4) read it from the top level
-            "attention_bias": False,
             "attention_dropout": 0.0,
             "tie_word_embeddings": self.tie_word_embeddings,
             "initializer_range": self.initializer_range,
@@ -171,9 +195,13 @@ class ModelConfig:
             "pad_token_id": self.pad_token_id,
             "use_cache": True,
         }
+        if model_type not in ("qwen2", "qwen2_moe"):  # q/k/v-only bias goes out with a zero o_proj bias (model/hf.py)
+            d["attention_bias"] = self.attention_bias or self.qkv_bias
         if model_type == "llama":
-            d["mlp_bias"] = False
-        if self.qk_norm:
+            d["mlp_bias"] = self.mlp_bias
+        if model_type == "qwen2_moe":
+            d["qkv_bias"] = self.qkv_bias
+        if model_type not in ("llama", None):
             d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.n_layers)
         if self.use_moe:
             d.update(
@@ -186,20 +214,27 @@ class ModelConfig:
                 mlp_only_layers=[],
                 output_router_logits=False,
             )
+            if model_type in ("qwen2_moe", "qwen3_next"):
+                d["shared_expert_intermediate_size"] = self.moe_hidden_dim * self.n_shared_experts
+        if model_type == "qwen3_next":  # its linear-attention layers and partial RoPE switched off
+            d["layer_types"] = ["full_attention"] * self.n_layers
+            rope["partial_rotary_factor"] = 1.0
         if model_type is None:
             d["zero2llm_note"] = (
-                "transformers has no class for this architecture (MoE with shared experts or without qk_norm, "
-                "or dim not divisible by n_heads); load it with model.Transformer.from_pretrained"
+                "transformers has no class for this architecture (dense with qk_norm and mlp_bias, MoE with an "
+                "o_proj bias and no qk_norm, or dim not divisible by n_heads); load it with "
+                "model.Transformer.from_pretrained"
             )
         d["zero2llm"] = asdict(self)
         return d
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        """Inverse of to_hf_dict; also reads plain Llama / Qwen3 / Qwen3-MoE config.json files.
+        """Inverse of to_hf_dict; also reads plain Llama / Qwen2 / Qwen3 / Qwen2-MoE / Qwen3-MoE config.json files.
 
         The HF fields are the source of truth for the architecture; the "zero2llm" block only
-        supplies what HF has no field for (dropout, flash_attn, seq_aux, n_shared_experts, ...).
+        supplies what HF has no field for (dropout, flash_attn, seq_aux, an ungated shared expert, ...).
+        What our model cannot compute (sliding windows, linear attention, other activations) is refused.
         """
         model_type = d.get("model_type")
         ours = dict(d.get("zero2llm") or {})
@@ -207,21 +242,24 @@ class ModelConfig:
         unknown = set(ours) - known
         if unknown:
             raise ValueError(f"unknown zero2llm fields {sorted(unknown)}; was it written by a newer version?")
-        if model_type not in ("llama", "qwen3", "qwen3_moe", "zero2llm"):
-            raise ValueError(
-                f"model_type {model_type!r} is not supported; expected llama, qwen3, qwen3_moe or zero2llm"
-            )
+        if model_type not in HF_MODEL_TYPES:
+            raise ValueError(f"model_type {model_type!r} is not supported; expected one of {', '.join(HF_MODEL_TYPES)}")
         if model_type == "zero2llm":
             return cls(**ours)
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (only silu, the SwiGLU activation)")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         rope_scaling = None
-        if rope_type == "yarn":
+        if rope_type in ROPE_SCALINGS:
             extra = {k: v for k, v in rope.items() if k not in ("rope_type", "type", "rope_theta")}
-            rope_scaling = {"type": "yarn", **extra}
+            rope_scaling = {"type": rope_type, **extra}
         elif rope_type not in ("default", None):
-            raise ValueError(f"rope type {rope_type!r} is not supported (only default and yarn)")
+            raise ValueError(f"rope type {rope_type!r} is not supported (only default, {', '.join(ROPE_SCALINGS)})")
+        _check_full_attention(d, model_type, rope)
+        if rope_scaling is not None:
+            rope_scaling.pop("partial_rotary_factor", None)
         n_heads = d["num_attention_heads"]
         hf = dict(
             vocab_size=d["vocab_size"],
@@ -235,35 +273,77 @@ class ModelConfig:
             rope_theta=float(rope_theta),
             rope_scaling=rope_scaling,
             norm_eps=d.get("rms_norm_eps", 1e-6),
-            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "qwen3_next"),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             initializer_range=d.get("initializer_range", 0.02),
             bos_token_id=_first(d.get("bos_token_id")),
             eos_token_id=_first(d.get("eos_token_id")),
             pad_token_id=_first(d.get("pad_token_id")),
-            use_moe=model_type == "qwen3_moe",
+            use_moe=model_type in ("qwen2_moe", "qwen3_moe", "qwen3_next"),
+            attention_bias=bool(d.get("attention_bias", False)),
+            qkv_bias=model_type == "qwen2" or (model_type == "qwen2_moe" and d.get("qkv_bias", True)),
+            mlp_bias=model_type == "llama" and bool(d.get("mlp_bias", False)),
+            shared_expert_gate=False,
         )
-        if model_type == "qwen3_moe":
+        if hf["attention_bias"] and ours.get("qkv_bias"):  # ours: q/k/v only, exported with a zero o_proj bias
+            hf.update(attention_bias=False, qkv_bias=True)
+        if hf["use_moe"]:
             if d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1:
-                raise ValueError("Qwen3-MoE with dense layers (mlp_only_layers, decoder_sparse_step) is not supported")
+                raise ValueError(f"{model_type} with dense layers (mlp_only_layers, decoder_sparse_step) "
+                                 "is not supported: every layer here is MoE")
+            expert = d["moe_intermediate_size"]
+            shared = d.get("shared_expert_intermediate_size", 0) if model_type != "qwen3_moe" else 0
+            if shared % expert:
+                raise ValueError(f"shared_expert_intermediate_size {shared} is not a multiple of moe_intermediate_size "
+                                 f"{expert}; shared experts here are n_shared_experts experts of the routed width")
             hf.update(
                 n_routed_experts=d.get("num_experts", d.get("num_local_experts")),  # v5 saves the latter
                 num_experts_per_tok=d["num_experts_per_tok"],
-                moe_hidden_dim=d["moe_intermediate_size"],
-                norm_topk_prob=d.get("norm_topk_prob", False),
+                moe_hidden_dim=expert,
+                norm_topk_prob=d.get("norm_topk_prob", model_type == "qwen3_next"),
                 aux_loss_alpha=d.get("router_aux_loss_coef", 0.001),
-                n_shared_experts=0,
+                n_shared_experts=shared // expert,
+                # transformers' shared experts are gated; ours unless our own export says otherwise
+                shared_expert_gate=shared > 0 and ours.get("shared_expert_gate", True),
             )
         ours.update(hf)
         return cls(**ours)
 
 
+HF_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "qwen3_next", "zero2llm")
+ROPE_SCALINGS = ("yarn", "llama3", "linear")
+
+
+def _check_full_attention(d: dict[str, Any], model_type: str, rope: dict[str, Any]) -> None:
+    """Refuse configs whose attention is not plain full causal attention over the whole head: sliding windows,
+    Qwen3-Next's linear-attention layers, partial RoPE."""
+    layer_types = d.get("layer_types")
+    if model_type == "qwen3_next" and (not layer_types or "linear_attention" in layer_types):
+        raise ValueError("Qwen3-Next's linear-attention (Gated DeltaNet) layers are not implemented; only folders "
+                         "whose layer_types are all full_attention load (as zero2llm exports MoE with shared experts "
+                         "and qk-norm)")
+    window = d.get("sliding_window")
+    if layer_types is None and d.get("use_sliding_window") and window:  # transformers 4's rule (Qwen2)
+        layer_types = ["sliding_attention" if i >= d.get("max_window_layers", 0) else "full_attention"
+                       for i in range(d["num_hidden_layers"])]
+    sliding = [i for i, kind in enumerate(layer_types or ()) if kind != "full_attention"]
+    if sliding and not (window and window >= d.get("max_position_embeddings", 0)):  # a window the context fits in
+        raise ValueError(f"sliding-window attention (sliding_window {window} on layers {sliding}) is not "
+                         "implemented; every layer here attends to the whole context")
+    partial = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.25 if model_type == "qwen3_next" else 1))
+    if float(partial) != 1.0:
+        raise ValueError(f"partial_rotary_factor {partial} is not supported: RoPE here rotates the whole head")
+
+
 def _first(x: int | list[int] | None) -> int | None:
-    """HF allows a list of eos ids; we keep the first (generation_config.json may list more)."""
+    """HF allows a list of eos ids; we keep the first (generation_config.json, which travels with the model,
+    keeps them all)."""
     return x[0] if isinstance(x, list) else x
 
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                  "qwen3_next": "Qwen3NextForCausalLM"}
 
 
 # Named starting points. vocab_size follows the shipped tokenizer (6400) except "tiny".

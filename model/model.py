@@ -4,8 +4,9 @@
     Block:  x = x + Attention(RMSNorm(x))      (RoPE, grouped-query attention, optional q/k norm)
             x = x + MLP-or-MoE(RMSNorm(x))     (SwiGLU; MoE = router + top-k experts + shared experts)
 
-Parameter names are exactly those of Hugging Face Llama / Qwen3 / Qwen3-MoE, so a saved
-folder is a transformers checkpoint (see config.py for which class loads which config).
+Parameter names are exactly those of Hugging Face Llama / Qwen2 / Qwen3 / Qwen3-MoE, so a saved
+folder is a transformers checkpoint (see config.py for which class loads which config, and hf.py
+for the few exact re-parameterisations some of them need).
 The numerics follow the same classes (RMSNorm in fp32, rotate-half RoPE, router softmax
 in fp32), which tests/test_model.py checks logit for logit against transformers.
 """
@@ -20,9 +21,10 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
 
+from . import hf
 from .config import ModelConfig
 
 
@@ -108,17 +110,26 @@ class RMSNorm(nn.Module):
 def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies of RoPE, and the attention scale that YaRN applies to cos/sin.
 
-    Plain RoPE rotates channel pair i at angle pos * theta^(-2i/d). YaRN (arXiv 2309.00071)
-    stretches context by `factor`: low-frequency pairs (which never complete a turn within the
-    training length) are interpolated (divided by factor), high-frequency pairs are kept
-    (extrapolated), with a linear ramp between, and cos/sin are scaled by 0.1*ln(factor)+1.
-    This mirrors transformers' _compute_yarn_parameters so exported models agree.
+    Plain RoPE rotates channel pair i at angle pos * theta^(-2i/d). The scalings stretch the
+    context a model was trained on by `factor`, each mirroring transformers' _compute_*_parameters
+    so imported and exported models agree:
+      linear: every frequency divided by factor (position interpolation).
+      llama3 (Llama 3.1): wavelengths longer than original_len / low_freq_factor are interpolated,
+        shorter than original_len / high_freq_factor kept, with a smooth blend between.
+      yarn (arXiv 2309.00071): low-frequency pairs (which never complete a turn within the
+        training length) are interpolated, high-frequency pairs kept, with a linear ramp between,
+        and cos/sin are scaled by 0.1*ln(factor)+1.
     """
     d, base = config.head_dim, config.rope_theta
-    pos_freqs = base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    # device="cpu": also right when the model is built under `with torch.device("meta")` (from_pretrained)
+    pos_freqs = base ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d)
     inv_freq = 1.0 / pos_freqs
     if config.rope_scaling is None:
         return inv_freq, 1.0
+    if config.rope_scaling["type"] == "linear":
+        return inv_freq / float(config.rope_scaling["factor"]), 1.0
+    if config.rope_scaling["type"] == "llama3":
+        return llama3_frequencies(inv_freq, config.rope_scaling), 1.0
 
     s = config.rope_scaling
     factor = float(s["factor"])
@@ -145,10 +156,22 @@ def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     low, high = max(low, 0), min(high, d - 1)
     if low == high:
         high += 0.001  # avoid dividing by zero in the ramp
-    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(d // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp  # 1 for high-frequency pairs (keep), 0 for low-frequency ones (interpolate)
     inv_freq = (inv_freq / factor) * (1 - extrapolate) + inv_freq * extrapolate
     return inv_freq, float(attention_factor)
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama 3.1's frequency-dependent interpolation (see rope_frequencies)."""
+    factor, original_len = float(s["factor"]), int(s["original_max_position_embeddings"])
+    low, high = float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > original_len / low, inv_freq / factor, inv_freq)
+    smooth = (original_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original_len / high) & (wavelen <= original_len / low)
+    return torch.where(medium, blended, scaled)
 
 
 class RotaryEmbedding(nn.Module):
@@ -190,10 +213,11 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.flash_attn = config.flash_attn
         self.dropout = config.dropout
-        self.q_proj = Linear(config.dim, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        qkv_bias = config.qkv_bias or config.attention_bias  # Qwen2: q/k/v only; Llama's attention_bias: all four
+        self.q_proj = Linear(config.dim, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = Linear(config.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = Linear(config.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, config.dim, bias=config.attention_bias)
         # Qwen3: RMSNorm over each head's q and k keeps attention logits bounded (fewer loss spikes).
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
@@ -249,11 +273,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_proj = Linear(dim, hidden_dim, bias=False)
-        self.up_proj = Linear(dim, hidden_dim, bias=False)
-        self.down_proj = Linear(hidden_dim, dim, bias=False)
+        self.gate_proj = Linear(dim, hidden_dim, bias=bias)
+        self.up_proj = Linear(dim, hidden_dim, bias=bias)
+        self.down_proj = Linear(hidden_dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -271,6 +295,7 @@ class MoE(nn.Module):
     when it loads, and splits them back when it saves, so the files need no conversion either way.
     Shared experts use DeepSeek's layout: n_shared_experts SwiGLU experts of width moe_hidden_dim
     are one SwiGLU of width n_shared_experts * moe_hidden_dim (same function, one matmul).
+    With shared_expert_gate (Qwen2-MoE), their output is scaled per token by sigmoid(w . x).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -283,6 +308,7 @@ class MoE(nn.Module):
         self.shared_experts = (
             MLP(config.dim, config.moe_hidden_dim * config.n_shared_experts) if config.n_shared_experts > 0 else None
         )
+        self.shared_expert_gate = Linear(config.dim, 1, bias=False) if config.shared_expert_gate else None
         self.grouped_mm: bool | None = None  # None = auto (see _use_grouped_mm)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -305,14 +331,18 @@ class MoE(nn.Module):
         token_of = order // self.top_k  # token index of each sorted assignment
         counts = torch.bincount(flat_experts, minlength=self.n_experts)
         dtype = _compute_dtype(flat)
+        tokens = flat.to(dtype)[token_of]  # cast once, before the gather (autocast would cast per expert matmul)
         if self._use_grouped_mm(flat, dtype):
-            y = self._experts_grouped(flat.to(dtype)[token_of], counts)
+            y = self._experts_grouped(tokens, counts)
         else:
-            y = self._experts_looped(flat[token_of], counts)
+            y = self._experts_looped(tokens, counts)
         y = y * weights.reshape(-1)[order, None]
         out = y.new_zeros(B * T, D).index_add_(0, token_of, y)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
+            shared = self.shared_experts(flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            out = out + shared
 
         if self.training and self.aux_loss_alpha > 0:
             valid = token_mask.reshape(B * T) if token_mask is not None else None
@@ -400,7 +430,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = MoE(config) if config.use_moe else MLP(config.dim, config.hidden_dim)
+        self.mlp = MoE(config) if config.use_moe else MLP(config.dim, config.hidden_dim, config.mlp_bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -440,13 +470,19 @@ class Transformer(nn.Module):
         self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
         self.dropout = nn.Dropout(config.dropout)
+        self.gradient_checkpointing = False  # recompute each block in backward (trainer/parallel.py sets it)
+        self.generation_config: dict | None = None  # generation_config.json of the folder it was loaded from
         self._init_weights()
-        if config.tie_word_embeddings:
-            # Input and output embeddings share one matrix: fewer parameters, and the standard for small LMs.
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """With tie_word_embeddings, input and output embeddings share one matrix: fewer parameters, and the
+        standard for small LMs. (Also called after loading weights by assignment, which unties them.)"""
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def _init_weights(self) -> None:
-        """N(0, initializer_range) everywhere; norms at 1.
+        """N(0, initializer_range) everywhere; norms at 1, biases at 0.
 
         Projections that write into the residual stream (o_proj, down_proj) get std / sqrt(2 * n_layers)
         (GPT-2): each layer adds two such outputs to the stream, so with plain init the residual's
@@ -454,7 +490,9 @@ class Transformer(nn.Module):
         """
         std = self.config.initializer_range
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
@@ -500,7 +538,11 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(position_ids, x.dtype)
         aux_loss = torch.zeros((), device=device)
         for layer in self.model.layers:
-            x, layer_aux = layer(x, cos, sin, mask, is_causal, kv_cache, token_mask)
+            if self.gradient_checkpointing and self.training:  # keep only each block's input; recompute in backward
+                x, layer_aux = checkpoint(layer, x, cos, sin, mask, is_causal, kv_cache, token_mask,
+                                          use_reentrant=False)
+            else:
+                x, layer_aux = layer(x, cos, sin, mask, is_causal, kv_cache, token_mask)
             aux_loss = aux_loss + layer_aux  # summed over MoE layers (DeepSeek/MiniMind)
         if kv_cache is not None:
             kv_cache.advance(T)
@@ -561,20 +603,24 @@ class Transformer(nn.Module):
     def save_pretrained(self, save_dir: str | Path) -> None:
         """Write config.json (HF format), model.safetensors and generation_config.json.
 
-        The tied lm_head.weight is left out, as transformers does (it re-ties on load).
+        The weights go out in the layout of config.hf_model_type's transformers class (model/hf.py); the tied
+        lm_head.weight is left out, as transformers does (it re-ties on load). generation_config.json keeps
+        what an imported model came with (several eos ids, sampling defaults).
         """
         save_dir = Path(save_dir)
         save_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach() for k, v in self.state_dict().items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight")
+        state = {k: v.contiguous() for k, v in hf.to_hf_state(state, self.config).items()}
         dtype = next(self.parameters()).dtype
-        save_file(state, str(save_dir / "model.safetensors"), metadata={"format": "pt"})
-        hf = self.config.to_hf_dict()
-        hf["dtype"] = str(dtype).removeprefix("torch.")
-        (save_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        save_file(state, str(save_dir / hf.WEIGHTS), metadata={"format": "pt"})
+        config = self.config.to_hf_dict()
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        (save_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         c = self.config
-        gen = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id}
+        gen = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
+               **(self.generation_config or {})}
         (save_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
     @classmethod
@@ -584,21 +630,19 @@ class Transformer(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
     ) -> "Transformer":
-        """Load a folder written by save_pretrained (or a transformers Llama/Qwen3/Qwen3-MoE folder).
+        """Load a folder written by save_pretrained, or a transformers Llama / Qwen2 / Qwen3 / Qwen2-MoE /
+        Qwen3-MoE folder (one model.safetensors or shards with model.safetensors.index.json, any float dtype).
 
-        dtype None keeps fp32 (safe for training); pass "bfloat16" etc. for inference.
-        Every user-facing problem (missing file, bad JSON, truncated weights, shape mismatch) raises
-        one error that names the file and what to do.
+        dtype None gives fp32 (safe for training); pass "bfloat16" etc. for inference.
+        Every user-facing problem (missing file, bad JSON, an architecture we cannot compute, truncated
+        weights, shape mismatch) raises one error that names the file and what to do.
         """
         model_dir = Path(model_dir)
-        config_path, weights_path = model_dir / "config.json", model_dir / "model.safetensors"
+        config_path = model_dir / "config.json"
         if not model_dir.is_dir():
             raise FileNotFoundError(f"{model_dir}: no such model folder (expected config.json + model.safetensors)")
-        for p in (config_path, weights_path):
-            if not p.is_file():
-                sharded = (model_dir / "model.safetensors.index.json").exists()
-                hint = " (sharded checkpoints are not supported)" if sharded else ""
-                raise FileNotFoundError(f"{p}: file missing; a model folder needs config.json + model.safetensors{hint}")
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path}: file missing; a model folder needs config.json + model.safetensors")
         try:
             config = ModelConfig.from_hf_dict(json.loads(config_path.read_text()))
             config.validate()
@@ -606,15 +650,14 @@ class Transformer(nn.Module):
             raise ValueError(f"{config_path}: not valid JSON ({e})") from None
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{config_path}: {e}") from None
-        try:
-            state = load_file(str(weights_path))
-        except (SafetensorError, OSError) as e:
-            raise ValueError(
-                f"{weights_path}: cannot read the weights, the file is truncated or corrupt ({e}); "
-                "re-save or re-copy the checkpoint"
-            ) from None
+        weights = hf.weight_files(model_dir)
+        where = weights[0] if len(weights) == 1 else model_dir / hf.INDEX
+        state = hf.from_hf_state(hf.read_weights(model_dir), config, where)
 
-        model = cls(config)
+        # Built on the meta device (no memory, no random init: that takes minutes for billions of parameters),
+        # then the loaded tensors are assigned to it.
+        with torch.device("meta"):
+            model = cls(config)
         expected = model.state_dict()
         if config.tie_word_embeddings:
             expected.pop("lm_head.weight")
@@ -622,21 +665,32 @@ class Transformer(nn.Module):
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
             raise ValueError(
-                f"{weights_path}: does not match {config_path}: missing {_few(missing)}, "
+                f"{where}: does not match {config_path}: missing {_few(missing)}, "
                 f"unexpected {_few(unexpected)}; "
                 "the weights and config.json come from different models"
             )
         for name, tensor in state.items():
             if tensor.shape != expected[name].shape:
                 raise ValueError(
-                    f"{weights_path}: {name} has shape {tuple(tensor.shape)} in the checkpoint but "
+                    f"{where}: {name} has shape {tuple(tensor.shape)} in the checkpoint but "
                     f"{tuple(expected[name].shape)} from {config_path} "
                     f"(dim={config.dim}, vocab_size={config.vocab_size}, "
                     f"n_heads={config.n_heads}, n_kv_heads={config.n_kv_heads}, hidden_dim={config.hidden_dim}); "
                     "the weights and config.json come from different models"
                 )
-        model.load_state_dict(state, strict=not config.tie_word_embeddings)
-        return model.to(device=device, dtype=resolve_dtype(dtype) if dtype is not None else None)
+            if not tensor.is_floating_point():
+                raise ValueError(f"{where}: {name} is stored as {tensor.dtype}; quantized checkpoints are not "
+                                 "supported (use the float16/bfloat16/float32 release of the model)")
+        model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+        model.tie_weights()
+        generation = model_dir / "generation_config.json"
+        if generation.is_file():
+            try:
+                model.generation_config = json.loads(generation.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{generation}: not valid JSON ({e})") from None
+        dtype = resolve_dtype(dtype) if dtype is not None else torch.float32
+        return model.to(device=device, dtype=dtype)
 
 
 def _few(names: list[str], n: int = 5) -> str:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from model import PRESETS, KVCache, ModelConfig, Transformer, config_from_preset, load_balancing_loss
+from model import PRESETS, KVCache, ModelConfig, Transformer, config_from_preset, generate, load_balancing_loss
 
 V = 320
 
@@ -237,7 +237,11 @@ def test_every_expert_gets_a_gradient_even_without_tokens() -> None:
         (dict(dropout=1.0), "dropout"),
         (dict(vocab_size=0), "vocab_size must be > 0"),
         (dict(eos_token_id=V), "eos_token_id"),
-        (dict(rope_scaling={"type": "linear", "factor": 2.0}), "yarn"),
+        (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "one of yarn, llama3, linear"),
+        (dict(rope_scaling={"type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16}), "low_freq_factor"),
+        (dict(attention_bias=True, qkv_bias=True), "qkv_bias is implied by attention_bias"),
+        (dict(use_moe=True, mlp_bias=True), "mlp_bias is for dense models"),
+        (dict(use_moe=True, n_shared_experts=0, shared_expert_gate=True), "shared_expert_gate needs"),
         (dict(rope_scaling={"type": "yarn", "factor": 2.0}), "original_max_position_embeddings"),
     ],
 )
@@ -262,7 +266,12 @@ def test_config_hf_model_types_and_round_trip() -> None:
     assert tiny().to_hf_dict()["model_type"] == "llama"
     assert tiny(qk_norm=True).to_hf_dict()["model_type"] == "qwen3"
     assert tiny(**{**MOE, "n_shared_experts": 0}).to_hf_dict()["model_type"] == "qwen3_moe"
-    for c in (tiny(**MOE), tiny(use_moe=True, n_shared_experts=0)):  # nothing in transformers computes these
+    assert tiny(**MOE).to_hf_dict()["model_type"] == "qwen3_next"
+    assert tiny(use_moe=True, n_shared_experts=0).to_hf_dict()["model_type"] == "qwen2_moe"
+    assert tiny(qkv_bias=True).to_hf_dict()["model_type"] == "qwen2"
+    assert tiny(attention_bias=True, mlp_bias=True).to_hf_dict()["model_type"] == "llama"
+    # nothing in transformers computes these
+    for c in (tiny(qk_norm=True, mlp_bias=True), tiny(use_moe=True, attention_bias=True), tiny(n_heads=3, n_kv_heads=1, head_dim=16)):
         assert c.to_hf_dict()["model_type"] == "zero2llm"
     c = tiny(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}, dropout=0.1, seq_aux=False)
     d = c.to_hf_dict()
@@ -270,6 +279,19 @@ def test_config_hf_model_types_and_round_trip() -> None:
     assert ModelConfig.from_hf_dict(json.loads(json.dumps(d))) == c
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
         ModelConfig.from_hf_dict({"model_type": "gpt2"})
+
+
+def test_readme_presets_table_is_what_the_code_computes() -> None:
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("model_sizes", ROOT / "scripts" / "model_sizes.py")
+    model_sizes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_sizes)
+    table = model_sizes.table()
+    assert table in (ROOT / "README.md").read_text()
+    assert "| Qwen2.5-7B (`--init_from`) | 3584 × 28 | 28 / 4 | 152,064 | 7,615.6 M |" in table  # the published 7.6B
 
 
 def test_config_from_preset_rejects_unknown_names() -> None:
@@ -366,59 +388,199 @@ def test_from_pretrained_reports_missing_tensors(tmp_path) -> None:
 
 # ----------------------------------------------------------------------------- transformers parity
 
+LLAMA3_ROPE = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+SHARED = dict(use_moe=True, n_shared_experts=1)
+# name: (our config overrides, the transformers class its export loads as)
 HF_CASES = {
     "llama": ({}, "LlamaForCausalLM"),
     "llama_untied": (dict(tie_word_embeddings=False), "LlamaForCausalLM"),
+    "llama_bias": (dict(attention_bias=True, mlp_bias=True), "LlamaForCausalLM"),
+    "llama_qkv_mlp_bias": (dict(qkv_bias=True, mlp_bias=True), "LlamaForCausalLM"),  # + a zero o_proj bias
+    "qwen2": (dict(qkv_bias=True, tie_word_embeddings=False), "Qwen2ForCausalLM"),
     "qwen3": (dict(qk_norm=True), "Qwen3ForCausalLM"),
+    "qwen3_qkv_bias": (dict(qk_norm=True, qkv_bias=True), "Qwen3ForCausalLM"),
     "qwen3_moe": (dict(qk_norm=True, use_moe=True, n_shared_experts=0), "Qwen3MoeForCausalLM"),
     "qwen3_moe_no_renorm": (dict(qk_norm=True, use_moe=True, n_shared_experts=0, norm_topk_prob=False), "Qwen3MoeForCausalLM"),
+    "qwen2_moe_shared": (SHARED, "Qwen2MoeForCausalLM"),  # ungated: zero gate, doubled down_proj
+    "qwen2_moe_shared_gated": (dict(**SHARED, shared_expert_gate=True, qkv_bias=True), "Qwen2MoeForCausalLM"),
+    "qwen2_moe_no_shared": (dict(use_moe=True, n_shared_experts=0, norm_topk_prob=False), "Qwen2MoeForCausalLM"),
+    "qwen3_next_shared": (dict(use_moe=True, qk_norm=True, n_shared_experts=2), "Qwen3NextForCausalLM"),
+    "qwen3_next_shared_gated_bias": (dict(**SHARED, qk_norm=True, shared_expert_gate=True, attention_bias=True),
+                                     "Qwen3NextForCausalLM"),
     "llama_yarn": (
         dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
         "LlamaForCausalLM",
     ),
+    "llama3_rope": (dict(rope_scaling=LLAMA3_ROPE, rope_theta=500.0), "LlamaForCausalLM"),
+    "linear_rope": (dict(rope_scaling={"type": "linear", "factor": 2.0}, qkv_bias=True), "Qwen2ForCausalLM"),
 }
 
 
+def build_random(seed: int = 0, **overrides) -> Transformer:
+    """A model whose norm gains and biases are random too (at init they are 1 and 0, which would hide a
+    mis-mapped norm or bias)."""
+    model = build(seed, **overrides)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_((0.1 if name.endswith(".bias") else 1.0) + 0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def greedy(model, x: torch.Tensor, n: int = 12) -> torch.Tensor:
+    """n greedy tokens from ours (KV-cached generate) or a transformers model (its generate)."""
+    if isinstance(model, Transformer):
+        return torch.stack(list(generate(model, x, n, temperature=0)), dim=1)
+    out = model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[:, x.shape[1]:]
+
+
 @pytest.mark.parametrize("case", HF_CASES)
-def test_logits_match_transformers(tmp_path, case: str) -> None:
+def test_export_matches_transformers_both_ways(tmp_path, case: str) -> None:
+    """Ours -> export -> transformers: equal logits (fp32, 1e-4) and greedy tokens; the folder transformers saves
+    again -> ours: equal logits, and the same config."""
     transformers = pytest.importorskip("transformers")
     overrides, cls_name = HF_CASES[case]
-    model = build(**overrides)
-    model.save_pretrained(tmp_path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    assert type(hf).__name__ == cls_name
-    x = ids(2, 40)  # longer than YaRN's original 16 positions
-    torch.testing.assert_close(logits_of(hf, x), logits_of(model, x), atol=1e-4, rtol=0)
-    if case == "llama_yarn":  # the scaling must actually change something
-        plain = build()
-        assert not torch.allclose(logits_of(plain, x), logits_of(model, x), atol=1e-3)
-
-
-def test_transformers_saved_moe_loads_back(tmp_path) -> None:
-    transformers = pytest.importorskip("transformers")
-    model = build(qk_norm=True, use_moe=True, n_shared_experts=0)
+    model = build_random(**overrides)
     model.save_pretrained(tmp_path / "ours")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    assert type(hf).__name__ == cls_name
+    x = ids(2, 40)  # longer than the scaled RoPEs' original 16 positions
+    torch.testing.assert_close(logits_of(hf, x), logits_of(model, x), atol=1e-4, rtol=0)
+    assert torch.equal(greedy(hf, x[:1, :8]), greedy(model, x[:1, :8]))
+    if "rope" in case or "yarn" in case:  # the scaling must actually change something
+        plain = build_random(**{**overrides, "rope_scaling": None})
+        assert not torch.allclose(logits_of(plain, x), logits_of(model, x), atol=1e-3)
     hf.save_pretrained(tmp_path / "hf")
-    loaded = Transformer.from_pretrained(tmp_path / "hf")
-    x = ids()
-    torch.testing.assert_close(logits_of(loaded, x), logits_of(model, x), atol=1e-5, rtol=0)
+    back = Transformer.from_pretrained(tmp_path / "hf").eval()
+    assert back.config == model.config
+    torch.testing.assert_close(logits_of(back, x), logits_of(model, x), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_models_made_by_transformers_import_with_equal_logits(tmp_path, arch: str) -> None:
-    """The other direction: a random Llama / Qwen3 that transformers built and saved loads into ours."""
-    transformers = pytest.importorskip("transformers")
+def hf_config(arch: str, transformers, **extra):
+    """A tiny random config of a transformers architecture, as the Hub's checkpoints of it are laid out."""
     common = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
-    if arch == "llama":
-        config = transformers.LlamaConfig(**common)
-    else:
-        config = transformers.Qwen3Config(**common, head_dim=16)
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(**common),
+        "llama_bias": lambda: transformers.LlamaConfig(**common, attention_bias=True, mlp_bias=True),
+        "llama3_rope": lambda: transformers.LlamaConfig(**common, rope_parameters={"rope_theta": 500.0, **{
+            ("rope_type" if k == "type" else k): v for k, v in LLAMA3_ROPE.items()}}),
+        "qwen2": lambda: transformers.Qwen2Config(**{**common, "tie_word_embeddings": True}),
+        "qwen3": lambda: transformers.Qwen3Config(**common, head_dim=16),
+        "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=64),
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**common, **moe, head_dim=16, norm_topk_prob=True),
+        "qwen3_next": lambda: transformers.Qwen3NextConfig(
+            **common, **moe, head_dim=16, shared_expert_intermediate_size=32, layer_types=["full_attention"] * 2,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.0}),
+    }
+    config = configs[arch]()
+    for k, v in extra.items():
+        setattr(config, k, v)
+    return config
+
+
+def random_hf_model(arch: str, transformers, seed: int = 0):
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config(arch, transformers)).eval()
+    with torch.no_grad():  # transformers inits biases at 0 and norms at 1 (Qwen3-Next's at 0): randomise them
+        for p in hf.parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    return hf
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama_bias", "llama3_rope", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe"])
+def test_models_made_by_transformers_import_with_equal_logits(tmp_path, arch: str) -> None:
+    """The other direction: a random model that transformers built and saved loads into ours: equal logits
+    and greedy tokens. Biases and a real (Qwen2-MoE) shared-expert gate come along."""
+    transformers = pytest.importorskip("transformers")
+    hf = random_hf_model(arch, transformers)
     hf.save_pretrained(tmp_path)
     ours = Transformer.from_pretrained(tmp_path).eval()
-    assert ours.config.qk_norm == (arch == "qwen3") and not ours.config.tie_word_embeddings
-    x = ids(2, 24)
+    c = ours.config
+    assert c.qk_norm == (arch in ("qwen3", "qwen3_moe")) and c.tie_word_embeddings == (arch == "qwen2")
+    assert (c.qkv_bias, c.attention_bias, c.mlp_bias) == (arch in ("qwen2", "qwen2_moe"), arch == "llama_bias",
+                                                          arch == "llama_bias")
+    assert c.shared_expert_gate == (arch == "qwen2_moe")
+    assert c.use_moe == arch.endswith("moe") and (not c.use_moe or c.n_shared_experts == (arch == "qwen2_moe") * 2)
+    x = ids(2, 40)
     torch.testing.assert_close(logits_of(ours, x), logits_of(hf, x), atol=1e-4, rtol=0)
+    assert torch.equal(greedy(ours, x[:1, :8]), greedy(hf, x[:1, :8]))
+    ours.save_pretrained(tmp_path / "again")  # and out again, as the same class
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["architectures"] == hf.config.architectures
+
+
+def test_sharded_bf16_checkpoint_loads(tmp_path) -> None:
+    """Hub checkpoints are usually bf16 and split into shards with model.safetensors.index.json."""
+    transformers = pytest.importorskip("transformers")
+    hf = random_hf_model("qwen2", transformers).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) >= 2
+    ours = Transformer.from_pretrained(tmp_path).eval()
+    assert ours.lm_head.weight.dtype == torch.float32  # fp32 master weights for training
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    x = ids(2, 24)
+    torch.testing.assert_close(logits_of(ours, x), logits_of(reference, x), atol=1e-4, rtol=0)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{shard.name}: file missing"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_generation_config_travels(tmp_path) -> None:
+    """Several eos ids (Llama 3.1 Instruct, Qwen2.5 Instruct) and sampling defaults survive import and export."""
+    build().save_pretrained(tmp_path / "a")
+    gen = {"bos_token_id": 1, "eos_token_id": [2, 7], "pad_token_id": 0, "temperature": 0.7, "top_p": 0.8}
+    (tmp_path / "a" / "generation_config.json").write_text(json.dumps(gen))
+    Transformer.from_pretrained(tmp_path / "a").save_pretrained(tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "generation_config.json").read_text()) == gen
+
+
+@pytest.mark.parametrize("arch, changes, message", [
+    ("qwen2", dict(use_sliding_window=True, sliding_window=16, layer_types=["full_attention", "sliding_attention"]),
+     r"sliding-window attention \(sliding_window 16 on layers \[1\]\)"),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=0, layer_types=None),
+     r"sliding_window 16 on layers \[0, 1\]"),  # transformers 4's configs: no layer_types
+    ("qwen3_next", dict(layer_types=["linear_attention", "full_attention"]), "linear-attention"),
+    ("llama", dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+    ("qwen3", dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), "rope type 'dynamic'"),
+])
+def test_unsupported_hf_architectures_are_refused(tmp_path, arch: str, changes: dict, message: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    random_hf_model(arch, transformers).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **changes}))
+    with pytest.raises(ValueError, match=f"config.json: .*{message}"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_sliding_window_fields_that_change_nothing_are_accepted(tmp_path) -> None:
+    """Qwen2.5's configs carry sliding-window fields that are off, or windows no shorter than the context."""
+    transformers = pytest.importorskip("transformers")
+    random_hf_model("qwen2", transformers).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for changes in (dict(use_sliding_window=False, sliding_window=16, max_window_layers=0, layer_types=None),
+                    dict(use_sliding_window=True, sliding_window=16, max_window_layers=2, layer_types=None),
+                    dict(use_sliding_window=True, sliding_window=64, layer_types=["sliding_attention"] * 2)):
+        (tmp_path / "config.json").write_text(json.dumps({**config, **changes}))
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_weights_the_model_would_drop_are_refused(tmp_path) -> None:
+    """A real Qwen3-Next's attention output gate, or a non-zero o_proj bias where config.json's zero2llm block says
+    q/k/v only: refused rather than silently computing something else."""
+    transformers = pytest.importorskip("transformers")
+    random_hf_model("qwen3_next", transformers).save_pretrained(tmp_path / "next")
+    with pytest.raises(ValueError, match="non-zero attention output gate"):
+        Transformer.from_pretrained(tmp_path / "next")
+    build(qkv_bias=True, mlp_bias=True).save_pretrained(tmp_path / "bias")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bias")
+    with torch.no_grad():
+        hf.model.layers[1].self_attn.o_proj.bias.fill_(0.5)
+    hf.save_pretrained(tmp_path / "bias")
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.o_proj\.bias is not zero"):
+        Transformer.from_pretrained(tmp_path / "bias")

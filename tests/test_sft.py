@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from conftest import CONVERSATION, ROOT, TOKENIZER, check_resume_is_exact, read_metrics, train_losses
+from conftest import CONVERSATION, ROOT, check_resume_is_exact, read_metrics, train_losses
 from data import IGNORE_INDEX, DataError, SFTDataset, padding_fraction, pad_collate
 from trainer.sampler import ResumableBatchSampler
 
@@ -118,15 +118,6 @@ def test_bad_lines_name_the_file_and_line(tok, tmp_path, line, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [good, line])
     with pytest.raises(DataError, match=rf"bad.jsonl line 2: .*{re.escape(message)}"):
         SFTDataset(path, tok, 64)
-
-
-def test_a_template_without_generation_markers_is_a_clear_error(tok, tmp_path):
-    from transformers import AutoTokenizer
-
-    plain = AutoTokenizer.from_pretrained(str(TOKENIZER))
-    plain.chat_template = plain.chat_template.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
-    with pytest.raises(DataError, match="generation"):
-        SFTDataset(write_jsonl(tmp_path / "c.jsonl", [{"conversations": CONVERSATION}]), plain, 64)
 
 
 # ----------------------------------------------------------------------------- batching

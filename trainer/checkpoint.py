@@ -2,7 +2,11 @@
 
 Layout of one checkpoint (out_dir/checkpoints/step_000500/):
     config.json, model.safetensors   the model, in the same HF format as final/
-    optimizer.pt, scheduler.pt, scaler.pt
+    optimizer.pt                     the optimizer
+      or sharded/                    --fsdp: model and optimizer as torch.distributed.checkpoint (DCP) shards,
+                                     every rank writing its own; loads into any number of processes, with
+                                     or without --fsdp (and a model.safetensors checkpoint loads under --fsdp)
+    scheduler.pt, scaler.pt
     rng_state_<rank>.pt              per-rank RNG (dropout masks differ per rank)
     trainer_state.json               step, data position, best val loss ... written LAST
 
@@ -19,13 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from model import hf
 from model.config import ModelConfig
 from trainer.distributed import DistEnv, barrier
+from trainer.parallel import is_sharded
 
 STATE_FILE = "trainer_state.json"
+SHARDED = "sharded"  # the DCP folder of an --fsdp checkpoint
 _NAME = re.compile(r"^step_(\d+)$")
 
 
@@ -79,10 +88,16 @@ def save_checkpoint(out_dir: str | Path, step: int, env: DistEnv, *, model: torc
             tmp.mkdir(parents=True)
         barrier()
         torch.save(_rng_state(), tmp / f"rng_state_{env.rank}.pt")
+        if is_sharded(model):  # a collective: every rank writes its shards of model and optimizer
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / SHARDED)
         barrier()
         if env.is_main:
-            model.save_pretrained(tmp)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if is_sharded(model):  # what resume checks the architecture against
+                (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+            else:
+                model.save_pretrained(tmp)
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
             _fsync_write_json(tmp / STATE_FILE, trainer_state)
@@ -124,13 +139,9 @@ def _load(path: Path) -> Any:
 _RESUMABLE_CHANGES = {"dropout", "flash_attn", "aux_loss_alpha"}
 
 
-def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load a checkpoint's weights into `model`, refusing a checkpoint of another architecture.
-
-    The file holds exactly the run's model.state_dict() (for LoRA: the frozen base and the adapter),
-    so it is loaded as a state dict, not through Transformer.from_pretrained, which knows no adapters.
-    """
-    config_file, weights_file = Path(path) / "config.json", Path(path) / "model.safetensors"
+def check_architecture(model: torch.nn.Module, path: Path) -> ModelConfig:
+    """The checkpoint's model config; CheckpointError naming the differing fields when it is another architecture."""
+    config_file = path / "config.json"
     try:
         saved = ModelConfig.from_hf_dict(json.loads(config_file.read_text()))
     except (OSError, KeyError, TypeError, ValueError) as e:
@@ -140,33 +151,67 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     if diff:
         raise CheckpointError(f"{config_file}: the checkpoint is a different model: {', '.join(diff)}. "
                               f"Resume with the same model flags, or use a new --out_dir.")
-    try:
-        state = load_file(str(weights_file))
-    except (SafetensorError, OSError) as e:
+    return saved
+
+
+def _model_weights(saved: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors as the run's model.state_dict() (for LoRA: the frozen base and the adapter). Read as a
+    state dict, not through Transformer.from_pretrained, which knows no adapters."""
+    weights_file = path / "model.safetensors"
+    try:  # written by save_pretrained, so in the layout of the model's transformers class: convert back
+        state = hf.from_hf_state(load_file(str(weights_file)), saved, weights_file)
+    except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights_file}: cannot read the weights, the file is missing, truncated or corrupt "
                               f"({e}). Delete {weights_file.parent} to resume from the one before it.") from None
     if saved.tie_word_embeddings and "model.embed_tokens.weight" in state:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])  # saved once, as transformers does
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:  # e.g. LoRA resumed with another --lora_rank or --lora_target_modules
-        raise CheckpointError(f"{weights_file}: does not fit this run's model ({e}). "
-                              f"Resume with the same flags, or use a new --out_dir.") from None
+    return state
 
 
-def load_checkpoint(path: str | Path, env: DistEnv, *, optimizer: torch.optim.Optimizer,
+def _by_name(optimizer_state: dict[str, Any], model: torch.nn.Module,
+             optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A plain optimizer.state_dict() (parameters numbered in the optimizer's order) keyed by parameter names
+    instead, the form torch.distributed.checkpoint.state_dict reads (to resume a DDP checkpoint with --fsdp)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {"state": {order[i]: v for i, v in optimizer_state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in optimizer_state["param_groups"]]}
+
+
+def load_checkpoint(path: str | Path, env: DistEnv, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, scaler: Any) -> dict[str, Any]:
-    """Restore optimizer, scheduler, scaler and this rank's RNG; return the trainer state.
-
-    The model weights are loaded separately (load_model_weights), which checks the architecture.
-    """
+    """Restore model (refusing a checkpoint of another architecture), optimizer, scheduler, scaler and this rank's
+    RNG; return the trainer state. Sharded (--fsdp) checkpoints load with or without --fsdp, at any process count;
+    model.safetensors ones too (under --fsdp each rank keeps its shard of them)."""
     path = Path(path)
     state_file = path / STATE_FILE
     try:
         state = json.loads(state_file.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{state_file}: cannot be read ({e}); not a complete checkpoint.") from None
-    optimizer.load_state_dict(_load(path / "optimizer.pt"))
+    saved = check_architecture(model, path)
+    if (path / SHARDED).is_dir():
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        loaded = {"model": model_state, "optimizer": optimizer_state}
+        try:
+            dcp.load(loaded, checkpoint_id=path / SHARDED)
+        except Exception as e:  # a missing or truncated shard: DCP's own error, summarised
+            raise CheckpointError(f"{path / SHARDED}: cannot be read ({type(e).__name__}: {str(e)[:300]}). "
+                                  f"Delete {path} to resume from the one before it.") from None
+        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+    else:
+        weights, optimizer_state = _model_weights(saved, path), _load(path / "optimizer.pt")
+        try:
+            if is_sharded(model):
+                set_state_dict(model, optimizer, model_state_dict=weights,
+                               optim_state_dict=_by_name(optimizer_state, model, optimizer),
+                               options=StateDictOptions(full_state_dict=True))
+            else:
+                model.load_state_dict(weights)
+                optimizer.load_state_dict(optimizer_state)
+        except (RuntimeError, KeyError, ValueError) as e:  # e.g. LoRA resumed with another --lora_rank
+            raise CheckpointError(f"{path}: does not fit this run's model ({str(e).splitlines()[0]}). "
+                                  f"Resume with the same flags, or use a new --out_dir.") from None
     scheduler.load_state_dict(_load(path / "scheduler.pt"))
     scaler.load_state_dict(_load(path / "scaler.pt"))
     rng_file = path / f"rng_state_{env.rank}.pt"

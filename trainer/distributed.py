@@ -65,8 +65,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Join the torchrun process group if launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+def init_distributed(device: str = "auto", process_group: bool = False) -> DistEnv:
+    """Join the torchrun process group if launched by torchrun (NCCL on CUDA, gloo on CPU; on several nodes too:
+    torchrun's rendezvous sets the same variables). process_group: also make a group for a world of one
+    (FSDP needs one even then: `python train.py --fsdp`)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -75,8 +77,12 @@ def init_distributed(device: str = "auto") -> DistEnv:
         # One GPU per process: LOCAL_RANK picks it unless the user named one explicitly.
         dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    if (world_size > 1 or process_group) and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if "MASTER_ADDR" in os.environ:  # torchrun
+            dist.init_process_group(backend=backend)
+        else:  # a plain `python train.py`: an in-memory store, no port to pick
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
 
 

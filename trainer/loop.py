@@ -1,12 +1,12 @@
 """The one training loop, shared by every mode.
 
-It owns what is the same for all modes: devices and DDP, AMP, gradient accumulation, the LR
-schedule, clipping, logging, validation, checkpoints and resume. What differs between modes is
-the objective (trainer/objectives.py): how a batch becomes a loss.
+It owns what is the same for all modes: devices and parallelism (DDP or FSDP, trainer/parallel.py),
+AMP, gradient accumulation, the LR schedule, clipping, logging, validation, checkpoints and resume.
+What differs between modes is the objective (trainer/objectives.py): how a batch becomes a loss.
 
 One optimizer step reads like a recipe:
     fetch accumulation_steps micro-batches  ->  count the step's items on all ranks
-    forward + backward each (DDP all-reduces only on the last)  ->  unscale, clip, step, schedule
+    forward + backward each (DDP/FSDP reduce only on the last)  ->  unscale, clip, step, schedule
     log  ->  checkpoint  ->  evaluate (checkpoint first: a crash in eval must not lose it)
 """
 from __future__ import annotations
@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
 from trainer import checkpoint as ckpt
+from trainer import parallel
 from trainer.config import TrainConfig, UsageError
 from trainer.interrupt import StopOnSignal
 from trainer.distributed import DistEnv, all_reduce_sum, barrier, resolve_dtype
@@ -83,12 +83,15 @@ class Trainer:
         self.cfg, self.env, self.objective = cfg, env, objective
         self.train_data, self.val_data, self.collate_fn, self.export = train_data, val_data, collate_fn, export
         self.out_dir = Path(cfg.out_dir)
-        self.raw_model = model.to(env.device)
-        self.model = self.raw_model
-        if env.is_distributed:
-            self.model = DDP(self.raw_model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         self.dtype = resolve_dtype(cfg.dtype, env.device)
-        self.autocast = torch.autocast(env.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        # FSDP: rank 0 keeps the model's shape (no storage) to gather the full model into for best/ and final/.
+        self.template = parallel.meta_copy(model) if cfg.fsdp and env.is_main else None
+        self.raw_model = model  # the module itself (sharded in place by FSDP); self.model is what runs the step
+        self.model = parallel.parallelize(model, env, fsdp=cfg.fsdp, dtype=self.dtype,
+                                          grad_checkpointing=cfg.grad_checkpointing, compile=cfg.compile)
+        # Under FSDP its MixedPrecisionPolicy casts the parameters to self.dtype instead of autocast.
+        self.autocast = torch.autocast(env.device.type, dtype=self.dtype,
+                                       enabled=self.dtype != torch.float32 and not cfg.fsdp)
         # Loss scaling is only needed for fp16's narrow exponent range; bf16 has fp32's range.
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.dtype == torch.float16)
         self.optimizer = build_optimizer(self.raw_model, cfg, env.device)
@@ -157,8 +160,8 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             batch = self._to_device(batch)
             last = i == len(micro_batches) - 1
-            # no_sync: skip the gradient all-reduce on all but the last micro-batch of the step.
-            sync = contextlib.nullcontext() if last or not env.is_distributed else self.model.no_sync()
+            # Skip the gradient reduction across ranks on all but the last micro-batch of the step.
+            sync = contextlib.nullcontext() if last else parallel.no_grad_sync(self.model)
             with sync:
                 with self.autocast:
                     loss, metrics = self.objective(self.model, batch)
@@ -168,7 +171,7 @@ class Trainer:
                 extra[k] = extra.get(k, 0.0) + float(v)
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        grad_norm = parallel.clip_grad_norm_(self.raw_model.parameters(), max_norm)
         lr = self.scheduler.get_last_lr()[0]
         finite = bool(torch.isfinite(grad_norm))
         if finite:
@@ -202,15 +205,23 @@ class Trainer:
                                         shuffle=False, drop_last=False)
         # [loss sum, items, metric_1 * items, ...]
         totals = torch.zeros(2 + len(names), device=env.device, dtype=torch.float64)
-        for i, batch in enumerate(self._loader(sampler, self.val_data)):
-            if self.cfg.eval_iters and i >= self.cfg.eval_iters:
-                break
+        batches = iter(self._loader(sampler, self.val_data))
+        n_steps = min(len(sampler), self.cfg.eval_iters or len(sampler))
+        for _ in range(n_steps):
+            batch = next(batches, None)
+            counted = batch is not None
+            if not counted:  # this rank's share of the ragged last step is empty
+                if not parallel.is_sharded(model):
+                    break
+                # FSDP's forward gathers the parameters with every rank: run one on a row, counted as nothing.
+                batch = self.collate_fn([self.val_data[0]])
             batch = self._to_device(batch)
             with self.autocast:
                 loss, metrics = self.objective(model, batch)
-            n = self.objective.num_items(batch)
-            totals += torch.stack([loss.double(), torch.tensor(n, device=env.device, dtype=torch.float64),
-                                   *(torch.as_tensor(metrics[k], device=env.device).double() * n for k in names)])
+            if counted:
+                n = self.objective.num_items(batch)
+                totals += torch.stack([loss.double(), torch.tensor(n, device=env.device, dtype=torch.float64),
+                                       *(torch.as_tensor(metrics[k], device=env.device).double() * n for k in names)])
         all_reduce_sum(totals)
         model.train()
         items = totals[1].clamp(min=1)
@@ -228,19 +239,19 @@ class Trainer:
             ckpt.rotate_checkpoints(self.out_dir, self.cfg.keep_checkpoint_max)
 
     def resume(self, path: Path) -> None:
-        ckpt.load_model_weights(self.raw_model, path)
-        saved = ckpt.load_checkpoint(path, self.env, optimizer=self.optimizer, scheduler=self.scheduler,
-                                     scaler=self.scaler)
+        saved = ckpt.load_checkpoint(path, self.env, model=self.raw_model, optimizer=self.optimizer,
+                                     scheduler=self.scheduler, scaler=self.scaler)
         self.state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
 
     def _export(self, name: str, val_loss: float) -> None:
         """best/ and final/ as Hugging Face folders, written atomically like checkpoints."""
+        model = parallel.consolidated_model(self.raw_model, self.template)  # every rank: FSDP gathers
         if self.env.is_main:
             folder = self.out_dir / name
             tmp = self.out_dir / f"{name}.tmp"
             info = {"mode": self.cfg.mode, "step": self.state.step, "val_loss": val_loss,
                     "tokens_seen": self.state.tokens_seen}
-            self.export(self.raw_model, tmp, info)
+            self.export(model, tmp, info)
             if folder.exists():
                 shutil.rmtree(folder)
             tmp.rename(folder)

@@ -1,0 +1,109 @@
+"""How the model is wrapped for a run, in torchtitan's order: activation checkpointing, then torch.compile
+per block, then data parallelism: DDP (every rank holds the whole model) or FSDP2 (`--fsdp`: parameters,
+gradients and optimizer states sharded over the ranks, each block gathered just in time).
+
+The loop sees only the module `parallelize` returns and the helpers below, so one code path serves one
+process, DDP and FSDP, on one node or many (torchrun sets the ranks either way).
+
+FSDP2 (torch.distributed.fsdp.fully_shard) shards each Block, then the root (embeddings, final norm,
+lm_head); under a MixedPrecisionPolicy the gathered parameters are cast to --dtype for compute, while
+the sharded fp32 master weights, the optimizer and the gradient reduce-scatter (reduce_dtype) stay in
+fp32. The same code runs with NCCL on GPUs and with gloo on CPU (what the tests use; no GPU here).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from trainer.distributed import DistEnv
+
+
+def parallelize(model: nn.Module, env: DistEnv, *, fsdp: bool, dtype: torch.dtype, grad_checkpointing: bool,
+                compile: bool) -> nn.Module:
+    """Wrap `model` (a Transformer, maybe with LoRA layers) in place for training; returns the module to call.
+
+    DDP: a wrapper around the model, moved to the device. FSDP: the model itself, now sharded (its parameters
+    are DTensors). Parameter names never change, so checkpoints, exports and LoRA adapters keep theirs.
+    """
+    if grad_checkpointing:
+        model.gradient_checkpointing = True  # Transformer.forward recomputes each block in backward
+    if compile:
+        for block in model.model.layers:  # per block: small graphs compile fast and are reused by every layer
+            block.compile()
+    if fsdp:
+        return shard(model, env, dtype)
+    model.to(env.device)
+    if env.is_distributed:
+        return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return model
+
+
+def shard(model: nn.Module, env: DistEnv, dtype: torch.dtype) -> nn.Module:
+    """FSDP2 in place: each block, then the root; computing in `dtype`, reducing gradients in fp32. Also for a
+    frozen model every rank runs in step (DPO's reference)."""
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)  # moves each shard to the mesh's device
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def no_grad_sync(model: nn.Module) -> Iterator[None]:
+    """Accumulate gradients locally, without the cross-rank reduction (all micro-batches of a step but the last):
+    DDP's no_sync(), FSDP2's set_requires_gradient_sync(False)."""
+    if isinstance(model, DDP):
+        with model.no_sync():
+            yield
+    elif is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Global gradient-norm clipping; the norm as a plain tensor, also when the gradients are sharded DTensors
+    (then it is already reduced over the ranks, so every rank sees the same value)."""
+    norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """The model's structure with storage-less (meta) parameters: what consolidated_model fills in. Taken before
+    sharding, on the rank that exports; tied parameters stay tied."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def consolidated_model(model: nn.Module, template: nn.Module | None) -> nn.Module | None:
+    """The full, unsharded model on CPU, for a Hugging Face export: `model` itself when it is not sharded;
+    for FSDP, the gathered parameters put into a copy of `template` (meta_copy) on rank 0, None elsewhere.
+    Every rank must call it (the gather is a collective)."""
+    if not is_sharded(model):
+        return model
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if template is None:
+        return None
+    full = copy.deepcopy(template)
+    full.load_state_dict(state, assign=True)
+    full.tie_weights()
+    return full
