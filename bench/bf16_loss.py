@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, machine_line, record
+from common import ROOT, load_after, machine_line, record
 
 
 def run(out_dir: Path, dtype: str, seed: int, steps: int, *extra: str) -> tuple[dict[int, float], float]:
@@ -52,9 +52,11 @@ def main() -> None:
         fp32, fp32_val = run(Path(tmp) / "fp32", "float32", 1337, args.steps, *extra)
         bf16, bf16_val = run(Path(tmp) / "bf16", "bfloat16", 1337, args.steps, *extra)
         seed, seed_val = run(Path(tmp) / "seed", "float32", 1338, args.steps, *extra)
-    lines = [f"bf16 autocast vs fp32, default pretrain recipe (small preset, batch 16 x 256), {args.steps} steps{', ' + args.train_args if args.train_args else ''}, "
-             f"mean training loss per window of {args.window} steps — {machine}", "",
-             "| steps | fp32 | bf16 | bf16 - fp32 | fp32, seed 1338 | seed - fp32 (noise) |", "|---|---|---|---|---|---|"]
+    flags = f" {args.train_args}" if args.train_args else ""
+    lines = [f"bf16 autocast vs fp32, default pretrain recipe{flags} (small preset, batch 16 x 256), {args.steps} "
+             f"steps, mean training loss per window of {args.window} steps — {machine} ({load_after()})", "",
+             "| steps | fp32 | bf16 | bf16 - fp32 | fp32, seed 1338 | seed - fp32 (noise) |",
+             "|---|---|---|---|---|---|"]
     worst = 0.0
     for start in range(1, args.steps + 1, args.window):
         window = range(start, min(start + args.window, args.steps + 1))

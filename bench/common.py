@@ -35,7 +35,8 @@ CONFIGS: dict[str, dict] = {
     "104m": dict(preset="104m", vocab_size=6400, max_seq_len=1024),  # the ~124M-class GPU check, at seq 1024
     "moe": dict(preset="moe", vocab_size=6400),
     # The dense model with the MoE preset's ACTIVE parameters: one SwiGLU as wide as its top-k experts together.
-    "moe_dense": dict(preset="moe", vocab_size=6400, use_moe=False, hidden_dim=_MOE.num_experts_per_tok * _MOE.moe_hidden_dim),
+    "moe_dense": dict(preset="moe", vocab_size=6400, use_moe=False,
+                      hidden_dim=_MOE.num_experts_per_tok * _MOE.moe_hidden_dim),
 }
 
 
@@ -63,6 +64,11 @@ def machine_line(device: torch.device) -> str:
     load = os.getloadavg()[0]
     return (f"{platform.node() or 'machine'} ({where}), torch {torch.__version__}, "
             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, load {load:.1f}")
+
+
+def load_after() -> str:
+    """The 1-minute load average at the end of a run, for the record's header."""
+    return f"load after: {os.getloadavg()[0]:.1f}"
 
 
 def sync(device: torch.device) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import CONFIGS, machine_line, model_config, ratio_rounds, record, save_weights, timed
+from common import CONFIGS, load_after, machine_line, model_config, ratio_rounds, record, save_weights, timed
 from model import Transformer, generate
 from trainer.distributed import resolve_device, resolve_dtype
 
@@ -102,8 +102,8 @@ def main() -> None:
             rows.append(f"| {batch} | {label} | {str(dtype).removeprefix('torch.')} | {tok_s:,.0f} | "
                         f"{ratios[name]:.2f}x | {same_tokens(out[name], reference)} |")
     lines = [f"decode, config {args.config}, {device.type}, greedy, {args.prompt_len}-token prompts "
-             f"+ {n} new tokens, {args.rounds} rounds — {machine} (load after: {machine_line(device).rsplit(' ', 1)[-1]})",
-             "", "| batch | implementation | dtype | new tokens/s | vs transformers fp32 | same tokens as transformers |",
+             f"+ {n} new tokens, {args.rounds} rounds — {machine} ({load_after()})", "",
+             "| batch | implementation | dtype | new tokens/s | vs transformers fp32 | same tokens as transformers |",
              "|---|---|---|---|---|---|",
              *rows]
     print("\n".join(lines))

@@ -18,7 +18,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import machine_line, model_config, ratio_rounds, record, save_weights
+from common import load_after, machine_line, model_config, ratio_rounds, record, save_weights
 from model import Transformer
 from train_throughput import measure
 from trainer.distributed import resolve_device
@@ -54,8 +54,8 @@ def main() -> None:
     ratios = ratio_rounds(times, "moe_dense")
     tokens = args.batch_size * configs["moe"].max_seq_len
     lines = [f"MoE step vs dense with equal active parameters, batch {args.batch_size} x "
-             f"{configs['moe'].max_seq_len}, {dtype}{', --compile' if args.compile else ''}, {device.type}, {args.rounds} rounds x {args.steps} steps — "
-             f"{machine} (load after: {machine_line(device).rsplit(' ', 1)[-1]})",
+             f"{configs['moe'].max_seq_len}, {dtype}{', --compile' if args.compile else ''}, {device.type}, "
+             f"{args.rounds} rounds x {args.steps} steps — {machine} ({load_after()})",
              "", "| model | parameters | MFLOP/token | step (s) | tokens/s | step time vs dense | peak memory (MB) |",
              "|---|---|---|---|---|---|---|"]
     for name in names:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import ROOT, machine_line, record
+from common import ROOT, load_after, machine_line, record
 from model import Transformer
 from trainer.objectives import token_cross_entropy
 
@@ -105,8 +105,9 @@ def main() -> None:
                 name = f"auto ({str(resolve_dtype('auto', torch.device('cpu'))).removeprefix('torch.')})" \
                     if dtype == "auto" else dtype
                 rows.append((budget, name, steps, wall, bits_per_byte(out / "final")))
-    lines = [f"time to quality, default pretrain recipe (small preset, batch 16 x 256{', ' + args.train_args if args.train_args else ''}), held-out "
-             f"{VAL.relative_to(ROOT)} — {machine} (load after: {machine_line(torch.device('cpu')).rsplit(' ', 1)[-1]})",
+    flags = f" {args.train_args}" if args.train_args else ""
+    lines = [f"time to quality, default pretrain recipe{flags} (small preset, batch 16 x 256), held-out "
+             f"{VAL.relative_to(ROOT)} — {machine} ({load_after()})",
              "", "| budget (min) | --dtype | steps | wall (min) | val bits/byte |", "|---|---|---|---|---|"]
     for budget, name, steps, wall, bpb in sorted(rows):
         lines.append(f"| {budget:g} | {name} | {steps:,} | {wall / 60:.1f} | {bpb:.3f} |")

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from common import CONFIGS, machine_line, model_config, peak_memory_mb, ratio_rounds, record, save_weights, timed
+from common import (CONFIGS, load_after, machine_line, model_config, peak_memory_mb, ratio_rounds, record,
+                    save_weights, timed)
 from model import Transformer
 from trainer.distributed import DistEnv, resolve_device, resolve_dtype
 from trainer.flops import peak_flops
@@ -40,7 +41,8 @@ from trainer.parallel import parallelize
 
 IMPLS = ("hf", "hf_fused", "ours", "ours_compiled", "recipe", "compiled", "hf_recipe")
 LABELS = {"hf": "transformers LlamaForCausalLM, AdamW", "hf_fused": "transformers LlamaForCausalLM, AdamW fused",
-          "ours": "zero2llm trainer step", "ours_compiled": "zero2llm trainer step, --compile", "recipe": "zero2llm trainer step, default dtype",
+          "ours": "zero2llm trainer step", "ours_compiled": "zero2llm trainer step, --compile",
+          "recipe": "zero2llm trainer step, default dtype",
           "compiled": "zero2llm trainer step, default dtype, --compile",
           "hf_recipe": "transformers LlamaForCausalLM, AdamW, default dtype"}
 
@@ -143,7 +145,7 @@ def main() -> None:
     peaks = {d: peak_flops(device, getattr(torch, d), args.peak_tflops) for d in {r["dtype"] for r in results.values()}}
     peak_text = ", ".join(f"{d} {v / 1e9:,.0f} GFLOP/s" for d, v in sorted(peaks.items()))
     lines = [f"train step, config {args.config}, batch {args.batch_size} x {config.max_seq_len}, {device.type}, "
-             f"{args.rounds} rounds x {args.steps} steps — {machine} (load after: {machine_line(device).rsplit(' ', 1)[-1]}); "
+             f"{args.rounds} rounds x {args.steps} steps — {machine} ({load_after()}); "
              f"MFU peak {'given' if args.peak_tflops else 'measured'}: {peak_text}; "
              f"{flops_per_token / 1e6:.0f} MFLOP/token (6N + attention)",
              "", f"| implementation | dtype | step (s) | tokens/s | vs {baseline} | peak memory (MB) | MFU |",
