@@ -14,28 +14,21 @@ loss of each. bf16 is "within noise" when |bf16 - fp32|, averaged over the windo
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from common import ROOT, load_after, machine_line, record
+from common import load_after, machine_line, report, train_py
 
 
 def run(out_dir: Path, dtype: str, seed: int, steps: int, *extra: str) -> tuple[dict[int, float], float]:
     """(step -> training loss, final validation loss) of one default-recipe run."""
-    cmd = [sys.executable, str(ROOT / "train.py"), "--mode", "pretrain", "--dtype", dtype, "--seed", str(seed),
-           "--max_steps", str(steps), "--log_interval", "1", "--eval_interval", "0", "--save_interval_steps", "0",
-           "--no-save_last", "--out_dir", str(out_dir), *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    logs = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    _, logs = train_py(out_dir, "--mode", "pretrain", "--dtype", dtype, "--seed", str(seed), "--max_steps", str(steps),
+                       "--log_interval", "1", "--eval_interval", "0", "--save_interval_steps", "0", "--no-save_last",
+                       *extra)
     return {r["step"]: r["loss"] for r in logs if "loss" in r}, [r["val_loss"] for r in logs if "val_loss" in r][-1]
 
 
@@ -69,9 +62,7 @@ def main() -> None:
                  f"| {seed_val:.4f} | {seed_val - fp32_val:+.4f} |")
     lines += ["", f"Mean over the windows of |bf16 - fp32|: {statistics.mean(deltas):.4f}; of |seed - fp32|, the noise: "
                   f"{statistics.mean(noise):.4f} (bf16 is within noise when the first is not larger)."]
-    print("\n".join(lines))
-    if args.record:
-        record(lines)
+    report(lines, args.record)
 
 
 if __name__ == "__main__":

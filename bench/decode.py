@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import CONFIGS, load_after, machine_line, model_config, ratio_rounds, record, save_weights, timed
+from common import CONFIGS, load_after, machine_line, model_config, ratio_rounds, report, save_weights, timed
 from model import Transformer, generate
 from trainer.distributed import resolve_device, resolve_dtype
 
@@ -107,9 +107,7 @@ def main() -> None:
              "| batch | implementation | dtype | new tokens/s | vs transformers fp32 | same tokens as transformers |",
              "|---|---|---|---|---|---|",
              *rows]
-    print("\n".join(lines))
-    if args.record:
-        record(lines)
+    report(lines, args.record)
 
 
 if __name__ == "__main__":

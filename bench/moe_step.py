@@ -18,7 +18,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import load_after, machine_line, model_config, ratio_rounds, record, save_weights
+from common import load_after, machine_line, model_config, ratio_rounds, report, save_weights
 from model import Transformer
 from train_throughput import measure
 from trainer.distributed import resolve_device
@@ -65,9 +65,7 @@ def main() -> None:
                  else f"dense, SwiGLU {configs[name].hidden_dim} (= 2 x {configs['moe'].moe_hidden_dim})")
         lines.append(f"| {label} | {model.num_params() / 1e6:.1f}M | {model.estimate_flops_per_token() / 1e6:.0f} "
                      f"| {step:.2f} | {tokens / step:,.0f} | {1 / ratios[name]:.2f}x | {peak_mb[name]:,.0f} |")
-    print("\n".join(lines))
-    if args.record:
-        record(lines)
+    report(lines, args.record)
 
 
 if __name__ == "__main__":

@@ -14,31 +14,20 @@ rounds). MFU is the loop's own (trainer/flops.py).
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from common import ROOT, load_after, machine_line, record
+from common import load_after, machine_line, report, train_py
 
 
 def train(mode: str, dtype: str, out_dir: Path, steps: int, *extra: str) -> dict:
     """One train.py run; its logged tokens/s and MFU (median over windows after the first) and wall time."""
-    cmd = [sys.executable, str(ROOT / "train.py"), "--mode", mode, "--dtype", dtype, "--out_dir", str(out_dir),
-           "--max_steps", str(steps), "--log_interval", "5", "--eval_interval", "0", "--save_interval_steps", "0",
-           *extra]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    logs = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    wall, logs = train_py(out_dir, "--mode", mode, "--dtype", dtype, "--max_steps", str(steps), "--log_interval",
+                          "5", "--eval_interval", "0", "--save_interval_steps", "0", *extra)
     logs = [r for r in logs if "tokens_per_sec" in r][1:]
     return {"tokens_per_s": statistics.median(r["tokens_per_sec"] for r in logs),
             "mfu": statistics.median(r["mfu"] for r in logs), "tokens": logs[-1]["tokens_seen"], "wall_s": wall}
@@ -79,9 +68,7 @@ def main() -> None:
         name = f"auto ({auto})" if dtype == "auto" else dtype
         tokens_s, mfu, wall = (statistics.median(x[k] for x in rs) for k in ("tokens_per_s", "mfu", "wall_s"))
         lines.append(f"| {mode} | {name} | {tokens_s:,.0f} | {ratio:.2f}x | {mfu:.1%} | {wall:.0f} |")
-    print("\n".join(lines))
-    if args.record:
-        record(lines)
+    report(lines, args.record)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from common import (CONFIGS, load_after, machine_line, model_config, peak_memory_mb, ratio_rounds, record,
+from common import (CONFIGS, load_after, machine_line, model_config, peak_memory_mb, ratio_rounds, report,
                     save_weights, timed)
 from model import Transformer
 from trainer.distributed import DistEnv, resolve_device, resolve_dtype
@@ -156,9 +156,7 @@ def main() -> None:
         mfu = tokens / step * flops_per_token / peaks[r["dtype"]]
         lines.append(f"| {LABELS[impl]} | {r['dtype']} | {step:.2f} | {tokens / step:,.0f} | {ratios[impl]:.2f}x "
                      f"| {r['peak_mb']:,.0f} | {mfu:.1%} |")
-    print("\n".join(lines))
-    if args.record:
-        record(lines)
+    report(lines, args.record)
 
 
 if __name__ == "__main__":
