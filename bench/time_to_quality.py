@@ -19,13 +19,16 @@ import argparse
 import json
 import math
 import shlex
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import ROOT, load_after, machine_line, report, train_py
+from common import ROOT, machine_line, record
 from model import Transformer
 from trainer.objectives import token_cross_entropy
 
@@ -34,8 +37,14 @@ VAL = ROOT / "dataset" / "pretrain_val.jsonl"
 
 def train(out_dir: Path, dtype: str, steps: int, *extra: str) -> float:
     """One default-recipe run of `steps` steps with only a final export; returns its wall seconds."""
-    return train_py(out_dir, "--mode", "pretrain", "--dtype", dtype, "--max_steps", str(steps), "--eval_interval",
-                    "0", "--save_interval_steps", "0", "--log_interval", "5", *extra)[0]
+    cmd = [sys.executable, str(ROOT / "train.py"), "--mode", "pretrain", "--dtype", dtype, "--out_dir",
+           str(out_dir), "--max_steps", str(steps), "--eval_interval", "0", "--save_interval_steps", "0",
+           "--log_interval", "5", *extra]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t
 
 
 def steps_per_second(out_dir: Path) -> float:
@@ -96,13 +105,14 @@ def main() -> None:
                 name = f"auto ({str(resolve_dtype('auto', torch.device('cpu'))).removeprefix('torch.')})" \
                     if dtype == "auto" else dtype
                 rows.append((budget, name, steps, wall, bits_per_byte(out / "final")))
-    flags = f" {args.train_args}" if args.train_args else ""
-    lines = [f"time to quality, default pretrain recipe{flags} (small preset, batch 16 x 256), held-out "
-             f"{VAL.relative_to(ROOT)} — {machine} ({load_after()})",
+    lines = [f"time to quality, default pretrain recipe (small preset, batch 16 x 256{', ' + args.train_args if args.train_args else ''}), held-out "
+             f"{VAL.relative_to(ROOT)} — {machine} (load after: {machine_line(torch.device('cpu')).rsplit(' ', 1)[-1]})",
              "", "| budget (min) | --dtype | steps | wall (min) | val bits/byte |", "|---|---|---|---|---|"]
     for budget, name, steps, wall, bpb in sorted(rows):
         lines.append(f"| {budget:g} | {name} | {steps:,} | {wall / 60:.1f} | {bpb:.3f} |")
-    report(lines, args.record)
+    print("\n".join(lines))
+    if args.record:
+        record(lines)
 
 
 if __name__ == "__main__":

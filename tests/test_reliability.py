@@ -113,8 +113,11 @@ def test_out_of_memory_names_the_flags_that_help(corpus, tmp_path, monkeypatch):
 
 
 def test_kill_9_at_random_moments_then_resume_matches_an_uninterrupted_run(corpus, tmp_path):
-    """SIGKILL (no chance to clean up) at random points, mid-step or mid-checkpoint, four times."""
-    steps = 12
+    """SIGKILL (no chance to clean up) at random points, mid-step or mid-checkpoint, four times.
+
+    Each kill lands within 0.05 s of a new checkpoint; 64 steps leave room for four kills at any step speed
+    a tiny model reaches on CPU (~40-100 steps/s), so the run is really interrupted."""
+    steps = 64
     common = ("--max_steps", str(steps), "--lr_decay_iters", str(steps), "--save_interval_steps", "1",
               "--keep_checkpoint_max", "2", "--eval_interval", "0", "--dropout", "0.1")
     straight = tmp_path / "straight"
@@ -129,7 +132,7 @@ def test_kill_9_at_random_moments_then_resume_matches_an_uninterrupted_run(corpu
         before = ckpt.latest_checkpoint(out)
         while ckpt.latest_checkpoint(out) == before and proc.poll() is None:  # let it make progress first
             time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.1))
+        time.sleep(rng.uniform(0, 0.05))
         proc.kill()
         assert proc.wait() in (0, -signal.SIGKILL), proc.stderr.read()[-2000:]
     killed_at = int(ckpt.latest_checkpoint(out).name.split("_")[1])

@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 import train
 from conftest import CONVERSATION, ROOT, check_resume_is_exact, read_metrics, train_losses
@@ -234,8 +233,6 @@ def test_pipeline_check_fails_when_fine_tuning_taught_nothing(base_model, sft_fi
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-import data as data_module  # noqa: E402
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
                            lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids, max_size=3),

@@ -37,8 +37,9 @@ def gpu_datasheet_peak(device: torch.device, dtype: torch.dtype) -> float | None
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     """FLOP/s of an n x n @ n x n matmul in `dtype` on `device` (best of `reps` after one warm-up):
     what the matrix units sustain on a large, well-shaped problem."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device).manual_seed(0)  # a private RNG: the training run's seeded draws stay untouched
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     best = float("inf")
     for i in range(reps + 1):
         _sync(device)

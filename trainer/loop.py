@@ -12,7 +12,6 @@ One optimizer step reads like a recipe:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import time
@@ -151,8 +150,7 @@ class Trainer:
         n_items = counts[0]
         self.state.tokens_seen += int(counts[1])
         if self.flops_per_token:
-            self.step_flops += sum(n * self.flops_per_token(b["input_ids"].shape[1])
-                                   for n, b in zip(tokens, micro_batches))
+            self.step_flops += sum(n * self.flops_per_token(b["input_ids"].shape[1]) for n, b in zip(tokens, micro_batches))
         # DDP averages gradients over ranks, so multiplying by world_size turns that average into
         # the sum; dividing by the step's total items makes it the mean over every item of the step.
         scale = env.world_size / n_items.clamp(min=1)
