@@ -19,6 +19,8 @@ class CausalLMObjective:
     Used by pretraining (every position labelled) and, with masked labels, by SFT.
     """
 
+    loss_is_nll = True  # the loop reports exp(val_loss), the perplexity
+
     def num_items(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
@@ -37,23 +39,33 @@ class CausalLMObjective:
         return loss_sum, {"aux_loss": out.aux_loss.detach()}
 
 
+def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                chunk_rows: int = 4) -> tuple[torch.Tensor, object]:
+    """Log-probability of each labelled token (0 where the label is -100): [rows, L], and the model output.
+
+    batch["labels"] may cover only the LAST L positions of input_ids (GRPO: the completion after the prompt);
+    then only those L positions get logits (logits_to_keep), none is computed for the prompt.
+    The log-softmax runs in fp32 a few rows at a time (cross_entropy(reduction='none') negated), so no
+    fp32 copy of the whole [rows, L, vocab] logits is made at once (PITFALLS: the usual DPO/GRPO OOM).
+    """
+    labels = batch["labels"]
+    keep = labels.shape[1] if labels.shape[1] < batch["input_ids"].shape[1] else 0
+    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), logits_to_keep=keep)
+    rows = []
+    for i in range(0, labels.shape[0], chunk_rows):
+        lab = labels[i:i + chunk_rows]
+        logps = -F.cross_entropy(out.logits[i:i + chunk_rows].float().flatten(0, 1), lab.flatten(),
+                                 ignore_index=IGNORE_INDEX, reduction="none")  # 0 at ignored positions
+        rows.append(logps.view_as(lab))
+    return torch.cat(rows), out
+
+
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                    chunk_rows: int = 4) -> tuple[torch.Tensor, object]:
     """Log-probability of each row's labelled tokens, SUMMED over those tokens (not averaged, and padding
-    or the prompt, labelled -100, adds nothing): [rows]. Also returns the model output (for aux_loss).
-
-    The log-softmax runs in fp32 a few rows at a time (cross_entropy(reduction='none') negated), so no
-    fp32 copy of the whole [rows, T, vocab] logits is made at once (PITFALLS: the usual DPO OOM).
-    """
-    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    labels = batch["labels"]
-    sums = []
-    for i in range(0, labels.shape[0], chunk_rows):
-        lab = labels[i:i + chunk_rows]
-        token_logps = -F.cross_entropy(out.logits[i:i + chunk_rows].float().flatten(0, 1), lab.flatten(),
-                                       ignore_index=IGNORE_INDEX, reduction="none")  # 0 at ignored positions
-        sums.append(token_logps.view_as(lab).sum(-1))
-    return torch.cat(sums), out
+    or the prompt, labelled -100, adds nothing): [rows]. Also returns the model output (for aux_loss)."""
+    logps, out = token_logps(model, batch, chunk_rows)
+    return logps.sum(-1), out
 
 
 DPO_LOSSES = ("sigmoid", "ipo")
