@@ -467,6 +467,12 @@ class RowsDataset(torch.utils.data.Dataset):
         view.rows = rows if self.rows is None else self.rows[rows]
         return view
 
+    def _row(self, i: int) -> int:
+        """The underlying row of this view's i-th row."""
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return i if self.rows is None else int(self.rows[i])
+
 
 class PackedDataset(RowsDataset):
     """Fixed-length rows of a flat token file: row i = tokens[i*T : i*T+T+1], no padding.
@@ -829,11 +835,6 @@ class DPODataset(RowsDataset):
         self.ref_logps: np.ndarray | None = None  # [all pairs, 2], shared by subset views
         self.rows: np.ndarray | None = None
 
-    def _row(self, i: int) -> int:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return i if self.rows is None else int(self.rows[i])
-
     @property
     def lengths(self) -> torch.Tensor:
         """Input tokens of each pair's longer side (both sides are padded to one length in a batch)."""
@@ -953,11 +954,6 @@ class GRPODataset(RowsDataset):
         self.bad_skipped = bad.skipped(self.path)
         self.bad_report = bad.report(self.path)
         self.rows: np.ndarray | None = None
-
-    def _row(self, i: int) -> int:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return i if self.rows is None else int(self.rows[i])
 
     @property
     def lengths(self) -> torch.Tensor:

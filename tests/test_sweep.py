@@ -268,5 +268,6 @@ def test_shipped_sweep_configs_are_valid(mode):
         config = yaml.safe_load(path.read_text())
         for check in (run_sweep.check_schema, run_sweep.check_semantics, run_sweep.check_command):
             assert check(config) == [], check.__name__
-    assert config["metric"] == {"name": "val_loss", "goal": "minimize"} and config["parameters"]["mode"] == {
-        "value": mode}
+    # GRPO ranks by its validation reward; its val_loss is the same number negated
+    metric = {"name": "val_reward", "goal": "maximize"} if mode == "grpo" else {"name": "val_loss", "goal": "minimize"}
+    assert config["metric"] == metric and config["parameters"]["mode"] == {"value": mode}

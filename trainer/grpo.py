@@ -52,6 +52,7 @@ def per_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torc
     """(loss [N, L], KL [N, L] (zeros without a reference), clipped [N, L]) for each completion token.
 
     r = exp(logp - old_logp), the ratio to the policy that sampled the completion; A its sequence's advantage.
+    Log-probs are those of the sampling distribution (logits / --temperature), as in TRL.
       grpo, dr_grpo, dapo:  -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A) + beta KL
       cispo (MiniMax-M1):   -sg(min(r, 1 + epsilon_high)) A logp + beta KL   (the clipped ratio only weights the
                             gradient; no token is dropped from it)
@@ -190,9 +191,9 @@ class GRPOObjective:
                               & mask.bool()).any(dim=1).cpu(),
                "texts": texts}
         if self.num_iterations > 1:  # later iterations need the sampling policy's log-probs for the ratio
-            out["old_logps"] = token_logps(model, out)[0]
+            out["old_logps"] = token_logps(model, out, temperature=self.temperature)[0]
         if self.ref_model is not None:
-            out["ref_logps"] = token_logps(self.ref_model, out)[0]
+            out["ref_logps"] = token_logps(self.ref_model, out, temperature=self.temperature)[0]
         return out
 
     def log_completions(self, step: int, batch: Batch, rollout: Batch) -> None:
@@ -223,7 +224,7 @@ class GRPOObjective:
         return batch["labels"].shape[0]
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
-        logps, out = token_logps(model, batch)
+        logps, out = token_logps(model, batch, temperature=self.temperature)
         mask = batch["labels"] != IGNORE_INDEX
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()
         loss, kl, clipped = per_token_loss(logps, old, batch.get("ref_logps"), batch["advantages"], self.loss_type,

@@ -39,12 +39,13 @@ class CausalLMObjective:
         return loss_sum, {"aux_loss": out.aux_loss.detach()}
 
 
-def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                chunk_rows: int = 4) -> tuple[torch.Tensor, object]:
+def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_rows: int = 4,
+                temperature: float = 1.0) -> tuple[torch.Tensor, object]:
     """Log-probability of each labelled token (0 where the label is -100): [rows, L], and the model output.
 
     batch["labels"] may cover only the LAST L positions of input_ids (GRPO: the completion after the prompt);
-    then only those L positions get logits (logits_to_keep), none is computed for the prompt.
+    then only those L positions get logits (logits_to_keep), none is computed for the prompt. `temperature`
+    divides the logits first: the log-probs of the distribution a sampler at that temperature drew from.
     The log-softmax runs in fp32 a few rows at a time (cross_entropy(reduction='none') negated), so no
     fp32 copy of the whole [rows, L, vocab] logits is made at once (PITFALLS: the usual DPO/GRPO OOM).
     """
@@ -52,9 +53,10 @@ def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     keep = labels.shape[1] if labels.shape[1] < batch["input_ids"].shape[1] else 0
     out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), logits_to_keep=keep)
     rows = []
-    for i in range(0, labels.shape[0], chunk_rows):
-        lab = labels[i:i + chunk_rows]
-        logps = -F.cross_entropy(out.logits[i:i + chunk_rows].float().flatten(0, 1), lab.flatten(),
+    # split, not slicing: the backward of one split is one concatenation, of each slice a zero-filled
+    # gradient the size of all the logits.
+    for logits, lab in zip(out.logits.split(chunk_rows), labels.split(chunk_rows)):
+        logps = -F.cross_entropy(logits.float().flatten(0, 1) / temperature, lab.flatten(),
                                  ignore_index=IGNORE_INDEX, reduction="none")  # 0 at ignored positions
         rows.append(logps.view_as(lab))
     return torch.cat(rows), out
