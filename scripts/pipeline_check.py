@@ -22,13 +22,17 @@ guard a pipeline.
 
 --task grpo: the prompts of --data (default dataset/grpo_val.jsonl: arithmetic never seen in training), answered
 greedily; reported per model: accuracy (the final answer is the reference "answer", trainer/rewards.py's
-accuracy reward), the share of answers in the <think> format, stop rate and mean answer length. Exits with
-status 1 unless --after's accuracy beats --before's by at least --min_gain.
+accuracy reward), the share of answers in the <think> format, stop rate and mean answer length, and the
+prompts that changed: wrong before and right after, or the reverse. Exits with status 1 unless --after is
+more accurate by at least --min_gain AND the change is no accident: among the changed prompts, as many more
+turned right as would happen by chance with probability below --alpha (exact one-sided sign test, as
+McNemar's test for paired answers).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -112,14 +116,20 @@ def evaluate_grpo(model_path: Path, data_path: Path, limit: int, max_new_tokens:
     texts = [a for a, _ in answers]
     correct = accuracy_reward(texts, [data.columns[i]["answer"] for i in rows])
     scored = [c for c in correct if c is not None]
-    return {"prompts": len(texts), "accuracy": sum(scored) / max(len(scored), 1),
+    return {"prompts": len(texts), "correct": correct, "accuracy": sum(scored) / max(len(scored), 1),
             "format": sum(format_reward(texts)) / len(texts),
             "stop_rate": sum(stopped for _, stopped in answers) / len(answers),
             "length": sum(len(tokenizer.encode(t)) for t in texts) / len(texts), "example": texts[0]}
 
 
+def sign_test(up: int, down: int) -> float:
+    """P(at least `up` of up + down changes go one way | each way is a coin flip): one-sided exact sign test."""
+    n = up + down
+    return sum(math.comb(n, k) for k in range(up, n + 1)) / 2 ** n if n else 1.0
+
+
 def check_grpo(args: argparse.Namespace) -> int:
-    """--task grpo: held-out accuracy before and after, and whether it rose by --min_gain."""
+    """--task grpo: held-out accuracy before and after; passes when it rose by --min_gain, significantly."""
     data = Path(args.data or "dataset/grpo_val.jsonl")
     results = {}
     for name in ("before", "after"):
@@ -128,10 +138,17 @@ def check_grpo(args: argparse.Namespace) -> int:
         print(f"{name:>6} {getattr(args, name)}: accuracy {r['accuracy']:.1%} of {r['prompts']}, <think> format "
               f"{r['format']:.1%}, stop rate {r['stop_rate']:.1%}, mean length {r['length']:.1f} tokens; first "
               f"answer: {r['example']!r}")
-    print(json.dumps({k: {m: v for m, v in r.items() if m != "example"} for k, r in results.items()}))
+    pairs = [(b, a) for b, a in zip(results["before"].pop("correct"), results["after"].pop("correct"))
+             if a is not None and b is not None]
+    up, down = sum(a > b for b, a in pairs), sum(b > a for b, a in pairs)
+    p = sign_test(up, down)
     gain = results["after"]["accuracy"] - results["before"]["accuracy"]
-    if gain < args.min_gain:
-        print(f"FAIL: held-out accuracy rose by {gain:+.1%}; needs at least {args.min_gain:+.1%}", file=sys.stderr)
+    print(f"changed answers: {up} wrong -> right, {down} right -> wrong (sign test p = {p:.3g})")
+    print(json.dumps({**{k: {m: v for m, v in r.items() if m != "example"} for k, r in results.items()},
+                      "wrong_to_right": up, "right_to_wrong": down, "p": p}))
+    if gain < args.min_gain or p >= args.alpha:
+        print(f"FAIL: held-out accuracy changed by {gain:+.1%} (needs at least {args.min_gain:+.1%}), sign test "
+              f"p = {p:.3g} (needs < {args.alpha})", file=sys.stderr)
         return 1
     return 0
 
@@ -148,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=50, help="prompts generated together")
     p.add_argument("--min_stop_rate", type=float, default=0.9, help="sft: fail unless --after stops at least this "
                    "often")
-    p.add_argument("--min_gain", type=float, default=0.05, help="grpo: fail unless --after's accuracy is at least "
-                   "this much higher (0.05 = 5 points)")
+    p.add_argument("--min_gain", type=float, default=0.02, help="grpo: fail unless --after's accuracy is at least "
+                   "this much higher (0.02 = 2 points)")
+    p.add_argument("--alpha", type=float, default=0.05, help="grpo: fail unless the sign test's p-value is below this")
     args = p.parse_args(argv)
     if args.task == "grpo":
         return check_grpo(args)

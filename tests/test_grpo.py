@@ -415,3 +415,21 @@ def test_torchrun_two_processes_validate_like_one(grpo_files, base_model, tmp_pa
     for key in ("val_loss", "val_rewards/accuracy", "val_rewards/e_count", "val_completion_length"):
         assert vals[1][key] == pytest.approx(vals[0][key], rel=1e-5), key
     assert [r["step"] for r in read_metrics(two) if "loss" in r] == [1, 2]
+
+
+def test_pipeline_check_fails_when_grpo_changed_nothing(grpo_files, base_model, capsys):
+    """scripts/pipeline_check.py --task grpo guards the pipeline: the same model before and after gains nothing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pipeline_check", ROOT / "scripts" / "pipeline_check.py")
+    pipeline_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pipeline_check)
+    assert pipeline_check.sign_test(12, 4) == pytest.approx(2517 / 2 ** 16)  # sum of C(16, k) for k >= 12
+    assert pipeline_check.sign_test(0, 0) == 1.0
+    code = pipeline_check.main(["--task", "grpo", "--before", str(base_model), "--after", str(base_model),
+                                "--data", str(grpo_files["val"]), "--max_new_tokens", "8"])
+    out, err = capsys.readouterr()
+    results = json.loads(out.strip().splitlines()[-1])
+    assert code == 1 and "FAIL" in err
+    assert results["before"] == results["after"] and results["after"]["prompts"] == 8
+    assert results["wrong_to_right"] == results["right_to_wrong"] == 0

@@ -15,6 +15,7 @@ It plugs into the one loop (trainer/loop.py) through its objective protocol:
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -125,11 +126,11 @@ class GRPOObjective:
             values = func(prompts=rep(batch["prompts"]), completions=completions, completion_ids=completion_ids,
                           **kwargs)
             if not isinstance(values, (list, tuple)) or len(values) != len(completions) or not all(
-                    v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values):
+                    v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool)) for v in values):
                 raise UsageError(f"reward function {name!r} must return a list of {len(completions)} floats (or None "
                                  f"where it does not apply), one per completion; got {str(values)[:200]}")
             out.append([float("nan") if v is None else float(v) for v in values])
-        return torch.tensor(out, dtype=torch.float32).T.reshape(len(completions), len(self.reward_funcs))
+        return torch.tensor(out, dtype=torch.float32).T
 
     def total_reward(self, rewards: torch.Tensor) -> torch.Tensor:
         """The weighted sum over functions; a function that does not apply (NaN) adds nothing."""
