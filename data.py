@@ -468,6 +468,12 @@ class RowsDataset(torch.utils.data.Dataset):
         view.rows = rows if self.rows is None else self.rows[rows]
         return view
 
+    def _row(self, i: int) -> int:
+        """The underlying row of this view's i-th row."""
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return i if self.rows is None else int(self.rows[i])
+
 
 class PackedDataset(RowsDataset):
     """Fixed-length rows of a flat token file: row i = tokens[i*T : i*T+T+1], no padding.
@@ -568,6 +574,27 @@ SFT_FORMATS = ('{"conversations": [{"role": ..., "content": ...}, ...]} (chat) o
                '{"instruction": ..., "input": ..., "output": ...} (Alpaca)')
 
 
+def chat_messages(conv: object, field: str, path: Path, line_no: int) -> list[dict[str, str]]:
+    """A checked list of {"role", "content"} messages (the value of `field` of one line): string values, known
+    roles, a system message only first. The one check of every chat format (SFT, DPO, GRPO prompts)."""
+    def fail(detail: str, reason: str) -> BadRecord:
+        return BadRecord(path, line_no, detail, reason)
+
+    if not isinstance(conv, list) or not conv:
+        raise fail(f"'{field}' must be a non-empty list of {{\"role\", \"content\"}} messages", f"bad '{field}'")
+    messages = []
+    for i, m in enumerate(conv, start=1):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise fail(f"message {i} must be an object {{\"role\": \"...\", \"content\": \"...\"}} "
+                       f"with string values", "malformed message")
+        if m["role"] not in CHAT_ROLES:
+            raise fail(f"message {i} has role {m['role']!r}; expected one of {', '.join(CHAT_ROLES)}", "unknown role")
+        if m["role"] == "system" and i > 1:
+            raise fail(f"message {i} is a system message; only the first message may be one", "late system message")
+        messages.append({"role": m["role"], "content": _check_text(m["content"], path, line_no)})
+    return messages
+
+
 def sft_messages(row: dict, path: Path, line_no: int) -> tuple[list[dict[str, str]], str]:
     """The chat messages of one SFT line and its format ("chat" or "alpaca"), detected per line.
 
@@ -579,22 +606,7 @@ def sft_messages(row: dict, path: Path, line_no: int) -> tuple[list[dict[str, st
         return BadRecord(path, line_no, detail, reason)
 
     if "conversations" in row:
-        conv = row["conversations"]
-        if not isinstance(conv, list) or not conv:
-            raise fail("'conversations' must be a non-empty list of {\"role\", \"content\"} messages",
-                       "bad 'conversations'")
-        messages = []
-        for i, m in enumerate(conv, start=1):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise fail(f"message {i} must be an object {{\"role\": \"...\", \"content\": \"...\"}} "
-                           f"with string values", "malformed message")
-            if m["role"] not in CHAT_ROLES:
-                raise fail(f"message {i} has role {m['role']!r}; expected one of {', '.join(CHAT_ROLES)}",
-                           "unknown role")
-            if m["role"] == "system" and i > 1:
-                raise fail(f"message {i} is a system message; only the first message may be one",
-                           "late system message")
-            messages.append({"role": m["role"], "content": _check_text(m["content"], path, line_no)})
+        messages = chat_messages(row["conversations"], "conversations", path, line_no)
         if not any(m["role"] == "assistant" for m in messages):
             raise fail("the conversation has no assistant message, so nothing to train on", "no assistant message")
         return messages, "chat"
@@ -893,11 +905,6 @@ class DPODataset(RowsDataset):
         self.ref_logps: np.ndarray | None = None  # [all pairs, 2], shared by subset views
         self.rows: np.ndarray | None = None
 
-    def _row(self, i: int) -> int:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return i if self.rows is None else int(self.rows[i])
-
     @property
     def lengths(self) -> torch.Tensor:
         """Input tokens of each pair's longer side (both sides are padded to one length in a batch)."""
@@ -935,6 +942,109 @@ class DPODataset(RowsDataset):
                + (f" ({self.n_truncated_identical:,} cut before the sides differ: they teach nothing; raise "
                   f"--max_seq_len)" if self.n_truncated_identical else ""))
         return f"{self.path}: {len(self.offsets['chosen']) - 1:,} preference pairs ({fmts}), {n_tok:,} tokens; {cut}"
+
+
+# ----------------------------------------------------------------------------- GRPO prompts
+
+GRPO_FORMAT = ('{"prompt": str | [messages], "answer": str | number (optional), ...} (other fields are passed '
+               'to the reward functions)')
+
+
+def render_prompt(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
+    """A conversation so far as the model sees it when asked to answer: the chat template with the generation
+    prompt (<|im_start|>assistant\n), as text and as ids. Rendered as text first: apply_chat_template's
+    tokenize=True returns a list or a BatchEncoding depending on the transformers version; the template
+    already holds every special token, so none is added (no double BOS)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def grpo_prompt(row: dict, path: Path, line_no: int) -> tuple[list[dict[str, str]], dict[str, object]]:
+    """(prompt messages, the line's other fields) of one GRPO line. A plain-string prompt becomes one user
+    message: a chat model answers only what is rendered with its template (PITFALLS: without it, it never
+    ends its turn). "answer", when present, is kept as text (numbers as written: 29 -> "29")."""
+    def fail(detail: str, reason: str) -> BadRecord:
+        return BadRecord(path, line_no, detail, reason)
+
+    if "prompt" not in row:
+        raise fail(f"missing field 'prompt' (expected {GRPO_FORMAT})", "missing field 'prompt'")
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": _check_text(prompt, path, line_no)}]
+    else:
+        messages = chat_messages(prompt, "prompt", path, line_no)
+    if messages[-1]["role"] != "user":
+        raise fail(f"the prompt ends with a {messages[-1]['role']} message; it must end with the user message the "
+                   f"model answers", "prompt not ending with a user message")
+    columns = {k: v for k, v in row.items() if k != "prompt"}
+    answer = columns.get("answer")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float, type(None))):
+        raise fail(f"'answer' must be a string or a number, got {type(answer).__name__}", "bad 'answer'")
+    columns["answer"] = None if answer is None else _check_text(str(answer), path, line_no)
+    return messages, columns
+
+
+class GRPODataset(RowsDataset):
+    """Prompts for GRPO: one row each, rendered with the chat template and the generation prompt, plus the
+    line's other fields ("answer", ...) for the reward functions.
+
+    There are no labels: the completions are sampled during training. A prompt longer than max_seq_len -
+    max_completion_length tokens (the completion must fit after it) is a bad record: it stops the run naming
+    the line, or is skipped and counted with skip_bad_records. Cutting it would drop either the system prompt
+    or the question.
+    """
+
+    def __init__(self, path: str | Path, tokenizer, max_seq_len: int, skip_bad_records: bool = False,
+                 max_completion_length: int = 0):
+        tokenizer = chat_tokenizer(tokenizer, path, "GRPO")
+        self.path, self.max_prompt_len = Path(path), max_seq_len - max_completion_length
+        max_prompt_len = self.max_prompt_len
+        self.prompt_ids: list[list[int]] = []
+        self.texts: list[str] = []
+        self.messages: list[list[dict[str, str]]] = []
+        self.columns: list[dict[str, object]] = []
+
+        def parse(row: dict, path: Path, line_no: int) -> tuple[list[dict[str, str]], dict, str, list[int]]:
+            messages, columns = grpo_prompt(row, path, line_no)
+            text, ids = render_prompt(tokenizer, messages)
+            if len(ids) > max_prompt_len:
+                raise BadRecord(path, line_no, f"the prompt has {len(ids)} tokens; at most {max_prompt_len} fit "
+                                f"(--max_seq_len minus --max_completion_length)", "prompt too long")
+            return messages, columns, text, ids
+
+        bad = BadRecords(skip=skip_bad_records)
+        for _, (messages, columns, text, ids) in iter_jsonl_objects(self.path, GRPO_FORMAT, parse, bad):
+            self.messages.append(messages)
+            self.columns.append(columns)
+            self.texts.append(text)
+            self.prompt_ids.append(ids)
+        if not self.prompt_ids:
+            raise DataError(f"{self.path}: no prompts (expected one JSON object per line: {GRPO_FORMAT})")
+        self.column_names = sorted({k for c in self.columns for k in c})  # every row gets each (None if absent)
+        self.bad_skipped = bad.skipped(self.path)
+        self.bad_report = bad.report(self.path)
+        self.rows: np.ndarray | None = None
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Prompt tokens of each row: the sampler batches similar lengths (less left padding)."""
+        lengths = torch.tensor([len(p) for p in self.prompt_ids])
+        return lengths if self.rows is None else lengths[torch.from_numpy(self.rows)]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) if self.rows is None else len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, object]:
+        i = self._row(i)
+        return {"input_ids": torch.tensor(self.prompt_ids[i], dtype=torch.long), "prompt": self.texts[i],
+                "prompt_messages": self.messages[i],
+                "columns": {k: self.columns[i].get(k) for k in self.column_names}}
+
+    def summary(self) -> str:
+        lengths = [len(p) for p in self.prompt_ids]
+        n_answers = sum(c.get("answer") is not None for c in self.columns)
+        return (f"{self.path}: {len(lengths):,} prompts ({n_answers:,} with an answer), {min(lengths)}-{max(lengths)} "
+                f"tokens (mean {sum(lengths) / len(lengths):.0f}); at most {self.max_prompt_len} fit")
 
 
 def padding_fraction(lengths: Sequence[int] | torch.Tensor, batches: Iterable[list[int]]) -> float:
@@ -999,6 +1109,33 @@ def pair_collate(pad_id: int, pad_to_multiple_of: int | None = None
             ref = torch.stack([ex["ref_logps"] for ex in batch]).float()  # [B, 2]
             out["ref_logps"] = torch.cat([ref[:, 0], ref[:, 1]])
         return out
+
+    return fn
+
+
+def left_pad(prompts: Sequence[Sequence[int] | torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> (input_ids [B, T], attention_mask [B, T]) padded on the LEFT, so every
+    row's next token lands in the same column (what batched generation with one KV cache needs)."""
+    rows = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    return ids, mask
+
+
+def prompt_collate(pad_id: int) -> Callable[[list[dict[str, object]]], dict[str, object]]:
+    """Collator for GRPODataset items: left-padded {"input_ids", "attention_mask"} plus, untouched, the rendered
+    "prompts", their "prompt_messages" and "columns" (field -> one value per row) for the reward functions.
+    (The loop moves only tensors to the device.)"""
+
+    def fn(batch: list[dict[str, object]]) -> dict[str, object]:
+        ids, mask = left_pad([ex["input_ids"] for ex in batch], pad_id)
+        names = batch[0]["columns"].keys()
+        return {"input_ids": ids, "attention_mask": mask, "prompts": [ex["prompt"] for ex in batch],
+                "prompt_messages": [ex["prompt_messages"] for ex in batch],
+                "columns": {k: [ex["columns"][k] for ex in batch] for k in names}}
 
     return fn
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from data import render_prompt
 from model import Transformer, generate
 from model.lora import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
 from trainer.distributed import resolve_device, resolve_dtype
@@ -116,16 +117,10 @@ def stream_text(tokenizer, token_stream: Iterable[torch.Tensor], stop: list[int]
 
 
 def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Render the chat template to text, then encode it.
-
-    apply_chat_template(tokenize=True) returns a list in some transformers versions and a
-    BatchEncoding in others; rendering text first is the same in all. add_special_tokens=False
-    because the template already contains every special token (no double BOS).
-    """
+    """The chat so far, rendered with the chat template and the generation prompt (data.render_prompt)."""
     if not tokenizer.chat_template:
         raise SystemExit("error: the tokenizer has no chat_template; use --mode complete or a chat tokenizer")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return render_prompt(tokenizer, messages)[1]
 
 
 def encode_completion(tokenizer, prompt: str) -> list[int]:

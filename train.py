@@ -8,6 +8,7 @@
   python train.py --mode sft                             # chat fine-tuning of out/pretrain/final -> out/sft
   python train.py --mode lora --merge                    # a LoRA adapter on out/sft/final -> out/lora
   python train.py --mode dpo                             # preference optimisation of out/sft/final -> out/dpo
+  python train.py --mode grpo                            # RL from rewards on sampled answers, out/sft/final -> out/grpo
   python train.py --mode sft --init_from models/qwen2.5-0.5b-instruct --data_path chats.jsonl   # an open model
   torchrun --nproc_per_node=8 train.py --mode sft --init_from models/llama-3.1-8b --fsdp --grad_checkpointing
   torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -27,8 +29,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from data import (DataError, DPODataset, PackedDataset, RowsDataset, SFTDataset, collate, pad_collate,
-                  pair_collate, pretrain_bin, split_train_val)
+from data import (DataError, DPODataset, GRPODataset, PackedDataset, RowsDataset, SFTDataset, collate, pad_collate,
+                  pair_collate, pretrain_bin, prompt_collate, split_train_val)
 from model import ModelConfig, Transformer
 from model.config import PRESETS, config_from_preset
 from model.lora import apply_lora, count_parameters, merge_lora, save_adapter
@@ -36,8 +38,10 @@ from trainer.checkpoint import CheckpointError, latest_checkpoint
 from trainer.config import MODE_DEFAULTS, PREVIOUS_STAGE, TrainConfig, UsageError, add_dataclass_flags, take
 from trainer import parallel
 from trainer.distributed import DistEnv, barrier, destroy, init_distributed, resolve_dtype
+from trainer.grpo import GRPOObjective
 from trainer.loop import Trainer, TrainingError
 from trainer.objectives import CausalLMObjective, DPOObjective, sequence_logps
+from trainer.rewards import RewardModel, load_reward_funcs, parse_weights
 
 
 Export = Callable[[torch.nn.Module, Path, dict[str, Any]], None]
@@ -50,7 +54,7 @@ class Job:
     objective: Any
     train_data: Dataset
     val_data: Dataset | None
-    collate_fn: Callable[[list], dict[str, torch.Tensor]]
+    collate_fn: Callable[[list], dict[str, Any]]
     export: Export | None = None  # how best/ and final/ are written; None = a full HF folder (make_export)
 
 
@@ -99,9 +103,9 @@ def load_init_model(cfg: TrainConfig, model_cfg: ModelConfig, path: str | None =
     return model
 
 
-def read_chat_data(dataset_cls: type[RowsDataset], cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any,
+def read_chat_data(dataset_cls: Callable[..., RowsDataset], cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any,
                    env: DistEnv) -> tuple[RowsDataset, RowsDataset]:
-    """Train and validation chat data (SFT conversations or DPO pairs), tokenized up front on every rank
+    """Train and validation chat data (SFT conversations, DPO pairs, GRPO prompts), tokenized up front on every rank
     (seconds for the shipped files); rank 0 reports skipped records and a summary."""
 
     def read(path: str) -> RowsDataset:
@@ -155,16 +159,44 @@ def build_dpo(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env: Dis
 
     train, val = read_chat_data(DPODataset, cfg, model_cfg, tokenizer, env)
     collate_fn = pair_collate(pad_id(tokenizer))
-    ref_path = cfg.ref_model_path or cfg.init_from
-    ref = load_init_model(cfg, model_cfg, ref_path, "--ref_model_path").eval().requires_grad_(False)
-    # Under --fsdp the reference is sharded like the policy (else every GPU would hold a whole copy).
-    ref = parallel.shard(ref, env, resolve_dtype(cfg.dtype, env.device)) if cfg.fsdp else ref.to(env.device)
+    ref = load_reference(cfg, model_cfg, env)
     if cfg.precompute_ref_logps:
         for data in (train, val):
             precompute_ref_logps(ref, data, collate_fn, cfg, env)
         ref = None  # the objective reads batch["ref_logps"]; the reference's memory goes back
     return Job(load_init_model(cfg, model_cfg), DPOObjective(ref, cfg.dpo_beta, cfg.dpo_label_smoothing, cfg.dpo_loss),
                train, val, collate_fn)
+
+
+def load_reference(cfg: TrainConfig, model_cfg: ModelConfig, env: DistEnv) -> Transformer:
+    """The frozen reference model (DPO, GRPO's KL): --ref_model_path, default the --init_from model. Under --fsdp
+    it is sharded like the policy (else every GPU would hold a whole copy)."""
+    ref = load_init_model(cfg, model_cfg, cfg.ref_model_path or cfg.init_from, "--ref_model_path")
+    ref = ref.eval().requires_grad_(False)
+    return parallel.shard(ref, env, resolve_dtype(cfg.dtype, env.device)) if cfg.fsdp else ref.to(env.device)
+
+
+def build_grpo(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any, env: DistEnv) -> Job:
+    """The --init_from model trained by GRPO on prompts (data.GRPODataset): it samples --num_generations completions
+    per prompt, the reward functions score them, and the objective (trainer/grpo.py) raises the likelihood of the
+    better ones; a frozen reference (when --beta > 0) holds it near where it started."""
+    funcs = load_reward_funcs(cfg.reward_funcs)
+    if cfg.reward_model_path:
+        funcs.append(("reward_model", RewardModel(cfg.reward_model_path, env.device)))
+    if not funcs:
+        raise UsageError("--reward_funcs is empty and there is no --reward_model_path: nothing scores the completions")
+    weights = parse_weights(cfg.reward_weights, len(funcs))
+    dataset = functools.partial(GRPODataset, max_completion_length=cfg.max_completion_length)
+    train, val = read_chat_data(dataset, cfg, model_cfg, tokenizer, env)
+    objective = GRPOObjective(
+        tokenizer, funcs, weights, load_reference(cfg, model_cfg, env) if cfg.beta > 0 else None,
+        num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature, beta=cfg.beta, epsilon=cfg.epsilon,
+        epsilon_high=cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high,
+        num_iterations=cfg.num_iterations, loss_type=cfg.loss_type,
+        scale_rewards=cfg.loss_type != "dr_grpo" if cfg.scale_rewards is None else cfg.scale_rewards,
+        log_completions_interval=cfg.log_completions_interval, log_dir=Path(cfg.out_dir) if env.is_main else None)
+    return Job(load_init_model(cfg, model_cfg), objective, train, val, prompt_collate(pad_id(tokenizer)))
 
 
 @torch.no_grad()
@@ -187,12 +219,13 @@ def precompute_ref_logps(ref: torch.nn.Module, data: DPODataset, collate_fn: Cal
 
 
 BUILDERS: dict[str, Callable[[TrainConfig, ModelConfig, Any, DistEnv], Job]] = {
-    "pretrain": build_pretrain, "sft": build_sft, "lora": build_lora, "dpo": build_dpo}
+    "pretrain": build_pretrain, "sft": build_sft, "lora": build_lora, "dpo": build_dpo, "grpo": build_grpo}
 # Integer flags where a negative value means nothing: flag -> what 0 means (for the message).
 NON_NEGATIVE_FLAGS = {"eval_iters": "the whole validation set", "eval_interval": "only at the end",
                       "save_interval_steps": "only at the end", "keep_checkpoint_max": "keep all",
                       "max_bad_steps": "never stop", "max_steps": "derive from --epochs", "warmup_iters": "no warmup",
-                      "lr_decay_iters": "the run's total steps", "num_workers": "load in the main process"}
+                      "lr_decay_iters": "the run's total steps", "num_workers": "load in the main process",
+                      "log_completions_interval": "never"}
 # Model fields a fine-tuning run may change: they do not change what the weights mean.
 FINETUNE_MODEL_FLAGS = ("dropout", "flash_attn", "aux_loss_alpha", "max_seq_len")
 
@@ -233,6 +266,17 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, ModelConfig, Any]
     if cfg.fsdp and cfg.dtype == "float16":
         parser.error("--fsdp with --dtype float16: FSDP's sharded gradients have no loss scaler here; use "
                      "--dtype bfloat16 (or float32)")
+    if cfg.fsdp and cfg.mode == "grpo":
+        parser.error("--fsdp with --mode grpo: sampling stops at a different length on each rank, and FSDP needs every "
+                     "rank in each forward; train GRPO with DDP (torchrun without --fsdp)")
+    if cfg.mode == "grpo":
+        check_grpo_flags(parser, cfg)
+    if cfg.precompute_ref_logps and cfg.mode != "dpo":
+        parser.error(f"--precompute_ref_logps is for --mode dpo (its pairs are fixed; {cfg.mode} has none to score)")
+    for flag in ("ref_model_path", "reward_model_path"):
+        path = getattr(cfg, flag)
+        if path and not (Path(path) / "config.json").is_file():
+            parser.error(f"--{flag} {path}: no model there (config.json + model.safetensors)")
     for flag in ("data_path", "val_data_path", "tokenizer_path"):
         path = getattr(cfg, flag)
         if path and not Path(path).exists():
@@ -264,6 +308,9 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, ModelConfig, Any]
             model_cfg = config_from_preset(cfg.preset, **overrides)
         except ValueError as e:
             parser.error(str(e))
+    if cfg.mode == "grpo" and cfg.max_completion_length >= model_cfg.max_seq_len:
+        parser.error(f"--max_completion_length {cfg.max_completion_length}: leaves no room for the prompt in "
+                     f"--max_seq_len {model_cfg.max_seq_len}")
     if model_cfg.vocab_size < len(tokenizer):
         source = f"--init_from {cfg.init_from}" if finetune else "--vocab_size"
         parser.error(f"{source}: vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} "
@@ -301,8 +348,21 @@ def check_dpo_flags(parser: argparse.ArgumentParser, cfg: TrainConfig) -> None:
         parser.error(f"--dpo_label_smoothing {cfg.dpo_label_smoothing:g}: must be in [0, 0.5)")
     if cfg.dpo_label_smoothing and cfg.dpo_loss != "sigmoid":
         parser.error(f"--dpo_label_smoothing is for --dpo_loss sigmoid, not {cfg.dpo_loss}")
-    if cfg.ref_model_path and not (Path(cfg.ref_model_path) / "config.json").is_file():
-        parser.error(f"--ref_model_path {cfg.ref_model_path}: no model there (config.json + model.safetensors)")
+
+
+def check_grpo_flags(parser: argparse.ArgumentParser, cfg: TrainConfig) -> None:
+    if cfg.num_generations < 2:
+        parser.error(f"--num_generations {cfg.num_generations}: must be >= 2 (a completion's baseline is the mean "
+                     f"reward of its group)")
+    if cfg.max_completion_length < 1 or cfg.num_iterations < 1:
+        bad = "max_completion_length" if cfg.max_completion_length < 1 else "num_iterations"
+        parser.error(f"--{bad} {getattr(cfg, bad)}: must be >= 1")
+    if not cfg.temperature > 0:
+        parser.error(f"--temperature {cfg.temperature:g}: must be > 0 (greedy completions of a prompt are all the "
+                     f"same, so their advantages are 0)")
+    if cfg.beta < 0 or not 0 <= cfg.epsilon < 1 or (cfg.epsilon_high is not None and cfg.epsilon_high < 0):
+        parser.error(f"--beta {cfg.beta:g}, --epsilon {cfg.epsilon:g}, --epsilon_high {cfg.epsilon_high}: need "
+                     f"beta >= 0, 0 <= epsilon < 1 and epsilon_high >= 0")
 
 
 def finetune_model_config(parser: argparse.ArgumentParser, cfg: TrainConfig,

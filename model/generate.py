@@ -117,3 +117,21 @@ def generate(
             seen[torch.arange(B, device=device), token] = True
         mask = full_mask[:, : cache.length + 1] if full_mask is not None else None
         logits = step_model(token[:, None], attention_mask=mask, kv_cache=cache).logits[:, -1]
+
+
+def complete(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+             stop_token_ids: list[int], temperature: float = 0.0, **sampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole batch of answers at once: (tokens [B, C], mask [B, C]) with C <= max_new_tokens.
+
+    mask is 1 for each row's tokens up to AND including its first stop token (the end of turn the model
+    produced, which RL and SFT both train), 0 after it; a row without a stop token was cut at max_new_tokens.
+    """
+    steps = list(generate(model, input_ids, max_new_tokens, temperature=temperature, eos_token_id=stop_token_ids,
+                          attention_mask=attention_mask, **sampling))
+    if not steps:
+        empty = torch.zeros((input_ids.shape[0], 0), dtype=torch.long, device=input_ids.device)
+        return empty, empty
+    tokens = torch.stack(steps, dim=1)
+    is_stop = torch.isin(tokens, torch.tensor(stop_token_ids, device=tokens.device))
+    stops_before = is_stop.long().cumsum(dim=1) - is_stop.long()  # stop tokens strictly before each position
+    return tokens, (stops_before == 0).long()

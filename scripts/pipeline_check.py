@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Did SFT work? Greedy answers to held-out chats, before (pretrained) vs after (SFT / LoRA).
+"""Did a pipeline stage work? Greedy answers to held-out data, before vs after the stage.
 
     python scripts/pipeline_check.py --before out/pretrain/final --after out/sft/final
     python scripts/pipeline_check.py --before out/sft/final --after out/lora/final      # an adapter folder works too
+    python scripts/pipeline_check.py --task grpo --before out/sft/final --after out/grpo/final
+
+--task sft (the default):
 
 For each conversation of --data (default dataset/sft_val.jsonl: chats never seen in training) the
 messages before the first assistant reply are rendered with the chat template (generation prompt
@@ -16,11 +19,20 @@ added), and the model answers greedily. Reported per model:
 
 Exits with status 1 when --after stops less often than --min_stop_rate or than --before, so it can
 guard a pipeline.
+
+--task grpo: the prompts of --data (default dataset/grpo_val.jsonl: arithmetic never seen in training), answered
+greedily; reported per model: accuracy (the final answer is the reference "answer", trainer/rewards.py's
+accuracy reward), the share of answers in the <think> format, stop rate and mean answer length, and the
+prompts that changed: wrong before and right after, or the reverse. Exits with status 1 unless --after is
+more accurate by at least --min_gain AND the change is no accident: among the changed prompts, as many more
+turned right as would happen by chance with probability below --alpha (exact one-sided sign test, as
+McNemar's test for paired answers).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -29,10 +41,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import SFTDataset, iter_jsonl_objects, pad_collate, sft_messages  # noqa: E402
+from data import GRPODataset, SFTDataset, iter_jsonl_objects, left_pad, pad_collate, sft_messages  # noqa: E402
 from eval_model import encode_chat, load_model, load_tokenizer  # noqa: E402
-from model import generate  # noqa: E402
+from model.generate import complete  # noqa: E402
 from trainer.objectives import CausalLMObjective  # noqa: E402
+from trainer.rewards import accuracy_reward, format_reward  # noqa: E402
 
 ARITHMETIC = re.compile(r"\d+( [-+*] \d+)+ = \d+\.")
 
@@ -55,18 +68,13 @@ def answer_all(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, 
     stop = sorted({im_end, tokenizer.eos_token_id})
     results = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(chunk):
-            ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
-        steps = list(generate(model, ids, max_new_tokens, temperature=0, eos_token_id=stop, attention_mask=mask))
-        tokens = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in chunk]
-        for row in tokens:
-            end = next((i for i, t in enumerate(row) if t in stop), len(row))
-            stopped = end < len(row) and row[end] == im_end
-            results.append((tokenizer.decode(row[:end], skip_special_tokens=False), stopped))
+        ids, mask = left_pad(prompts[start:start + batch_size], tokenizer.pad_token_id or 0)
+        tokens, kept = complete(model, ids, mask, max_new_tokens, stop)
+        for row, n in zip(tokens.tolist(), kept.sum(dim=1).tolist()):
+            row = row[:n]  # up to and including the first stop token
+            ended = bool(row) and row[-1] in stop
+            results.append((tokenizer.decode(row[:-1] if ended else row, skip_special_tokens=False),
+                            ended and row[-1] == im_end))
     return results
 
 
@@ -99,16 +107,71 @@ def evaluate(model_path: Path, data_path: Path, pairs: list[tuple[list[dict[str,
     }
 
 
+def evaluate_grpo(model_path: Path, data_path: Path, limit: int, max_new_tokens: int, batch_size: int
+                  ) -> dict[str, float]:
+    model, tokenizer = load_model(model_path), load_tokenizer(model_path)
+    data = GRPODataset(data_path, tokenizer, model.config.max_seq_len, max_completion_length=max_new_tokens)
+    rows = range(min(limit or len(data), len(data)))
+    answers = answer_all(model, tokenizer, [data.prompt_ids[i] for i in rows], max_new_tokens, batch_size)
+    texts = [a for a, _ in answers]
+    correct = accuracy_reward(texts, [data.columns[i]["answer"] for i in rows])
+    scored = [c for c in correct if c is not None]
+    return {"prompts": len(texts), "correct": correct, "accuracy": sum(scored) / max(len(scored), 1),
+            "format": sum(format_reward(texts)) / len(texts),
+            "stop_rate": sum(stopped for _, stopped in answers) / len(answers),
+            "length": sum(len(tokenizer.encode(t)) for t in texts) / len(texts), "example": texts[0]}
+
+
+def sign_test(up: int, down: int) -> float:
+    """P(at least `up` of up + down changes go one way | each way is a coin flip): one-sided exact sign test."""
+    n = up + down
+    return sum(math.comb(n, k) for k in range(up, n + 1)) / 2 ** n if n else 1.0
+
+
+def check_grpo(args: argparse.Namespace) -> int:
+    """--task grpo: held-out accuracy before and after; passes when it rose by --min_gain, significantly."""
+    data = Path(args.data or "dataset/grpo_val.jsonl")
+    results = {}
+    for name in ("before", "after"):
+        r = results[name] = evaluate_grpo(Path(getattr(args, name)), data, args.limit, args.max_new_tokens,
+                                          args.batch_size)
+        print(f"{name:>6} {getattr(args, name)}: accuracy {r['accuracy']:.1%} of {r['prompts']}, <think> format "
+              f"{r['format']:.1%}, stop rate {r['stop_rate']:.1%}, mean length {r['length']:.1f} tokens; first "
+              f"answer: {r['example']!r}")
+    pairs = [(b, a) for b, a in zip(results["before"].pop("correct"), results["after"].pop("correct"))
+             if a is not None and b is not None]
+    up, down = sum(a > b for b, a in pairs), sum(b > a for b, a in pairs)
+    p = sign_test(up, down)
+    gain = results["after"]["accuracy"] - results["before"]["accuracy"]
+    print(f"changed answers: {up} wrong -> right, {down} right -> wrong (sign test p = {p:.3g})")
+    print(json.dumps({**{k: {m: v for m, v in r.items() if m != "example"} for k, r in results.items()},
+                      "wrong_to_right": up, "right_to_wrong": down, "p": p}))
+    if gain < args.min_gain or p >= args.alpha:
+        print(f"FAIL: held-out accuracy changed by {gain:+.1%} (needs at least {args.min_gain:+.1%}), sign test "
+              f"p = {p:.3g} (needs < {args.alpha})", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=("sft", "grpo"), default="sft", help="what to check (see above)")
     p.add_argument("--before", default="out/pretrain/final", help="model folder before fine-tuning")
     p.add_argument("--after", default="out/sft/final", help="model (or LoRA adapter) folder after fine-tuning")
-    p.add_argument("--data", default="dataset/sft_val.jsonl", help="held-out conversations (SFT format)")
+    p.add_argument("--data", default="", help="held-out data (default: dataset/sft_val.jsonl conversations for "
+                   "sft, dataset/grpo_val.jsonl prompts for grpo)")
     p.add_argument("--limit", type=int, default=0, help="use only the first N conversations (0 = all)")
     p.add_argument("--max_new_tokens", type=int, default=64, help="answer length limit")
     p.add_argument("--batch_size", type=int, default=50, help="prompts generated together")
-    p.add_argument("--min_stop_rate", type=float, default=0.9, help="fail unless --after stops at least this often")
+    p.add_argument("--min_stop_rate", type=float, default=0.9, help="sft: fail unless --after stops at least this "
+                   "often")
+    p.add_argument("--min_gain", type=float, default=0.02, help="grpo: fail unless --after's accuracy is at least "
+                   "this much higher (0.02 = 2 points)")
+    p.add_argument("--alpha", type=float, default=0.05, help="grpo: fail unless the sign test's p-value is below this")
     args = p.parse_args(argv)
+    if args.task == "grpo":
+        return check_grpo(args)
+    args.data = args.data or "dataset/sft_val.jsonl"
     pairs = prompts_and_references(Path(args.data))[:args.limit or None]
     results = {}
     for name in ("before", "after"):

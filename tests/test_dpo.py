@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -271,6 +274,26 @@ def test_precomputed_reference_gives_the_same_losses(dpo_files, base_model, tmp_
     for s in (1, 2, 3):
         assert pre[s] == pytest.approx(live[s], rel=1e-3)
     assert live[3] < live[1]
+
+
+def test_torchrun_two_processes_match_one(dpo_files, base_model, tmp_path):
+    """2 CPU processes (gloo) x 4 pairs give the losses and validation of 1 process x 8 pairs: the same pairs per
+    step (the length grouping counts both ranks' rows), each rank with its own live reference."""
+    common = ("--max_steps", "3", "--learning_rate", "3e-3", "--no-save_last", "--save_interval_steps", "0")
+    one, two = tmp_path / "one", tmp_path / "two"
+    train.main(dpo_args(dpo_files, base_model, one, *common, "--batch_size", "8"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), *dpo_args(dpo_files, base_model, two, *common, "--batch_size", "4")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = train_losses(one), train_losses(two)
+    assert a[1] == pytest.approx(LN2, abs=1e-5) and a[3] < a[1]
+    for step in (1, 2, 3):
+        assert b[step] == pytest.approx(a[step], rel=1e-4), step
+    vals = [[r for r in read_metrics(run) if "val_loss" in r][-1] for run in (one, two)]
+    for key in ("val_loss", "val_rewards/accuracy", "val_rewards/margin"):
+        assert vals[1][key] == pytest.approx(vals[0][key], rel=1e-4), key
 
 
 def test_skip_bad_records_in_a_run(dpo_files, base_model, tmp_path, capsys):

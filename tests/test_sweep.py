@@ -43,13 +43,17 @@ def tiny_train_sweep(tmp_path: Path, corpus: dict[str, Path], parameters: dict, 
     return write_yaml(tmp_path / "sweep.yaml", config)
 
 
+STEPS = 200
+
+
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory: pytest.TempPathFactory, corpus: dict[str, Path]) -> tuple[list[str], Path]:
     """One offline grid sweep of two tiny train.py trials at once: a good learning rate and a hopeless
-    one, under hyperband (its first band is the first evaluation). Returns (its arguments, its folder)."""
+    one, under hyperband (its first band is the first evaluation). Returns (its arguments, its folder).
+    200 steps: long enough (a few seconds) that the sweep's 0.5 s poll stops the lagging trial mid-run."""
     tmp = tmp_path_factory.mktemp("tiny_sweep")
     config = tiny_train_sweep(tmp, corpus, {"learning_rate": {"values": [3.0e-3, 1.0e-7]},
-                                            "max_steps": {"value": 40}, "eval_interval": {"value": 4}},
+                                            "max_steps": {"value": STEPS}, "eval_interval": {"value": 4}},
                               early_terminate={"type": "hyperband", "min_iter": 1, "eta": 3})
     args = ["--config", str(config), "--sweep_dir", str(tmp / "sweep"), "--offline", "--parallel", "2",
             "--kill_grace", "20"]
@@ -82,9 +86,9 @@ def test_grid_sweep_runs_two_tiny_trials_and_ranks_them(tiny_sweep, capsys):
 
 def test_hyperband_stops_the_trial_whose_val_loss_lags(tiny_sweep):
     good, lagging = run_sweep.load_trials(tiny_sweep[1])
-    assert good.state == "finished" and max(r["step"] for r in good.records) == 40, good
+    assert good.state == "finished" and max(r["step"] for r in good.records) == STEPS, good
     assert lagging.state == "stopped" and lagging.reason.startswith("hyperband: val_loss "), lagging
-    assert max(r["step"] for r in lagging.records) < 40, lagging  # killed mid-run
+    assert max(r["step"] for r in lagging.records) < STEPS, lagging  # killed mid-run
     rows = list(csv.DictReader(open(tiny_sweep[1] / "results.csv")))
     assert [(r["trial"], r["state"], r["note"]) for r in rows] == [("trial_001", "finished", ""),
                                                                    ("trial_002", "stopped", lagging.reason)]
@@ -268,5 +272,6 @@ def test_shipped_sweep_configs_are_valid(mode):
         config = yaml.safe_load(path.read_text())
         for check in (run_sweep.check_schema, run_sweep.check_semantics, run_sweep.check_command):
             assert check(config) == [], check.__name__
-    assert config["metric"] == {"name": "val_loss", "goal": "minimize"} and config["parameters"]["mode"] == {
-        "value": mode}
+    # GRPO ranks by its validation reward; its val_loss is the same number negated
+    metric = {"name": "val_reward", "goal": "maximize"} if mode == "grpo" else {"name": "val_loss", "goal": "minimize"}
+    assert config["metric"] == metric and config["parameters"]["mode"] == {"value": mode}

@@ -77,8 +77,9 @@ def _rng_state() -> dict[str, Any]:
 
 def save_checkpoint(out_dir: str | Path, step: int, env: DistEnv, *, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
-                    trainer_state: dict[str, Any]) -> Path:
-    """Write a complete checkpoint atomically. Called by every rank (each saves its RNG)."""
+                    trainer_state: dict[str, Any], rank_files: dict[str, Any] | None = None) -> Path:
+    """Write a complete checkpoint atomically. Called by every rank (each saves its RNG, and each object of
+    `rank_files` as <name>_<rank>.pt: state that differs per rank, such as GRPO's rollouts mid-group)."""
     root = checkpoint_dir(out_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
@@ -88,6 +89,8 @@ def save_checkpoint(out_dir: str | Path, step: int, env: DistEnv, *, model: torc
             tmp.mkdir(parents=True)
         barrier()
         torch.save(_rng_state(), tmp / f"rng_state_{env.rank}.pt")
+        for name, obj in (rank_files or {}).items():
+            torch.save(obj, tmp / f"{name}_{env.rank}.pt")
         if is_sharded(model):  # a collective: every rank writes its shards of model and optimizer
             model_state, optimizer_state = get_state_dict(model, optimizer)
             dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / SHARDED)
@@ -222,3 +225,17 @@ def load_checkpoint(path: str | Path, env: DistEnv, *, model: torch.nn.Module, o
     if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return state
+
+
+def load_rank_file(path: str | Path, name: str, env: DistEnv) -> Any:
+    """This rank's <name>_<rank>.pt of a checkpoint (see save_checkpoint's rank_files); they must have been
+    saved by as many processes as there are now."""
+    path = Path(path)
+    saved = len(list(path.glob(f"{name}_*.pt")))
+    if not saved:
+        raise CheckpointError(f"{path}: holds no {name}, which this run needs to go on from there; resume with the "
+                              f"flags of the run that wrote it (e.g. the same --num_iterations)")
+    if saved != env.world_size:
+        raise CheckpointError(f"{path}: its {name} were saved by {saved} process(es), this run has "
+                              f"{env.world_size}; resume it with {saved}, or from another checkpoint")
+    return _load(path / f"{name}_{env.rank}.pt")

@@ -5,9 +5,17 @@ AMP, gradient accumulation, the LR schedule, clipping, logging, validation, chec
 What differs between modes is the objective (trainer/objectives.py): how a batch becomes a loss.
 
 One optimizer step reads like a recipe:
-    fetch accumulation_steps micro-batches  ->  count the step's items on all ranks
+    fetch accumulation_steps micro-batches (an objective may `prepare` them: GRPO samples its rollouts)
+    ->  count the step's items on all ranks
     forward + backward each (DDP/FSDP reduce only on the last)  ->  unscale, clip, step, schedule
     log  ->  checkpoint  ->  evaluate (checkpoint first: a crash in eval must not lose it)
+
+An objective is `objective(model, batch) -> (loss sum, metrics)` with `num_items(batch)`; it MAY also have
+  prepare(model, micro_batches, step) -> micro_batches   run once per fetched step, on the raw model, no grad
+                                                         (e.g. GRPO: generate, score, reference log-probs)
+  num_iterations                                         optimizer steps on each prepared step (default 1)
+  eval_step(model, batch) -> (loss sum, metrics)         validation instead of objective(model, batch)
+  eval_metrics                                           the metric names evaluate() averages
 """
 from __future__ import annotations
 
@@ -33,7 +41,7 @@ from trainer.logger import MetricsLogger
 from trainer.sampler import ResumableBatchSampler
 from trainer.schedule import build_scheduler
 
-Batch = dict[str, torch.Tensor]
+Batch = dict[str, Any]  # tensors, and for some modes plain values (GRPO: prompt texts, answers)
 
 _MEMORY_FLAGS = ("--batch_size (with more --accumulation_steps to keep the global batch), --max_seq_len, "
                  "--dtype bfloat16, or a smaller --preset")
@@ -105,12 +113,15 @@ class Trainer:
                              f"{rows_per_step} training rows, but {cfg.data_path} has {len(train_data)}. "
                              f"Lower --batch_size or --max_seq_len, or add data.")
         self.micro_per_epoch = len(train_data) // rows_per_step
-        self.steps_per_epoch = max(1, self.micro_per_epoch // cfg.accumulation_steps)
+        # Each fetched step is trained num_iterations times (GRPO's policy updates per batch of rollouts).
+        self.num_iterations = getattr(objective, "num_iterations", 1)
+        self.steps_per_epoch = max(1, self.micro_per_epoch // cfg.accumulation_steps) * self.num_iterations
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.steps_per_epoch
         decay_iters = cfg.lr_decay_iters if cfg.lr_decay_iters > 0 else self.total_steps
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_iters, decay_iters, cfg.min_lr_ratio)
         self.state = TrainState()
         self.bad_streak = 0  # consecutive steps skipped for a non-finite gradient
+        self.prepared: list[Batch] = []  # the current step's micro-batches, reused for num_iterations steps
 
     # ----------------------------------------------------------------------------- data
     def _loader(self, sampler: ResumableBatchSampler, data: Dataset) -> DataLoader:
@@ -136,7 +147,20 @@ class Trainer:
             s.epoch, s.epoch_offset = s.epoch + 1, 0
 
     def _to_device(self, batch: Batch) -> Batch:
-        return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(self.env.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+
+    def _step_batches(self, stream: Iterator[Batch]) -> list[Batch]:
+        """The micro-batches of the next optimizer step, on the device: fetched (and prepared, if the objective
+        prepares) at the first of every num_iterations steps, the same ones in between."""
+        if self.state.step % self.num_iterations == 0:
+            batches = [self._to_device(next(stream)) for _ in range(self.cfg.accumulation_steps)]
+            prepare = getattr(self.objective, "prepare", None)
+            if prepare is not None:
+                with torch.no_grad(), self.autocast:
+                    batches = prepare(self.raw_model, batches, self.state.step + 1)
+            self.prepared = batches
+        return self.prepared
 
     # ----------------------------------------------------------------------------- steps
     def _train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
@@ -157,7 +181,6 @@ class Trainer:
         loss_sum = torch.zeros((), device=env.device)
         extra: dict[str, float] = {}
         for i, batch in enumerate(micro_batches):
-            batch = self._to_device(batch)
             last = i == len(micro_batches) - 1
             # Skip the gradient reduction across ranks on all but the last micro-batch of the step.
             sync = contextlib.nullcontext() if last else parallel.no_grad_sync(self.model)
@@ -193,17 +216,20 @@ class Trainer:
         validation rows, all ranks together.
 
         `eval_metrics` names the metrics an objective returns as batch means (e.g. DPO's reward accuracy);
-        they are weighted by each batch's items. The names come from the objective, not from the batches
-        seen, so every rank all-reduces the same tensor even when one rank has no validation batch."""
+        they are weighted by each batch's items, and a batch where a metric is NaN (nothing to measure, e.g. a
+        GRPO reward that applies to none of its prompts) leaves that metric out. The names come from the
+        objective, not from the batches seen, so every rank all-reduces the same tensor even when one rank has
+        no validation batch. An objective's eval_step, if it has one, replaces objective(model, batch) here."""
         if self.val_data is None:
             return math.nan, {}
         model, env = self.raw_model, self.env
         names = tuple(getattr(self.objective, "eval_metrics", ()))
+        step = getattr(self.objective, "eval_step", self.objective)
         model.eval()
         sampler = ResumableBatchSampler(len(self.val_data), self.cfg.batch_size, env.rank, env.world_size,
                                         shuffle=False, drop_last=False)
-        # [loss sum, items, metric_1 * items, ...]
-        totals = torch.zeros(2 + len(names), device=env.device, dtype=torch.float64)
+        # [loss sum, items, metric_1 * items, ..., items where metric_1 is finite, ...]
+        totals = torch.zeros(2 + 2 * len(names), device=env.device, dtype=torch.float64)
         batches = iter(self._loader(sampler, self.val_data))
         n_steps = min(len(sampler), self.cfg.eval_iters or len(sampler))
         for _ in range(n_steps):
@@ -216,24 +242,32 @@ class Trainer:
                 batch = self.collate_fn([self.val_data[0]])
             batch = self._to_device(batch)
             with self.autocast:
-                loss, metrics = self.objective(model, batch)
+                loss, metrics = step(model, batch)
             if counted:
-                n = self.objective.num_items(batch)
-                totals += torch.stack([loss.double(), torch.tensor(n, device=env.device, dtype=torch.float64),
-                                       *(torch.as_tensor(metrics[k], device=env.device).double() * n for k in names)])
+                n = torch.tensor(self.objective.num_items(batch), device=env.device, dtype=torch.float64)
+                values = torch.stack([torch.as_tensor(metrics[k], device=env.device).double() for k in names]) \
+                    if names else torch.zeros(0, device=env.device, dtype=torch.float64)
+                weights = torch.isfinite(values) * n
+                totals += torch.cat([loss.double().reshape(1), n.reshape(1), values.nan_to_num() * weights, weights])
         all_reduce_sum(totals)
         model.train()
-        items = totals[1].clamp(min=1)
-        return (totals[0] / items).item(), {k: (totals[2 + j] / items).item() for j, k in enumerate(names)}
+        items, k = totals[1].clamp(min=1), len(names)
+        return (totals[0] / items).item(), {name: (totals[2 + j] / totals[2 + k + j]).item()
+                                            for j, name in enumerate(names)}
 
     # ----------------------------------------------------------------------------- state
     def _trainer_state(self) -> dict[str, Any]:
         return {**asdict(self.state), "world_size": self.env.world_size, "config": asdict(self.cfg)}
 
+    def _mid_group(self) -> bool:
+        """Whether the next step reuses prepared micro-batches (num_iterations > 1): resume needs them."""
+        return self.state.step % self.num_iterations != 0
+
     def save_checkpoint(self) -> None:
         ckpt.save_checkpoint(self.out_dir, self.state.step, self.env, model=self.raw_model,
                              optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                             trainer_state=self._trainer_state())
+                             trainer_state=self._trainer_state(),
+                             rank_files={"rollouts": self.prepared} if self._mid_group() else None)
         if self.env.is_main:
             ckpt.rotate_checkpoints(self.out_dir, self.cfg.keep_checkpoint_max)
 
@@ -241,6 +275,8 @@ class Trainer:
         saved = ckpt.load_checkpoint(path, self.env, model=self.raw_model, optimizer=self.optimizer,
                                      scheduler=self.scheduler, scaler=self.scaler)
         self.state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
+        if self._mid_group():
+            self.prepared = [self._to_device(b) for b in ckpt.load_rank_file(path, "rollouts", self.env)]
 
     def _export(self, name: str, val_loss: float) -> None:
         """best/ and final/ as Hugging Face folders, written atomically like checkpoints."""
@@ -294,7 +330,7 @@ class Trainer:
         self.step_flops = 0.0
         while s.step < self.total_steps:
             try:
-                metrics = self._train_step([next(stream) for _ in range(cfg.accumulation_steps)])
+                metrics = self._train_step(self._step_batches(stream))
             except torch.OutOfMemoryError:
                 raise TrainingError(f"out of memory at step {s.step + 1}. Reduce memory with {_MEMORY_FLAGS}; "
                                     f"--resume continues from the last checkpoint.") from None
@@ -333,9 +369,11 @@ class Trainer:
                 improved = val_loss < s.best_val_loss
                 if improved:
                     s.best_val_loss = val_loss
-                log.log(s.step, {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
-                                 **{f"val_{k}": v for k, v in val_metrics.items()}})
-                log.message(f"step {s.step}: val_loss {val_loss:.4f}  ppl {math.exp(min(val_loss, 50)):.2f}"
+                # Perplexity only where the loss is a per-token negative log-likelihood (not DPO's or GRPO's).
+                ppl = {"ppl": math.exp(min(val_loss, 50))} if getattr(self.objective, "loss_is_nll", False) else {}
+                val = {"val_loss": val_loss, **{f"val_{k}": v for k, v in {**ppl, **val_metrics}.items()}}
+                log.log(s.step, val)
+                log.message(f"step {s.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in val.items())
                             + ("  (best)" if improved else ""))
                 if improved and self.val_data is not None:
                     if cfg.save_best_only:

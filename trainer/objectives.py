@@ -65,6 +65,8 @@ class CausalLMObjective:
     Used by pretraining (every position labelled) and, with masked labels, by SFT.
     """
 
+    loss_is_nll = True  # the loop reports exp(val_loss), the perplexity
+
     def num_items(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
@@ -82,15 +84,28 @@ class CausalLMObjective:
         return loss_sum, {"aux_loss": out.aux_loss.detach()}
 
 
+def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                temperature: float = 1.0) -> tuple[torch.Tensor, object]:
+    """Log-probability of each labelled token (0 where the label is -100): [rows, L], and the model output.
+
+    batch["labels"] may cover only the LAST L positions of input_ids (GRPO: the completion after the prompt);
+    then only those L positions get logits (logits_to_keep), none is computed for the prompt. `temperature`
+    divides the logits first: the log-probs of the distribution a sampler at that temperature drew from.
+    The log-softmax runs in fp32 a chunk of positions at a time (token_cross_entropy), so no fp32 copy of
+    the whole [rows, L, vocab] logits is made at once (PITFALLS: the usual DPO/GRPO OOM).
+    """
+    labels = batch["labels"]
+    keep = labels.shape[1] if labels.shape[1] < batch["input_ids"].shape[1] else 0
+    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), logits_to_keep=keep)
+    logits = out.logits if temperature == 1.0 else out.logits / temperature
+    return -token_cross_entropy(logits, labels), out
+
+
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, object]:
     """Log-probability of each row's labelled tokens, SUMMED over those tokens (not averaged, and padding
-    or the prompt, labelled -100, adds nothing): [rows]. Also returns the model output (for aux_loss).
-
-    The log-softmax runs in fp32 a chunk of positions at a time (token_cross_entropy), so no fp32 copy of
-    the whole [rows, T, vocab] logits is made at once (PITFALLS: the usual DPO OOM).
-    """
-    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    return -token_cross_entropy(out.logits, batch["labels"]).sum(-1), out
+    or the prompt, labelled -100, adds nothing): [rows]. Also returns the model output (for aux_loss)."""
+    logps, out = token_logps(model, batch)
+    return logps.sum(-1), out
 
 
 DPO_LOSSES = ("sigmoid", "ipo")

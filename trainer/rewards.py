@@ -1,0 +1,236 @@
+"""GRPO reward functions: plain Python callables that score completions.
+
+A reward function is called with keywords, as TRL's GRPOTrainer calls its reward functions, so functions
+written for TRL (string prompts and completions) port as they are:
+
+    f(prompts=[str], completions=[str], completion_ids=[[int]], answer=[str | None], **kwargs) -> [float | None]
+
+  prompts          each prompt as rendered with the chat template (what the model saw)
+  completions      the decoded completions, without the end-of-turn token
+  completion_ids   their token ids, with the end-of-turn token when the model produced one
+  answer, ...      every field of the data line besides "prompt", one value per completion (None if absent)
+  prompt_messages  the prompt as a list of {"role", "content"} messages
+  max_completion_length   the --max_completion_length of the run
+
+Accept **kwargs to ignore what you do not use. Return one float per completion, or None where the function
+does not apply (e.g. a prompt without a reference answer): it then adds nothing to that completion's reward
+and is left out of its logged mean. `--reward_funcs accuracy,format,my_rewards:brevity` picks built-in ones by
+name and the user's by `module:function` (the current folder is importable) or `path/to/file.py:function`.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import UsageError
+
+RewardFunc = Callable[..., list[float | None]]
+
+# A number as people write it: sign, thousands separators, decimals (1,234.5  -7  .5).
+_NUMBER = re.compile(r"[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?")
+_ANSWER_IS = re.compile(r"answer is[:\s]*(.+?)(?:\.\s|\.?$|\n)", re.IGNORECASE)
+_FORMAT = re.compile(r"<think>\n(.*?)\n</think>\n(.*\S.*)", re.DOTALL)
+
+
+def _boxed(text: str) -> str | None:
+    r"""The content of the last \boxed{...} (braces may nest), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def final_answer(completion: str) -> str:
+    r"""Where a completion states its answer: the last \boxed{...}; else what follows the last "the answer is";
+    else the text after the last </think> (the reply after the reasoning), else the whole completion."""
+    boxed = _boxed(completion)
+    if boxed is not None:
+        return boxed
+    said = _ANSWER_IS.findall(completion)
+    if said:
+        return said[-1]
+    return completion.rsplit("</think>", 1)[-1]
+
+
+def parse_number(text: str) -> float | None:
+    """The number `text` is (commas and a trailing period allowed), or None."""
+    text = text.strip().rstrip(".").replace("−", "-")
+    if not text or _NUMBER.fullmatch(text) is None:
+        return None
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _normalise(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def is_correct(completion: str, answer: str) -> bool:
+    """Does the completion's final answer (see final_answer) match the reference answer?
+
+    A numeric answer matches the LAST number of the final answer ("21 + 19 - 11 = 29." -> 29; "1,000" = 1000;
+    equal to 1e-6 relative). Any other answer matches when the final answer, lower-cased with punctuation
+    removed, is it or ends with it as whole words ("'crown' reversed is 'nworc'." matches "nworc").
+    """
+    stated = final_answer(completion)
+    target = parse_number(answer)
+    if target is not None:
+        numbers = [m.group() for m in _NUMBER.finditer(stated) if any(c.isdigit() for c in m.group())]
+        value = parse_number(numbers[-1]) if numbers else None
+        return value is not None and math.isclose(value, target, rel_tol=1e-6, abs_tol=1e-9)
+    want, got = _normalise(answer), _normalise(stated)
+    return bool(want) and (got == want or got.endswith(" " + want))
+
+
+def accuracy_reward(completions: list[str], answer: list[str | None], **kwargs: Any) -> list[float | None]:
+    """1.0 when the completion's final answer matches the line's "answer" (is_correct), else 0.0; None for
+    prompts without an answer."""
+    return [None if a is None else float(is_correct(c, a)) for c, a in zip(completions, answer)]
+
+
+def format_reward(completions: list[str], **kwargs: Any) -> list[float | None]:
+    """1.0 for a completion shaped "<think>\\n reasoning \\n</think>\\n answer" (one think block, then a
+    non-empty answer), else 0.0. Prompts whose groups all miss (or all hit) the format get no advantage from it,
+    so it only steers where the model varies."""
+    out = []
+    for c in completions:
+        m = _FORMAT.fullmatch(c.strip())
+        ok = m is not None and "think>" not in m.group(1) and "think>" not in m.group(2)
+        out.append(float(ok))
+    return out
+
+
+def length_penalty(completion_ids: list[list[int]], max_completion_length: int, **kwargs: Any
+                   ) -> list[float | None]:
+    """DAPO's soft overlong punishment (Yu et al. 2025): 0 up to the last quarter of --max_completion_length,
+    then falling linearly to -1 at the limit (a completion cut there, without an end of turn, gets -1)."""
+    cache = max(1, max_completion_length // 4)
+    free = max_completion_length - cache
+    return [max(-1.0, min(0.0, (free - len(ids)) / cache)) for ids in completion_ids]
+
+
+BUILTIN_REWARDS: dict[str, RewardFunc] = {"accuracy": accuracy_reward, "format": format_reward,
+                                          "length": length_penalty}
+
+
+def _import_function(spec: str) -> RewardFunc:
+    """`module:function` or `path/to/file.py:function` -> the function, or a UsageError saying what is wrong."""
+    where, _, name = spec.rpartition(":")
+    flag = f"--reward_funcs {spec}"
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise UsageError(f"{flag}: no such file {path}")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            raise UsageError(f"{flag}: importing {path} failed: {type(e).__name__}: {e}") from None
+    else:
+        if os.getcwd() not in sys.path:  # `python train.py` puts the script's folder on the path, not the cwd
+            sys.path.append(os.getcwd())
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as e:
+            raise UsageError(f"{flag}: cannot import module {where!r} ({e}); run from the folder that holds it, "
+                             f"add it to PYTHONPATH, or give a file: path/to/{where.replace('.', '/')}.py:{name}"
+                             ) from None
+        except Exception as e:
+            raise UsageError(f"{flag}: importing {where!r} failed: {type(e).__name__}: {e}") from None
+    func = getattr(module, name, None)
+    if func is None:
+        raise UsageError(f"{flag}: {where} has no attribute {name!r}")
+    if not callable(func):
+        raise UsageError(f"{flag}: {where}.{name} is a {type(func).__name__}, not a function")
+    return func
+
+
+def load_reward_funcs(spec: str) -> list[tuple[str, RewardFunc]]:
+    """(name, function) for each comma-separated entry of --reward_funcs: a built-in name or module:function."""
+    funcs = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry:
+            continue
+        if ":" in entry:
+            funcs.append((entry.rpartition(":")[2], _import_function(entry)))
+        elif entry in BUILTIN_REWARDS:
+            funcs.append((entry, BUILTIN_REWARDS[entry]))
+        else:
+            raise UsageError(f"--reward_funcs: unknown reward {entry!r}; built in: {', '.join(BUILTIN_REWARDS)}, "
+                             f"or your own as module:function or path/to/file.py:function")
+    names = [n for n, _ in funcs]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--reward_funcs {spec}: two rewards named the same ({', '.join(names)}); each is logged "
+                         f"as rewards/<name>")
+    return funcs
+
+
+def parse_weights(spec: str, n: int) -> list[float]:
+    """--reward_weights: one float per reward (model included); empty = all 1."""
+    if not spec.strip():
+        return [1.0] * n
+    try:
+        weights = [float(w) for w in spec.split(",")]
+    except ValueError:
+        raise UsageError(f"--reward_weights {spec}: expected comma-separated numbers") from None
+    if len(weights) != n:
+        raise UsageError(f"--reward_weights {spec}: {len(weights)} weight(s) for {n} reward(s) (--reward_funcs, "
+                         f"then --reward_model_path if given)")
+    return weights
+
+
+class RewardModel:
+    """A Hugging Face sequence-classification model (any AutoModelForSequenceClassification folder, loaded offline)
+    as a reward function: the score of prompt + completion is its first logit.
+
+    The conversation (prompt messages + the completion as the assistant's reply) is rendered with the reward
+    model's own chat template when it has one, else prompt text and completion are joined."""
+
+    def __init__(self, path: str, device: torch.device, batch_size: int = 16) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--reward_model_path {path}: cannot load a sequence-classification model and its "
+                             f"tokenizer there ({str(e).splitlines()[0]})") from None
+        self.model.to(device).eval().requires_grad_(False)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.device, self.batch_size = device, batch_size
+
+    def texts(self, prompts: list[str], completions: list[str], prompt_messages: list[list[dict[str, str]]]
+              ) -> list[str]:
+        if not self.tokenizer.chat_template:
+            return [p + c for p, c in zip(prompts, completions)]
+        return [self.tokenizer.apply_chat_template(m + [{"role": "assistant", "content": c}], tokenize=False)
+                for m, c in zip(prompt_messages, completions)]
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str], prompt_messages: list[list[dict[str, str]]],
+                 **kwargs: Any) -> list[float | None]:
+        texts, scores = self.texts(prompts, completions, prompt_messages), []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True, truncation=True,
+                                 add_special_tokens=False).to(self.device)
+            scores += self.model(**enc).logits[:, 0].float().tolist()
+        return scores
