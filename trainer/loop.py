@@ -20,6 +20,7 @@ An objective is `objective(model, batch) -> (loss sum, metrics)` with `num_items
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import shutil
 import time
@@ -318,6 +319,11 @@ class Trainer:
                 log.message(f"final model written to {self.out_dir / 'final'}")
         finally:
             log.close()
+            # Free DDP's wrapper now, while torch.distributed still holds the process group: were its gradient
+            # reducer the group's last owner at exit, the group's gloo threads would be joined with the GIL held,
+            # and a thread still releasing a tensor deadlocks there (pytorch/pytorch#56297).
+            self.model = self.raw_model
+            gc.collect()
         return {"step": s.step, "val_loss": val_loss, "best_val_loss": s.best_val_loss,
                 "tokens_seen": s.tokens_seen, "skipped_steps": s.skipped_steps, "signal": signum}
 
