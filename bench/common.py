@@ -8,10 +8,12 @@ the load average before and after, so a reader can tell a quiet run from a crowd
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +37,8 @@ CONFIGS: dict[str, dict] = {
     "104m": dict(preset="104m", vocab_size=6400, max_seq_len=1024),  # the ~124M-class GPU check, at seq 1024
     "moe": dict(preset="moe", vocab_size=6400),
     # The dense model with the MoE preset's ACTIVE parameters: one SwiGLU as wide as its top-k experts together.
-    "moe_dense": dict(preset="moe", vocab_size=6400, use_moe=False, hidden_dim=_MOE.num_experts_per_tok * _MOE.moe_hidden_dim),
+    "moe_dense": dict(preset="moe", vocab_size=6400, use_moe=False,
+                      hidden_dim=_MOE.num_experts_per_tok * _MOE.moe_hidden_dim),
 }
 
 
@@ -63,6 +66,11 @@ def machine_line(device: torch.device) -> str:
     load = os.getloadavg()[0]
     return (f"{platform.node() or 'machine'} ({where}), torch {torch.__version__}, "
             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, load {load:.1f}")
+
+
+def load_after() -> str:
+    """The 1-minute load average at the end of a run, for the record's header."""
+    return f"load after: {os.getloadavg()[0]:.1f}"
 
 
 def sync(device: torch.device) -> None:
@@ -97,7 +105,20 @@ def save_weights(config: ModelConfig, folder: Path, seed: int = 0) -> None:
     Transformer(config).save_pretrained(folder)
 
 
-def record(lines: list[str]) -> None:
-    """Append a result block to bench/RESULTS.md."""
-    with open(RESULTS, "a") as f:
-        f.write("\n" + "\n".join(lines) + "\n")
+def train_py(out_dir: Path, *flags: str) -> tuple[float, list[dict]]:
+    """Run `python train.py --out_dir out_dir *flags` as a user would; (wall seconds, its metrics.jsonl records)."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "--out_dir", str(out_dir), *flags]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return wall, [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def report(lines: list[str], record: bool) -> None:
+    """Print a result block; with record, also append it to bench/RESULTS.md."""
+    print("\n".join(lines))
+    if record:
+        with open(RESULTS, "a") as f:
+            f.write("\n" + "\n".join(lines) + "\n")

@@ -4,11 +4,11 @@
 Greedy, a fixed number of new tokens (no early stop), batch 1 and batch 8, random 32-token prompts.
 Implementations: transformers' generate in fp32 (what `from_pretrained(folder).generate(...)` does with our
 fp32 checkpoints: the baseline) and in eval_model's default dtype (--dtype auto: bf16 on CPUs with native
-bf16); ours in fp32, in the default dtype, and in the default dtype with --compile (the decode step through
-torch.compile; compilation happens in the untimed warm-up). Rounds alternate the implementations; "vs
-transformers fp32" is the ratio measured within each round (median over rounds). "same tokens" compares
-each row's sequence with transformers' in the same dtype (fp32 must match exactly; bf16 rounds differently
-in different kernels, so a near-tie can flip a token and everything after it).
+bf16); ours in both dtypes, eager and with --compile (the decode step through torch.compile; compilation
+happens in the untimed warm-up). Rounds alternate the implementations; "vs transformers fp32" is the ratio
+measured within each round (median over rounds). "same tokens" compares each row's sequence with
+transformers' in the same dtype (fp32 must match exactly; bf16 rounds differently in different kernels, so a
+near-tie can flip a token and everything after it).
 
     python bench/decode.py                  # config S, CPU, batch 1 and 8, 256 new tokens
     python bench/decode.py --record         # append the table to bench/RESULTS.md
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import CONFIGS, machine_line, model_config, ratio_rounds, record, save_weights, timed
+from common import CONFIGS, load_after, machine_line, model_config, ratio_rounds, report, save_weights, timed
 from model import Transformer, generate
 from trainer.distributed import resolve_device, resolve_dtype
 
@@ -65,6 +65,7 @@ def main() -> None:
     impls = {  # name: (label, dtype, compiled)
         "hf": ("transformers generate", torch.float32, False),
         "ours": ("zero2llm generate (eval_model)", torch.float32, False),
+        "ours_compiled": ("zero2llm generate (eval_model --compile)", torch.float32, True),
         "hf_auto": ("transformers generate", auto, False),
         "auto": ("zero2llm generate (eval_model)", auto, False),
         "auto_compiled": ("zero2llm generate (eval_model --compile)", auto, True),
@@ -102,13 +103,11 @@ def main() -> None:
             rows.append(f"| {batch} | {label} | {str(dtype).removeprefix('torch.')} | {tok_s:,.0f} | "
                         f"{ratios[name]:.2f}x | {same_tokens(out[name], reference)} |")
     lines = [f"decode, config {args.config}, {device.type}, greedy, {args.prompt_len}-token prompts "
-             f"+ {n} new tokens, {args.rounds} rounds — {machine} (load after: {machine_line(device).rsplit(' ', 1)[-1]})",
-             "", "| batch | implementation | dtype | new tokens/s | vs transformers fp32 | same tokens as transformers |",
+             f"+ {n} new tokens, {args.rounds} rounds — {machine} ({load_after()})", "",
+             "| batch | implementation | dtype | new tokens/s | vs transformers fp32 | same tokens as transformers |",
              "|---|---|---|---|---|---|",
              *rows]
-    print("\n".join(lines))
-    if args.record:
-        record(lines)
+    report(lines, args.record)
 
 
 if __name__ == "__main__":

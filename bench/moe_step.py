@@ -18,7 +18,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import machine_line, model_config, ratio_rounds, record, save_weights
+from common import load_after, machine_line, model_config, ratio_rounds, report, save_weights
 from model import Transformer
 from train_throughput import measure
 from trainer.distributed import resolve_device
@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per model and round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--rounds", type=int, default=2, help="rounds; each runs both models once")
-    p.add_argument("--compile", action="store_true", help="both models with trainer/parallel.py's compile_blocks")
+    p.add_argument("--compile", action="store_true", help="both models with the trainer's --compile")
     p.add_argument("--record", action="store_true", help="append the result table to bench/RESULTS.md")
     args = p.parse_args()
 
@@ -54,8 +54,8 @@ def main() -> None:
     ratios = ratio_rounds(times, "moe_dense")
     tokens = args.batch_size * configs["moe"].max_seq_len
     lines = [f"MoE step vs dense with equal active parameters, batch {args.batch_size} x "
-             f"{configs['moe'].max_seq_len}, {dtype}{', compile_blocks' if args.compile else ''}, {device.type}, {args.rounds} rounds x {args.steps} steps — "
-             f"{machine} (load after: {machine_line(device).rsplit(' ', 1)[-1]})",
+             f"{configs['moe'].max_seq_len}, {dtype}{', --compile' if args.compile else ''}, {device.type}, "
+             f"{args.rounds} rounds x {args.steps} steps — {machine} ({load_after()})",
              "", "| model | parameters | MFLOP/token | step (s) | tokens/s | step time vs dense | peak memory (MB) |",
              "|---|---|---|---|---|---|---|"]
     for name in names:
@@ -65,9 +65,7 @@ def main() -> None:
                  else f"dense, SwiGLU {configs[name].hidden_dim} (= 2 x {configs['moe'].moe_hidden_dim})")
         lines.append(f"| {label} | {model.num_params() / 1e6:.1f}M | {model.estimate_flops_per_token() / 1e6:.0f} "
                      f"| {step:.2f} | {tokens / step:,.0f} | {1 / ratios[name]:.2f}x | {peak_mb[name]:,.0f} |")
-    print("\n".join(lines))
-    if args.record:
-        record(lines)
+    report(lines, args.record)
 
 
 if __name__ == "__main__":

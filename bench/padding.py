@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from common import ROOT, machine_line, record
+from common import ROOT, machine_line, report
 from data import DPODataset, PackedDataset, SFTDataset, collate, pad_collate, pair_collate, pretrain_bin
 from trainer.sampler import ResumableBatchSampler
 
@@ -65,9 +65,7 @@ def main() -> None:
         share, n = padded_share(data, grouped, collate_fn)
         random_share, _ = padded_share(data, shuffled, collate_fn)
         lines.append(f"| {name} | {n:,} | {share:.1%} | {random_share:.1%} |")
-    print("\n".join(lines))
-    if args.record:
-        record(lines)
+    report(lines, args.record)
 
 
 if __name__ == "__main__":

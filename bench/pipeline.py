@@ -14,31 +14,20 @@ rounds). MFU is the loop's own (trainer/flops.py).
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from common import ROOT, machine_line, record
+from common import load_after, machine_line, report, train_py
 
 
 def train(mode: str, dtype: str, out_dir: Path, steps: int, *extra: str) -> dict:
     """One train.py run; its logged tokens/s and MFU (median over windows after the first) and wall time."""
-    cmd = [sys.executable, str(ROOT / "train.py"), "--mode", mode, "--dtype", dtype, "--out_dir", str(out_dir),
-           "--max_steps", str(steps), "--log_interval", "5", "--eval_interval", "0", "--save_interval_steps", "0",
-           *extra]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    logs = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    wall, logs = train_py(out_dir, "--mode", mode, "--dtype", dtype, "--max_steps", str(steps), "--log_interval",
+                          "5", "--eval_interval", "0", "--save_interval_steps", "0", *extra)
     logs = [r for r in logs if "tokens_per_sec" in r][1:]
     return {"tokens_per_s": statistics.median(r["tokens_per_sec"] for r in logs),
             "mfu": statistics.median(r["mfu"] for r in logs), "tokens": logs[-1]["tokens_seen"], "wall_s": wall}
@@ -63,23 +52,23 @@ def main() -> None:
                 # SFT fine-tunes the first round's pretrained model (its final/ folder is only written for that).
                 extra = (["--init_from", str(tmp / "pretrain-auto-0" / "final")] if mode == "sft"
                          else [] if (dtype, r) == ("auto", 0) else ["--no-save_last"])
-                results[(mode, dtype)].append(train(mode, dtype, out, args.steps, *extra, *shlex.split(args.train_args)))
+                extra += shlex.split(args.train_args)
+                results[(mode, dtype)].append(train(mode, dtype, out, args.steps, *extra))
     from trainer.distributed import resolve_dtype
 
     auto = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
     lines = [f"whole pipeline, train.py defaults (small preset, batch 16, shipped data), {args.steps} steps per run, "
-             f"{args.rounds} rounds{', ' + args.train_args if args.train_args else ''}, cpu — {machine} (load after: {machine_line(torch.device('cpu')).rsplit(' ', 1)[-1]})",
+             f"{args.rounds} rounds{', ' + args.train_args if args.train_args else ''}, cpu — {machine} "
+             f"({load_after()})",
              "", "| mode | --dtype | real tokens/s | vs float32 | MFU | wall s per run (incl. startup) |",
              "|---|---|---|---|---|---|"]
     for mode, dtype in runs:
         rs, base = results[(mode, dtype)], results[(mode, "float32")]
         ratio = statistics.median(a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(rs, base))
         name = f"auto ({auto})" if dtype == "auto" else dtype
-        lines.append(f"| {mode} | {name} | {statistics.median(x['tokens_per_s'] for x in rs):,.0f} | {ratio:.2f}x "
-                     f"| {statistics.median(x['mfu'] for x in rs):.1%} | {statistics.median(x['wall_s'] for x in rs):.0f} |")
-    print("\n".join(lines))
-    if args.record:
-        record(lines)
+        tokens_s, mfu, wall = (statistics.median(x[k] for x in rs) for k in ("tokens_per_s", "mfu", "wall_s"))
+        lines.append(f"| {mode} | {name} | {tokens_s:,.0f} | {ratio:.2f}x | {mfu:.1%} | {wall:.0f} |")
+    report(lines, args.record)
 
 
 if __name__ == "__main__":

@@ -19,16 +19,13 @@ import argparse
 import json
 import math
 import shlex
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import ROOT, machine_line, record
+from common import ROOT, load_after, machine_line, report, train_py
 from model import Transformer
 from trainer.objectives import token_cross_entropy
 
@@ -37,14 +34,8 @@ VAL = ROOT / "dataset" / "pretrain_val.jsonl"
 
 def train(out_dir: Path, dtype: str, steps: int, *extra: str) -> float:
     """One default-recipe run of `steps` steps with only a final export; returns its wall seconds."""
-    cmd = [sys.executable, str(ROOT / "train.py"), "--mode", "pretrain", "--dtype", dtype, "--out_dir",
-           str(out_dir), "--max_steps", str(steps), "--eval_interval", "0", "--save_interval_steps", "0",
-           "--log_interval", "5", *extra]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - t
+    return train_py(out_dir, "--mode", "pretrain", "--dtype", dtype, "--max_steps", str(steps), "--eval_interval",
+                    "0", "--save_interval_steps", "0", "--log_interval", "5", *extra)[0]
 
 
 def steps_per_second(out_dir: Path) -> float:
@@ -105,14 +96,13 @@ def main() -> None:
                 name = f"auto ({str(resolve_dtype('auto', torch.device('cpu'))).removeprefix('torch.')})" \
                     if dtype == "auto" else dtype
                 rows.append((budget, name, steps, wall, bits_per_byte(out / "final")))
-    lines = [f"time to quality, default pretrain recipe (small preset, batch 16 x 256{', ' + args.train_args if args.train_args else ''}), held-out "
-             f"{VAL.relative_to(ROOT)} — {machine} (load after: {machine_line(torch.device('cpu')).rsplit(' ', 1)[-1]})",
+    flags = f" {args.train_args}" if args.train_args else ""
+    lines = [f"time to quality, default pretrain recipe{flags} (small preset, batch 16 x 256), held-out "
+             f"{VAL.relative_to(ROOT)} — {machine} ({load_after()})",
              "", "| budget (min) | --dtype | steps | wall (min) | val bits/byte |", "|---|---|---|---|---|"]
     for budget, name, steps, wall, bpb in sorted(rows):
         lines.append(f"| {budget:g} | {name} | {steps:,} | {wall / 60:.1f} | {bpb:.3f} |")
-    print("\n".join(lines))
-    if args.record:
-        record(lines)
+    report(lines, args.record)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ compilation happens in the untimed warm-up steps):
   hf_fused       the same with AdamW(fused=True): separates the optimizer's share of our gain
   ours           our Transformer, CausalLMObjective (chunked fp32 cross-entropy) and build_optimizer (fused
                  AdamW): the trainer's step, in --dtype
-  ours_compiled  ours with trainer/parallel.py's compile_blocks (each block through torch.compile)
+  ours_compiled  ours with the trainer's --compile (trainer/parallel.py: each block through torch.compile)
   recipe         ours in the trainer's default dtype (--dtype auto: bfloat16 on CPUs/GPUs with native bf16)
-  compiled       recipe with compile_blocks
+  compiled       recipe with --compile
   hf_recipe      transformers in that same default dtype (bf16 autocast): the like-for-like comparison
 Rounds alternate the implementations; "vs hf" is the ratio of step times measured in the same round (median
 over rounds). MFU = tokens/s x FLOPs/token / peak, with FLOPs/token = 6 x (non-embedding params + lm_head) +
@@ -32,16 +32,18 @@ from pathlib import Path
 
 import torch
 
-from common import CONFIGS, machine_line, model_config, peak_memory_mb, ratio_rounds, record, save_weights, timed
+from common import (CONFIGS, load_after, machine_line, model_config, peak_memory_mb, ratio_rounds, report,
+                    save_weights, timed)
 from model import Transformer
-from trainer.parallel import compile_blocks
-from trainer.distributed import resolve_device, resolve_dtype
+from trainer.distributed import DistEnv, resolve_device, resolve_dtype
 from trainer.flops import peak_flops
+from trainer.parallel import parallelize
 
 IMPLS = ("hf", "hf_fused", "ours", "ours_compiled", "recipe", "compiled", "hf_recipe")
 LABELS = {"hf": "transformers LlamaForCausalLM, AdamW", "hf_fused": "transformers LlamaForCausalLM, AdamW fused",
-          "ours": "zero2llm trainer step", "ours_compiled": "zero2llm trainer step, compile_blocks", "recipe": "zero2llm trainer step, default dtype",
-          "compiled": "zero2llm trainer step, default dtype, compile_blocks",
+          "ours": "zero2llm trainer step", "ours_compiled": "zero2llm trainer step, --compile",
+          "recipe": "zero2llm trainer step, default dtype",
+          "compiled": "zero2llm trainer step, default dtype, --compile",
           "hf_recipe": "transformers LlamaForCausalLM, AdamW, default dtype"}
 
 
@@ -55,9 +57,9 @@ def run_one(args: argparse.Namespace) -> dict:
     dtype = resolve_dtype(args.run_dtype, device)
     torch.manual_seed(0)
     if not args.impl.startswith("hf"):
-        model = Transformer.from_pretrained(args.weights).to(device).train()
-        if args.impl.endswith("compiled"):
-            compile_blocks(model, device)
+        model = Transformer.from_pretrained(args.weights).train()
+        model = parallelize(model, DistEnv(0, 0, 1, device), fsdp=False, dtype=dtype, grad_checkpointing=False,
+                            compile=args.impl.endswith("compiled"))
         optimizer = build_optimizer(model, TrainConfig(learning_rate=1e-4), device)
         objective = CausalLMObjective()
 
@@ -143,7 +145,7 @@ def main() -> None:
     peaks = {d: peak_flops(device, getattr(torch, d), args.peak_tflops) for d in {r["dtype"] for r in results.values()}}
     peak_text = ", ".join(f"{d} {v / 1e9:,.0f} GFLOP/s" for d, v in sorted(peaks.items()))
     lines = [f"train step, config {args.config}, batch {args.batch_size} x {config.max_seq_len}, {device.type}, "
-             f"{args.rounds} rounds x {args.steps} steps — {machine} (load after: {machine_line(device).rsplit(' ', 1)[-1]}); "
+             f"{args.rounds} rounds x {args.steps} steps — {machine} ({load_after()}); "
              f"MFU peak {'given' if args.peak_tflops else 'measured'}: {peak_text}; "
              f"{flops_per_token / 1e6:.0f} MFLOP/token (6N + attention)",
              "", f"| implementation | dtype | step (s) | tokens/s | vs {baseline} | peak memory (MB) | MFU |",
@@ -154,9 +156,7 @@ def main() -> None:
         mfu = tokens / step * flops_per_token / peaks[r["dtype"]]
         lines.append(f"| {LABELS[impl]} | {r['dtype']} | {step:.2f} | {tokens / step:,.0f} | {ratios[impl]:.2f}x "
                      f"| {r['peak_mb']:,.0f} | {mfu:.1%} |")
-    print("\n".join(lines))
-    if args.record:
-        record(lines)
+    report(lines, args.record)
 
 
 if __name__ == "__main__":

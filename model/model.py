@@ -331,10 +331,11 @@ class MoE(nn.Module):
         token_of = order // self.top_k  # token index of each sorted assignment
         counts = torch.bincount(flat_experts, minlength=self.n_experts)
         dtype = _compute_dtype(flat)
+        tokens = flat.to(dtype)[token_of]  # cast once, before the gather (autocast would cast per expert matmul)
         if self._use_grouped_mm(flat, dtype):
-            y = self._experts_grouped(flat.to(dtype)[token_of], counts)
+            y = self._experts_grouped(tokens, counts)
         else:
-            y = self._experts_looped(flat[token_of], counts)
+            y = self._experts_looped(tokens, counts)
         y = y * weights.reshape(-1)[order, None]
         out = y.new_zeros(B * T, D).index_add_(0, token_of, y)
         if self.shared_experts is not None:

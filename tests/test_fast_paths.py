@@ -76,9 +76,13 @@ def test_chunked_cross_entropy_without_grad_keeps_no_gradient_buffer():
 # ----------------------------------------------------------------------------- tokens/s and MFU
 
 
-def test_mfu_peak_sources():
+def test_mfu_peak_sources(monkeypatch):
     assert peak_flops(torch.device("cpu"), torch.float32, given_tflops=2.5) == 2.5e12
     assert gpu_datasheet_peak(torch.device("cpu"), torch.bfloat16) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert peak_flops(torch.device("cuda"), torch.bfloat16) == 989e12  # the datasheet, not a measurement
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce GTX 1080")
+    assert gpu_datasheet_peak(torch.device("cuda"), torch.bfloat16) is None  # unknown: peak_flops would measure
     rng = torch.get_rng_state()
     measured = measure_matmul_flops(torch.device("cpu"), torch.float32, n=512, reps=2)
     assert 1e9 < measured < 1e15
