@@ -159,7 +159,7 @@ def test_sft_on_a_transformers_model_runs_and_exports(tmp_path, arch):
     check_loads_in_transformers(out / "final")
 
 
-def test_lora_and_dpo_on_a_transformers_model(tmp_path):
+def test_lora_dpo_and_grpo_on_a_transformers_model(tmp_path):
     init = open_model(tmp_path / "hub", "qwen2")
     files = chat_files(tmp_path)
     train.main(args("lora", init, files, tmp_path / "lora", "--merge", "--lora_rank", "4"))
@@ -172,6 +172,13 @@ def test_lora_and_dpo_on_a_transformers_model(tmp_path):
     out = tmp_path / "dpo"
     train.main(args("dpo", init, {"train": pairs, "val": pairs}, out, "--max_steps", "3", "--learning_rate", "1e-3"))
     assert sorted(train_losses(out)) == [1, 2, 3]
+    check_loads_in_transformers(out / "final")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(line + "\n" for line in (ROOT / "dataset" / "grpo.jsonl").read_text().splitlines()[:8]))
+    out = tmp_path / "grpo"
+    train.main(args("grpo", init, {"train": prompts, "val": prompts}, out, "--max_steps", "2", "--batch_size", "2",
+                    "--num_generations", "2", "--max_completion_length", "8", "--learning_rate", "1e-3"))
+    assert sorted(train_losses(out)) == [1, 2]
     check_loads_in_transformers(out / "final")
 
 
