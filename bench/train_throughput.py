@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,8 +48,9 @@ LABELS = {"hf": "transformers LlamaForCausalLM, AdamW", "hf_fused": "transformer
           "hf_recipe": "transformers LlamaForCausalLM, AdamW, default dtype"}
 
 
-def run_one(args: argparse.Namespace) -> dict:
-    """One implementation in this process: the median of args.steps step times after args.warmup."""
+def make_step(args: argparse.Namespace) -> tuple[Callable[[], None], torch.device, torch.dtype]:
+    """One implementation's training step (args.impl, args.weights, args.run_dtype, args.device,
+    args.batch_size): forward, backward, optimizer step on a fixed batch of random tokens."""
     from trainer.config import TrainConfig
     from trainer.loop import build_optimizer
     from trainer.objectives import CausalLMObjective
@@ -86,6 +88,12 @@ def run_one(args: argparse.Namespace) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step, device, dtype
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """One implementation in this process: the median of args.steps step times after args.warmup."""
+    step, device, dtype = make_step(args)
     times = [timed(step, device) for _ in range(args.warmup + args.steps)][args.warmup:]
     return {"step_s": statistics.median(times), "peak_mb": peak_memory_mb(device), "dtype": str(dtype)[6:]}
 

@@ -283,7 +283,7 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-CPU_EXPERT_ROWS = 64  # on CPU, expert token counts are padded to a multiple of this (see MoE._experts_looped)
+CPU_EXPERT_ROWS = 64  # bf16/fp16 on CPU: expert token counts are padded to a multiple of this (MoE.forward)
 EXPERT_PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -326,18 +326,35 @@ class MoE(nn.Module):
 
         # Sorted-token dispatch: order the (token, slot) assignments by expert so each expert's tokens are one
         # contiguous slice (the layout a grouped GEMM consumes), run the experts, then scatter-add back.
+        # In bf16/fp16 on CPU each slice is padded to a multiple of CPU_EXPERT_ROWS rows: oneDNN builds a kernel
+        # for every new matmul shape (~8 ms each) and raw per-expert counts change every step; padded, the few
+        # shapes repeat and stay cached. fp32 goes to MKL, which has no such cost, and stays unpadded (a matmul's
+        # rounding can depend on its row count, and unpadded fp32 equals transformers bit for bit).
+        # Padding rows read an appended zero token and scatter back into it.
+        N = B * T
         flat_experts = experts.reshape(-1)  # [N*k]
         order = flat_experts.argsort(stable=True)
-        token_of = order // self.top_k  # token index of each sorted assignment
         counts = torch.bincount(flat_experts, minlength=self.n_experts)
         dtype = _compute_dtype(flat)
-        tokens = flat.to(dtype)[token_of]  # cast once, before the gather (autocast would cast per expert matmul)
+        multiple = CPU_EXPERT_ROWS if x.device.type == "cpu" and dtype != torch.float32 else 1
+        sizes = (counts + multiple - 1) // multiple * multiple  # each expert's slice, padded
+        # Row of the i-th sorted assignment in the padded layout: i plus the padding of the experts before its own.
+        shift = (sizes.cumsum(0) - sizes) - (counts.cumsum(0) - counts)
+        rows = torch.arange(order.numel(), device=x.device) + shift[flat_experts[order]]
+        n_rows = order.numel() if multiple == 1 else int(sizes.sum())  # on GPU, no host sync here
+        token_of = order.new_full((n_rows,), N).index_copy_(0, rows, order // self.top_k)
+        # Weighted and summed in the experts' compute dtype: a mixed bf16 * fp32 multiply is a slow CPU path.
+        weight_of = weights.new_zeros(n_rows, dtype=dtype).index_copy_(0, rows, weights.reshape(-1)[order].to(dtype))
+        # Cast once, before the gather (autocast would cast per expert matmul); index_select's backward is an
+        # index_add, several times faster on CPU than the accumulating index_put of tensor[index].
+        tokens = F.pad(flat.to(dtype), (0, 0, 0, 1)).index_select(0, token_of)
         if self._use_grouped_mm(flat, dtype):
-            y = self._experts_grouped(tokens, counts)
+            y = self._experts_grouped(tokens, sizes)
         else:
-            y = self._experts_looped(tokens, counts)
-        y = y * weights.reshape(-1)[order, None]
-        out = y.new_zeros(B * T, D).index_add_(0, token_of, y)
+            # Every expert runs, even on 0 tokens, so all get a (zero) gradient: DDP needs no
+            # find_unused_parameters. One host sync per layer for the slice sizes.
+            y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, tokens.split(sizes.tolist()))])
+        out = y.new_zeros(N + 1, D).index_add_(0, token_of, y * weight_of[:, None])[:N]
         if self.shared_experts is not None:
             shared = self.shared_experts(flat)
             if self.shared_expert_gate is not None:
@@ -351,22 +368,6 @@ class MoE(nn.Module):
         else:
             aux = flat.new_zeros((), dtype=torch.float32)
         return out.view(B, T, D), aux
-
-    def _experts_looped(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Expert e's SwiGLU on its slice of the sorted tokens, one expert after the other.
-
-        On CPU each slice is padded with zero rows to a multiple of CPU_EXPERT_ROWS: oneDNN builds a kernel
-        for every new matmul shape (~5 ms each), and raw per-expert token counts change every step, so
-        unpadded they would rebuild kernels all the time; padded, the few shapes repeat and stay cached.
-        """
-        multiple = CPU_EXPERT_ROWS if tokens.device.type == "cpu" else 1
-        ys = []
-        # Every expert runs, even on 0 tokens, so all get a (zero) gradient: DDP needs no find_unused_parameters.
-        for expert, chunk in zip(self.experts, tokens.split(counts.tolist())):  # one GPU sync per layer
-            n = chunk.shape[0]
-            pad = -n % multiple
-            ys.append(expert(F.pad(chunk, (0, 0, 0, pad)))[:n] if pad else expert(chunk))
-        return torch.cat(ys)
 
     def _experts_grouped(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """All experts at once with grouped GEMMs (torch._grouped_mm: one kernel per projection for every

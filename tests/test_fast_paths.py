@@ -169,21 +169,37 @@ def test_moe_picks_grouped_gemm_on_cuda_and_it_equals_the_loop():
     check_grouped_equals_looped("cuda")
 
 
+def expert_rows_seen(model) -> list[int]:
+    """Rows each expert of the first layer is called on, appended as the model runs."""
+    rows: list[int] = []
+    for expert in model.model.layers[0].mlp.experts:
+        expert.register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
+    return rows
+
+
 def test_cpu_expert_padding_keeps_outputs_and_gradients(monkeypatch):
-    """Expert slices padded to CPU_EXPERT_ROWS rows give the unpadded results (padding rows are dropped)."""
+    """In bf16 on CPU, expert slices are padded to CPU_EXPERT_ROWS rows and the padding changes nothing: the same
+    outputs and gradients as unpadded slices. fp32 is never padded (it stays equal to transformers bit for bit)."""
     from model import model as model_module
 
     x = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(2))
+    assignments = x.numel() * 2  # top-2
     results = []
-    for rows in (1, 64):
-        monkeypatch.setattr(model_module, "CPU_EXPERT_ROWS", rows)
+    for multiple in (1, 64):
+        monkeypatch.setattr(model_module, "CPU_EXPERT_ROWS", multiple)
         m = moe_model()
-        out = m(x)
-        (out.logits.square().mean() + out.aux_loss).backward()
-        results.append((out.logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
-    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+        rows = expert_rows_seen(m)
+        results.append(moe_loss_and_grads(m, x, grouped=False))  # bf16 autocast
+        assert all(n % multiple == 0 for n in rows)
+        assert (sum(rows) > assignments) == (multiple == 64)  # 48 assignments over 4 experts: 4 x 64 rows padded
+    torch.testing.assert_close(results[0][0], results[1][0], atol=0, rtol=0)
     for name, grad in results[0][1].items():
-        torch.testing.assert_close(grad, results[1][1][name], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad, results[1][1][name], atol=1e-6, rtol=1e-5)
+
+    m = moe_model()
+    rows = expert_rows_seen(m)
+    m(x)  # fp32
+    assert sum(rows) == assignments
 
 
 # ----------------------------------------------------------------------------- torch.compile
