@@ -38,11 +38,11 @@ def layer_table(args: argparse.Namespace, device: torch.device) -> list[str]:
     torch.manual_seed(0)
     layers = {"moe_dense": MLP(config.dim, config.num_experts_per_tok * config.moe_hidden_dim).to(device),
               "moe": MoE(config).to(device)}
-    x = torch.randn(args.batch_size, config.max_seq_len, config.dim, device=device)
+    x = torch.randn(args.batch_size, config.max_seq_len, config.dim, device=device, requires_grad=True)
 
     def run(layer: torch.nn.Module) -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = layer(x.requires_grad_())
+            out = layer(x)
             out = out[0] + out[1] if isinstance(out, tuple) else out  # the MoE adds its balance loss
         out.float().sum().backward()
 

@@ -67,7 +67,8 @@ def main() -> None:
     total = sum(getattr(e, attr) for e in ops)
     groups: dict[str, float] = {}
     for e in ops:
-        groups[group_of(e.key)] = groups.get(group_of(e.key), 0.0) + getattr(e, attr)
+        group = group_of(e.key)
+        groups[group] = groups.get(group, 0.0) + getattr(e, attr)
     lines = [f"where the step's time goes: {LABELS[args.impl]}, {str(dtype)[6:]}, config {args.config}, batch "
              f"{args.batch_size}, one profiled step after {args.warmup} — {machine_line(device)}", "",
              "| kind of work | ms | share |", "|---|---|---|"]
