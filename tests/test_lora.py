@@ -9,12 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import check_resume_is_exact, train_losses
+from conftest import check_resume_is_exact, sft_args, train_losses
 from model import Transformer
 from model.config import config_from_preset
 from model.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, count_parameters, load_adapter, lora_layers,
                         merge_lora, save_adapter)
-from test_sft import sft_args, sft_files  # noqa: F401  (shared fixtures)
 from trainer.config import UsageError
 
 

@@ -3,36 +3,13 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 import train
-from conftest import CONVERSATION, ROOT, check_resume_is_exact, read_metrics, train_losses
+from conftest import CONVERSATION, ROOT, check_resume_is_exact, read_metrics, sft_args, train_losses, write_jsonl
 from data import IGNORE_INDEX, DataError, SFTDataset, padding_fraction, pad_collate
 from trainer.sampler import ResumableBatchSampler
-
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def sft_files(tmp_path_factory) -> dict[str, Path]:
-    """A small mix of the shipped chats and Alpaca rows (train) and held-out chats (val)."""
-    folder = tmp_path_factory.mktemp("sft")
-    chats = (ROOT / "dataset" / "sft.jsonl").read_text().splitlines()[:200]
-    alpaca = (ROOT / "dataset" / "sft_alpaca.jsonl").read_text().splitlines()[:40]
-    val = (ROOT / "dataset" / "sft_val.jsonl").read_text().splitlines()[:32]
-    return {"train": write_jsonl(folder / "train.jsonl", chats + alpaca), "val": write_jsonl(folder / "val.jsonl", val)}
-
-
-def sft_args(files: dict[str, Path], base: Path, out: Path, *extra: str) -> list[str]:
-    return ["--mode", "sft", "--init_from", str(base), "--data_path", str(files["train"]),
-            "--val_data_path", str(files["val"]), "--out_dir", str(out), "--batch_size", "8", "--log_interval", "1",
-            "--warmup_iters", "2", "--device", "cpu", "--dtype", "float32", *extra]
 
 
 # ----------------------------------------------------------------------------- labels
