@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 
 import pytest
+import torch
 
 import train
 from conftest import CONVERSATION, ROOT, check_resume_is_exact, read_metrics, sft_args, train_losses, write_jsonl
-from data import IGNORE_INDEX, DataError, SFTDataset, padding_fraction, pad_collate
+from data import IGNORE_INDEX, DataError, SFTDataset, pad_collate
 from trainer.sampler import ResumableBatchSampler
 
 
@@ -97,6 +99,16 @@ def test_bad_lines_name_the_file_and_line(tok, tmp_path, line, message):
 
 
 # ----------------------------------------------------------------------------- batching
+
+
+def padding_fraction(lengths: torch.Tensor, batches: Iterable[list[int]]) -> float:
+    """Share of a padded batch's positions that are padding, over `batches` (lists of row indices)."""
+    real = padded = 0
+    for rows in batches:
+        lens = lengths[rows]
+        real += int(lens.sum())
+        padded += int(lens.max()) * len(rows)
+    return 1 - real / max(padded, 1)
 
 
 def test_length_grouped_batches_pad_little_and_keep_resume_and_ddp(tok):
