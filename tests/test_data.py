@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import data
+from conftest import ROOT
 from data import DataError, PackedDataset
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCS = ["To be, or not to be, that is the question:", "What is 12 + 7?\n12 + 7 = 19.",
         "Héllo wörld 🤖 — unicode survives.", "Now is the winter of our discontent\nMade glorious summer."] * 5
 
