@@ -388,22 +388,22 @@ def _write_tokens(paths: list[Path], tokenizer, dtype: np.dtype, out_path: Path,
     return n_tokens, n_docs, stats["n_empty"]
 
 
-def pretrain_bin(path: str | Path, tokenizer, cache_dir: str | Path | None = None, dtype: str | None = None,
-                 show_progress: bool = True, skip_bad_records: bool = False) -> Path:
+def pretrain_bin(path: str | Path, tokenizer, cache_dir: str | Path | None = None, show_progress: bool = True,
+                 skip_bad_records: bool = False) -> Path:
     """A token file for `path`: a .bin as-is (checked), or a .jsonl/.txt prepared once and cached.
 
     The cache key is the source path, size and mtime plus the tokenizer fingerprint (and skip_bad_records),
     so editing the data or changing the tokenizer re-prepares, and anything else reuses; a cache prepared
     with bad lines skipped is never used by a strict run (which fails on the first bad line), nor vice versa. Cache files go to
-    `cache_dir` (default: a `.cache` folder next to the source). `dtype` is only needed for a .bin
-    without sidecar (default: what the tokenizer's vocabulary needs).
+    `cache_dir` (default: a `.cache` folder next to the source). A .bin without sidecar is read in the dtype
+    the tokenizer's vocabulary needs.
     """
     tokenizer = load_tokenizer(tokenizer)
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     if path.suffix == ".bin":
-        check_bin(path, tokenizer, dtype)
+        check_bin(path, tokenizer)
         return path
     stamp = _source_stamp(path)
     key_parts = [stamp, tokenizer_fingerprint(tokenizer)] + (["skip_bad_records"] if skip_bad_records else [])
