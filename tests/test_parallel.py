@@ -121,7 +121,7 @@ def test_grad_checkpointing_gives_the_same_loss_and_grads(variant):
     model = Transformer(config_from_preset("tiny", dropout=0.1, **variant)).train()
     x = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(1))
     loss, grads = loss_and_grads(model, x)
-    checkpointed = parallelize(copy.deepcopy(model), DistEnv(0, 0, 1, torch.device("cpu")), fsdp=False,
+    checkpointed = parallelize(copy.deepcopy(model), DistEnv(0, 1, torch.device("cpu")), fsdp=False,
                                dtype=torch.float32, grad_checkpointing=True, compile=False)
     saved: list[int] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
