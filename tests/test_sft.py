@@ -7,6 +7,8 @@ from collections.abc import Iterable
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import train
 from conftest import CONVERSATION, ROOT, check_resume_is_exact, read_metrics, sft_args, train_losses, write_jsonl
@@ -219,9 +221,6 @@ def test_pipeline_check_fails_when_fine_tuning_taught_nothing(base_model, sft_fi
 
 
 # ----------------------------------------------------------------------------- bad records, property-based
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
                            lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids, max_size=3),
