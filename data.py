@@ -33,7 +33,7 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -388,22 +388,22 @@ def _write_tokens(paths: list[Path], tokenizer, dtype: np.dtype, out_path: Path,
     return n_tokens, n_docs, stats["n_empty"]
 
 
-def pretrain_bin(path: str | Path, tokenizer, cache_dir: str | Path | None = None, dtype: str | None = None,
-                 show_progress: bool = True, skip_bad_records: bool = False) -> Path:
+def pretrain_bin(path: str | Path, tokenizer, cache_dir: str | Path | None = None, show_progress: bool = True,
+                 skip_bad_records: bool = False) -> Path:
     """A token file for `path`: a .bin as-is (checked), or a .jsonl/.txt prepared once and cached.
 
     The cache key is the source path, size and mtime plus the tokenizer fingerprint (and skip_bad_records),
     so editing the data or changing the tokenizer re-prepares, and anything else reuses; a cache prepared
     with bad lines skipped is never used by a strict run (which fails on the first bad line), nor vice versa. Cache files go to
-    `cache_dir` (default: a `.cache` folder next to the source). `dtype` is only needed for a .bin
-    without sidecar (default: what the tokenizer's vocabulary needs).
+    `cache_dir` (default: a `.cache` folder next to the source). A .bin without sidecar is read in the dtype
+    the tokenizer's vocabulary needs.
     """
     tokenizer = load_tokenizer(tokenizer)
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     if path.suffix == ".bin":
-        check_bin(path, tokenizer, dtype)
+        check_bin(path, tokenizer)
         return path
     stamp = _source_stamp(path)
     key_parts = [stamp, tokenizer_fingerprint(tokenizer)] + (["skip_bad_records"] if skip_bad_records else [])
@@ -1047,17 +1047,6 @@ class GRPODataset(RowsDataset):
                 f"tokens (mean {sum(lengths) / len(lengths):.0f}); at most {self.max_prompt_len} fit")
 
 
-def padding_fraction(lengths: Sequence[int] | torch.Tensor, batches: Iterable[list[int]]) -> float:
-    """Share of a padded batch's positions that are padding, over `batches` (lists of row indices)."""
-    lengths = torch.as_tensor(lengths)
-    real = padded = 0
-    for rows in batches:
-        lens = lengths[rows]
-        real += int(lens.sum())
-        padded += int(lens.max()) * len(rows)
-    return 1 - real / max(padded, 1)
-
-
 # ----------------------------------------------------------------------------- collators
 
 
@@ -1066,8 +1055,7 @@ def collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([ex[k] for ex in batch]) for k in batch[0]}
 
 
-def pad_collate(pad_id: int, pad_to_multiple_of: int | None = None
-                ) -> Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
+def pad_collate(pad_id: int) -> Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
     """Collator for variable-length LM examples: right-pads input_ids with `pad_id`, labels with -100.
 
     Returns {"input_ids", "labels", "attention_mask"} (mask 1 = real token). Right padding keeps
@@ -1076,8 +1064,6 @@ def pad_collate(pad_id: int, pad_to_multiple_of: int | None = None
 
     def fn(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         T = max(len(ex["input_ids"]) for ex in batch)
-        if pad_to_multiple_of:
-            T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
         out = {"input_ids": torch.full((len(batch), T), pad_id, dtype=torch.long),
                "labels": torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long),
                "attention_mask": torch.zeros((len(batch), T), dtype=torch.long)}
@@ -1093,13 +1079,12 @@ def pad_collate(pad_id: int, pad_to_multiple_of: int | None = None
     return fn
 
 
-def pair_collate(pad_id: int, pad_to_multiple_of: int | None = None
-                 ) -> Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
+def pair_collate(pad_id: int) -> Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
     """Collator for DPODataset items: B pairs -> ONE right-padded batch of 2B rows, the B chosen sides first,
     then the B rejected ones, all padded to one common length, so a single forward pass serves both sides.
     Returns pad_collate's {"input_ids", "labels", "attention_mask"}, plus "ref_logps" [2B] when the items
     carry precomputed reference log-probs (same row order)."""
-    pad = pad_collate(pad_id, pad_to_multiple_of)
+    pad = pad_collate(pad_id)
 
     def fn(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         rows = [{"input_ids": ex[f"{side}_input_ids"], "labels": ex[f"{side}_labels"]}

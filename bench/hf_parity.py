@@ -14,16 +14,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from model import ModelConfig, Transformer, generate  # noqa: E402
+from common import RESULTS
+from model import ModelConfig, Transformer, generate
 
 SIZE = dict(vocab_size=1000, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, max_seq_len=256, moe_hidden_dim=256,
             n_routed_experts=8, num_experts_per_tok=2)
@@ -112,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(f"| {name} | {cls} | {export:.1e} | {back:.1e} | {'yes' if greedy else 'NO'} |")
             print(lines[-1], flush=True)
     if args.record:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+        with open(RESULTS, "a") as f:
             f.write("\n" + "\n".join(lines) + "\n")
 
 

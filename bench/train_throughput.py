@@ -60,7 +60,7 @@ def make_step(args: argparse.Namespace) -> tuple[Callable[[], None], torch.devic
     torch.manual_seed(0)
     if not args.impl.startswith("hf"):
         model = Transformer.from_pretrained(args.weights).train()
-        model = parallelize(model, DistEnv(0, 0, 1, device), fsdp=False, dtype=dtype, grad_checkpointing=False,
+        model = parallelize(model, DistEnv(0, 1, device), fsdp=False, dtype=dtype, grad_checkpointing=False,
                             compile=args.impl.endswith("compiled"))
         optimizer = build_optimizer(model, TrainConfig(learning_rate=1e-4), device)
         objective = CausalLMObjective()

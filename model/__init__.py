@@ -2,7 +2,7 @@
 
 from .config import PRESETS, ModelConfig, config_from_preset
 from .generate import generate, sample_next_token
-from .model import KVCache, ModelOutput, Transformer, load_balancing_loss, resolve_dtype
+from .model import KVCache, ModelOutput, Transformer, load_balancing_loss
 
 __all__ = [
     "PRESETS",
@@ -13,6 +13,5 @@ __all__ = [
     "config_from_preset",
     "generate",
     "load_balancing_loss",
-    "resolve_dtype",
     "sample_next_token",
 ]

@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from .model import Linear
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts in front of the base model's module names
@@ -53,9 +55,10 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
-    def merged(self) -> nn.Linear:
-        """A plain nn.Linear computing the same function (up to rounding): W + scaling * B @ A."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+    def merged(self) -> Linear:
+        """The model's plain Linear (with its single-row decode path) computing the same function (up to
+        rounding): W + scaling * B @ A."""
+        linear = Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
@@ -113,7 +116,7 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear by its merged nn.Linear (in place); returns the model, now a plain one."""
+    """Replace every LoRALinear by its merged Linear (in place); returns the model, now a plain one."""
     for name, layer in lora_layers(model).items():
         parent, child = _parent(model, name)
         setattr(parent, child, layer.merged())

@@ -1,4 +1,4 @@
-"""Shared fixtures: a small training corpus and a runner for train.py with tiny settings."""
+"""Shared fixtures: a small training corpus, SFT data, a tiny base model, and train.py argv with tiny settings."""
 from __future__ import annotations
 
 import json
@@ -67,6 +67,29 @@ def read_metrics(out_dir: Path) -> list[dict]:
 def train_losses(out_dir: Path) -> dict[int, float]:
     """step -> training loss, from the run's metrics.jsonl (later records win, as after a resume)."""
     return {r["step"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """One line per row: dicts as JSON, strings as they are (to write malformed lines)."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft_files(tmp_path_factory) -> dict[str, Path]:
+    """A small mix of the shipped chats and Alpaca rows (train) and held-out chats (val)."""
+    folder = tmp_path_factory.mktemp("sft")
+    chats = (ROOT / "dataset" / "sft.jsonl").read_text().splitlines()[:200]
+    alpaca = (ROOT / "dataset" / "sft_alpaca.jsonl").read_text().splitlines()[:40]
+    val = (ROOT / "dataset" / "sft_val.jsonl").read_text().splitlines()[:32]
+    return {"train": write_jsonl(folder / "train.jsonl", chats + alpaca), "val": write_jsonl(folder / "val.jsonl", val)}
+
+
+def sft_args(files: dict[str, Path], base: Path, out: Path, *extra: str) -> list[str]:
+    """train.py argv for a short --mode sft run on `files` from the `base` model folder."""
+    return ["--mode", "sft", "--init_from", str(base), "--data_path", str(files["train"]),
+            "--val_data_path", str(files["val"]), "--out_dir", str(out), "--batch_size", "8", "--log_interval", "1",
+            "--warmup_iters", "2", "--device", "cpu", "--dtype", "float32", *extra]
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import data
+from conftest import ROOT
 from data import DataError, PackedDataset
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCS = ["To be, or not to be, that is the question:", "What is 12 + 7?\n12 + 7 = 19.",
         "Héllo wörld 🤖 — unicode survives.", "Now is the winter of our discontent\nMade glorious summer."] * 5
 
@@ -305,7 +305,6 @@ def test_pad_collate_right_pads():
     assert out["labels"].tolist() == [[-100, 7, 8], [10, -100, -100]]
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert all(v.dtype == torch.long for v in out.values())
-    assert data.pad_collate(0, pad_to_multiple_of=8)(batch)["input_ids"].shape == (2, 8)
 
 
 # ----------------------------------------------------------------------------- shipped sample data
@@ -468,18 +467,15 @@ def test_any_lines_with_skipping_load_or_fail_only_when_all_are_bad(tmp_path, ro
 
 
 @settings(max_examples=80, deadline=None)
-@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=9), pad_id=st.integers(0, 6399),
-       multiple=st.sampled_from([None, 1, 8, 64]), data_=st.data())
-def test_pad_collate_any_lengths(lengths, pad_id, multiple, data_):
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=9), pad_id=st.integers(0, 6399), data_=st.data())
+def test_pad_collate_any_lengths(lengths, pad_id, data_):
     batch = []
     for n in lengths:
         ids = data_.draw(st.lists(st.integers(0, 6399), min_size=n, max_size=n))
         labels = data_.draw(st.lists(st.integers(0, 6399) | st.just(-100), min_size=n, max_size=n))
         batch.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)})
-    out = data.pad_collate(pad_id, pad_to_multiple_of=multiple)(batch)
+    out = data.pad_collate(pad_id)(batch)
     T = max(lengths)
-    if multiple:
-        T = -(-T // multiple) * multiple
     assert set(out) == {"input_ids", "labels", "attention_mask"}
     for k, v in out.items():
         assert v.shape == (len(lengths), T) and v.dtype == torch.long, k

@@ -13,16 +13,11 @@ import pytest
 import torch
 
 import train
-from conftest import CONVERSATION, ROOT, read_metrics, train_losses
+from conftest import CONVERSATION, ROOT, read_metrics, train_losses, write_jsonl
 from data import IGNORE_INDEX, DataError, DPODataset, pair_collate
 from trainer.objectives import DPOObjective, dpo_loss, sequence_logps
 
 LN2 = math.log(2)
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
 
 
 def user(text: str) -> dict:

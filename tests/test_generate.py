@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import ROOT
 from model import ModelConfig, Transformer, generate, sample_next_token
 from model.generate import apply_repetition_penalty
 
-ROOT = Path(__file__).resolve().parents[1]
 V = 320
 MOE = dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, qk_norm=True)
 

@@ -13,18 +13,13 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, check_resume_is_exact, read_metrics
+from conftest import ROOT, check_resume_is_exact, read_metrics, write_jsonl
 from data import DataError, GRPODataset, prompt_collate
 from model import Transformer
 from trainer.config import UsageError
 from trainer.grpo import GRPOObjective, group_advantages, per_token_loss, reduce_loss
 from trainer.rewards import (accuracy_reward, format_reward, is_correct, length_penalty, load_reward_funcs,
                              parse_weights)
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
 
 
 # ----------------------------------------------------------------------------- the loss on fixed tensors

@@ -9,12 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import check_resume_is_exact, train_losses
+from conftest import check_resume_is_exact, sft_args, train_losses
 from model import Transformer
 from model.config import config_from_preset
 from model.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, count_parameters, load_adapter, lora_layers,
                         merge_lora, save_adapter)
-from test_sft import sft_args, sft_files  # noqa: F401  (shared fixtures)
 from trainer.config import UsageError
 
 
@@ -101,14 +100,14 @@ def lora_args(files, base, out, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def lora_run(sft_files, base_model, tmp_path_factory):  # noqa: F811
+def lora_run(sft_files, base_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "run"
     train.main(lora_args(sft_files, base_model, out, "--max_steps", "12", "--learning_rate", "1e-2",
                          "--lora_rank", "4", "--eval_interval", "0", "--merge"))
     return out
 
 
-def test_lora_run_trains_only_the_adapter_and_exports_it(lora_run, base_model, capsys):  # noqa: F811
+def test_lora_run_trains_only_the_adapter_and_exports_it(lora_run, base_model, capsys):
     losses = train_losses(lora_run)
     assert sum(losses[s] for s in range(10, 13)) / 3 < losses[1]
     final = lora_run / "final"
@@ -126,7 +125,7 @@ def test_lora_run_trains_only_the_adapter_and_exports_it(lora_run, base_model, c
     assert json.loads((final / "merged" / "zero2llm.json").read_text())["chat"] is True
 
 
-def test_eval_model_loads_base_plus_adapter(lora_run, base_model, tmp_path, capsys):  # noqa: F811
+def test_eval_model_loads_base_plus_adapter(lora_run, base_model, tmp_path, capsys):
     import eval_model
 
     final = lora_run / "final"
@@ -146,7 +145,7 @@ def test_eval_model_loads_base_plus_adapter(lora_run, base_model, tmp_path, caps
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # peft calls a transformers API deprecated in v6
-def test_peft_loads_our_adapter_onto_the_transformers_base(lora_run, base_model):  # noqa: F811
+def test_peft_loads_our_adapter_onto_the_transformers_base(lora_run, base_model):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
@@ -166,7 +165,7 @@ def test_lora_resume_continues_with_identical_losses(sft_files, base_model, tmp_
                           "3", "--no-save_last", "--learning_rate", "1e-2")
 
 
-def test_lora_user_errors(sft_files, base_model, lora_run, tmp_path, capsys):  # noqa: F811
+def test_lora_user_errors(sft_files, base_model, lora_run, tmp_path, capsys):
     with pytest.raises(UsageError, match="--lora_target_modules qkv: LoRA target module"):
         train.main(lora_args(sft_files, base_model, tmp_path / "x", "--lora_target_modules", "qkv"))
     with pytest.raises(SystemExit):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, check_resume_is_exact, train_args, train_losses
+from conftest import ROOT, check_resume_is_exact, sft_args, train_args, train_losses
 from model import Transformer
 from model.config import config_from_preset
 from trainer import checkpoint as ckpt
@@ -75,8 +75,6 @@ def test_fsdp_resume_is_exact(corpus, tmp_path):
 
 
 def test_fsdp_lora_resumes_exactly_and_exports_the_adapter(base_model, tmp_path):
-    from test_sft import sft_args
-
     files = {"train": ROOT / "dataset" / "sft_val.jsonl", "val": ROOT / "dataset" / "sft_val.jsonl"}
     args = lambda out, *extra: sft_args(files, base_model, out, "--mode", "lora", "--lora_rank", "4", *extra)  # noqa: E731
     check_resume_is_exact(args, tmp_path, 4, 2, "--fsdp", "--lr_decay_iters", "4", "--eval_interval", "0",
@@ -123,7 +121,7 @@ def test_grad_checkpointing_gives_the_same_loss_and_grads(variant):
     model = Transformer(config_from_preset("tiny", dropout=0.1, **variant)).train()
     x = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(1))
     loss, grads = loss_and_grads(model, x)
-    checkpointed = parallelize(copy.deepcopy(model), DistEnv(0, 0, 1, torch.device("cpu")), fsdp=False,
+    checkpointed = parallelize(copy.deepcopy(model), DistEnv(0, 1, torch.device("cpu")), fsdp=False,
                                dtype=torch.float32, grad_checkpointing=True, compile=False)
     saved: list[int] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):

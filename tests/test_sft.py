@@ -3,36 +3,17 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
+from collections.abc import Iterable
 
 import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import train
-from conftest import CONVERSATION, ROOT, check_resume_is_exact, read_metrics, train_losses
-from data import IGNORE_INDEX, DataError, SFTDataset, padding_fraction, pad_collate
+from conftest import CONVERSATION, ROOT, check_resume_is_exact, read_metrics, sft_args, train_losses, write_jsonl
+from data import IGNORE_INDEX, DataError, SFTDataset, pad_collate
 from trainer.sampler import ResumableBatchSampler
-
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def sft_files(tmp_path_factory) -> dict[str, Path]:
-    """A small mix of the shipped chats and Alpaca rows (train) and held-out chats (val)."""
-    folder = tmp_path_factory.mktemp("sft")
-    chats = (ROOT / "dataset" / "sft.jsonl").read_text().splitlines()[:200]
-    alpaca = (ROOT / "dataset" / "sft_alpaca.jsonl").read_text().splitlines()[:40]
-    val = (ROOT / "dataset" / "sft_val.jsonl").read_text().splitlines()[:32]
-    return {"train": write_jsonl(folder / "train.jsonl", chats + alpaca), "val": write_jsonl(folder / "val.jsonl", val)}
-
-
-def sft_args(files: dict[str, Path], base: Path, out: Path, *extra: str) -> list[str]:
-    return ["--mode", "sft", "--init_from", str(base), "--data_path", str(files["train"]),
-            "--val_data_path", str(files["val"]), "--out_dir", str(out), "--batch_size", "8", "--log_interval", "1",
-            "--warmup_iters", "2", "--device", "cpu", "--dtype", "float32", *extra]
 
 
 # ----------------------------------------------------------------------------- labels
@@ -120,6 +101,16 @@ def test_bad_lines_name_the_file_and_line(tok, tmp_path, line, message):
 
 
 # ----------------------------------------------------------------------------- batching
+
+
+def padding_fraction(lengths: torch.Tensor, batches: Iterable[list[int]]) -> float:
+    """Share of a padded batch's positions that are padding, over `batches` (lists of row indices)."""
+    real = padded = 0
+    for rows in batches:
+        lens = lengths[rows]
+        real += int(lens.sum())
+        padded += int(lens.max()) * len(rows)
+    return 1 - real / max(padded, 1)
 
 
 def test_length_grouped_batches_pad_little_and_keep_resume_and_ddp(tok):
@@ -230,9 +221,6 @@ def test_pipeline_check_fails_when_fine_tuning_taught_nothing(base_model, sft_fi
 
 
 # ----------------------------------------------------------------------------- bad records, property-based
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
                            lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids, max_size=3),

@@ -3,21 +3,16 @@
 import importlib.util
 import json
 from collections.abc import Mapping
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import CONVERSATION
+from conftest import CONVERSATION, ROOT, TOKENIZER
 
-ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER_DIR = ROOT / "tokenizer"
-
-spec = importlib.util.spec_from_file_location("train_tokenizer", TOKENIZER_DIR / "train_tokenizer.py")
+spec = importlib.util.spec_from_file_location("train_tokenizer", TOKENIZER / "train_tokenizer.py")
 train_tokenizer = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(train_tokenizer)
-
 
 
 def test_special_token_ids(tok):
@@ -26,7 +21,7 @@ def test_special_token_ids(tok):
     assert ids == [0, 1, 2, 3, 4]
     assert tok.eos_token == tok.pad_token == "<|endoftext|>" and tok.eos_token_id == tok.pad_token_id == 0
     assert tok.bos_token is None
-    config = json.loads((TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    config = json.loads((TOKENIZER / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["add_bos_token"] is False
 
 
@@ -118,4 +113,4 @@ def test_shipped_files_are_reproducible(tmp_path):
     tok = train_tokenizer.build_tokenizer(train_tokenizer.corpus_texts(data), vocab_size=6400)
     train_tokenizer.save(tok, tmp_path)
     for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:
-        assert (tmp_path / name).read_bytes() == (TOKENIZER_DIR / name).read_bytes(), name
+        assert (tmp_path / name).read_bytes() == (TOKENIZER / name).read_bytes(), name

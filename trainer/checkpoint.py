@@ -8,6 +8,8 @@ Layout of one checkpoint (out_dir/checkpoints/step_000500/):
                                      or without --fsdp (and a model.safetensors checkpoint loads under --fsdp)
     scheduler.pt, scaler.pt
     rng_state_<rank>.pt              per-rank RNG (dropout masks differ per rank)
+    rollouts_<rank>.pt               only between two updates on one batch (GRPO's --num_iterations > 1):
+                                     each rank's prepared micro-batches (save_checkpoint's rank_files)
     trainer_state.json               step, data position, best val loss ... written LAST
 
 Everything is written into `step_000500.tmp/` and renamed into place only when complete, so a

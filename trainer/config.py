@@ -95,7 +95,7 @@ class TrainConfig:
     grad_checkpointing: bool = _f(False, "Activation checkpointing: keep only each block's input and recompute the "
                                   "block in backward (about 1/3 more compute for far less activation memory).")
     compile: bool = _f(False, "torch.compile each block: faster steps after a one-off compile of tens of seconds "
-                       "(on GPU; on CPU too, with a C++ compiler: ~15-25%% off a bf16 step, bench/RESULTS.md).")
+                       "(on GPU; on CPU too, with a C++ compiler: ~15%% off a bf16 step, bench/RESULTS.md).")
     peak_tflops: float = _f(0.0, "Peak TFLOP/s that the logged MFU is relative to; 0 = the datasheet figure of a "
                             "known GPU for --dtype, else a matmul measured at startup.")
     seed: int = _f(1337, "Seed for initialisation, data order and dropout.")

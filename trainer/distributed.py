@@ -15,7 +15,6 @@ import torch.distributed as dist
 @dataclass(frozen=True)
 class DistEnv:
     rank: int
-    local_rank: int
     world_size: int
     device: torch.device
 
@@ -83,7 +82,7 @@ def init_distributed(device: str = "auto", process_group: bool = False) -> DistE
             dist.init_process_group(backend=backend)
         else:  # a plain `python train.py`: an in-memory store, no port to pick
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
-    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+    return DistEnv(rank=rank, world_size=world_size, device=dev)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

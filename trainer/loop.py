@@ -16,6 +16,7 @@ An objective is `objective(model, batch) -> (loss sum, metrics)` with `num_items
   num_iterations                                         optimizer steps on each prepared step (default 1)
   eval_step(model, batch) -> (loss sum, metrics)         validation instead of objective(model, batch)
   eval_metrics                                           the metric names evaluate() averages
+  loss_is_nll                                            True: validation also logs the perplexity exp(val_loss)
 """
 from __future__ import annotations
 

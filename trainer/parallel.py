@@ -61,10 +61,10 @@ def compile_blocks(model: nn.Module, device: torch.device) -> nn.Module:
 
     Inductor fuses the memory-bound elementwise work of a block (RMSNorm, RoPE, SwiGLU's silu * up, residual
     adds, autocast's bf16 casts) into a few generated kernels, forward and backward, and leaves matmuls and
-    attention to oneDNN / cuBLAS / the flash kernels: on a 2-core AMX CPU in bf16 ~25% off a config-S step
-    (bench/RESULTS.md). All blocks run the same code, so one graph is compiled (~15-40 s on 2 CPU cores the
-    first time, seconds once Inductor's on-disk cache has it) and reused by every layer. Compiling in place
-    keeps parameter names, so checkpoints, DDP/FSDP, LoRA and activation checkpointing see the same modules.
+    attention to oneDNN / cuBLAS / the flash kernels: on a 2-core AMX CPU ~15% off a config-S step in bf16
+    and 9% in fp32 (bench/RESULTS.md). All blocks run the same code, so one graph is compiled (~15-40 s on 2
+    CPU cores the first time, seconds once Inductor's on-disk cache has it) and reused by every layer. Compiling in
+    place keeps parameter names, so checkpoints, DDP/FSDP, LoRA and activation checkpointing see the same modules.
     """
     if not can_compile(device):
         warnings.warn(f"torch.compile needs a C++ compiler on {device.type} (g++ or clang++); training runs eager")
