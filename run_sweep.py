@@ -733,6 +733,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.parallel < 1:
         parser.error("--parallel must be >= 1")
+    if args.count is not None and args.count < 1:
+        parser.error("--count must be >= 1 (leave it out for run_cap, or every point of a grid)")
     if not args.config and not args.resume:
         parser.error("--config is required (or --resume with --sweep_dir of an existing sweep)")
     from trainer.logger import wandb_mode

@@ -263,6 +263,14 @@ def test_bad_yaml_on_the_command_line_exits_2_with_the_message(tmp_path, capsys)
     assert err.startswith(f"error: {path}: not valid YAML") and f'"{path}", line 3' in err
 
 
+def test_a_count_below_one_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_sweep.main(["--config", str(ROOT / "sweep_configs" / "pretrain.yaml"), "--count", "-1", "--offline",
+                        "--sweep_dir", str(tmp_path / "s")])
+    assert exc.value.code == 2 and "--count must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.parametrize("mode", ["pretrain", "sft", "lora", "dpo", "grpo"])
 def test_shipped_sweep_configs_are_valid(mode):
     path = ROOT / "sweep_configs" / f"{mode}.yaml"
