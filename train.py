@@ -298,6 +298,8 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, ModelConfig, Any]
         path = getattr(cfg, flag)
         if path and not Path(path).exists():
             parser.error(f"--{flag} {path}: no such file or folder")
+        if path and flag != "tokenizer_path" and Path(path).is_dir():
+            parser.error(f"--{flag} {path}: a folder; pass one data file (.jsonl, .txt, or a prepared .bin)")
     below_one = [f for f in ("batch_size", "accumulation_steps", "log_interval") if getattr(cfg, f) < 1]
     if below_one:
         parser.error(f"--{below_one[0]} {getattr(cfg, below_one[0])}: must be >= 1")

@@ -143,6 +143,7 @@ def test_bfloat16_autocast_on_cpu_trains(corpus, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--n_heads", "4", "--n_kv_heads", "3"], "multiple of n_kv_heads"),
     (["--data_path", "nope.jsonl"], "--data_path nope.jsonl: no such file"),
+    (["--val_data_path", str(ROOT / "dataset")], f"--val_data_path {ROOT / 'dataset'}: a folder; pass one data file"),
     (["--preset", "huge"], "--preset 'huge'"),
     (["--num_experts_per_tok", "5", "--use_moe", "--n_routed_experts", "4"], "num_experts_per_tok"),
     (["--resume"], "--resume: no complete checkpoint"),
