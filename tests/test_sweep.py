@@ -135,6 +135,16 @@ def test_failed_and_diverged_trials_are_recorded_and_the_sweep_goes_on(tmp_path)
     assert rows["nan"]["note"] == "diverged: val_loss is not finite at step 2"
 
 
+def test_a_metric_the_trials_never_log_names_what_they_did_log(tmp_path):
+    config = fake_sweep(tmp_path, ["good"])
+    config.write_text(config.read_text().replace("name: val_loss", "name: val_los"))
+    out = tmp_path / "sweep"
+    assert run_sweep.main(["--config", str(config), "--sweep_dir", str(out), "--offline"]) == 0
+    (row,) = csv.DictReader(open(out / "results.csv"))
+    assert (row["state"], row["note"]) == (
+        "failed", "wrote no val_los to metrics.jsonl (it logged val_loss; check the YAML's metric.name)")
+
+
 def test_interrupted_sweep_continues_with_resume(tmp_path):
     config, out = fake_sweep(tmp_path, ["slow", "good"]), tmp_path / "sweep"
     sweep = subprocess.Popen([sys.executable, "run_sweep.py", "--config", str(config), "--sweep_dir", str(out),
