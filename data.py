@@ -857,6 +857,9 @@ def dpo_pair(row: dict, path: Path, line_no: int) -> tuple[list[dict[str, str]],
     if sides[0][:-1] != sides[1][:-1]:
         raise fail("'chosen' and 'rejected' differ before their final assistant reply; a pair shares its prompt",
                    "different prompts")
+    if sides[0] == sides[1]:  # DPO's loss is then ln 2 whatever the model: no gradient, a wasted row
+        raise fail("'chosen' and 'rejected' are the same reply; a pair must prefer one answer over another",
+                   "identical sides")
     return sides[0], sides[1], fmt
 
 
@@ -974,8 +977,8 @@ def grpo_prompt(row: dict, path: Path, line_no: int) -> tuple[list[dict[str, str
     else:
         messages = chat_messages(prompt, "prompt", path, line_no)
     if messages[-1]["role"] != "user":
-        raise fail(f"the prompt ends with a {messages[-1]['role']} message; it must end with the user message the "
-                   f"model answers", "prompt not ending with a user message")
+        raise fail(f"the prompt's last message has role {messages[-1]['role']!r}; it must end with the user message "
+                   f"the model answers", "prompt not ending with a user message")
     columns = {k: v for k, v in row.items() if k != "prompt"}
     answer = columns.get("answer")
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float, type(None))):

@@ -55,7 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step: a one-off wait (~30 s "
                    "on a laptop CPU), then ~2x faster generation; worth it for long answers or many prompts")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    rules = {"max_new_tokens": (args.max_new_tokens >= 1, ">= 1"), "temperature": (args.temperature >= 0, ">= 0"),
+             "top_k": (args.top_k >= 0, ">= 0 (0 = off)"), "top_p": (0 < args.top_p <= 1, "in (0, 1] (1 = off)"),
+             "repetition_penalty": (args.repetition_penalty > 0, "> 0 (1 = off)")}
+    for flag, (ok, rule) in rules.items():
+        if not ok:
+            p.error(f"--{flag} {getattr(args, flag)}: must be {rule}")
+    return args
 
 
 def load_tokenizer(model_path: Path):
@@ -149,8 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model_path = Path(args.model_path)
-    device = resolve_device(args.device)
     try:
+        device = resolve_device(args.device)
         model = load_model(model_path, args.base_model_path).to(device=device, dtype=resolve_dtype(args.dtype, device))
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None

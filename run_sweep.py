@@ -422,8 +422,10 @@ class Trial:
             self.state = "stopped"
         elif self.returncode != 0:
             self.state, self.reason = "failed", f"exit code {self.returncode}: {self._last_log_line()}"
-        elif not values:
-            self.state, self.reason = "failed", f"wrote no {metric} to metrics.jsonl"
+        elif not values:  # often a typo in metric.name: say what the trial did log
+            logged = sorted({k for r in self.records for k in r} - {"step"})
+            self.state, self.reason = "failed", f"wrote no {metric} to metrics.jsonl" + (
+                f" (it logged {', '.join(logged)}; check the YAML's metric.name)" if logged else "")
         elif values[-1][1] is None or not math.isfinite(values[-1][1]):
             self.state, self.reason = "failed", f"diverged: {metric} is not finite at step {values[-1][0]}"
         else:
@@ -733,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.parallel < 1:
         parser.error("--parallel must be >= 1")
+    if args.count is not None and args.count < 1:
+        parser.error("--count must be >= 1 (leave it out for run_cap, or every point of a grid)")
     if not args.config and not args.resume:
         parser.error("--config is required (or --resume with --sweep_dir of an existing sweep)")
     from trainer.logger import wandb_mode

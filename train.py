@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -220,12 +221,23 @@ def precompute_ref_logps(ref: torch.nn.Module, data: DPODataset, collate_fn: Cal
 
 BUILDERS: dict[str, Callable[[TrainConfig, ModelConfig, Any, DistEnv], Job]] = {
     "pretrain": build_pretrain, "sft": build_sft, "lora": build_lora, "dpo": build_dpo, "grpo": build_grpo}
-# Integer flags where a negative value means nothing: flag -> what 0 means (for the message).
+# Flags where a negative value means nothing: flag -> what 0 means (for the message).
 NON_NEGATIVE_FLAGS = {"eval_iters": "the whole validation set", "eval_interval": "only at the end",
                       "save_interval_steps": "only at the end", "keep_checkpoint_max": "keep all",
                       "max_bad_steps": "never stop", "max_steps": "derive from --epochs", "warmup_iters": "no warmup",
                       "lr_decay_iters": "the run's total steps", "num_workers": "load in the main process",
-                      "log_completions_interval": "never"}
+                      "log_completions_interval": "never", "weight_decay": "no decay", "grad_clip": "no clipping",
+                      "learning_rate": "the weights stay as they are",
+                      "peak_tflops": "the GPU's datasheet figure, or a measured matmul"}
+# Flags only one kind of run reads: given to another mode they would be silently ignored. (--merge and
+# --precompute_ref_logps have messages of their own.)
+MODE_ONLY_FLAGS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules"), ("lora",)),
+    **dict.fromkeys(("dpo_beta", "dpo_label_smoothing", "dpo_loss"), ("dpo",)),
+    "ref_model_path": ("dpo", "grpo"),
+    **dict.fromkeys(("num_generations", "max_completion_length", "temperature", "beta", "epsilon", "epsilon_high",
+                     "num_iterations", "loss_type", "scale_rewards", "reward_funcs", "reward_weights",
+                     "reward_model_path", "log_completions_interval"), ("grpo",))}
 # Model fields a fine-tuning run may change: they do not change what the weights mean.
 FINETUNE_MODEL_FLAGS = ("dropout", "flash_attn", "aux_loss_alpha", "max_seq_len")
 
@@ -261,6 +273,11 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, ModelConfig, Any]
     if cfg.mode == "lora" and not (cfg.lora_rank >= 1 and cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1):
         parser.error(f"--lora_rank {cfg.lora_rank}, --lora_alpha {cfg.lora_alpha:g}, --lora_dropout "
                      f"{cfg.lora_dropout:g}: need rank >= 1, alpha > 0 and 0 <= dropout < 1")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    foreign = [f for f, modes in MODE_ONLY_FLAGS.items() if cfg.mode not in modes and getattr(cfg, f) != defaults[f]]
+    if foreign:
+        modes = " and ".join(f"--mode {m}" for m in MODE_ONLY_FLAGS[foreign[0]])
+        parser.error(f"--{foreign[0]} is for {modes}; --mode {cfg.mode} would ignore it (drop it)")
     if cfg.mode == "dpo":
         check_dpo_flags(parser, cfg)
     if cfg.fsdp and cfg.dtype == "float16":
@@ -281,12 +298,19 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, ModelConfig, Any]
         path = getattr(cfg, flag)
         if path and not Path(path).exists():
             parser.error(f"--{flag} {path}: no such file or folder")
+        if path and flag != "tokenizer_path" and Path(path).is_dir():
+            parser.error(f"--{flag} {path}: a folder; pass one data file (.jsonl, .txt, or a prepared .bin)")
     below_one = [f for f in ("batch_size", "accumulation_steps", "log_interval") if getattr(cfg, f) < 1]
     if below_one:
         parser.error(f"--{below_one[0]} {getattr(cfg, below_one[0])}: must be >= 1")
     negative = [f for f in NON_NEGATIVE_FLAGS if getattr(cfg, f) < 0]
     if negative:
         parser.error(f"--{negative[0]} {getattr(cfg, negative[0])}: must be >= 0 (0 = {NON_NEGATIVE_FLAGS[negative[0]]})")
+    if cfg.max_steps == 0 and cfg.epochs < 1:
+        parser.error(f"--epochs {cfg.epochs}: must be >= 1 (or set --max_steps)")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1 and 0 <= cfg.min_lr_ratio <= 1):
+        parser.error(f"--beta1 {cfg.beta1:g}, --beta2 {cfg.beta2:g}, --min_lr_ratio {cfg.min_lr_ratio:g}: need "
+                     f"AdamW's betas in [0, 1) and the ratio in [0, 1]")
     if not 0.0 <= cfg.val_fraction < 1.0:
         parser.error(f"--val_fraction {cfg.val_fraction:g}: must be in [0, 1) (0 = no validation carve-off)")
     if cfg.resume == "auto" and latest_checkpoint(cfg.out_dir) is None:
@@ -294,9 +318,15 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, ModelConfig, Any]
                      f"or pass a checkpoint folder")
     if cfg.resume not in ("", "auto") and not Path(cfg.resume).is_dir():
         parser.error(f"--resume {cfg.resume}: no such checkpoint folder")
+    check_out_dir(parser, cfg.out_dir)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+    except (OSError, ValueError) as e:  # an empty folder, a file, a broken tokenizer.json or config.json
+        flag = "--tokenizer_path" if cfg.tokenizer_path != cfg.init_from else "--init_from"
+        parser.error(f"{flag} {cfg.tokenizer_path}: cannot load a tokenizer there ({str(e).splitlines()[0]}); "
+                     f"point --tokenizer_path at a folder with tokenizer.json + tokenizer_config.json")
     overrides = take(ModelConfig, args)
     if finetune:
         model_cfg = finetune_model_config(parser, cfg, overrides)
@@ -339,6 +369,17 @@ def check_init_from(parser: argparse.ArgumentParser, cfg: TrainConfig) -> None:
         if not (init / "tokenizer_config.json").is_file():
             parser.error(f"--init_from {cfg.init_from} has no tokenizer files; pass --tokenizer_path")
         cfg.tokenizer_path = cfg.init_from
+
+
+def check_out_dir(parser: argparse.ArgumentParser, out_dir: str) -> None:
+    """--out_dir must be, or be creatable in, a writable folder: found now, not after the data is tokenized."""
+    path = Path(out_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        parser.error(f"--out_dir {out_dir}: {existing} is a file, not a folder; choose another --out_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"--out_dir {out_dir}: {existing} is not writable (permissions or a read-only file system); "
+                     f"choose another --out_dir")
 
 
 def check_dpo_flags(parser: argparse.ArgumentParser, cfg: TrainConfig) -> None:

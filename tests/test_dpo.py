@@ -176,6 +176,17 @@ def test_bad_lines_name_the_file_and_line(tok, tmp_path, line, message):
         DPODataset(write_jsonl(tmp_path / "bad.jsonl", rows), tok, 64)
 
 
+def test_a_pair_with_the_same_reply_on_both_sides_is_a_bad_record(tok, tmp_path):
+    """chosen == rejected gives loss ln 2 and no gradient whatever the model: a data mistake, not a pair."""
+    same = [json.dumps({"chosen": [user("Hi"), assistant("Hello!")], "rejected": [user("Hi"), assistant("Hello!")]}),
+            json.dumps({"prompt": "Hi", "chosen": "Yes.", "rejected": "Yes."})]
+    path = write_jsonl(tmp_path / "same.jsonl", [BAD[0], *same])
+    with pytest.raises(DataError, match="same.jsonl line 2: 'chosen' and 'rejected' are the same reply"):
+        DPODataset(path, tok, 64)
+    data = DPODataset(path, tok, 64, skip_bad_records=True)
+    assert len(data) == 1 and data.bad_skipped == {"identical sides": 2}
+
+
 def test_skip_bad_records_skips_and_counts(tok, tmp_path):
     path = write_jsonl(tmp_path / "mixed.jsonl", BAD)
     with pytest.raises(DataError, match="mixed.jsonl line 2"):

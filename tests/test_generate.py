@@ -187,6 +187,28 @@ def test_eval_model_missing_folder_is_one_clear_error(tmp_path: Path) -> None:
         eval_model.main(["--model_path", str(tmp_path / "missing"), "--prompt", "hi"])
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--repetition_penalty", "0"], "--repetition_penalty 0.0: must be > 0"),
+    (["--temperature", "-1"], "--temperature -1.0: must be >= 0"),
+    (["--top_p", "0"], "--top_p 0.0: must be in (0, 1]"),
+    (["--top_k", "-3"], "--top_k -3: must be >= 0"),
+    (["--max_new_tokens", "0"], "--max_new_tokens 0: must be >= 1"),
+])
+def test_eval_model_bad_generation_flags_fail_before_loading(tmp_path, capsys, flags, message) -> None:
+    import eval_model
+
+    with pytest.raises(SystemExit) as exc:  # the folder does not exist: the flags are checked first
+        eval_model.main(["--model_path", str(tmp_path / "missing"), "--prompt", "hi", *flags])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_eval_model_unknown_device_is_one_clear_error(tmp_path: Path) -> None:
+    import eval_model
+
+    with pytest.raises(SystemExit, match="error: --device tpu: not a device name"):
+        eval_model.main(["--model_path", str(tmp_path / "missing"), "--prompt", "hi", "--device", "tpu"])
+
+
 def test_streaming_prints_multibyte_characters_whole(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import eval_model
     from transformers import AutoTokenizer

@@ -260,7 +260,7 @@ def test_bad_prompt_lines_name_the_line_or_are_skipped_and_counted(tmp_path, tok
             {"prompt": "a " * 200}, good]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     for line, message in [(2, "malformed JSON"), (3, "missing field 'prompt'"),
-                          (4, "ends with a assistant message"), (5, "'answer' must be a string or a number"),
+                          (4, "last message has role 'assistant'"), (5, "'answer' must be a string or a number"),
                           (6, "role 'robot'"), (7, "at most 48 fit (--max_seq_len minus --max_completion_length)")]:
         single = write_jsonl(tmp_path / f"{line}.jsonl", [good, rows[line - 1]])
         with pytest.raises(DataError, match=f"line 2: .*{message}".replace("(", r"\(").replace(")", r"\)")):

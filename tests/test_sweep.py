@@ -135,6 +135,16 @@ def test_failed_and_diverged_trials_are_recorded_and_the_sweep_goes_on(tmp_path)
     assert rows["nan"]["note"] == "diverged: val_loss is not finite at step 2"
 
 
+def test_a_metric_the_trials_never_log_names_what_they_did_log(tmp_path):
+    config = fake_sweep(tmp_path, ["good"])
+    config.write_text(config.read_text().replace("name: val_loss", "name: val_los"))
+    out = tmp_path / "sweep"
+    assert run_sweep.main(["--config", str(config), "--sweep_dir", str(out), "--offline"]) == 0
+    (row,) = csv.DictReader(open(out / "results.csv"))
+    assert (row["state"], row["note"]) == (
+        "failed", "wrote no val_los to metrics.jsonl (it logged val_loss; check the YAML's metric.name)")
+
+
 def test_interrupted_sweep_continues_with_resume(tmp_path):
     config, out = fake_sweep(tmp_path, ["slow", "good"]), tmp_path / "sweep"
     sweep = subprocess.Popen([sys.executable, "run_sweep.py", "--config", str(config), "--sweep_dir", str(out),
@@ -261,6 +271,14 @@ def test_bad_yaml_on_the_command_line_exits_2_with_the_message(tmp_path, capsys)
     assert run_sweep.main(["--config", str(path), "--sweep_dir", str(tmp_path / "s"), "--offline"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: not valid YAML") and f'"{path}", line 3' in err
+
+
+def test_a_count_below_one_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_sweep.main(["--config", str(ROOT / "sweep_configs" / "pretrain.yaml"), "--count", "-1", "--offline",
+                        "--sweep_dir", str(tmp_path / "s")])
+    assert exc.value.code == 2 and "--count must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("mode", ["pretrain", "sft", "lora", "dpo", "grpo"])

@@ -143,6 +143,7 @@ def test_bfloat16_autocast_on_cpu_trains(corpus, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--n_heads", "4", "--n_kv_heads", "3"], "multiple of n_kv_heads"),
     (["--data_path", "nope.jsonl"], "--data_path nope.jsonl: no such file"),
+    (["--val_data_path", str(ROOT / "dataset")], f"--val_data_path {ROOT / 'dataset'}: a folder; pass one data file"),
     (["--preset", "huge"], "--preset 'huge'"),
     (["--num_experts_per_tok", "5", "--use_moe", "--n_routed_experts", "4"], "num_experts_per_tok"),
     (["--resume"], "--resume: no complete checkpoint"),
@@ -152,6 +153,13 @@ def test_bfloat16_autocast_on_cpu_trains(corpus, tmp_path):
     (["--eval_iters", "-1"], "--eval_iters -1: must be >= 0 (0 = the whole validation set)"),
     (["--log_interval", "0"], "--log_interval 0: must be >= 1"),
     (["--save_interval_steps", "-5"], "--save_interval_steps -5: must be >= 0"),
+    (["--learning_rate", "-1"], "--learning_rate -1.0: must be >= 0"),
+    (["--beta2", "1.5"], "--beta2 1.5, --min_lr_ratio 0.1: need AdamW's betas in [0, 1)"),
+    (["--epochs", "0"], "--epochs 0: must be >= 1 (or set --max_steps)"),
+    (["--lora_rank", "4"], "--lora_rank is for --mode lora; --mode pretrain would ignore it"),
+    (["--temperature", "0.5"], "--temperature is for --mode grpo"),
+    (["--tokenizer_path", str(ROOT / "dataset")], f"--tokenizer_path {ROOT / 'dataset'}: cannot load a tokenizer"),
+    (["--out_dir", str(ROOT / "README.md" / "run")], f"{ROOT / 'README.md'} is a file, not a folder"),
 ])
 def test_bad_flags_fail_before_any_work(corpus, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exc:
@@ -159,6 +167,15 @@ def test_bad_flags_fail_before_any_work(corpus, tmp_path, capsys, flags, message
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("device, message", [("tpu", "--device tpu: not a device name"),
+                                             ("cuda", "--device cuda: CUDA is not available")])
+def test_a_device_this_machine_lacks_is_a_usage_error(corpus, tmp_path, device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UsageError, match=message):
+        train.main(train_args(corpus, tmp_path / "x", "--device", device))
 
 
 def test_batch_larger_than_data_is_a_clear_error(corpus, tmp_path):

@@ -109,11 +109,13 @@ def save_checkpoint(out_dir: str | Path, step: int, env: DistEnv, *, model: torc
             if final.exists():  # the same step saved twice (e.g. a resumed run): newest wins
                 shutil.rmtree(final)
             os.rename(tmp, final)
-    except OSError as e:  # typically a full disk: keep what was there, say so
+    except (OSError, RuntimeError) as e:  # typically a full disk (torch.save's zip writer raises RuntimeError)
         shutil.rmtree(tmp, ignore_errors=True)
         prev = latest_checkpoint(out_dir)
         kept = f"the previous checkpoint {prev} is intact" if prev else "there is no earlier checkpoint"
-        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}; {kept}. "
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        free = shutil.disk_usage(next(p for p in (root, *root.parents) if p.exists())).free >> 20
+        raise CheckpointError(f"could not write checkpoint {final}: {reason} ({free} MiB free there); {kept}. "
                               f"Free disk space (or lower --keep_checkpoint_max), then --resume.") from None
     barrier()
     return final

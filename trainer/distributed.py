@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from trainer.config import UsageError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -28,10 +30,22 @@ class DistEnv:
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' means CUDA when present, else CPU; explicit names are passed through."""
+    """'auto' means CUDA when present, else CPU; an explicit name must be a device this machine has (UsageError)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device name; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available (no GPU, or a CPU-only torch {torch.__version__}); "
+                         f"use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS (Apple GPU) is not available here; use --device cpu or auto")
+    return device
 
 
 def cpu_has_native_bf16() -> bool:

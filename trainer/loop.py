@@ -276,6 +276,10 @@ class Trainer:
     def resume(self, path: Path) -> None:
         saved = ckpt.load_checkpoint(path, self.env, model=self.raw_model, optimizer=self.optimizer,
                                      scheduler=self.scheduler, scaler=self.scaler)
+        missing = [k for k in asdict(TrainState()) if k not in saved]
+        if missing:
+            raise ckpt.CheckpointError(f"{path / ckpt.STATE_FILE}: lacks {', '.join(missing)}; not a checkpoint this "
+                                       f"train.py wrote. Resume from another checkpoint, or use a new --out_dir.")
         self.state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
         if self._mid_group():
             self.prepared = [self._to_device(b) for b in ckpt.load_rank_file(path, "rollouts", self.env)]
