@@ -5,6 +5,7 @@
   python train.py --mode pretrain --preset 26m --dtype bfloat16 --device cuda
   torchrun --standalone --nproc_per_node=4 train.py --mode pretrain --preset 104m
   python train.py --mode pretrain --resume               # continue from out_dir's newest checkpoint
+  python train.py --mode sft --help                      # every flag, with the defaults of that mode
   python train.py --mode sft                             # chat fine-tuning of out/pretrain/final -> out/sft
   python train.py --mode lora --merge                    # a LoRA adapter on out/sft/final -> out/lora
   python train.py --mode dpo                             # preference optimisation of out/sft/final -> out/dpo
@@ -234,9 +235,8 @@ def build_parser(mode: str = "pretrain") -> argparse.ArgumentParser:
     # allow_abbrev=False: a typo such as --warmup must fail, not silently set --warmup_iters.
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_flags(parser, TrainConfig, "training")
+    add_dataclass_flags(parser, TrainConfig, "training", defaults=MODE_DEFAULTS[mode])
     add_dataclass_flags(parser, ModelConfig, "model (each flag overrides one field of --preset)", override_only=True)
-    parser.set_defaults(**MODE_DEFAULTS[mode])
     return parser
 
 

@@ -14,7 +14,7 @@ import train
 from conftest import ROOT, check_resume_is_exact, read_metrics, train_args, train_losses
 from data import DataError
 from trainer import checkpoint as ckpt
-from trainer.config import UsageError
+from trainer.config import MODE_DEFAULTS, UsageError
 from trainer.sampler import ResumableBatchSampler
 from trainer.schedule import lr_multiplier
 
@@ -159,6 +159,16 @@ def test_bad_flags_fail_before_any_work(corpus, tmp_path, capsys, flags, message
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_help_shows_the_defaults_of_the_chosen_mode():
+    for mode, defaults in MODE_DEFAULTS.items():
+        args = train.build_parser(mode).parse_args([])
+        assert {k: getattr(args, k) for k in defaults} == defaults
+    sft_help = " ".join(train.build_parser("sft").format_help().split())
+    assert "(default: out/pretrain/final)" in sft_help  # --init_from
+    assert "(default: out/sft)" in sft_help and "(default: out/pretrain)" not in sft_help
+    assert "(default: )" not in sft_help
 
 
 def test_batch_larger_than_data_is_a_clear_error(corpus, tmp_path):
