@@ -280,7 +280,10 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, ModelConfig, Any]
     for flag in ("data_path", "val_data_path", "tokenizer_path"):
         path = getattr(cfg, flag)
         if path and not Path(path).exists():
-            parser.error(f"--{flag} {path}: no such file or folder")
+            # The shipped defaults are relative paths: the usual cause is a run from outside the repository.
+            hint = "; the defaults are relative to the repository root: run from there" if (
+                path == parser.get_default(flag)) else ""
+            parser.error(f"--{flag} {path}: no such file or folder{hint}")
     below_one = [f for f in ("batch_size", "accumulation_steps", "log_interval") if getattr(cfg, f) < 1]
     if below_one:
         parser.error(f"--{below_one[0]} {getattr(cfg, below_one[0])}: must be >= 1")

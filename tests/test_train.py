@@ -161,6 +161,14 @@ def test_bad_flags_fail_before_any_work(corpus, tmp_path, capsys, flags, message
     assert not (tmp_path / "x").exists()
 
 
+def test_default_data_missing_outside_the_repository_says_where_to_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        train.main(["--max_steps", "1"])
+    assert ("--data_path dataset/pretrain.jsonl: no such file or folder; the defaults are relative to the "
+            "repository root: run from there") in capsys.readouterr().err
+
+
 def test_help_shows_the_defaults_of_the_chosen_mode():
     for mode, defaults in MODE_DEFAULTS.items():
         args = train.build_parser(mode).parse_args([])
