@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default: base_model_name_or_path in its adapter_config.json)")
     p.add_argument(
         "--mode", choices=("auto", "chat", "complete"), default="auto",
-        help="chat: multi-turn with the tokenizer's chat template; complete: plain continuation; auto (the "
-        'default): chat if <model_path>/zero2llm.json has "chat": true (written for SFT/DPO/GRPO models), else complete',
+        help="chat: multi-turn with the tokenizer's chat template; complete: plain continuation; auto (the default): "
+        'chat if <model_path>/zero2llm.json has "chat": true (written for SFT/DPO/GRPO models), else complete',
     )
     p.add_argument("--prompt", default=None, help="answer this one prompt and exit (no interactive loop)")
     p.add_argument("--system", default=None, help="system prompt for chat mode")
