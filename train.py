@@ -432,7 +432,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if env.is_main:
             source = f"{cfg.preset} preset" if cfg.mode == "pretrain" else f"from {cfg.init_from}"
             print(f"{cfg.mode}: {job.model.num_params() / 1e6:.2f}M parameters ({source}), "
-                  f"{len(job.train_data):,} training rows, {env.world_size} process(es) on {env.device}",
+                  f"{len(job.train_data):,} training rows, {env.world_size} process(es) on {env.device}, "
+                  f"{str(resolve_dtype(cfg.dtype, env.device)).removeprefix('torch.')} (--dtype {cfg.dtype})",
                   file=sys.stderr)
         trainer = Trainer(cfg, env, job.model, job.objective, job.train_data, job.val_data, job.collate_fn,
                           job.export or make_export(tokenizer))

@@ -134,10 +134,11 @@ def test_accumulation_matches_a_bigger_batch(corpus, tmp_path):
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
 
 
-def test_bfloat16_autocast_on_cpu_trains(corpus, tmp_path):
+def test_bfloat16_autocast_on_cpu_trains(corpus, tmp_path, capsys):
     out = tmp_path / "bf16"
     result = train.main(train_args(corpus, out, "--max_steps", "3", "--eval_interval", "0", "--dtype", "bfloat16"))
     assert math.isfinite(result["val_loss"])
+    assert "1 process(es) on cpu, bfloat16 (--dtype bfloat16)" in capsys.readouterr().err  # the run says its dtype
 
 
 @pytest.mark.parametrize("flags, message", [
