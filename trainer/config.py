@@ -55,8 +55,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class TrainConfig:
     mode: str = _f("pretrain", "Training objective.", choices=MODES)
     out_dir: str = _f("out/pretrain", "Run folder: checkpoints/, best/, final/, metrics.jsonl.")
-    data_path: str = _f("dataset/pretrain.jsonl", "Training data (each mode defaults to its shipped sample). Pretraining: "
-                        ".jsonl ({\"text\": ...}), .txt, or a prepared .bin token file.")
+    data_path: str = _f("dataset/pretrain.jsonl", "Training data (each mode defaults to its shipped sample). "
+                        "Pretraining: .jsonl ({\"text\": ...}), .txt, or a prepared .bin token file.")
     val_data_path: str = _f("dataset/pretrain_val.jsonl", "Held-out data for validation (each mode defaults to its "
                             "shipped sample); empty string = carve --val_fraction off the training data.")
     val_fraction: float = _f(0.02, "Share of training rows held out when --val_data_path is empty.")
