@@ -751,7 +751,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config, sweep_dir = offline_sweep(args)
             print(f"offline sweep in {sweep_dir}: method {config['method']}, "
-                  f"{config['metric'].get('goal', 'minimize')} {config['metric']['name']}")
+                  f"{config['metric'].get('goal', 'minimize')} {config['metric']['name']} "
+                  f"(a trial's progress bar: {sweep_dir / 'trials' / '<trial>' / 'train.log'})")
             previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the trials like Ctrl-C
             try:
                 run_offline(config, sweep_dir, args.count, args.parallel, args.kill_grace)

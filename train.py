@@ -5,6 +5,7 @@
   python train.py --mode pretrain --preset 26m --dtype bfloat16 --device cuda
   torchrun --standalone --nproc_per_node=4 train.py --mode pretrain --preset 104m
   python train.py --mode pretrain --resume               # continue from out_dir's newest checkpoint
+  python train.py --mode sft --help                      # every flag, with the defaults of that mode
   python train.py --mode sft                             # chat fine-tuning of out/pretrain/final -> out/sft
   python train.py --mode lora --merge                    # a LoRA adapter on out/sft/final -> out/lora
   python train.py --mode dpo                             # preference optimisation of out/sft/final -> out/dpo
@@ -246,9 +247,8 @@ def build_parser(mode: str = "pretrain") -> argparse.ArgumentParser:
     # allow_abbrev=False: a typo such as --warmup must fail, not silently set --warmup_iters.
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_flags(parser, TrainConfig, "training")
+    add_dataclass_flags(parser, TrainConfig, "training", defaults=MODE_DEFAULTS[mode])
     add_dataclass_flags(parser, ModelConfig, "model (each flag overrides one field of --preset)", override_only=True)
-    parser.set_defaults(**MODE_DEFAULTS[mode])
     return parser
 
 
@@ -297,7 +297,10 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, ModelConfig, Any]
     for flag in ("data_path", "val_data_path", "tokenizer_path"):
         path = getattr(cfg, flag)
         if path and not Path(path).exists():
-            parser.error(f"--{flag} {path}: no such file or folder")
+            # The shipped defaults are relative paths: the usual cause is a run from outside the repository.
+            hint = "; the defaults are relative to the repository root: run from there" if (
+                path == parser.get_default(flag)) else ""
+            parser.error(f"--{flag} {path}: no such file or folder{hint}")
         if path and flag != "tokenizer_path" and Path(path).is_dir():
             parser.error(f"--{flag} {path}: a folder; pass one data file (.jsonl, .txt, or a prepared .bin)")
     below_one = [f for f in ("batch_size", "accumulation_steps", "log_interval") if getattr(cfg, f) < 1]
@@ -470,7 +473,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if env.is_main:
             source = f"{cfg.preset} preset" if cfg.mode == "pretrain" else f"from {cfg.init_from}"
             print(f"{cfg.mode}: {job.model.num_params() / 1e6:.2f}M parameters ({source}), "
-                  f"{len(job.train_data):,} training rows, {env.world_size} process(es) on {env.device}",
+                  f"{len(job.train_data):,} training rows, {env.world_size} process(es) on {env.device}, "
+                  f"{str(resolve_dtype(cfg.dtype, env.device)).removeprefix('torch.')} (--dtype {cfg.dtype})",
                   file=sys.stderr)
         trainer = Trainer(cfg, env, job.model, job.objective, job.train_data, job.val_data, job.collate_fn,
                           job.export or make_export(tokenizer))

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from common import load_after, machine_line, model_config, ratio_rounds, report, timed
+from common import HelpFormatter, load_after, machine_line, model_config, ratio_rounds, report, timed
 from model.model import Attention, RotaryEmbedding
 from trainer.distributed import resolve_device
 from trainer.flops import peak_flops
@@ -102,7 +102,7 @@ def kernel_table(args: argparse.Namespace, device: torch.device, dtype: torch.dt
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--batch_size", type=int, default=8, help="rows of 512 tokens (config S's batch)")
     p.add_argument("--dtype", default="both", choices=("both", "bfloat16", "float32"), help="which dtypes to time")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")

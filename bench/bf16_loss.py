@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from common import load_after, machine_line, report, train_py
+from common import HelpFormatter, load_after, machine_line, report, train_py
 
 
 def run(out_dir: Path, dtype: str, seed: int, steps: int, *extra: str) -> tuple[dict[int, float], float]:
@@ -33,7 +33,7 @@ def run(out_dir: Path, dtype: str, seed: int, steps: int, *extra: str) -> tuple[
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     p.add_argument("--window", type=int, default=50, help="steps per averaged window")
     p.add_argument("--train_args", default="", help="extra train.py flags for every run, e.g. \"--compile\"")

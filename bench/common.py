@@ -7,6 +7,7 @@ the load average before and after, so a reader can tell a quiet run from a crowd
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -40,6 +41,18 @@ CONFIGS: dict[str, dict] = {
     "moe_dense": dict(preset="moe", vocab_size=6400, use_moe=False,
                       hidden_dim=_MOE.num_experts_per_tok * _MOE.moe_hidden_dim),
 }
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with the docstring laid out as written and each flag's default (none for switches or empty values)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        default = action.default
+        if "%(default)" not in help_ and not (default is None or default is False or default == ""
+                                                or default is argparse.SUPPRESS):
+            help_ += " (default: %(default)s)"
+        return help_
 
 
 def model_config(name: str, **overrides) -> ModelConfig:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import CONFIGS, load_after, machine_line, model_config, ratio_rounds, report, save_weights, timed
+from common import HelpFormatter, CONFIGS, load_after, machine_line, model_config, ratio_rounds, report, save_weights, timed
 from model import Transformer, generate
 from trainer.distributed import resolve_device, resolve_dtype
 
@@ -38,7 +38,7 @@ def same_tokens(ours: torch.Tensor, theirs: torch.Tensor) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", default="S", choices=CONFIGS, help="model dimensions (bench/common.py CONFIGS)")
     p.add_argument("--batch_sizes", default="1,8", help="comma-separated batch sizes")
     p.add_argument("--new_tokens", type=int, default=256, help="tokens generated per row (greedy, no early stop)")

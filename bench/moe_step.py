@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import load_after, machine_line, model_config, ratio_rounds, report, save_weights, timed
+from common import HelpFormatter, load_after, machine_line, model_config, ratio_rounds, report, save_weights, timed
 from model import Transformer
 from model.model import MLP, MoE
 from train_throughput import measure
@@ -62,7 +62,7 @@ def layer_table(args: argparse.Namespace, device: torch.device) -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--batch_size", type=int, default=8, help="rows of 512 tokens per step (config S's batch)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="trainer dtype of both")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from common import ROOT, machine_line, report
+from common import HelpFormatter, ROOT, machine_line, report
 from data import DPODataset, PackedDataset, SFTDataset, collate, pad_collate, pair_collate, pretrain_bin
 from trainer.sampler import ResumableBatchSampler
 
@@ -35,8 +35,8 @@ def padded_share(data, batches: Iterable[list[int]], collate_fn: Callable) -> tu
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch_size", type=int, default=16, help="rows per optimizer step (trainer default 16)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--batch_size", type=int, default=16, help="rows per optimizer step (the trainer's default)")
     p.add_argument("--max_seq_len", type=int, default=256, help="truncation length (the small preset's)")
     p.add_argument("--seed", type=int, default=1337, help="the trainer's default seed")
     p.add_argument("--record", action="store_true", help="append the result table to bench/RESULTS.md")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from common import load_after, machine_line, report, train_py
+from common import HelpFormatter, load_after, machine_line, report, train_py
 
 
 def train(mode: str, dtype: str, out_dir: Path, steps: int, *extra: str) -> dict:
@@ -34,7 +34,7 @@ def train(mode: str, dtype: str, out_dir: Path, steps: int, *extra: str) -> dict
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     p.add_argument("--rounds", type=int, default=2, help="rounds; each runs every (mode, dtype) once")
     p.add_argument("--train_args", default="", help="extra train.py flags for every run, e.g. \"--compile\"")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile
 
-from common import CONFIGS, machine_line, model_config, report, save_weights
+from common import HelpFormatter, CONFIGS, machine_line, model_config, report, save_weights
 from train_throughput import IMPLS, LABELS, make_step
 
 GROUPS = {  # kind of work -> substrings of aten operator names
@@ -40,7 +40,7 @@ def label(name: str) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--impl", default="recipe", choices=IMPLS, help="which step (bench/train_throughput.py)")
     p.add_argument("--config", default="S", choices=CONFIGS, help="model dimensions (bench/common.py CONFIGS)")
     p.add_argument("--batch_size", type=int, default=8, help="rows of max_seq_len tokens per step")

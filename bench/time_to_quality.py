@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import ROOT, load_after, machine_line, report, train_py
+from common import HelpFormatter, ROOT, load_after, machine_line, report, train_py
 from model import Transformer
 from trainer.objectives import token_cross_entropy
 
@@ -67,7 +67,7 @@ def bits_per_byte(model_dir: Path, seq_len: int = 256) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--budgets", default="5,10", help="comma-separated wall-time budgets in minutes")
     p.add_argument("--dtypes", default="auto,float32", help="comma-separated --dtype values to compare")
     p.add_argument("--calibration_steps", type=int, default=30, help="steps of the run that measures steps/s")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from common import (CONFIGS, load_after, machine_line, model_config, peak_memory_mb, ratio_rounds, report,
+from common import (HelpFormatter, CONFIGS, load_after, machine_line, model_config, peak_memory_mb, ratio_rounds, report,
                     save_weights, timed)
 from model import Transformer
 from trainer.distributed import DistEnv, resolve_device, resolve_dtype
@@ -111,7 +111,7 @@ def measure(impl: str, weights: str, run_dtype: str, args: argparse.Namespace) -
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", default="S", choices=CONFIGS, help="model dimensions (bench/common.py CONFIGS)")
     p.add_argument("--batch_size", type=int, default=8, help="rows of max_seq_len tokens per step")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),

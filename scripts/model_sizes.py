@@ -105,7 +105,7 @@ def table(batch_size: int = 8) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch_size", type=int, default=8, help="Rows per GPU for the activation estimate.")
+    parser.add_argument("--batch_size", type=int, default=8, help="Rows per GPU for the activation estimate (default: 8).")
     print(table(parser.parse_args(argv).batch_size))
 
 

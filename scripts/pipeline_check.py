@@ -130,7 +130,7 @@ def sign_test(up: int, down: int) -> float:
 
 def check_grpo(args: argparse.Namespace) -> int:
     """--task grpo: held-out accuracy before and after; passes when it rose by --min_gain, significantly."""
-    data = Path(args.data or "dataset/grpo_val.jsonl")
+    data = Path(args.data)
     results = {}
     for name in ("before", "after"):
         r = results[name] = evaluate_grpo(Path(getattr(args, name)), data, args.limit, args.max_new_tokens,
@@ -153,25 +153,8 @@ def check_grpo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=("sft", "grpo"), default="sft", help="what to check (see above)")
-    p.add_argument("--before", default="out/pretrain/final", help="model folder before fine-tuning")
-    p.add_argument("--after", default="out/sft/final", help="model (or LoRA adapter) folder after fine-tuning")
-    p.add_argument("--data", default="", help="held-out data (default: dataset/sft_val.jsonl conversations for "
-                   "sft, dataset/grpo_val.jsonl prompts for grpo)")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N conversations (0 = all)")
-    p.add_argument("--max_new_tokens", type=int, default=64, help="answer length limit")
-    p.add_argument("--batch_size", type=int, default=50, help="prompts generated together")
-    p.add_argument("--min_stop_rate", type=float, default=0.9, help="sft: fail unless --after stops at least this "
-                   "often")
-    p.add_argument("--min_gain", type=float, default=0.02, help="grpo: fail unless --after's accuracy is at least "
-                   "this much higher (0.02 = 2 points)")
-    p.add_argument("--alpha", type=float, default=0.05, help="grpo: fail unless the sign test's p-value is below this")
-    args = p.parse_args(argv)
-    if args.task == "grpo":
-        return check_grpo(args)
-    args.data = args.data or "dataset/sft_val.jsonl"
+def check_sft(args: argparse.Namespace) -> int:
+    """--task sft: held-out replies before and after; passes when --after stops at <|im_end|> often enough."""
     pairs = prompts_and_references(Path(args.data))[:args.limit or None]
     results = {}
     for name in ("before", "after"):
@@ -188,6 +171,44 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAIL: the fine-tuned model stops in {after['stop_rate']:.1%} of answers (needs >= "
               f"{args.min_stop_rate:.0%} and as often as before: {before['stop_rate']:.1%})", file=sys.stderr)
     return 0 if ok else 1
+
+
+# The stages each task compares by default: (--before, --after, --data).
+TASK_DEFAULTS = {"sft": ("out/pretrain/final", "out/sft/final", "dataset/sft_val.jsonl"),
+                 "grpo": ("out/sft/final", "out/grpo/final", "dataset/grpo_val.jsonl")}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=("sft", "grpo"), default="sft", help="what to check (see above)")
+    p.add_argument("--before", default="", help="model folder before fine-tuning (default: out/pretrain/final for "
+                   "sft, out/sft/final for grpo)")
+    p.add_argument("--after", default="", help="model (or LoRA adapter) folder after fine-tuning (default: "
+                   "out/sft/final for sft, out/grpo/final for grpo)")
+    p.add_argument("--data", default="", help="held-out data (default: dataset/sft_val.jsonl conversations for "
+                   "sft, dataset/grpo_val.jsonl prompts for grpo)")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N conversations or prompts (0 = all)")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="answer length limit (default: 64)")
+    p.add_argument("--batch_size", type=int, default=50, help="prompts generated together (default: 50)")
+    p.add_argument("--min_stop_rate", type=float, default=0.9, help="sft: fail unless --after stops at least this "
+                   "often (default: 0.9)")
+    p.add_argument("--min_gain", type=float, default=0.02, help="grpo: fail unless --after's accuracy is at least "
+                   "this much higher (default: 0.02 = 2 points)")
+    p.add_argument("--alpha", type=float, default=0.05, help="grpo: fail unless the sign test's p-value is below this "
+                   "(default: 0.05)")
+    args = p.parse_args(argv)
+    before, after, data = TASK_DEFAULTS[args.task]
+    args.before, args.after, args.data = args.before or before, args.after or after, args.data or data
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 when the stage worked; a missing folder or file ends in one line, not a traceback."""
+    args = parse_args(argv)
+    try:
+        return check_grpo(args) if args.task == "grpo" else check_sft(args)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"pipeline_check.py: error: {e}") from None
 
 
 if __name__ == "__main__":

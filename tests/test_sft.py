@@ -204,20 +204,37 @@ def test_default_init_from_says_to_run_the_previous_stage(tmp_path, monkeypatch,
     assert "run the previous stage first (python train.py --mode pretrain)" in capsys.readouterr().err
 
 
-def test_pipeline_check_fails_when_fine_tuning_taught_nothing(base_model, sft_files, capsys):
-    """scripts/pipeline_check.py guards the pipeline: a model that never stops at <|im_end|> fails it."""
+def load_pipeline_check():
+    """scripts/ is not a package: load scripts/pipeline_check.py as a module."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("pipeline_check", ROOT / "scripts" / "pipeline_check.py")
     pipeline_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pipeline_check)
-    code = pipeline_check.main(["--before", str(base_model), "--after", str(base_model), "--data",
+    return pipeline_check
+
+
+def test_pipeline_check_fails_when_fine_tuning_taught_nothing(base_model, sft_files, capsys):
+    """scripts/pipeline_check.py guards the pipeline: a model that never stops at <|im_end|> fails it."""
+    code = load_pipeline_check().main(["--before", str(base_model), "--after", str(base_model), "--data",
                                 str(sft_files["val"]), "--limit", "3", "--max_new_tokens", "3"])
     out, err = capsys.readouterr()
     results = json.loads(out.strip().splitlines()[-1])
     assert code == 1 and "FAIL" in err
     assert results["after"]["stop_rate"] == 0.0 and results["after"]["conversations"] == 3
     assert 5 < results["after"]["loss"] < 12  # ~ln(6400) for an untrained model
+
+
+def test_pipeline_check_compares_the_task_stages_and_names_a_missing_folder(base_model, sft_files, tmp_path):
+    pipeline_check = load_pipeline_check()
+    grpo = pipeline_check.parse_args(["--task", "grpo"])
+    assert (grpo.before, grpo.after, grpo.data) == ("out/sft/final", "out/grpo/final", "dataset/grpo_val.jsonl")
+    sft = pipeline_check.parse_args([])
+    assert (sft.before, sft.after, sft.data) == ("out/pretrain/final", "out/sft/final", "dataset/sft_val.jsonl")
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(SystemExit, match=f"pipeline_check.py: error: {missing}: no such model folder"):
+        pipeline_check.main(["--before", str(missing), "--after", str(base_model), "--data", str(sft_files["val"]),
+                             "--limit", "1"])
 
 
 # ----------------------------------------------------------------------------- bad records, property-based

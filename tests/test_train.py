@@ -14,7 +14,7 @@ import train
 from conftest import ROOT, check_resume_is_exact, read_metrics, train_args, train_losses
 from data import DataError
 from trainer import checkpoint as ckpt
-from trainer.config import UsageError
+from trainer.config import MODE_DEFAULTS, UsageError
 from trainer.sampler import ResumableBatchSampler
 from trainer.schedule import lr_multiplier
 
@@ -134,10 +134,11 @@ def test_accumulation_matches_a_bigger_batch(corpus, tmp_path):
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
 
 
-def test_bfloat16_autocast_on_cpu_trains(corpus, tmp_path):
+def test_bfloat16_autocast_on_cpu_trains(corpus, tmp_path, capsys):
     out = tmp_path / "bf16"
     result = train.main(train_args(corpus, out, "--max_steps", "3", "--eval_interval", "0", "--dtype", "bfloat16"))
     assert math.isfinite(result["val_loss"])
+    assert "1 process(es) on cpu, bfloat16 (--dtype bfloat16)" in capsys.readouterr().err  # the run says its dtype
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -176,6 +177,24 @@ def test_a_device_this_machine_lacks_is_a_usage_error(corpus, tmp_path, device, 
         pytest.skip("this machine has CUDA")
     with pytest.raises(UsageError, match=message):
         train.main(train_args(corpus, tmp_path / "x", "--device", device))
+
+
+def test_default_data_missing_outside_the_repository_says_where_to_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        train.main(["--max_steps", "1"])
+    assert ("--data_path dataset/pretrain.jsonl: no such file or folder; the defaults are relative to the "
+            "repository root: run from there") in capsys.readouterr().err
+
+
+def test_help_shows_the_defaults_of_the_chosen_mode():
+    for mode, defaults in MODE_DEFAULTS.items():
+        args = train.build_parser(mode).parse_args([])
+        assert {k: getattr(args, k) for k in defaults} == defaults
+    sft_help = " ".join(train.build_parser("sft").format_help().split())
+    assert "(default: out/pretrain/final)" in sft_help  # --init_from
+    assert "(default: out/sft)" in sft_help and "(default: out/pretrain)" not in sft_help
+    assert "(default: )" not in sft_help
 
 
 def test_batch_larger_than_data_is_a_clear_error(corpus, tmp_path):

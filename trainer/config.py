@@ -54,20 +54,20 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class TrainConfig:
     mode: str = _f("pretrain", "Training objective.", choices=MODES)
-    out_dir: str = _f("out/pretrain", "Run folder: checkpoints/, best/, final/, metrics.jsonl (default: out/<mode>).")
-    data_path: str = _f("dataset/pretrain.jsonl", "Training data (default: the mode's shipped sample). Pretraining: "
-                        ".jsonl ({\"text\": ...}), .txt, or a prepared .bin token file.")
-    val_data_path: str = _f("dataset/pretrain_val.jsonl", "Held-out data for validation (default: the mode's shipped "
-                            "sample); empty string = carve --val_fraction off the training data.")
+    out_dir: str = _f("out/pretrain", "Run folder: checkpoints/, best/, final/, metrics.jsonl.")
+    data_path: str = _f("dataset/pretrain.jsonl", "Training data (each mode defaults to its shipped sample). "
+                        "Pretraining: .jsonl ({\"text\": ...}), .txt, or a prepared .bin token file.")
+    val_data_path: str = _f("dataset/pretrain_val.jsonl", "Held-out data for validation (each mode defaults to its "
+                            "shipped sample); empty string = carve --val_fraction off the training data.")
     val_fraction: float = _f(0.02, "Share of training rows held out when --val_data_path is empty.")
     skip_bad_records: bool = _f(False, "Skip malformed data lines (bad JSON or UTF-8, a missing field, a conversation "
                                 "without an assistant turn, ...) and report how many per reason, instead of "
                                 "stopping at the first one with its file and line. A file with no good line still "
                                 "fails.")
-    tokenizer_path: str = _f("tokenizer", "Tokenizer folder (Hugging Face format); sft/lora: empty = the "
-                             "--init_from folder's.")
+    tokenizer_path: str = _f("tokenizer", "Tokenizer folder (Hugging Face format); empty (the default "
+                             "of the fine-tuning modes) = the --init_from folder's.")
     preset: str = _f("small", "Model size preset; model flags below override single fields of it (pretrain only: "
-                     "sft/lora take the architecture from --init_from).")
+                     "the fine-tuning modes take the architecture from --init_from).")
     init_from: str = _f("", "Model folder to start from (sft: out/pretrain/final; lora, dpo, grpo: out/sft/final); its "
                         "config.json fixes the architecture (only --dropout, --flash_attn, --aux_loss_alpha and "
                         "--max_seq_len, the conversation truncation length, may be changed).")
@@ -175,8 +175,11 @@ def _parse_bool(text: str) -> bool:
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str,
-                        override_only: bool = False) -> None:
-    """One flag per field of `cls`. With override_only, defaults are None ("keep the preset's")."""
+                        override_only: bool = False, defaults: dict[str, Any] | None = None) -> None:
+    """One flag per field of `cls`. With override_only, defaults are None ("keep the preset's").
+
+    `defaults` replaces field defaults (a mode's), so `--help` shows the values that mode really uses.
+    """
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -187,7 +190,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str,
         if not meta.pop("cli", True):
             continue
         help_ = meta.pop("help", "")
-        default = None if override_only else f.default
+        default = None if override_only else (defaults or {}).get(f.name, f.default)
         if not override_only and default not in (None, ""):
             help_ += " (default: %(default)s)"
         if tp is bool:
