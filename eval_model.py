@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -139,6 +140,28 @@ def encode_completion(tokenizer, prompt: str) -> list[int]:
     return ([start] if start is not None else []) + ids
 
 
+def fit_chat(tokenizer, messages: list[dict[str, str]], budget: int) -> list[int]:
+    """The chat's tokens within `budget`: the oldest exchanges are dropped from `messages` (never the system
+    prompt or the newest message), since positions past the model's context are ones it never trained on."""
+    first = 1 if messages[0]["role"] == "system" else 0
+    ids = encode_chat(tokenizer, messages)
+    dropped = 0
+    while len(ids) > budget and len(messages) - first > 1:
+        del messages[first:first + 2]  # one user message and its reply
+        dropped += 1
+        ids = encode_chat(tokenizer, messages)
+    if dropped:
+        print(f"[the oldest {dropped} exchange(s) dropped to fit the model's context]", file=sys.stderr)
+    return ids
+
+
+def fit_tail(ids: list[int], budget: int) -> list[int]:
+    """A prompt longer than `budget` keeps its last tokens (the ones the continuation follows)."""
+    if len(ids) > budget:
+        print(f"[prompt cut to its last {budget} of {len(ids)} tokens to fit the model's context]", file=sys.stderr)
+    return ids[-budget:]
+
+
 def load_model(model_path: Path, base_model_path: str | None = None) -> Transformer:
     """A model folder as is; an adapter folder as its base model with the adapter merged in (fp32, eval mode)."""
     if not (model_path / ADAPTER_CONFIG).is_file():
@@ -166,13 +189,17 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(model_path)
     mode = resolve_mode(args.mode, model_path)
     stop = stop_ids(tokenizer, model)
+    budget = model.config.max_seq_len - args.max_new_tokens  # prompt tokens that leave room for the answer
+    if budget < 1:
+        raise SystemExit(f"error: --max_new_tokens {args.max_new_tokens} leaves no room for a prompt in the "
+                         f"model's {model.config.max_seq_len}-token context; lower it")
     sampling = dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, eos_token_id=stop, compile=args.compile,
     )
 
     def answer(ids: list[int]) -> str:
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        input_ids = torch.tensor([fit_tail(ids, budget)], dtype=torch.long, device=device)
         return stream_text(tokenizer, generate(model, input_ids, args.max_new_tokens, **sampling), stop)
 
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
@@ -192,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
             user = args.prompt
         if mode == "chat":
             messages.append({"role": "user", "content": user})
-            reply = answer(encode_chat(tokenizer, messages))
+            reply = answer(fit_chat(tokenizer, messages, budget))
             messages.append({"role": "assistant", "content": reply})
         else:
             print(user, end="", flush=True)

@@ -232,3 +232,29 @@ def test_chat_encoding_has_generation_prompt(tmp_path: Path) -> None:
     ids = eval_model.encode_chat(tokenizer, [{"role": "user", "content": "hi"}])
     assert isinstance(ids, list) and all(isinstance(i, int) for i in ids)
     assert tokenizer.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chat_history_keeps_to_the_context_dropping_the_oldest_exchanges(model_dir: Path) -> None:
+    import eval_model
+
+    tokenizer = eval_model.load_tokenizer(model_dir)
+    messages = [{"role": "system", "content": "be brief"}]
+    for i in range(6):
+        messages += [{"role": "user", "content": f"hello world {i}"}, {"role": "assistant", "content": "hi there"}]
+    messages.append({"role": "user", "content": "how are you?"})
+    full = len(eval_model.encode_chat(tokenizer, messages))
+    budget = full - 10
+    ids = eval_model.fit_chat(tokenizer, messages, budget)
+    assert len(ids) <= budget and ids == eval_model.encode_chat(tokenizer, messages)
+    assert messages[0]["content"] == "be brief" and messages[-1]["content"] == "how are you?"
+    assert messages[1]["content"] == "hello world 1"  # exactly the oldest exchange went
+    assert len(messages) == 1 + 5 * 2 + 1
+
+
+def test_eval_model_long_prompt_is_cut_to_the_context(model_dir: Path) -> None:
+    r = run_eval("--model_path", str(model_dir), "--mode", "complete", "--prompt", "hello world " * 40,
+                 "--max_new_tokens", "8", "--device", "cpu", "--seed", "0")
+    assert r.returncode == 0, r.stderr
+    assert "prompt cut to its last 56 of" in r.stderr  # max_seq_len 64 - 8 new tokens
+    r = run_eval("--model_path", str(model_dir), "--prompt", "hi", "--max_new_tokens", "64", "--device", "cpu")
+    assert r.returncode != 0 and "--max_new_tokens 64 leaves no room for a prompt" in r.stderr
