@@ -230,15 +230,10 @@ NON_NEGATIVE_FLAGS = {"eval_iters": "the whole validation set", "eval_interval":
                       "log_completions_interval": "never", "weight_decay": "no decay", "grad_clip": "no clipping",
                       "learning_rate": "the weights stay as they are",
                       "peak_tflops": "the GPU's datasheet figure, or a measured matmul"}
-# Flags only one kind of run reads: given to another mode they would be silently ignored. (--merge and
-# --precompute_ref_logps have messages of their own.)
+# Flags only some modes read (their field's `modes`): given to another mode they would be silently ignored.
+# (--merge and --precompute_ref_logps have messages of their own.)
 MODE_ONLY_FLAGS: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules"), ("lora",)),
-    **dict.fromkeys(("dpo_beta", "dpo_label_smoothing", "dpo_loss"), ("dpo",)),
-    "ref_model_path": ("dpo", "grpo"),
-    **dict.fromkeys(("num_generations", "max_completion_length", "temperature", "beta", "epsilon", "epsilon_high",
-                     "num_iterations", "loss_type", "scale_rewards", "reward_funcs", "reward_weights",
-                     "reward_model_path", "log_completions_interval"), ("grpo",))}
+    f.name: f.metadata["modes"] for f in dataclasses.fields(TrainConfig) if "modes" in f.metadata}
 # Model fields a fine-tuning run may change: they do not change what the weights mean.
 FINETUNE_MODEL_FLAGS = ("dropout", "flash_attn", "aux_loss_alpha", "max_seq_len")
 

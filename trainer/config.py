@@ -48,6 +48,8 @@ class UsageError(ValueError):
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A field with its flag's help; `modes` names the only modes that read it (train.py refuses it elsewhere),
+    any other keyword goes to argparse's add_argument."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -112,51 +114,56 @@ class TrainConfig:
     use_wandb: bool = _f(False, "Log to Weights & Biases (offline unless credentials are configured).")
     wandb_project: str = _f("zero2llm", "wandb project name.")
     wandb_run_name: str = _f("", "wandb run name; empty = derived from mode and out_dir.")
-    lora_rank: int = _f(8, "LoRA rank r of the update B @ A (lora mode).")
-    lora_alpha: float = _f(16.0, "LoRA alpha: the update is scaled by alpha / rank (lora mode).")
-    lora_dropout: float = _f(0.05, "Dropout on the input of LoRA's A (lora mode).")
+    lora_rank: int = _f(8, "LoRA rank r of the update B @ A (lora mode).", modes=("lora",))
+    lora_alpha: float = _f(16.0, "LoRA alpha: the update is scaled by alpha / rank (lora mode).", modes=("lora",))
+    lora_dropout: float = _f(0.05, "Dropout on the input of LoRA's A (lora mode).", modes=("lora",))
     lora_target_modules: str = _f("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                                   "Comma-separated linear layers that get LoRA (lora mode; default: all attention "
-                                  "and MLP projections).")
+                                  "and MLP projections).", modes=("lora",))
     dpo_beta: float = _f(0.1, "DPO beta: strength of the pull towards the reference model (higher = stay closer); "
-                         "IPO: the target log-ratio margin is 1 / (2 beta) (dpo mode).")
+                         "IPO: the target log-ratio margin is 1 / (2 beta) (dpo mode).", modes=("dpo",))
     dpo_label_smoothing: float = _f(0.0, "Assumed share of flipped preference labels, in [0, 0.5) (conservative "
-                                    "DPO; sigmoid loss only; dpo mode).")
-    dpo_loss: str = _f("sigmoid", "Preference loss: sigmoid (DPO) or ipo (dpo mode).", choices=("sigmoid", "ipo"))
+                                    "DPO; sigmoid loss only; dpo mode).", modes=("dpo",))
+    dpo_loss: str = _f("sigmoid", "Preference loss: sigmoid (DPO) or ipo (dpo mode).", choices=("sigmoid", "ipo"),
+                       modes=("dpo",))
     ref_model_path: str = _f("", "Frozen reference model folder for DPO, and for GRPO's KL penalty; empty = the "
-                             "--init_from folder (dpo and grpo modes).")
+                             "--init_from folder (dpo and grpo modes).", modes=("dpo", "grpo"))
     precompute_ref_logps: bool = _f(False, "Compute the reference model's log-probs of every train/val pair once "
                                     "up front and free it: less memory and one forward per step instead of two "
                                     "(dpo mode).")
     num_generations: int = _f(8, "Completions sampled per prompt: the group whose mean reward is each one's "
-                              "baseline (grpo mode; --batch_size counts prompts).")
+                              "baseline (grpo mode; --batch_size counts prompts).", modes=("grpo",))
     max_completion_length: int = _f(64, "Most tokens sampled per completion; prompts get --max_seq_len minus this "
-                                    "(grpo mode).")
+                                    "(grpo mode).", modes=("grpo",))
     temperature: float = _f(0.7, "Sampling temperature of the rollouts; below 1 the samples stay near what the model "
                             "answers greedily, so the rewards sort its likely answers (grpo mode; validation answers "
-                            "greedily).")
+                            "greedily).", modes=("grpo",))
     beta: float = _f(0.04, "Weight of the KL penalty to the frozen reference (k3 estimator); 0 = no penalty and no "
-                     "reference model in memory (grpo mode).")
-    epsilon: float = _f(0.2, "Clip range of the policy ratio: [1 - epsilon, 1 + epsilon_high] (grpo mode).")
+                     "reference model in memory (grpo mode).", modes=("grpo",))
+    epsilon: float = _f(0.2, "Clip range of the policy ratio: [1 - epsilon, 1 + epsilon_high] (grpo mode).",
+                        modes=("grpo",))
     epsilon_high: float | None = _f(None, "Upper clip of the policy ratio, 1 + epsilon_high (DAPO's clip-higher, "
-                                    "e.g. 0.28; cispo caps its ratio weights there); default: --epsilon (grpo mode).")
+                                    "e.g. 0.28; cispo caps its ratio weights there); default: --epsilon (grpo mode).",
+                                    modes=("grpo",))
     num_iterations: int = _f(1, "Policy updates (optimizer steps) per batch of rollouts; > 1 reuses them with the "
-                             "clipped ratio to the sampling policy, and multiplies the steps per epoch (grpo mode).")
+                             "clipped ratio to the sampling policy, and multiplies the steps per epoch (grpo mode).",
+                             modes=("grpo",))
     loss_type: str = _f("dapo", "GRPO loss normalisation: grpo (mean over each completion's tokens, then over "
                         "completions), dr_grpo (sum / (completions x max_completion_length)), dapo (mean over all "
                         "completion tokens), cispo (dapo's, with clipped-ratio weights instead of clipping) "
-                        "(grpo mode).", choices=("grpo", "dr_grpo", "dapo", "cispo"))
+                        "(grpo mode).", choices=("grpo", "dr_grpo", "dapo", "cispo"), modes=("grpo",))
     scale_rewards: bool | None = _f(None, "Divide advantages by their group's reward std; default: on, off for "
-                                    "--loss_type dr_grpo (grpo mode).")
+                                    "--loss_type dr_grpo (grpo mode).", modes=("grpo",))
     reward_funcs: str = _f("accuracy,format", "Comma-separated reward functions: built-in accuracy, format, length, or "
                            "your own as module:function or path/to/file.py:function (see trainer/rewards.py) "
-                           "(grpo mode).")
+                           "(grpo mode).", modes=("grpo",))
     reward_weights: str = _f("", "Comma-separated weights of --reward_funcs (then of --reward_model_path); empty = "
-                             "all 1 (grpo mode).")
+                             "all 1 (grpo mode).", modes=("grpo",))
     reward_model_path: str = _f("", "A Hugging Face sequence-classification model folder whose first logit is one "
-                                "more reward (loaded offline; grpo mode).")
+                                "more reward (loaded offline; grpo mode).", modes=("grpo",))
     log_completions_interval: int = _f(50, "Steps between sample completions shown on the console and appended to "
-                                       "out_dir/completions.jsonl (and at step 1); 0 = never (grpo mode).")
+                                       "out_dir/completions.jsonl (and at step 1); 0 = never (grpo mode).",
+                                       modes=("grpo",))
     merge: bool = _f(False, "lora mode: also export the adapter merged into the base, a full model, to "
                      "best/merged/ and final/merged/.")
 
@@ -190,6 +197,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str,
         if not meta.pop("cli", True):
             continue
         help_ = meta.pop("help", "")
+        meta.pop("modes", None)
         default = None if override_only else (defaults or {}).get(f.name, f.default)
         if not override_only and default not in (None, ""):
             help_ += " (default: %(default)s)"
