@@ -44,12 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--prompt", default=None, help="answer this one prompt and exit (no interactive loop)")
     p.add_argument("--system", default=None, help="system prompt for chat mode")
-    p.add_argument("--max_new_tokens", type=int, default=256, help="tokens to generate per answer (default: 256)")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
-    p.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens (default: 0 = off)")
-    p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling mass (default: 0.9; 1.0 = off)")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="tokens to generate per answer (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens (default: %(default)s = off)")
+    p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling mass (default: %(default)s; 1.0 = off)")
     p.add_argument("--repetition_penalty", type=float, default=1.0,
-                   help=">1 discourages repeating tokens (default: 1.0 = off)")
+                   help=">1 discourages repeating tokens (default: %(default)s = off)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps ...")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="auto: bf16 where the hardware has it natively (recent GPUs, CPUs with AVX512-BF16/AMX), "
