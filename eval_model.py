@@ -15,15 +15,17 @@ tokenizer/ folder next to this script.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
 from data import render_prompt
 from model import Transformer, generate
+from model.generate import DEFAULT_MAX_NEW_TOKENS, answer_budget, decode_stream
 from model.lora import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
 from trainer.distributed import resolve_device, resolve_dtype
 
@@ -44,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--prompt", default=None, help="answer this one prompt and exit (no interactive loop)")
     p.add_argument("--system", default=None, help="system prompt for chat mode")
-    p.add_argument("--max_new_tokens", type=int, default=256, help="tokens to generate per answer (default: %(default)s)")
+    p.add_argument("--max_new_tokens", type=int, default=None, help=f"tokens to generate per answer (default: "
+                   f"{DEFAULT_MAX_NEW_TOKENS}, or half the model's context when that is smaller)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s)")
     p.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens (default: %(default)s = off)")
     p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling mass (default: %(default)s; 1.0 = off)")
@@ -59,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "many prompts")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     args = p.parse_args(argv)
-    rules = {"max_new_tokens": (args.max_new_tokens >= 1, ">= 1"), "temperature": (args.temperature >= 0, ">= 0"),
+    rules = {"max_new_tokens": (args.max_new_tokens is None or args.max_new_tokens >= 1, ">= 1"), "temperature": (args.temperature >= 0, ">= 0"),
              "top_k": (args.top_k >= 0, ">= 0 (0 = off)"), "top_p": (0 < args.top_p <= 1, "in (0, 1] (1 = off)"),
              "repetition_penalty": (args.repetition_penalty > 0, "> 0 (1 = off)")}
     for flag, (ok, rule) in rules.items():
@@ -103,27 +106,40 @@ def stop_ids(tokenizer, model: Transformer) -> list[int]:
     return sorted(i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id)
 
 
-def stream_text(tokenizer, token_stream: Iterable[torch.Tensor], stop: list[int]) -> str:
-    """Print tokens as they arrive; returns the whole answer.
-
-    Decodes the growing id list and prints only the new suffix: decoding token by token would
-    split multi-byte UTF-8 characters (one Chinese character is often 2-3 byte tokens).
-    """
-    ids: list[int] = []
-    printed = ""
+def answer_tokens(token_stream: Iterable[torch.Tensor], stop: list[int]) -> Iterator[int]:
+    """The ids of a one-row generation, up to (not including) its first stop token."""
     for token in token_stream:
         t = int(token[0])
         if t in stop:
-            break
-        ids.append(t)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete character: wait for its remaining bytes
-            continue
-        print(text[len(printed):], end="", flush=True)
-        printed = text
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    print(text[len(printed):], flush=True)
-    return text
+            return
+        yield t
+
+
+def stream_answer(tokenizer, token_stream: Iterable[torch.Tensor], stop: list[int]) -> tuple[str, bool]:
+    """Print the answer as it is generated, whole characters at a time (generate.decode_stream).
+
+    Returns (the answer, whether Ctrl-C stopped it): a stopped answer is what was printed of it.
+    """
+    pieces: list[str] = []
+    try:
+        for piece in decode_stream(tokenizer, answer_tokens(token_stream, stop)):
+            print(piece, end="", flush=True)
+            pieces.append(piece)
+    except KeyboardInterrupt:
+        print(flush=True)
+        return "".join(pieces), True
+    print(flush=True)
+    return "".join(pieces), False
+
+
+def utf8_problem(text: str) -> str | None:
+    """Why `text` is not valid UTF-8 (read with surrogateescape, bad bytes are lone surrogates), else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start].encode("utf-8", "surrogateescape")
+        return f"byte 0x{bad.hex()} at character {e.start + 1} is not UTF-8"
+    return None
 
 
 def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
@@ -176,57 +192,85 @@ def load_model(model_path: Path, base_model_path: str | None = None) -> Transfor
     return merge_lora(load_adapter(model, model_path)).eval()
 
 
+def read_line(prompt: str) -> str | None:
+    """The user's next line; None at Ctrl-D or Ctrl-C (the session ends). A line that is not UTF-8 is refused
+    with one line, and the next one is read."""
+    while True:
+        try:
+            line = input(prompt)
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return None
+        problem = utf8_problem(line)
+        if problem is None:
+            return line
+        print(f"[that line is not UTF-8 text ({problem}); type it again]", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.prompt is not None and (problem := utf8_problem(args.prompt)):
+        raise SystemExit(f"error: --prompt is not UTF-8 text ({problem}); pass it in UTF-8")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model_path = Path(args.model_path)
     try:
         device = resolve_device(args.device)
         model = load_model(model_path, args.base_model_path).to(device=device, dtype=resolve_dtype(args.dtype, device))
+        max_new_tokens, note = answer_budget(model.config.max_seq_len, args.max_new_tokens)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {'--' if str(e).startswith('max_new_tokens') else ''}{e}") from None
+    if note:
+        print(f"[{note}; --max_new_tokens changes it]", file=sys.stderr)
     tokenizer = load_tokenizer(model_path)
     mode = resolve_mode(args.mode, model_path)
     stop = stop_ids(tokenizer, model)
-    budget = model.config.max_seq_len - args.max_new_tokens  # prompt tokens that leave room for the answer
-    if budget < 1:
-        raise SystemExit(f"error: --max_new_tokens {args.max_new_tokens} leaves no room for a prompt in the "
-                         f"model's {model.config.max_seq_len}-token context; lower it")
+    budget = model.config.max_seq_len - max_new_tokens  # prompt tokens that leave room for the answer
     sampling = dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, eos_token_id=stop, compile=args.compile,
     )
 
-    def answer(ids: list[int]) -> str:
+    def answer(ids: list[int]) -> tuple[str, bool]:
         input_ids = torch.tensor([fit_tail(ids, budget)], dtype=torch.long, device=device)
-        return stream_text(tokenizer, generate(model, input_ids, args.max_new_tokens, **sampling), stop)
+        return stream_answer(tokenizer, generate(model, input_ids, max_new_tokens, **sampling), stop)
 
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
-    interactive = args.prompt is None
-    if interactive:
-        print(f"[{mode} mode, {model.num_params() / 1e6:.1f}M params on {device}; 'exit' or Ctrl-D quits]")
-    while True:
-        if interactive:
-            try:
-                user = input("\n>>> " if mode == "chat" else "\nprompt> ")
-            except EOFError:
-                print()
-                break
-            if user.strip() in ("exit", "quit"):
-                break
+    if args.prompt is not None:  # one answer, then exit
+        if mode == "chat":
+            ids = fit_chat(tokenizer, [*messages, {"role": "user", "content": args.prompt}], budget)
         else:
-            user = args.prompt
+            print(args.prompt, end="", flush=True)
+            ids = encode_completion(tokenizer, args.prompt)
+        if answer(ids)[1]:
+            raise KeyboardInterrupt
+        return
+    print(f"[{mode} mode, {model.num_params() / 1e6:.1f}M params on {device}; Ctrl-C stops an answer; "
+          f"'exit', Ctrl-D or Ctrl-C here quits]")
+    if isinstance(sys.stdin, io.TextIOWrapper):  # bytes that are not UTF-8 reach utf8_problem, not a traceback
+        sys.stdin.reconfigure(errors="surrogateescape")
+    while (user := read_line("\n>>> " if mode == "chat" else "\nprompt> ")) is not None \
+            and user.strip() not in ("exit", "quit"):
         if mode == "chat":
             messages.append({"role": "user", "content": user})
-            reply = answer(fit_chat(tokenizer, messages, budget))
-            messages.append({"role": "assistant", "content": reply})
+            reply, stopped = answer(fit_chat(tokenizer, messages, budget))
+            messages.append({"role": "assistant", "content": reply})  # a stopped answer: what was printed of it
         else:
             print(user, end="", flush=True)
-            answer(encode_completion(tokenizer, user))
-        if not interactive:
-            break
+            stopped = answer(encode_completion(tokenizer, user))[1]
+        if stopped:  # Ctrl-C stops this answer only; the session goes on
+            print("[answer stopped]", file=sys.stderr)
+
+
+def cli() -> None:
+    """`python eval_model.py`: Ctrl-C while loading or during a one-shot answer exits quietly (130, the shell's
+    code for SIGINT), not with a traceback."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

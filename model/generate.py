@@ -10,11 +10,32 @@ same column and one KV cache serves the batch (what GRPO needs).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
 from .model import KVCache, Transformer
+
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def answer_budget(context: int, max_new_tokens: int | None) -> tuple[int, str | None]:
+    """Tokens to generate per answer in a model of `context` positions, and a note when the default was shrunk.
+
+    None (no explicit choice) means DEFAULT_MAX_NEW_TOKENS, or half the context when that leaves a prompt less
+    room: a small model's answers then fit beside their prompt. An explicit length that leaves no room for a
+    prompt is an error, since the user asked for something this model cannot do.
+    """
+    if max_new_tokens is None:
+        budget = min(DEFAULT_MAX_NEW_TOKENS, context // 2)
+        note = None if budget == DEFAULT_MAX_NEW_TOKENS else (
+            f"max_new_tokens {budget} (half of the model's {context}-token context, leaving the rest for the prompt)")
+        return budget, note
+    if max_new_tokens >= context:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                         f"{context}-token context; use at most {context - 1}")
+    return max_new_tokens, None
 
 
 def sample_next_token(
@@ -72,8 +93,8 @@ def generate(
     Yielded tensors are inference tensors; torch.stack/cat them before using them in autograd.
     compile: run the one-token decode step through torch.compile (dynamic shapes: one graph for every cache
         length and batch size). The step is ~1,000 small ops whose Python dispatch costs as much as the
-        bandwidth-bound matmuls at batch 1; compiled, they become a few fused kernels: ~2x tokens/s on CPU,
-        after a one-off compilation (~30 s for config S on 2 cores, seconds when Inductor's cache has it).
+        bandwidth-bound matmuls at batch 1; compiled, they become a few fused kernels (bench/RESULTS.md has the
+        speed-up), after a one-off compilation (seconds when Inductor's cache already has it).
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -82,6 +103,9 @@ def generate(
         raise ValueError("generate needs at least one prompt token (start from bos_token_id)")
     if max_new_tokens <= 0:
         return
+    if T + max_new_tokens > model.config.max_seq_len:  # positions past the context were never trained
+        raise ValueError(f"a {T}-token prompt + max_new_tokens {max_new_tokens} exceed the model's "
+                         f"{model.config.max_seq_len}-token context; shorten the prompt or max_new_tokens")
     device = input_ids.device
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=device)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
@@ -135,3 +159,25 @@ def complete(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.
     is_stop = torch.isin(tokens, torch.tensor(stop_token_ids, device=tokens.device))
     stops_before = is_stop.long().cumsum(dim=1) - is_stop.long()  # stop tokens strictly before each position
     return tokens, (stops_before == 0).long()
+
+
+def decode_stream(tokenizer, token_ids: Iterable[int]) -> Iterator[str]:
+    """The text of a stream of token ids, piece by piece, each piece whole characters.
+
+    A byte-level BPE token can end inside a multi-byte UTF-8 character (a Chinese character or an emoji is 3-4
+    bytes, often split over tokens), so the decoded text then ends in U+FFFD: those bytes are held back until
+    the character completes, as transformers' TextStreamer does. Bytes that can never complete a character (a
+    model may emit a lead byte followed by plain text) are dropped rather than printed as U+FFFD. The growing
+    id list is decoded whole, since decoding tokens one by one would also lose SentencePiece's leading spaces.
+    """
+    ids: list[int] = []
+    emitted = 0
+    for token in token_ids:
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if text.endswith("\ufffd"):  # an incomplete character: wait for its remaining bytes
+            continue
+        text = text.replace("\ufffd", "")
+        if len(text) > emitted:
+            yield text[emitted:]
+            emitted = len(text)

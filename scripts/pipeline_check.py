@@ -150,6 +150,7 @@ def check_grpo(args: argparse.Namespace) -> int:
         print(f"FAIL: held-out accuracy changed by {gain:+.1%} (needs at least {args.min_gain:+.1%}), sign test "
               f"p = {p:.3g} (needs < {args.alpha})", file=sys.stderr)
         return 1
+    print(f"PASS: held-out accuracy rose by {gain:+.1%} (sign test p = {p:.3g})")
     return 0
 
 
@@ -166,11 +167,13 @@ def check_sft(args: argparse.Namespace) -> int:
               f"arithmetic {r['arithmetic_accuracy']:.1%} of {r['arithmetic']}; first answer: {r['example']!r}")
     print(json.dumps({k: {m: v for m, v in r.items() if m != "example"} for k, r in results.items()}))
     before, after = results["before"], results["after"]
-    ok = after["stop_rate"] >= max(args.min_stop_rate, before["stop_rate"])
-    if not ok:
+    if after["stop_rate"] < max(args.min_stop_rate, before["stop_rate"]):
         print(f"FAIL: the fine-tuned model stops in {after['stop_rate']:.1%} of answers (needs >= "
               f"{args.min_stop_rate:.0%} and as often as before: {before['stop_rate']:.1%})", file=sys.stderr)
-    return 0 if ok else 1
+        return 1
+    print(f"PASS: the fine-tuned model stops in {after['stop_rate']:.1%} of answers (needs >= "
+          f"{args.min_stop_rate:.0%})")
+    return 0
 
 
 # The stages each task compares by default: (--before, --after, --data).

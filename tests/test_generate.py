@@ -7,12 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pexpect
 import pytest
 import torch
 
 from conftest import ROOT
 from model import ModelConfig, Transformer, generate, sample_next_token
-from model.generate import apply_repetition_penalty
+from model.generate import answer_budget, apply_repetition_penalty, decode_stream
 
 V = 320
 MOE = dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, qk_norm=True)
@@ -209,18 +210,27 @@ def test_eval_model_unknown_device_is_one_clear_error(tmp_path: Path) -> None:
         eval_model.main(["--model_path", str(tmp_path / "missing"), "--prompt", "hi", "--device", "tpu"])
 
 
-def test_streaming_prints_multibyte_characters_whole(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("text", ["hi 世界! 你好，今天天气很好。", "hi 👋🏽 there 🎉🇨🇳 ok", "数学 12 + 7 = 19 ✅"])
+def test_streaming_prints_whole_characters_only(tok, capsys: pytest.CaptureFixture, text: str) -> None:
+    """Chinese and emoji split over byte tokens: every printed piece is whole characters, none is U+FFFD, and
+    the pieces add up to the text."""
     import eval_model
-    from transformers import AutoTokenizer
 
-    make_tokenizer(tmp_path)
-    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
-    text = "hi 世界!"
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert len(ids) > len(text)  # the CJK characters are split into byte tokens
-    stream = [torch.tensor([i]) for i in ids] + [torch.tensor([2]), torch.tensor([5])]
-    assert eval_model.stream_text(tokenizer, stream, stop=[2]) == text
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some tokens end inside a character
+    pieces = list(decode_stream(tok, ids))
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    stream = [torch.tensor([i]) for i in ids] + [torch.tensor([2]), torch.tensor([5])]  # 2 = <|im_end|> stops it
+    assert eval_model.stream_answer(tok, stream, stop=[2]) == (text, False)
     assert capsys.readouterr().out == text + "\n"
+
+
+def test_streaming_drops_bytes_that_never_form_a_character(tok) -> None:
+    """A lead byte followed by plain text (what a barely trained model emits) is dropped, not printed as U+FFFD."""
+    lead = tok.convert_tokens_to_ids("\u00e4")  # byte 0xE4 alone: the first byte of a 3-byte character
+    ids = tok("from", add_special_tokens=False)["input_ids"] + [lead] + tok("over", add_special_tokens=False)["input_ids"]
+    assert "\ufffd" in tok.decode(ids)
+    assert "".join(decode_stream(tok, ids)) == "fromover"
 
 
 def test_chat_encoding_has_generation_prompt(tmp_path: Path) -> None:
@@ -258,3 +268,137 @@ def test_eval_model_long_prompt_is_cut_to_the_context(model_dir: Path) -> None:
     assert "prompt cut to its last 56 of" in r.stderr  # max_seq_len 64 - 8 new tokens
     r = run_eval("--model_path", str(model_dir), "--prompt", "hi", "--max_new_tokens", "64", "--device", "cpu")
     assert r.returncode != 0 and "--max_new_tokens 64 leaves no room for a prompt" in r.stderr
+
+
+# ----------------------------------------------------------------------------- answer length and the context
+
+
+def test_default_answer_length_shrinks_to_leave_the_prompt_room() -> None:
+    assert answer_budget(32768, None) == (256, None)
+    budget, note = answer_budget(256, None)  # the `small` preset: 256 new tokens would fill the whole context
+    assert budget == 128 and "half of the model's 256-token context" in note
+    assert answer_budget(256, 200) == (200, None)  # an explicit length that fits is kept as it is
+    with pytest.raises(ValueError, match="max_new_tokens 256 leaves no room for a prompt .* use at most 255"):
+        answer_budget(256, 256)
+
+
+def test_eval_model_default_answer_fits_a_small_context(model_dir: Path) -> None:
+    r = run_eval("--model_path", str(model_dir), "--mode", "complete", "--prompt", "hello world " * 40,
+                 "--device", "cpu", "--seed", "0")
+    assert r.returncode == 0, r.stderr
+    assert "max_new_tokens 32 (half of the model's 64-token context" in r.stderr
+    assert "prompt cut to its last 32 of" in r.stderr
+
+
+def test_generate_refuses_to_run_past_the_context() -> None:
+    model = build()  # max_seq_len 64
+    list(generate(model, prompt(2, 60), 4))  # exactly fills the context
+    with pytest.raises(ValueError, match="a 60-token prompt \\+ max_new_tokens 5 exceed the model's 64-token context"):
+        list(generate(model, prompt(2, 60), 5))
+
+
+# ----------------------------------------------------------------------------- input that is not UTF-8
+
+
+def test_prompt_that_is_not_utf8_is_one_clear_error(model_dir: Path) -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "eval_model.py"), "--model_path", str(model_dir), "--prompt",
+                        b"caf\xe9 au lait", "--device", "cpu"], capture_output=True, timeout=120, cwd=ROOT)
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "Traceback" not in err
+    assert "error: --prompt is not UTF-8 text (byte 0xe9 at character 4 is not UTF-8)" in err
+
+
+def test_stdin_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(model_dir: Path) -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "eval_model.py"), "--model_path", str(model_dir), "--mode", "chat",
+                        "--max_new_tokens", "4", "--device", "cpu"], input=b"\xff\xfe hi\nhello\n",
+                       capture_output=True, timeout=120, cwd=ROOT)
+    err, out = r.stderr.decode(), r.stdout.decode()
+    assert r.returncode == 0 and "Traceback" not in err, err
+    assert "[that line is not UTF-8 text (byte 0xff at character 1 is not UTF-8); type it again]" in err
+    assert out.count(">>> ") == 3  # the bad line, "hello" (answered), then end of input
+
+
+# ----------------------------------------------------------------------------- interactive chat in a terminal
+
+
+@pytest.fixture(scope="module")
+def endless_model(tmp_path_factory, tok) -> Path:
+    """A chat model that never emits a stop token, so an answer runs until Ctrl-C (or its 2,000 tokens).
+
+    Its blocks add nothing (o_proj, down_proj = 0), so the final hidden state is the normed token embedding, whose
+    first feature is always positive; the stop tokens' output rows point the other way.
+    """
+    folder = tmp_path_factory.mktemp("endless")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=len(tok), dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32,
+                                    max_seq_len=4096, tie_word_embeddings=False))
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.self_attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight[:, 0] = 3.0
+        for stop in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")):
+            model.lm_head.weight[stop] = 0.0
+            model.lm_head.weight[stop, 0] = -100.0
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "zero2llm.json").write_text(json.dumps({"chat": True}))
+    return folder
+
+
+def spawn_chat(model_path: Path, *flags: str) -> pexpect.spawn:
+    child = pexpect.spawn(sys.executable, [str(ROOT / "eval_model.py"), "--model_path", str(model_path),
+                                           "--device", "cpu", *flags], cwd=str(ROOT), timeout=60, encoding="utf-8")
+    child.expect_exact(">>> ")
+    return child
+
+
+def test_ctrl_c_stops_the_answer_and_returns_to_the_prompt(endless_model: Path) -> None:
+    child = spawn_chat(endless_model, "--max_new_tokens", "2000")
+    child.sendline("tell me a long story")
+    child.expect(r"tell me a long story\r\n.{20}")  # the answer is streaming
+    child.sendintr()  # Ctrl-C, through the terminal as a user presses it
+    child.expect_exact("[answer stopped]")
+    child.expect_exact(">>> ")  # the session goes on
+    child.sendline("and another")
+    child.expect(r"and another\r\n.{20}")
+    child.sendintr()
+    child.expect_exact(">>> ")
+    child.sendintr()  # Ctrl-C at the prompt quits
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and "Traceback" not in child.before
+
+
+def test_ctrl_d_at_the_prompt_quits_cleanly(endless_model: Path) -> None:
+    child = spawn_chat(endless_model, "--max_new_tokens", "8")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and "Traceback" not in child.before
+
+
+def test_a_stopped_answer_stays_in_the_conversation(endless_model: Path, monkeypatch, capsys) -> None:
+    """After Ctrl-C the next turn's prompt holds the earlier turns, the stopped answer as far as it got."""
+    import io
+
+    import eval_model
+
+    real_generate = eval_model.generate
+
+    def interrupted(model, input_ids, max_new_tokens, **kw):
+        for i, token in enumerate(real_generate(model, input_ids, max_new_tokens, **kw)):
+            if i == 5:
+                raise KeyboardInterrupt  # what Ctrl-C raises in the middle of decoding
+            yield token
+
+    prompts = []
+    monkeypatch.setattr(eval_model, "generate", interrupted)
+    monkeypatch.setattr(eval_model, "encode_chat", lambda tok, m: prompts.append([dict(x) for x in m]) or
+                        eval_model.render_prompt(tok, m)[1])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first question\nsecond question\n"))
+    eval_model.main(["--model_path", str(endless_model), "--device", "cpu", "--dtype", "float32", "--seed", "0"])
+    first_reply = prompts[-1][1]
+    assert [m["role"] for m in prompts[-1]] == ["user", "assistant", "user"]
+    assert prompts[-1][0]["content"] == "first question" and prompts[-1][2]["content"] == "second question"
+    assert first_reply["content"] and first_reply["content"] in capsys.readouterr().out  # 5 tokens' worth
