@@ -31,7 +31,7 @@ from model.config import ModelConfig, config_from_preset  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 _MOE = config_from_preset("moe", vocab_size=6400)
-# Config S of the performance issue: dim 512, 8 layers, 8 heads, 2 KV heads, SwiGLU 1408, vocab 6400, seq 512.
+# Config S, the shape every benchmark compares at: dim 512, 8 layers, 8 heads, 2 KV heads, SwiGLU 1408, vocab 6400, seq 512.
 CONFIGS: dict[str, dict] = {
     "S": dict(preset="26m", vocab_size=6400, max_seq_len=512),
     "small": dict(preset="small", vocab_size=6400),  # the default pretraining preset (train.py --mode pretrain)

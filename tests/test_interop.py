@@ -1,4 +1,4 @@
-"""Track B: chat templates without {% generation %} marks (Qwen, Llama 3) give exact assistant masks, and an open
+"""Chat templates without {% generation %} marks (Qwen, Llama 3) give exact assistant masks, and an open
 model that transformers saved (sharded, bf16, its own chat template) fine-tunes with --init_from and goes back out."""
 from __future__ import annotations
 

@@ -324,3 +324,13 @@ def test_rope_range_counts_yarn_scaling():
     yarn = config_from_preset("tiny", max_seq_len=64, rope_scaling={"type": "yarn", "factor": 4.0,
                                                                     "original_max_position_embeddings": 64})
     assert train.rope_range(yarn) == 256
+
+
+def test_a_shorter_training_length_keeps_the_models_context(sft_files, base_model, tmp_path):
+    """--max_seq_len is the rows' length, not the model's: the export keeps its 64-position context, and the next
+    stage may train on 64-token rows from it."""
+    first = tmp_path / "short"
+    train.main(sft_args(sft_files, base_model, first, "--max_seq_len", "32", "--max_steps", "1", "--eval_interval", "0"))
+    assert json.loads((first / "final" / "config.json").read_text())["max_position_embeddings"] == 64
+    train.main(sft_args(sft_files, first / "final", tmp_path / "next", "--max_seq_len", "64", "--max_steps", "1",
+                        "--eval_interval", "0"))

@@ -14,7 +14,8 @@ import train
 from conftest import ROOT, check_resume_is_exact, read_metrics, train_args, train_losses
 from data import DataError
 from trainer import checkpoint as ckpt
-from trainer.config import MODE_DEFAULTS, UsageError
+from trainer.config import UsageError
+from trainer.modes import MODES
 from trainer.sampler import ResumableBatchSampler
 from trainer.schedule import lr_multiplier
 
@@ -145,7 +146,7 @@ def test_bfloat16_autocast_on_cpu_trains(corpus, tmp_path, capsys):
     (["--n_heads", "4", "--n_kv_heads", "3"], "multiple of n_kv_heads"),
     (["--data_path", "nope.jsonl"], "--data_path nope.jsonl: no such file"),
     (["--val_data_path", str(ROOT / "dataset")], f"--val_data_path {ROOT / 'dataset'}: a folder; pass one data file"),
-    (["--preset", "huge"], "--preset 'huge'"),
+    (["--preset", "huge"], "--preset: invalid choice: 'huge'"),
     (["--num_experts_per_tok", "5", "--use_moe", "--n_routed_experts", "4"], "num_experts_per_tok"),
     (["--resume"], "--resume: no complete checkpoint"),
     (["--resume", "no/such/ckpt"], "--resume no/such/ckpt: no such checkpoint folder"),
@@ -157,7 +158,9 @@ def test_bfloat16_autocast_on_cpu_trains(corpus, tmp_path, capsys):
     (["--learning_rate", "-1"], "--learning_rate -1.0: must be >= 0"),
     (["--beta2", "1.5"], "--beta2 1.5, --min_lr_ratio 0.1: need AdamW's betas in [0, 1)"),
     (["--epochs", "0"], "--epochs 0: must be >= 1 (or set --max_steps)"),
-    (["--lora_rank", "4"], "--lora_rank is for --mode lora; --mode pretrain would ignore it"),
+    (["--lora_rank", "4"], "--lora_rank is for --mode lora, not --mode pretrain (drop it)"),
+    (["--init_from", "x"], "--init_from is for the fine-tuning modes"),
+    (["--lerning_rate", "1e-3"], "unrecognized argument --lerning_rate"),
     (["--temperature", "0.5"], "--temperature is for --mode grpo"),
     (["--tokenizer_path", str(ROOT / "dataset")], f"--tokenizer_path {ROOT / 'dataset'}: cannot load a tokenizer"),
     (["--out_dir", str(ROOT / "README.md" / "run")], f"{ROOT / 'README.md'} is a file, not a folder"),
@@ -187,14 +190,48 @@ def test_default_data_missing_outside_the_repository_says_where_to_run(tmp_path,
             "repository root: run from there") in capsys.readouterr().err
 
 
+# The defaults each mode had before its flags moved into its own config (trainer/modes/): they must not drift.
+_FINETUNE = {"tokenizer_path": "", "warmup_iters": 20, "eval_interval": 100, "eval_iters": 0}
+MODE_DEFAULTS = {
+    "pretrain": {"out_dir": "out/pretrain", "data_path": "dataset/pretrain.jsonl", "preset": "small",
+                 "val_data_path": "dataset/pretrain_val.jsonl", "learning_rate": 1e-3, "warmup_iters": 30},
+    "sft": {**_FINETUNE, "out_dir": "out/sft", "data_path": "dataset/sft.jsonl",
+            "val_data_path": "dataset/sft_val.jsonl", "init_from": "out/pretrain/final", "learning_rate": 5e-4,
+            "epochs": 2},
+    "lora": {**_FINETUNE, "out_dir": "out/lora", "data_path": "dataset/sft.jsonl",
+             "val_data_path": "dataset/sft_val.jsonl", "init_from": "out/sft/final", "learning_rate": 2e-3,
+             "epochs": 1, "lora_rank": 8, "lora_alpha": 16.0},
+    "dpo": {**_FINETUNE, "out_dir": "out/dpo", "data_path": "dataset/dpo.jsonl",
+            "val_data_path": "dataset/dpo_val.jsonl", "init_from": "out/sft/final", "learning_rate": 5e-5,
+            "epochs": 1, "eval_interval": 50, "dpo_beta": 0.1},
+    "grpo": {**_FINETUNE, "out_dir": "out/grpo", "data_path": "dataset/grpo.jsonl",
+             "val_data_path": "dataset/grpo_val.jsonl", "init_from": "out/sft/final", "learning_rate": 2e-5,
+             "batch_size": 8, "max_steps": 200, "warmup_iters": 5, "eval_interval": 25, "log_interval": 5,
+             "num_generations": 8, "loss_type": "dapo"},
+}
+
+
 def test_help_shows_the_defaults_of_the_chosen_mode():
+    assert set(MODE_DEFAULTS) == set(MODES)
     for mode, defaults in MODE_DEFAULTS.items():
         args = train.build_parser(mode).parse_args([])
         assert {k: getattr(args, k) for k in defaults} == defaults
+        assert args.mode == mode
     sft_help = " ".join(train.build_parser("sft").format_help().split())
     assert "(default: out/pretrain/final)" in sft_help  # --init_from
     assert "(default: out/sft)" in sft_help and "(default: out/pretrain)" not in sft_help
     assert "(default: )" not in sft_help
+
+
+def test_each_mode_takes_only_its_own_flags():
+    """One parser per mode: a flag of another mode is not in it, and the error says whose flag it is."""
+    flags = {mode: set(train.build_parser(mode)._option_string_actions) for mode in MODES}
+    assert "--lora_rank" in flags["lora"] and "--lora_rank" not in flags["sft"] | flags["pretrain"]
+    assert "--temperature" in flags["grpo"] and "--temperature" not in flags["sft"] | flags["dpo"]
+    assert {"--preset", "--dim"} <= flags["pretrain"] and "--init_from" not in flags["pretrain"]
+    for finetune in ("sft", "lora", "dpo", "grpo"):
+        assert {"--init_from", "--max_seq_len", "--dropout"} <= flags[finetune]
+        assert not {"--preset", "--dim", "--n_layers"} & flags[finetune]
 
 
 def test_batch_larger_than_data_is_a_clear_error(corpus, tmp_path):

@@ -63,6 +63,21 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def resume_path(resume: str, out_dir: str | Path) -> Path | None:
+    """The checkpoint --resume names: None (not resuming), out_dir's newest for 'auto', or the folder given."""
+    if not resume:
+        return None
+    if resume == "auto":
+        path = latest_checkpoint(out_dir)
+        if path is None:
+            raise CheckpointError(f"--resume: no complete checkpoint in {checkpoint_dir(out_dir)}; start without "
+                                  f"--resume, or pass a checkpoint folder")
+        return path
+    if not Path(resume).is_dir():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint folder")
+    return Path(resume)
+
+
 def _fsync_write_json(path: Path, obj: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)

@@ -1,7 +1,8 @@
 """Process-group setup and the few collectives the loop needs.
 
 `torchrun` sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python train.py` is a world of one.
-Every collective here is called by every rank in the same order (see PITFALLS: DDP hangs).
+Every collective here is called by every rank in the same order: a rank that skips one (to save or
+evaluate alone) leaves the others waiting in it forever.
 """
 from __future__ import annotations
 
@@ -51,9 +52,9 @@ def resolve_device(name: str) -> torch.device:
 def cpu_has_native_bf16() -> bool:
     """True when this CPU has bf16 matrix instructions (x86 AVX512-BF16 or AMX-BF16, Arm BF16).
 
-    On those, oneDNN runs bf16 matmuls several times faster than fp32 (here a 2048^2 matmul: ~1,000 vs
-    ~170 GFLOP/s on 2 cores); without them bf16 is emulated and many times slower than fp32. torch.cpu's
-    probes (torch >= 2.3) answer for x86; /proc/cpuinfo's flags answer elsewhere (Linux).
+    On those, oneDNN runs bf16 matmuls several times faster than fp32 (bench/RESULTS.md); without them bf16 is
+    emulated and many times slower than fp32. torch.cpu's probes (torch >= 2.3) answer for x86; /proc/cpuinfo's
+    flags answer elsewhere (Linux).
     """
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if any(probe is not None and probe() for probe in probes):

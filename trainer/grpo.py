@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from model.generate import complete
 from trainer.config import UsageError
-from trainer.objectives import IGNORE_INDEX, token_logps
+from trainer.objectives import IGNORE_INDEX, Objective, token_logps
 from trainer.rewards import RewardFunc
 
 Batch = dict[str, Any]
@@ -92,7 +92,7 @@ def reduce_loss(loss: torch.Tensor, mask: torch.Tensor, loss_type: str, max_comp
     return (loss * mask).sum()
 
 
-class GRPOObjective:
+class GRPOObjective(Objective):
     """Group relative policy optimisation on batches of prompts (data.prompt_collate)."""
 
     def __init__(self, tokenizer: Any, reward_funcs: list[tuple[str, RewardFunc]], reward_weights: list[float],

@@ -10,13 +10,8 @@ One optimizer step reads like a recipe:
     forward + backward each (DDP/FSDP reduce only on the last)  ->  unscale, clip, step, schedule
     log  ->  checkpoint  ->  evaluate (checkpoint first: a crash in eval must not lose it)
 
-An objective is `objective(model, batch) -> (loss sum, metrics)` with `num_items(batch)`; it MAY also have
-  prepare(model, micro_batches, step) -> micro_batches   run once per fetched step, on the raw model, no grad
-                                                         (e.g. GRPO: generate, score, reference log-probs)
-  num_iterations                                         optimizer steps on each prepared step (default 1)
-  eval_step(model, batch) -> (loss sum, metrics)         validation instead of objective(model, batch)
-  eval_metrics                                           the metric names evaluate() averages
-  loss_is_nll                                            True: validation also logs the perplexity exp(val_loss)
+What the loop asks of an objective is trainer/objectives.py's Objective: the loss sum and metrics of a batch,
+its item count, and hooks with defaults (prepare, num_iterations, eval_step, eval_metrics, loss_is_nll).
 """
 from __future__ import annotations
 
@@ -25,7 +20,7 @@ import gc
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,14 +31,14 @@ from torch.utils.data import DataLoader, Dataset
 from trainer import checkpoint as ckpt
 from trainer import parallel
 from trainer.config import TrainConfig, UsageError
-from trainer.interrupt import StopOnSignal
-from trainer.distributed import DistEnv, all_reduce_sum, barrier, resolve_dtype
+from trainer.distributed import all_reduce_sum, barrier
 from trainer.flops import peak_flops
+from trainer.interrupt import StopOnSignal
 from trainer.logger import MetricsLogger
+from trainer.modes import Components, Run
+from trainer.objectives import Batch
 from trainer.sampler import ResumableBatchSampler
 from trainer.schedule import build_scheduler
-
-Batch = dict[str, Any]  # tensors, and for some modes plain values (GRPO: prompt texts, answers)
 
 _MEMORY_FLAGS = ("--batch_size (with more --accumulation_steps to keep the global batch), --max_seq_len, "
                  "--dtype bfloat16, or a smaller --preset")
@@ -68,8 +63,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     """AdamW with weight decay on matrices only: decaying norm gains and biases just hurts.
 
     fused=True on CUDA and CPU: one kernel reads and writes each parameter, gradient and moment once per
-    step instead of one pass per elementwise op (config S on one CPU core: 26 ms per step against 85 ms for
-    the default foreach version).
+    step instead of one pass per elementwise op (bench/RESULTS.md has the difference on CPU).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -85,15 +79,16 @@ def real_tokens(batch: Batch) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, env: DistEnv, model: torch.nn.Module, objective: Any,
-                 train_data: Dataset, val_data: Dataset | None, collate_fn: Callable[[list], Batch],
-                 export: Callable[[torch.nn.Module, Path, dict[str, Any]], None]) -> None:
-        """`export(model, folder, info)` writes a Hugging Face folder (best/, final/): model,
-        tokenizer and a summary; it is the caller's so that each mode can add what it needs."""
-        self.cfg, self.env, self.objective = cfg, env, objective
-        self.train_data, self.val_data, self.collate_fn, self.export = train_data, val_data, collate_fn, export
+    def __init__(self, run: Run, parts: Components) -> None:
+        """`parts.export(model, folder, info)` writes best/ and final/; it is the mode's, so that each mode writes
+        what it needs (a full Hugging Face folder, or a LoRA adapter)."""
+        cfg, env, model = run.cfg, run.env, parts.model
+        self.cfg, self.env, self.objective = cfg, env, parts.objective
+        self.train_data, self.val_data, self.collate_fn = parts.train_data, parts.val_data, parts.collate_fn
+        self.export = parts.export
+        train_data = parts.train_data
         self.out_dir = Path(cfg.out_dir)
-        self.dtype = resolve_dtype(cfg.dtype, env.device)
+        self.dtype = run.dtype
         # FSDP: rank 0 keeps the model's shape (no storage) to gather the full model into for best/ and final/.
         self.template = parallel.meta_copy(model) if cfg.fsdp and env.is_main else None
         self.raw_model = model  # the module itself (sharded in place by FSDP); self.model is what runs the step
@@ -105,9 +100,9 @@ class Trainer:
         # Loss scaling is only needed for fp16's narrow exponent range; bf16 has fp32's range.
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.dtype == torch.float16)
         self.optimizer = build_optimizer(self.raw_model, cfg, env.device)
-        # MFU = model FLOPs per second / peak (trainer/flops.py); None for a model that cannot count its FLOPs.
-        self.flops_per_token = getattr(self.raw_model, "estimate_flops_per_token", None)
-        self.peak_flops = peak_flops(env.device, self.dtype, cfg.peak_tflops) if self.flops_per_token else None
+        # MFU = model FLOPs per second / peak (trainer/flops.py).
+        self.flops_per_token = self.raw_model.estimate_flops_per_token
+        self.peak_flops = peak_flops(env.device, self.dtype, cfg.peak_tflops)
         self.step_flops = 0.0  # model FLOPs since the last log, this rank
 
         rows_per_step = cfg.batch_size * env.world_size
@@ -117,7 +112,7 @@ class Trainer:
                              f"Lower --batch_size or --max_seq_len, or add data.")
         self.micro_per_epoch = len(train_data) // rows_per_step
         # Each fetched step is trained num_iterations times (GRPO's policy updates per batch of rollouts).
-        self.num_iterations = getattr(objective, "num_iterations", 1)
+        self.num_iterations = self.objective.num_iterations
         self.steps_per_epoch = max(1, self.micro_per_epoch // cfg.accumulation_steps) * self.num_iterations
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.steps_per_epoch
         decay_iters = cfg.lr_decay_iters if cfg.lr_decay_iters > 0 else self.total_steps
@@ -158,11 +153,8 @@ class Trainer:
         prepares) at the first of every num_iterations steps, the same ones in between."""
         if self.state.step % self.num_iterations == 0:
             batches = [self._to_device(next(stream)) for _ in range(self.cfg.accumulation_steps)]
-            prepare = getattr(self.objective, "prepare", None)
-            if prepare is not None:
-                with torch.no_grad(), self.autocast:
-                    batches = prepare(self.raw_model, batches, self.state.step + 1)
-            self.prepared = batches
+            with torch.no_grad(), self.autocast:
+                self.prepared = self.objective.prepare(self.raw_model, batches, self.state.step + 1)
         return self.prepared
 
     # ----------------------------------------------------------------------------- steps
@@ -176,8 +168,7 @@ class Trainer:
         all_reduce_sum(counts)
         n_items = counts[0]
         self.state.tokens_seen += int(counts[1])
-        if self.flops_per_token:
-            self.step_flops += sum(n * self.flops_per_token(b["input_ids"].shape[1]) for n, b in zip(tokens, micro_batches))
+        self.step_flops += sum(n * self.flops_per_token(b["input_ids"].shape[1]) for n, b in zip(tokens, micro_batches))
         # DDP averages gradients over ranks, so multiplying by world_size turns that average into
         # the sum; dividing by the step's total items makes it the mean over every item of the step.
         scale = env.world_size / n_items.clamp(min=1)
@@ -226,8 +217,7 @@ class Trainer:
         if self.val_data is None:
             return math.nan, {}
         model, env = self.raw_model, self.env
-        names = tuple(getattr(self.objective, "eval_metrics", ()))
-        step = getattr(self.objective, "eval_step", self.objective)
+        names = self.objective.eval_metrics
         model.eval()
         sampler = ResumableBatchSampler(len(self.val_data), self.cfg.batch_size, env.rank, env.world_size,
                                         shuffle=False, drop_last=False)
@@ -245,7 +235,7 @@ class Trainer:
                 batch = self.collate_fn([self.val_data[0]])
             batch = self._to_device(batch)
             with self.autocast:
-                loss, metrics = step(model, batch)
+                loss, metrics = self.objective.eval_step(model, batch)
             if counted:
                 n = torch.tensor(self.objective.num_items(batch), device=env.device, dtype=torch.float64)
                 values = torch.stack([torch.as_tensor(metrics[k], device=env.device).double() for k in names]) \
@@ -302,10 +292,8 @@ class Trainer:
     # ----------------------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
         cfg, env, s = self.cfg, self.env, self.state
-        if cfg.resume:
-            path = ckpt.latest_checkpoint(self.out_dir) if cfg.resume == "auto" else Path(cfg.resume)
-            if path is None:
-                raise UsageError(f"--resume: no complete checkpoint in {ckpt.checkpoint_dir(self.out_dir)}")
+        path = ckpt.resume_path(cfg.resume, self.out_dir)
+        if path is not None:
             self.resume(path)
             s = self.state
         log = MetricsLogger(self.out_dir, asdict(cfg), enabled=env.is_main, total_steps=self.total_steps,
@@ -351,11 +339,10 @@ class Trainer:
             if s.step % cfg.log_interval == 0 or done:
                 dt = time.perf_counter() - t_last
                 tok_s = (s.tokens_seen - tokens_last) / max(dt, 1e-9)
-                speed = {"tokens_per_sec": tok_s}
-                postfix = {"loss": f"{metrics['loss']:.3f}", "lr": f"{metrics['lr']:.2e}", "tok/s": f"{tok_s:,.0f}"}
-                if self.peak_flops:  # this rank's FLOPs over this rank's peak
-                    speed["mfu"] = self.step_flops / max(dt, 1e-9) / self.peak_flops
-                    postfix["mfu"] = f"{speed['mfu']:.1%}"
+                # MFU: this rank's FLOPs over this rank's peak.
+                speed = {"tokens_per_sec": tok_s, "mfu": self.step_flops / max(dt, 1e-9) / self.peak_flops}
+                postfix = {"loss": f"{metrics['loss']:.3f}", "lr": f"{metrics['lr']:.2e}", "tok/s": f"{tok_s:,.0f}",
+                           "mfu": f"{speed['mfu']:.1%}"}
                 log.log(s.step, {**metrics, **speed, "tokens_seen": s.tokens_seen,
                                  "epoch": s.epoch, "skipped_steps": s.skipped_steps})
                 log.postfix(postfix)
@@ -372,17 +359,17 @@ class Trainer:
             if signum:
                 self.save_checkpoint()
                 return val_loss, signum
-            paused = False
+            paused_training = False  # saving or evaluating: their time is not training's, for tokens/s
             if not cfg.save_best_only and (done or (cfg.save_interval_steps and s.step % cfg.save_interval_steps == 0)):
                 self.save_checkpoint()  # before evaluation: a crash there must not lose it
-                paused = True
+                paused_training = True
             if done or (cfg.eval_interval and s.step % cfg.eval_interval == 0):
                 val_loss, val_metrics = self.evaluate()
                 improved = val_loss < s.best_val_loss
                 if improved:
                     s.best_val_loss = val_loss
                 # Perplexity only where the loss is a per-token negative log-likelihood (not DPO's or GRPO's).
-                ppl = {"ppl": math.exp(min(val_loss, 50))} if getattr(self.objective, "loss_is_nll", False) else {}
+                ppl = {"ppl": math.exp(min(val_loss, 50))} if self.objective.loss_is_nll else {}
                 val = {"val_loss": val_loss, **{f"val_{k}": v for k, v in {**ppl, **val_metrics}.items()}}
                 log.log(s.step, val)
                 log.message(f"step {s.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in val.items())
@@ -391,7 +378,7 @@ class Trainer:
                     if cfg.save_best_only:
                         self.save_checkpoint()
                     self._export("best", val_loss)
-                paused = True
-            if paused:  # keep tokens/s a measure of training, not of saving and evaluating
+                paused_training = True
+            if paused_training:  # restart the tokens/s clock: it measures training, not saving and evaluating
                 t_last, tokens_last, self.step_flops = time.perf_counter(), s.tokens_seen, 0.0
         return val_loss, 0

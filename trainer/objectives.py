@@ -3,15 +3,46 @@
 An objective returns the *sum* of its per-item losses and says how many items a batch holds; the
 loop divides by the item count of the whole optimizer step (all micro-batches, all ranks). That
 keeps the effective learning rate independent of accumulation steps, process count and of how
-many real tokens each micro-batch happens to hold (see PITFALLS: gradient accumulation).
+many real tokens each micro-batch happens to hold: a per-micro-batch mean would weigh a micro-batch
+with few target tokens as much as one with many.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 CE_CHUNK_ROWS = 128  # 128 rows x 6,400 vocab x 4 bytes = 3 MB of fp32 scratch: fits in a CPU's L2/L3
+Batch = dict[str, Any]  # tensors, and for some modes plain values (GRPO: prompt texts, answers)
+
+
+class Objective:
+    """What the loop asks of a mode's objective; the defaults fit an objective that only computes a loss.
+
+    The loop calls every method; an objective overrides what it needs (GRPO overrides them all).
+    """
+    num_iterations: int = 1  # optimizer steps on each prepared batch (GRPO's policy updates per rollout batch)
+    eval_metrics: tuple[str, ...] = ()  # metrics evaluate() averages over the validation set
+    loss_is_nll: bool = False  # True: validation also logs the perplexity exp(val_loss)
+
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the summed loss of the batch's items, metrics as batch means)."""
+        raise NotImplementedError
+
+    def num_items(self, batch: Batch) -> int:
+        """How many items the loss sums over (labelled tokens, pairs, completion tokens)."""
+        raise NotImplementedError
+
+    def prepare(self, model: torch.nn.Module, micro_batches: list[Batch], step: int) -> list[Batch]:
+        """Turn fetched micro-batches into what is trained on, once per fetch, on the unwrapped model without
+        gradients (GRPO samples and scores its rollouts here)."""
+        return micro_batches
+
+    def eval_step(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The validation loss and metrics of a batch; by default the training loss."""
+        return self(model, batch)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -59,7 +90,7 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return _ChunkedCrossEntropy.apply(logits.flatten(0, -2), labels.flatten()).view(labels.shape)
 
 
-class CausalLMObjective:
+class CausalLMObjective(Objective):
     """Next-token cross-entropy over labelled positions (labels are pre-shifted; -100 = ignore).
 
     Used by pretraining (every position labelled) and, with masked labels, by SFT.
@@ -92,7 +123,8 @@ def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     then only those L positions get logits (logits_to_keep), none is computed for the prompt. `temperature`
     divides the logits first: the log-probs of the distribution a sampler at that temperature drew from.
     The log-softmax runs in fp32 a chunk of positions at a time (token_cross_entropy), so no fp32 copy of
-    the whole [rows, L, vocab] logits is made at once (PITFALLS: the usual DPO/GRPO OOM).
+    the whole [rows, L, vocab] logits is made at once: with policy and reference on both sides of DPO pairs,
+    or on every GRPO completion, those copies are what runs out of memory first.
     """
     labels = batch["labels"]
     keep = labels.shape[1] if labels.shape[1] < batch["input_ids"].shape[1] else 0
@@ -137,7 +169,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return losses, chosen_rewards, rejected_rewards
 
 
-class DPOObjective:
+class DPOObjective(Objective):
     """Direct preference optimisation on pair_collate batches (B chosen rows, then B rejected rows).
 
     One item = one pair. The reference log-probs come from batch["ref_logps"] when precomputed, else from

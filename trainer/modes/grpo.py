@@ -1,0 +1,124 @@
+"""--mode grpo: reinforcement learning from rewards on the model's own sampled answers (trainer/grpo.py)."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data import GRPODataset, prompt_collate
+from model import ModelConfig
+from trainer.config import UsageError, flag
+from trainer.grpo import LOSS_TYPES, GRPOObjective
+from trainer.modes.base import Components, Run, hf_export
+from trainer.modes.finetune import (FinetuneConfig, FinetuneMode, check_reference_path, load_init_model,
+                                    load_reference, read_chat_data)
+from trainer.rewards import RewardModel, load_reward_funcs, parse_weights
+
+
+@dataclass
+class GRPOConfig(FinetuneConfig):
+    flag_group = "grpo"
+
+    # batch_size counts prompts; each gets num_generations completions (8 x 8 = 64 rows). RL gradients are noisy:
+    # on the shipped 6M model, learning rates of 5e-5 and more gained less or lost held-out accuracy (README, GRPO).
+    mode: str = "grpo"
+    out_dir: str = "out/grpo"
+    data_path: str = "dataset/grpo.jsonl"
+    val_data_path: str = "dataset/grpo_val.jsonl"
+    learning_rate: float = 2e-5
+    batch_size: int = 8
+    max_steps: int = 200
+    warmup_iters: int = 5
+    eval_interval: int = 25
+    log_interval: int = 5
+    num_generations: int = flag(8, "Completions sampled per prompt: the group whose mean reward is each one's "
+                                "baseline (--batch_size counts prompts).")
+    max_completion_length: int = flag(64, "Most tokens sampled per completion; prompts get --max_seq_len minus this.")
+    temperature: float = flag(0.7, "Sampling temperature of the rollouts; below 1 the samples stay near what the "
+                              "model answers greedily, so the rewards sort its likely answers (validation answers "
+                              "greedily).")
+    beta: float = flag(0.04, "Weight of the KL penalty to the frozen reference (k3 estimator); 0 = no penalty and no "
+                       "reference model in memory.")
+    epsilon: float = flag(0.2, "Clip range of the policy ratio: [1 - epsilon, 1 + epsilon_high].")
+    epsilon_high: float | None = flag(None, "Upper clip of the policy ratio, 1 + epsilon_high (DAPO's clip-higher, "
+                                      "e.g. 0.28; cispo caps its ratio weights there); default: --epsilon.")
+    num_iterations: int = flag(1, "Policy updates (optimizer steps) per batch of rollouts; > 1 reuses them with the "
+                               "clipped ratio to the sampling policy, and multiplies the steps per epoch.")
+    loss_type: str = flag("dapo", "GRPO loss normalisation: grpo (mean over each completion's tokens, then over "
+                          "completions), dr_grpo (sum / (completions x max_completion_length)), dapo (mean over all "
+                          "completion tokens), cispo (dapo's, with clipped-ratio weights instead of clipping).",
+                          choices=LOSS_TYPES)
+    scale_rewards: bool | None = flag(None, "Divide advantages by their group's reward std; default: on, off for "
+                                      "--loss_type dr_grpo.")
+    reward_funcs: str = flag("accuracy,format", "Comma-separated reward functions: built-in accuracy, format, "
+                             "length, or your own as module:function or path/to/file.py:function (see "
+                             "trainer/rewards.py).")
+    reward_weights: str = flag("", "Comma-separated weights of --reward_funcs (then of --reward_model_path); empty = "
+                               "all 1.")
+    reward_model_path: str = flag("", "A Hugging Face sequence-classification model folder whose first logit is one "
+                                  "more reward (loaded offline).")
+    log_completions_interval: int = flag(50, "Steps between sample completions shown on the console and appended to "
+                                         "out_dir/completions.jsonl (and at step 1); 0 = never.")
+    ref_model_path: str = flag("", "Frozen reference model folder for the KL penalty; empty = the --init_from "
+                               "folder.")
+
+    def check(self) -> None:
+        if self.fsdp:
+            raise UsageError("--fsdp with --mode grpo: sampling stops at a different length on each rank, and FSDP "
+                             "needs every rank in each forward; train GRPO with DDP (torchrun without --fsdp)")
+        if self.num_generations < 2:
+            raise UsageError(f"--num_generations {self.num_generations}: must be >= 2 (a completion's baseline is "
+                             f"the mean reward of its group)")
+        if self.max_completion_length < 1 or self.num_iterations < 1:
+            bad = "max_completion_length" if self.max_completion_length < 1 else "num_iterations"
+            raise UsageError(f"--{bad} {getattr(self, bad)}: must be >= 1")
+        if not self.temperature > 0:
+            raise UsageError(f"--temperature {self.temperature:g}: must be > 0 (greedy completions of a prompt are "
+                             f"all the same, so their advantages are 0)")
+        if self.beta < 0 or not 0 <= self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high < 0):
+            raise UsageError(f"--beta {self.beta:g}, --epsilon {self.epsilon:g}, --epsilon_high {self.epsilon_high}: "
+                             f"need beta >= 0, 0 <= epsilon < 1 and epsilon_high >= 0")
+        if self.log_completions_interval < 0:
+            raise UsageError(f"--log_completions_interval {self.log_completions_interval}: must be >= 0 (0 = never)")
+        for name in ("ref_model_path", "reward_model_path"):
+            check_reference_path(getattr(self, name), name)
+        super().check()
+
+
+class GRPO(FinetuneMode):
+    name = "grpo"
+    Config = GRPOConfig
+
+    def model_config(self, cfg: GRPOConfig, overrides: dict[str, Any], tokenizer: Any) -> ModelConfig:
+        model_cfg = super().model_config(cfg, overrides, tokenizer)
+        if cfg.max_completion_length >= self.seq_len(cfg, model_cfg):
+            raise UsageError(f"--max_completion_length {cfg.max_completion_length}: leaves no room for the prompt in "
+                             f"--max_seq_len {self.seq_len(cfg, model_cfg)}")
+        return model_cfg
+
+    def build(self, run: Run) -> Components:
+        """Samples --num_generations completions per prompt, the reward functions score them, and the objective
+        raises the likelihood of the better ones; a frozen reference (when --beta > 0) holds it near where it
+        started."""
+        cfg: GRPOConfig = run.cfg
+        funcs = load_reward_funcs(cfg.reward_funcs)
+        if cfg.reward_model_path:
+            funcs.append(("reward_model", RewardModel(cfg.reward_model_path, run.env.device)))
+        if not funcs:
+            raise UsageError("--reward_funcs is empty and there is no --reward_model_path: nothing scores the "
+                             "completions")
+        weights = parse_weights(cfg.reward_weights, len(funcs))
+        dataset = functools.partial(GRPODataset, max_completion_length=cfg.max_completion_length)
+        train, val = read_chat_data(run, dataset)
+        objective = GRPOObjective(
+            run.tokenizer, funcs, weights, load_reference(run) if cfg.beta > 0 else None,
+            num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
+            temperature=cfg.temperature, beta=cfg.beta, epsilon=cfg.epsilon,
+            epsilon_high=cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high,
+            num_iterations=cfg.num_iterations, loss_type=cfg.loss_type,
+            scale_rewards=cfg.loss_type != "dr_grpo" if cfg.scale_rewards is None else cfg.scale_rewards,
+            log_completions_interval=cfg.log_completions_interval,
+            log_dir=Path(cfg.out_dir) if run.env.is_main else None)
+        return Components(load_init_model(run), objective, train, val, prompt_collate(run.pad_id),
+                          hf_export(run.tokenizer))

@@ -1,0 +1,65 @@
+"""--mode pretrain: a fresh model, next-token prediction on packed rows of a tokenized (once, cached) corpus."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+from data import PackedDataset, collate, pretrain_bin
+from model import ModelConfig, Transformer
+from model.config import PRESETS, config_from_preset
+from trainer.config import TrainConfig, UsageError, flag
+from trainer.distributed import barrier
+from trainer.modes.base import Components, Mode, Run, hf_export, train_and_val
+from trainer.objectives import CausalLMObjective
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    flag_group = "pretraining"
+
+    preset: str = flag("small", "Model size preset; the model flags below override single fields of it.",
+                       choices=tuple(PRESETS))
+
+
+class Pretrain(Mode):
+    name = "pretrain"
+    Config = PretrainConfig
+    model_flags = None  # every model field: the architecture is this run's to choose
+    model_flags_title = "model (each flag overrides one field of --preset)"
+
+    def model_config(self, cfg: PretrainConfig, overrides: dict[str, Any], tokenizer: Any) -> ModelConfig:
+        overrides.setdefault("vocab_size", len(tokenizer))
+        overrides.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+        try:
+            model_cfg = config_from_preset(cfg.preset, **overrides)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if model_cfg.vocab_size < len(tokenizer):
+            raise UsageError(f"--vocab_size: vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's "
+                             f"{len(tokenizer)} tokens ({cfg.tokenizer_path})")
+        return model_cfg
+
+    def refused_flag(self, flag: str, args: argparse.Namespace) -> str | None:
+        if flag == "--init_from":
+            return ("--init_from is for the fine-tuning modes (sft, lora, dpo, grpo); pretraining starts from random "
+                    "weights (--resume continues a pretraining run)")
+        return None
+
+    def source(self, cfg: PretrainConfig) -> str:
+        return f"{cfg.preset} preset"
+
+    def build(self, run: Run) -> Components:
+        skip = run.cfg.skip_bad_records
+        if run.env.is_main:  # rank 0 tokenizes (and reports skipped bad lines); the others wait, then read the cache
+            pretrain_bin(run.cfg.data_path, run.tokenizer, skip_bad_records=skip)
+        barrier()
+
+        def packed(path: str) -> PackedDataset:
+            return PackedDataset(pretrain_bin(path, run.tokenizer, skip_bad_records=skip), run.seq_len,
+                                 vocab_size=run.model_cfg.vocab_size)
+
+        train, val = train_and_val(run, packed)
+        return Components(Transformer(run.model_cfg), CausalLMObjective(), train, val, collate,
+                          hf_export(run.tokenizer))
