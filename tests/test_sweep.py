@@ -17,6 +17,8 @@ import pytest
 import yaml
 
 import run_sweep
+from sweep.config import SweepConfigError, check_command, check_schema, check_semantics, load_config
+from sweep.trials import ARG_MACROS, Trial, expand_command, format_args, load_trials, trial_command
 from trainer.config import MODES
 from conftest import ROOT, TINY, read_metrics
 
@@ -85,7 +87,7 @@ def test_grid_sweep_runs_two_tiny_trials_and_ranks_them(tiny_sweep, capsys):
 
 
 def test_hyperband_stops_the_trial_whose_val_loss_lags(tiny_sweep):
-    good, lagging = run_sweep.load_trials(tiny_sweep[1])
+    good, lagging = load_trials(tiny_sweep[1])
     assert good.state == "finished" and max(r["step"] for r in good.records) == STEPS, good
     assert lagging.state == "stopped" and lagging.reason.startswith("hyperband: val_loss "), lagging
     assert max(r["step"] for r in lagging.records) < STEPS, lagging  # killed mid-run
@@ -161,11 +163,11 @@ def test_interrupted_sweep_continues_with_resume(tmp_path):
     assert "continue with --resume" in output
     with pytest.raises(ProcessLookupError):  # the trial was stopped with the sweep, not orphaned
         os.kill(int(pid_file.read_text()), 0)
-    interrupted = run_sweep.Trial.load(out / "trials" / "trial_001")
+    interrupted = Trial.load(out / "trials" / "trial_001")
     assert interrupted.state == "running" and interrupted.reason == "interrupted"
 
     assert run_sweep.main(["--resume", "--sweep_dir", str(out), "--offline"]) == 0
-    trials = run_sweep.load_trials(out)
+    trials = load_trials(out)
     assert [(t.name, t.params["outcome"], t.state) for t in trials] == [
         ("trial_001", "slow", "finished"), ("trial_002", "good", "finished")]
     assert [v for _, v in trials[0].history("val_loss")] == [3.0, 1.5]  # relaunch re-logged step 1: one value
@@ -205,31 +207,31 @@ def test_online_agent_runs_each_trial_and_streams_its_metrics_to_wandb(tmp_path,
     assert calls["sweep"] == ({"outcome": {"values": ["good", "crash"]}}, "p")
     assert calls["logged"]["run_a"] == [(1, {"val_loss": 3.0}), (2, {"val_loss": 1.0})]
     assert calls["errors"] == ["run_b failed: exit code 1: boom: simulated crash"]
-    assert [(t.name, t.state) for t in run_sweep.load_trials(out)] == [("run_a", "finished"), ("run_b", "failed")]
+    assert [(t.name, t.state) for t in load_trials(out)] == [("run_a", "finished"), ("run_b", "failed")]
 
 
 def test_resumed_train_py_trial_continues_from_its_checkpoint(tmp_path):
     config = {"program": "train.py", "command": COMMAND, "parameters": {}}
-    trial = run_sweep.Trial(tmp_path / "trial_001", {"learning_rate": 0.01, "save_last": True})
-    assert run_sweep.trial_command(config, trial)[2:] == ["train.py", "--learning_rate=0.01", "--save_last=True",
+    trial = Trial(tmp_path / "trial_001", {"learning_rate": 0.01, "save_last": True})
+    assert trial_command(config, trial)[2:] == ["train.py", "--learning_rate=0.01", "--save_last=True",
                                                           f"--out_dir={trial.folder}"]
     checkpoint = trial.folder / "checkpoints" / "step_000004"
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text("{}")
-    assert run_sweep.trial_command(config, trial)[-1] == "--resume=auto"
+    assert trial_command(config, trial)[-1] == "--resume=auto"
 
 
 def test_command_macros_format_parameters_as_wandbs_agent_does(monkeypatch):
     monkeypatch.setenv("DATA_ROOT", "/data")
     args = {"learning_rate": 0.001, "use_moe": True, "flash_attn": False, "preset": "tiny"}
     command = ["${env}", "${interpreter}", "${program}", "--data_path=${envvar:DATA_ROOT}/a.jsonl", "${args}"]
-    assert run_sweep.expand_command(command, "train.py", args) == [
+    assert expand_command(command, "train.py", args) == [
         "/usr/bin/env", sys.executable, "train.py", "--data_path=/data/a.jsonl", "--learning_rate=0.001",
         "--use_moe=True", "--flash_attn=False", "--preset=tiny"]
     wandb_sweep_utils = pytest.importorskip("wandb.sdk.launch.sweeps.utils")
     theirs = wandb_sweep_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in args.items()}})
-    for macro in run_sweep.ARG_MACROS:
-        assert run_sweep.format_args(args, macro) == theirs[macro], macro
+    for macro in ARG_MACROS:
+        assert format_args(args, macro) == theirs[macro], macro
 
 
 BASE = {"method": "grid", "metric": {"name": "val_loss", "goal": "minimize"},
@@ -260,8 +262,8 @@ BASE = {"method": "grid", "metric": {"name": "val_loss", "goal": "minimize"},
 def test_bad_yaml_fails_with_one_line_naming_the_key(tmp_path, change, expected):
     config = {**BASE, "program": "train.py", **change}
     path = write_yaml(tmp_path / "bad.yaml", {k: v for k, v in config.items() if v is not None})
-    with pytest.raises(run_sweep.SweepConfigError) as e:
-        run_sweep.load_config(path)
+    with pytest.raises(SweepConfigError) as e:
+        load_config(path)
     assert str(e.value).startswith(f"{path}: {expected}"), str(e.value)
 
 
@@ -285,10 +287,10 @@ def test_a_count_below_one_is_refused(tmp_path, capsys):
 def test_shipped_sweep_configs_are_valid(mode):
     path = ROOT / "sweep_configs" / f"{mode}.yaml"
     if mode in MODES:  # a mode train.py does not have yet: its flags are checked once it exists
-        config = run_sweep.load_config(path)
+        config = load_config(path)
     else:
         config = yaml.safe_load(path.read_text())
-        for check in (run_sweep.check_schema, run_sweep.check_semantics, run_sweep.check_command):
+        for check in (check_schema, check_semantics, check_command):
             assert check(config) == [], check.__name__
     # GRPO ranks by its validation reward; its val_loss is the same number negated
     metric = {"name": "val_reward", "goal": "maximize"} if mode == "grpo" else {"name": "val_loss", "goal": "minimize"}
