@@ -92,9 +92,9 @@ def generate(
     The model is used as is: call model.eval() first (dropout, MoE aux loss are training-only).
     Yielded tensors are inference tensors; torch.stack/cat them before using them in autograd.
     compile: run the one-token decode step through torch.compile (dynamic shapes: one graph for every cache
-        length and batch size). The step is ~1,000 small ops whose Python dispatch costs as much as the
-        bandwidth-bound matmuls at batch 1; compiled, they become a few fused kernels (bench/RESULTS.md has the
-        speed-up), after a one-off compilation (seconds when Inductor's cache already has it).
+        length and batch size). The step is many small ops whose Python dispatch rivals the bandwidth-bound
+        matmuls at batch 1; compiled, they become a few fused kernels, after a one-off compilation (quick when
+        Inductor's cache already has it).
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -143,8 +143,10 @@ def generate(
         logits = step_model(token[:, None], attention_mask=mask, kv_cache=cache).logits[:, -1]
 
 
-def complete(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-             stop_token_ids: list[int], temperature: float = 0.0, **sampling) -> tuple[torch.Tensor, torch.Tensor]:
+def generate_answers(
+    model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+    stop_token_ids: list[int], temperature: float = 0.0, **sampling,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole batch of answers at once: (tokens [B, C], mask [B, C]) with C <= max_new_tokens.
 
     mask is 1 for each row's tokens up to AND including its first stop token (the end of turn the model

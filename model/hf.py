@@ -1,4 +1,5 @@
-"""Weights in Hugging Face layouts: reading (single-file or sharded, any float dtype) and the exact
+"""Model folders in Hugging Face format: save_pretrained and from_pretrained (Transformer's methods of those
+names delegate here), weight reading (single-file or sharded, any float dtype), and the exact
 re-parameterisations that let transformers' classes compute what our model computes.
 
 Most exports are a renaming at most (our parameter names are Llama's / Qwen's). Three are not:
@@ -20,12 +21,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
+
+if TYPE_CHECKING:  # model.py imports this module, so the class comes in as an argument, not an import
+    from .model import Transformer
 
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 _NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "model.norm.weight", "q_norm.weight",
@@ -139,3 +144,123 @@ def from_hf_state(state: dict[str, torch.Tensor], config: ModelConfig, source: P
         for key in _layer_keys(state, "self_attn.o_proj.bias"):
             drop_zero(key, "config.json's zero2llm block says only q/k/v have biases (qkv_bias)")
     return out
+
+
+# ----------------------------------------------------------------------------- model folders
+
+
+def save_pretrained(model: Transformer, save_dir: str | Path) -> None:
+    """Write config.json (HF format), model.safetensors and generation_config.json.
+
+    The weights go out in the layout of config.hf_model_type's transformers class (to_hf_state); the tied
+    lm_head.weight is left out, as transformers does (it re-ties on load). generation_config.json keeps
+    what an imported model came with (several eos ids, sampling defaults).
+    """
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if c.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    state = {k: v.contiguous() for k, v in to_hf_state(state, c).items()}
+    dtype = next(model.parameters()).dtype
+    save_file(state, str(save_dir / WEIGHTS), metadata={"format": "pt"})
+    config = c.to_hf_dict()
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    (save_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
+           **(model.generation_config or {})}
+    (save_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def from_pretrained(
+    model_class: type[Transformer],
+    model_dir: str | Path,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> Transformer:
+    """Load a folder written by save_pretrained, or a transformers Llama / Qwen2 / Qwen3 / Qwen2-MoE /
+    Qwen3-MoE folder (one model.safetensors or shards with model.safetensors.index.json, any float dtype),
+    into a model_class (Transformer or a subclass).
+
+    dtype None gives fp32 (safe for training); pass torch.bfloat16 or a name of DTYPE_NAMES for inference.
+    Every user-facing problem (missing file, bad JSON, an architecture we cannot compute, truncated
+    weights, shape mismatch) raises one error that names the file and what to do.
+    """
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: no such model folder (expected config.json + model.safetensors)")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: file missing; a model folder needs config.json + model.safetensors")
+    try:
+        config = ModelConfig.from_hf_dict(json.loads(config_path.read_text()))
+        config.validate()
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{config_path}: {e}") from None
+    weights = weight_files(model_dir)
+    where = weights[0] if len(weights) == 1 else model_dir / INDEX
+    state = from_hf_state(read_weights(model_dir), config, where)
+
+    # Built on the meta device (no memory, no random init: that takes minutes for billions of parameters),
+    # then the loaded tensors are assigned to it.
+    with torch.device("meta"):
+        model = model_class(config)
+    expected = model.state_dict()
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: does not match {config_path}: missing {_few(missing)}, "
+            f"unexpected {_few(unexpected)}; "
+            "the weights and config.json come from different models"
+        )
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(
+                f"{where}: {name} has shape {tuple(tensor.shape)} in the checkpoint but "
+                f"{tuple(expected[name].shape)} from {config_path} "
+                f"(dim={config.dim}, vocab_size={config.vocab_size}, "
+                f"n_heads={config.n_heads}, n_kv_heads={config.n_kv_heads}, hidden_dim={config.hidden_dim}); "
+                "the weights and config.json come from different models"
+            )
+        if not tensor.is_floating_point():
+            raise ValueError(f"{where}: {name} is stored as {tensor.dtype}; quantized checkpoints are not "
+                             "supported (use the float16/bfloat16/float32 release of the model)")
+    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    model.tie_weights()
+    generation = model_dir / "generation_config.json"
+    if generation.is_file():
+        try:
+            model.generation_config = json.loads(generation.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{generation}: not valid JSON ({e})") from None
+    if dtype is None:
+        dtype = torch.float32
+    elif isinstance(dtype, str):
+        dtype = dtype_from_name(dtype)
+    return model.to(device=device, dtype=dtype)
+
+
+def _few(names: list[str], n: int = 5) -> str:
+    if not names:
+        return "none"
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """The torch.dtype a from_pretrained dtype name such as "bf16" or "bfloat16" stands for."""
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[name]

@@ -5,15 +5,14 @@
             x = x + MLP-or-MoE(RMSNorm(x))     (SwiGLU; MoE = router + top-k experts + shared experts)
 
 Parameter names are exactly those of Hugging Face Llama / Qwen2 / Qwen3 / Qwen3-MoE, so a saved
-folder is a transformers checkpoint (see config.py for which class loads which config, and hf.py
-for the few exact re-parameterisations some of them need).
+folder is a transformers checkpoint (see config.py for which class loads which config, and hf.py,
+which reads and writes the folders, for the few exact re-parameterisations some of them need).
 The numerics follow the same classes (RMSNorm in fp32, rotate-half RoPE, router softmax
 in fp32), which tests/test_model.py checks logit for logit against transformers.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -21,16 +20,10 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 from . import hf
 from .config import ModelConfig
-
-
-class ModelOutput(NamedTuple):
-    logits: torch.Tensor  # [B, T, vocab]
-    aux_loss: torch.Tensor  # scalar, MoE load-balancing loss already times aux_loss_alpha; 0 when dense or eval
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -75,12 +68,13 @@ class KVCache:
 # ----------------------------------------------------------------------------- building blocks
 
 
-class Linear(nn.Linear):
+class MatVecLinear(nn.Linear):
     """nn.Linear whose single-row products on CPU (decoding one token of one sequence) run as matrix x vector.
 
-    Decoding at batch 1 reads every weight once per token, so it is bound by memory bandwidth; F.linear on one
-    row goes through the general matmul, which for bf16 weights streams them at about half the speed of
-    torch.mv's kernel (2x fewer bytes than fp32 then buy 2x fewer seconds). Same product, same parameters.
+    Decoding at batch 1 reads every weight once per token, so it is bound by memory bandwidth. F.linear on one
+    row goes through the general matmul, whose bf16 kernel streams the weights more slowly than torch.mv's;
+    through torch.mv, bf16 weights (half the bytes of fp32) take correspondingly less time. Same product, same
+    parameters.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,10 +208,10 @@ class Attention(nn.Module):
         self.flash_attn = config.flash_attn
         self.dropout = config.dropout
         qkv_bias = config.qkv_bias or config.attention_bias  # Qwen2: q/k/v only; Llama's attention_bias: all four
-        self.q_proj = Linear(config.dim, self.n_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = Linear(config.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = Linear(config.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = Linear(self.n_heads * self.head_dim, config.dim, bias=config.attention_bias)
+        self.q_proj = MatVecLinear(config.dim, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = MatVecLinear(config.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = MatVecLinear(config.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = MatVecLinear(self.n_heads * self.head_dim, config.dim, bias=config.attention_bias)
         # Qwen3: RMSNorm over each head's q and k keeps attention logits bounded (fewer loss spikes).
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
@@ -246,7 +240,7 @@ class Attention(nn.Module):
         if self.flash_attn and T == 1 and not is_causal and self.n_heads != self.n_kv_heads:
             # Decoding one token: the query heads that share a KV head become that head's query "positions"
             # ([B, n_kv_heads, group, head_dim]); nothing is causal-masked for a single query, so this is the
-            # same attention with the GQA broadcast done inside one plain kernel call (~40% faster per call).
+            # same attention with the GQA broadcast done inside one plain kernel call (faster than enable_gqa).
             group = q.reshape(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
             y = F.scaled_dot_product_attention(group, k, v, attn_mask=mask).reshape(B, self.n_heads, 1, self.head_dim)
         elif self.flash_attn:
@@ -275,9 +269,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_proj = Linear(dim, hidden_dim, bias=bias)
-        self.up_proj = Linear(dim, hidden_dim, bias=bias)
-        self.down_proj = Linear(hidden_dim, dim, bias=bias)
+        self.gate_proj = MatVecLinear(dim, hidden_dim, bias=bias)
+        self.up_proj = MatVecLinear(dim, hidden_dim, bias=bias)
+        self.down_proj = MatVecLinear(hidden_dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -303,12 +297,12 @@ class MoE(nn.Module):
         self.n_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
         self.norm_topk_prob, self.seq_aux = config.norm_topk_prob, config.seq_aux
         self.aux_loss_alpha = config.aux_loss_alpha
-        self.gate = Linear(config.dim, self.n_experts, bias=False)  # the router
+        self.gate = MatVecLinear(config.dim, self.n_experts, bias=False)  # the router
         self.experts = nn.ModuleList(MLP(config.dim, config.moe_hidden_dim) for _ in range(self.n_experts))
         self.shared_experts = (
             MLP(config.dim, config.moe_hidden_dim * config.n_shared_experts) if config.n_shared_experts > 0 else None
         )
-        self.shared_expert_gate = Linear(config.dim, 1, bias=False) if config.shared_expert_gate else None
+        self.shared_expert_gate = MatVecLinear(config.dim, 1, bias=False) if config.shared_expert_gate else None
         self.grouped_mm: bool | None = None  # None = auto (see _use_grouped_mm)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -327,9 +321,9 @@ class MoE(nn.Module):
         # Sorted-token dispatch: order the (token, slot) assignments by expert so each expert's tokens are one
         # contiguous slice (the layout a grouped GEMM consumes), run the experts, then scatter-add back.
         # In bf16/fp16 on CPU each slice is padded to a multiple of CPU_EXPERT_ROWS rows: oneDNN builds a kernel
-        # for every new matmul shape (~8 ms each) and raw per-expert counts change every step; padded, the few
-        # shapes repeat and stay cached. fp32 goes to MKL, which has no such cost, and stays unpadded (a matmul's
-        # rounding can depend on its row count, and unpadded fp32 equals transformers bit for bit).
+        # for every new matmul shape and raw per-expert counts change every step; padded, the few shapes repeat
+        # and stay cached. fp32 goes to MKL, which has no such cost, and stays unpadded (a matmul's rounding can
+        # depend on its row count, and unpadded fp32 equals transformers bit for bit).
         # Padding rows read an appended zero token and scatter back into it.
         N = B * T
         flat_experts = experts.reshape(-1)  # [N*k]
@@ -346,7 +340,7 @@ class MoE(nn.Module):
         # Weighted and summed in the experts' compute dtype: a mixed bf16 * fp32 multiply is a slow CPU path.
         weight_of = weights.new_zeros(n_rows, dtype=dtype).index_copy_(0, rows, weights.reshape(-1)[order].to(dtype))
         # Cast once, before the gather (autocast would cast per expert matmul); index_select's backward is an
-        # index_add, about twice as fast on CPU as the accumulating index_put of tensor[index].
+        # index_add, faster on CPU than the accumulating index_put of tensor[index].
         tokens = F.pad(flat.to(dtype), (0, 0, 0, 1)).index_select(0, token_of)
         if self._use_grouped_mm(flat, dtype):
             y = self._experts_grouped(tokens, sizes)
@@ -456,6 +450,11 @@ class Block(nn.Module):
 # ----------------------------------------------------------------------------- the model
 
 
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # [B, T, vocab]
+    aux_loss: torch.Tensor  # scalar, MoE load-balancing loss already times aux_loss_alpha; 0 when dense or eval
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -468,7 +467,7 @@ class Transformer(nn.Module):
                 norm=RMSNorm(config.dim, config.norm_eps),
             )
         )
-        self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = MatVecLinear(config.dim, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
         self.dropout = nn.Dropout(config.dropout)
         self.gradient_checkpointing = False  # recompute each block in backward (trainer/parallel.py sets it)
@@ -577,11 +576,16 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------------- accounting
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Unique parameters (a tied lm_head counts once). exclude_embeddings drops the input embedding table."""
+    def num_params(self, exclude_embeddings: bool = False, active: bool = False) -> int:
+        """Unique parameters (a tied lm_head counts once). exclude_embeddings drops the input embedding table;
+        active drops the routed experts one token is not sent to (each a bias-free SwiGLU, 3 * dim * moe_hidden_dim
+        parameters), which gives a MoE model's parameters per token."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             n -= self.model.embed_tokens.weight.numel()
+        c = self.config
+        if active and c.use_moe:
+            n -= c.n_layers * (c.n_routed_experts - c.num_experts_per_tok) * 3 * c.dim * c.moe_hidden_dim
         return n
 
     def estimate_flops_per_token(self, seq_len: int | None = None) -> float:
@@ -591,38 +595,17 @@ class Transformer(nn.Module):
         routed experts a token does not visit. Attention adds 12 * layers * heads * head_dim * seq_len.
         """
         c = self.config
-        n = self.num_params(exclude_embeddings=True)
+        n = self.num_params(exclude_embeddings=True, active=True)
         if c.tie_word_embeddings:
             n += c.vocab_size * c.dim
-        if c.use_moe:
-            n -= c.n_layers * (c.n_routed_experts - c.num_experts_per_tok) * 3 * c.dim * c.moe_hidden_dim
         T = seq_len or c.max_seq_len
         return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * T
 
-    # ------------------------------------------------------------------------- checkpoints
+    # ------------------------------------------------------------------------- checkpoints (model/hf.py)
 
     def save_pretrained(self, save_dir: str | Path) -> None:
-        """Write config.json (HF format), model.safetensors and generation_config.json.
-
-        The weights go out in the layout of config.hf_model_type's transformers class (model/hf.py); the tied
-        lm_head.weight is left out, as transformers does (it re-ties on load). generation_config.json keeps
-        what an imported model came with (several eos ids, sampling defaults).
-        """
-        save_dir = Path(save_dir)
-        save_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach() for k, v in self.state_dict().items()}
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight")
-        state = {k: v.contiguous() for k, v in hf.to_hf_state(state, self.config).items()}
-        dtype = next(self.parameters()).dtype
-        save_file(state, str(save_dir / hf.WEIGHTS), metadata={"format": "pt"})
-        config = self.config.to_hf_dict()
-        config["dtype"] = str(dtype).removeprefix("torch.")
-        (save_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        c = self.config
-        gen = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
-               **(self.generation_config or {})}
-        (save_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        """Write this model as a Hugging Face folder; see hf.save_pretrained."""
+        hf.save_pretrained(self, save_dir)
 
     @classmethod
     def from_pretrained(
@@ -631,86 +614,5 @@ class Transformer(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
     ) -> "Transformer":
-        """Load a folder written by save_pretrained, or a transformers Llama / Qwen2 / Qwen3 / Qwen2-MoE /
-        Qwen3-MoE folder (one model.safetensors or shards with model.safetensors.index.json, any float dtype).
-
-        dtype None gives fp32 (safe for training); pass "bfloat16" etc. for inference.
-        Every user-facing problem (missing file, bad JSON, an architecture we cannot compute, truncated
-        weights, shape mismatch) raises one error that names the file and what to do.
-        """
-        model_dir = Path(model_dir)
-        config_path = model_dir / "config.json"
-        if not model_dir.is_dir():
-            raise FileNotFoundError(f"{model_dir}: no such model folder (expected config.json + model.safetensors)")
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path}: file missing; a model folder needs config.json + model.safetensors")
-        try:
-            config = ModelConfig.from_hf_dict(json.loads(config_path.read_text()))
-            config.validate()
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{config_path}: {e}") from None
-        weights = hf.weight_files(model_dir)
-        where = weights[0] if len(weights) == 1 else model_dir / hf.INDEX
-        state = hf.from_hf_state(hf.read_weights(model_dir), config, where)
-
-        # Built on the meta device (no memory, no random init: that takes minutes for billions of parameters),
-        # then the loaded tensors are assigned to it.
-        with torch.device("meta"):
-            model = cls(config)
-        expected = model.state_dict()
-        if config.tie_word_embeddings:
-            expected.pop("lm_head.weight")
-            state.pop("lm_head.weight", None)
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{where}: does not match {config_path}: missing {_few(missing)}, "
-                f"unexpected {_few(unexpected)}; "
-                "the weights and config.json come from different models"
-            )
-        for name, tensor in state.items():
-            if tensor.shape != expected[name].shape:
-                raise ValueError(
-                    f"{where}: {name} has shape {tuple(tensor.shape)} in the checkpoint but "
-                    f"{tuple(expected[name].shape)} from {config_path} "
-                    f"(dim={config.dim}, vocab_size={config.vocab_size}, "
-                    f"n_heads={config.n_heads}, n_kv_heads={config.n_kv_heads}, hidden_dim={config.hidden_dim}); "
-                    "the weights and config.json come from different models"
-                )
-            if not tensor.is_floating_point():
-                raise ValueError(f"{where}: {name} is stored as {tensor.dtype}; quantized checkpoints are not "
-                                 "supported (use the float16/bfloat16/float32 release of the model)")
-        model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
-        model.tie_weights()
-        generation = model_dir / "generation_config.json"
-        if generation.is_file():
-            try:
-                model.generation_config = json.loads(generation.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{generation}: not valid JSON ({e})") from None
-        dtype = resolve_dtype(dtype) if dtype is not None else torch.float32
-        return model.to(device=device, dtype=dtype)
-
-
-def _few(names: list[str], n: int = 5) -> str:
-    if not names:
-        return "none"
-    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
-
-
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """torch.dtype from a flag value such as "bf16" or "bfloat16"."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+        """Load a folder written by save_pretrained or by transformers; see hf.from_pretrained."""
+        return hf.from_pretrained(cls, model_dir, device, dtype)

@@ -46,12 +46,7 @@ def count(config: ModelConfig) -> tuple[int, int]:
     """(total, active per token) parameters of the model `config` describes."""
     with torch.device("meta"):
         model = Transformer(config)
-    total = model.num_params()
-    inactive = 0
-    if config.use_moe:
-        inactive = config.n_layers * (config.n_routed_experts - config.num_experts_per_tok) * 3 * config.dim \
-            * config.moe_hidden_dim
-    return total, total - inactive
+    return model.num_params(), model.num_params(active=True)
 
 
 def memory(config: ModelConfig, params: int, batch_size: int, seq_len: int, checkpointing: bool) -> tuple[float, float]:

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import GRPODataset, SFTDataset, iter_jsonl_objects, left_pad, pad_collate, sft_messages  # noqa: E402
 from eval_model import encode_chat, load_model, load_tokenizer  # noqa: E402
-from model.generate import complete  # noqa: E402
+from model.generate import generate_answers  # noqa: E402
 from trainer.objectives import CausalLMObjective  # noqa: E402
 from trainer.rewards import accuracy_reward, format_reward  # noqa: E402
 
@@ -69,7 +69,7 @@ def answer_all(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, 
     results = []
     for start in range(0, len(prompts), batch_size):
         ids, mask = left_pad(prompts[start:start + batch_size], tokenizer.pad_token_id or 0)
-        tokens, kept = complete(model, ids, mask, max_new_tokens, stop)
+        tokens, kept = generate_answers(model, ids, mask, max_new_tokens, stop)
         for row, n in zip(tokens.tolist(), kept.sum(dim=1).tolist()):
             row = row[:n]  # up to and including the first stop token
             ended = bool(row) and row[-1] in stop

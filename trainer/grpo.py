@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from model.generate import complete
+from model.generate import generate_answers
 from trainer.config import UsageError
 from trainer.objectives import IGNORE_INDEX, Objective, token_logps
 from trainer.rewards import RewardFunc
@@ -177,8 +177,8 @@ class GRPOObjective(Objective):
         G = self.num_generations
         prompt_ids = batch["input_ids"].repeat_interleave(G, dim=0)
         prompt_mask = batch["attention_mask"].repeat_interleave(G, dim=0)
-        tokens, mask = complete(model, prompt_ids, prompt_mask, self.max_completion_length, self.stop_ids,
-                                temperature=self.temperature)
+        tokens, mask = generate_answers(model, prompt_ids, prompt_mask, self.max_completion_length, self.stop_ids,
+                                        temperature=self.temperature)
         texts, ids = self.decode(tokens, mask)
         rewards = self.score(batch, texts, ids, repeat=G)
         advantages, group_std = group_advantages(self.total_reward(rewards), G, self.scale_rewards)
@@ -242,8 +242,8 @@ class GRPOObjective(Objective):
     def eval_step(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Greedy answers to a batch of held-out prompts: (minus the sum of their rewards, mean rewards).
         The loop's val_loss is therefore the negative mean reward (lower is better, as for every mode)."""
-        tokens, mask = complete(model, batch["input_ids"], batch["attention_mask"], self.max_completion_length,
-                                self.stop_ids, temperature=0.0)
+        tokens, mask = generate_answers(model, batch["input_ids"], batch["attention_mask"],
+                                        self.max_completion_length, self.stop_ids, temperature=0.0)
         texts, ids = self.decode(tokens, mask)
         rewards = self.score(batch, texts, ids, repeat=1)
         total = self.total_reward(rewards)
