@@ -211,13 +211,15 @@ def check_command(config: dict[str, Any]) -> list[str]:
 
 
 def check_train_flags(config: dict[str, Any]) -> list[str]:
-    """Parse each parameter's values with train.py's own parser: a typo or a mode train.py lacks fails
-    here once, not in every trial."""
+    """Parse each parameter's values with train.py's own parser for the sweep's mode: a typo, a flag of another
+    mode or a mode train.py lacks fails here once, not in every trial."""
     if not runs_train_py(config):
         return []
     import train
 
-    parser = train.build_parser()  # allow_abbrev=False: a parameter must name a flag exactly
+    mode = config["parameters"].get("mode", {}).get("value", "pretrain")
+    # allow_abbrev=False: a parameter must name a flag exactly. An unknown mode fails on its own value below.
+    parser = train.build_parser(mode if mode in train.MODES else "pretrain")
 
     def raise_instead_of_exiting(message: str) -> None:
         raise ValueError(message)

@@ -1,4 +1,4 @@
-"""data.py: streaming prepare -> .bin, packed rows, train/val carve-off, collators, clear data errors."""
+"""data: streaming prepare -> .bin (data.py prepare), packed rows, train/val carve-off, collators, clear data errors."""
 
 import importlib.util
 import json
@@ -72,7 +72,7 @@ def test_packed_rows_are_contiguous_shifted_and_unpadded(tok, tmp_path):
 def test_chunked_prepare_equals_one_chunk(tok, tmp_path, monkeypatch):
     src = write_jsonl(tmp_path / "a.jsonl", DOCS)
     whole = read_bin(data.prepare_pretrain(src, tok, tmp_path / "whole.bin", show_progress=False))
-    monkeypatch.setattr(data, "CHUNK_BYTES", 40)  # many flushes: the file is written in pieces
+    monkeypatch.setattr(data.pretrain, "CHUNK_BYTES", 40)  # many flushes: the file is written in pieces
     chunked = read_bin(data.prepare_pretrain(src, tok, tmp_path / "chunked.bin", show_progress=False))
     assert chunked.tolist() == whole.tolist()
     assert torch.equal(PackedDataset(tmp_path / "chunked.bin", 8)[3]["input_ids"],
@@ -84,7 +84,7 @@ def test_txt_documents_separated_by_eos_lines(tok, tmp_path, monkeypatch):
     src = tmp_path / "a.txt"
     src.write_text(f"first doc\nsecond line\n<|endoftext|>\n<|endoftext|>\n  \n<|endoftext|>\n{long_doc}<|endoftext|>\n",
                    encoding="utf-8")
-    monkeypatch.setattr(data, "CHUNK_BYTES", 100)  # the long document is read in many pieces
+    monkeypatch.setattr(data.pretrain, "CHUNK_BYTES", 100)  # the long document is read in many pieces
     stats = {}
     pieces = list(data.iter_txt_pieces(src, "<|endoftext|>", stats))
     assert pieces.count(None) == 2 and len(pieces) > 20 and stats == {"n_empty": 2}
@@ -167,7 +167,7 @@ def test_pretrain_bin_caches(tok, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("re-tokenized although the cache is valid")
 
-    monkeypatch.setattr(data, "prepare_pretrain", fail)
+    monkeypatch.setattr(data.pretrain, "prepare_pretrain", fail)
     assert data.pretrain_bin(src, tok, cache_dir=tmp_path / "cache") == first
     assert data.pretrain_bin(first, tok) == first  # a .bin is used as-is
     monkeypatch.undo()
@@ -196,15 +196,18 @@ def test_bin_checked_against_sidecar(tok, tmp_path):
 
 
 def test_cli_prepare(tok, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("data_cli", ROOT / "data.py")  # the script, not the package
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
     src = write_jsonl(tmp_path / "a.jsonl", DOCS)
-    data.main(["prepare", "--input", str(src), "--tokenizer", str(ROOT / "tokenizer"),
-               "--output", str(tmp_path / "a.bin")])
+    cli.main(["prepare", "--input", str(src), "--tokenizer", str(ROOT / "tokenizer"),
+              "--output", str(tmp_path / "a.bin")])
     assert f"{len(expected_tokens(tok, DOCS)):,} tokens" in capsys.readouterr().out
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"txt": "typo"}\n')
     with pytest.raises(SystemExit) as e:
-        data.main(["prepare", "--input", str(bad), "--tokenizer", str(ROOT / "tokenizer"),
-                   "--output", str(tmp_path / "b.bin")])
+        cli.main(["prepare", "--input", str(bad), "--tokenizer", str(ROOT / "tokenizer"),
+                  "--output", str(tmp_path / "b.bin")])
     assert e.value.code == 1 and "line 2: missing field 'text'" in capsys.readouterr().err
     assert not list(tmp_path.glob("b.*"))  # neither the .bin nor a temporary file is left behind
 
@@ -324,7 +327,7 @@ def test_txt_pieces_tokenize_like_the_whole_document(tok, tmp_path, text):
     """Cutting a long .txt document into pieces never changes its tokens (cuts only where BPE splits anyway)."""
     src = tmp_path / "p.txt"
     src.write_bytes(text.encode("utf-8"))
-    with mock.patch.object(data, "CHUNK_BYTES", 1):
+    with mock.patch.object(data.pretrain, "CHUNK_BYTES", 1):
         pieces = [p for p in data.iter_txt_pieces(src, "<|endoftext|>") if p is not None]
     whole = src.read_bytes().decode("utf-8")
     assert "".join(pieces) == (whole if whole.strip() else "")

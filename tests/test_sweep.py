@@ -19,7 +19,7 @@ import yaml
 import run_sweep
 from sweep.config import SweepConfigError, check_command, check_schema, check_semantics, load_config
 from sweep.trials import ARG_MACROS, Trial, expand_command, format_args, load_trials, trial_command
-from trainer.config import MODES
+from trainer.modes import MODES
 from conftest import ROOT, TINY, read_metrics
 
 COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
