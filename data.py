@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from data import DataError, prepare_pretrain, summary
+from data import DataError, load_tokenizer, prepare_pretrain, summary
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> None:
                       help="skip malformed lines (counted per reason) instead of stopping at the first one")
     args = parser.parse_args(argv)
     try:
-        out = prepare_pretrain(args.input, args.tokenizer, args.output, skip_bad_records=args.skip_bad_records)
+        out = prepare_pretrain(args.input, load_tokenizer(args.tokenizer), args.output,
+                               skip_bad_records=args.skip_bad_records)
     except DataError as e:
         parser.exit(1, f"error: {e}\n")
     print(summary(out))

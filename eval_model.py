@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from data import render_prompt
+from data import DataError, load_tokenizer, render_prompt, stop_token_ids
 from model import Transformer, generate
 from model.generate import DEFAULT_MAX_NEW_TOKENS, answer_budget, decode_stream
 from model.lora import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
@@ -57,12 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="auto: bf16 where the hardware has it natively (recent GPUs, CPUs with AVX512-BF16/AMX), "
                    "else fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step: a one-off wait (~30 s "
-                   "on a laptop CPU), then ~1.7x faster generation (bf16, batch 1); worth it for long answers or "
-                   "many prompts")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step: a one-off wait, then "
+                   "faster generation (bench/RESULTS.md has the figures); worth it for long answers or many prompts")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     args = p.parse_args(argv)
-    rules = {"max_new_tokens": (args.max_new_tokens is None or args.max_new_tokens >= 1, ">= 1"), "temperature": (args.temperature >= 0, ">= 0"),
+    rules = {"max_new_tokens": (args.max_new_tokens is None or args.max_new_tokens >= 1, ">= 1"),
+             "temperature": (args.temperature >= 0, ">= 0"),
              "top_k": (args.top_k >= 0, ">= 0 (0 = off)"), "top_p": (0 < args.top_p <= 1, "in (0, 1] (1 = off)"),
              "repetition_penalty": (args.repetition_penalty > 0, "> 0 (1 = off)")}
     for flag, (ok, rule) in rules.items():
@@ -71,13 +71,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_tokenizer(model_path: Path):
+def model_tokenizer(model_path: Path):
     """The model folder's tokenizer if it has one, else the repo's shipped tokenizer/."""
-    from transformers import AutoTokenizer
-
     for folder in (model_path, REPO_TOKENIZER):
         if any((folder / f).is_file() for f in TOKENIZER_FILES):
-            return AutoTokenizer.from_pretrained(str(folder))
+            try:
+                return load_tokenizer(folder)
+            except DataError as e:
+                raise SystemExit(f"error: {e}") from None
     raise SystemExit(
         f"error: no tokenizer found: neither {model_path} nor {REPO_TOKENIZER} has {' or '.join(TOKENIZER_FILES)}; "
         "copy the training tokenizer into the model folder"
@@ -95,15 +96,6 @@ def resolve_mode(mode: str, model_path: Path) -> str:
         except (json.JSONDecodeError, AttributeError):
             raise SystemExit(f"error: {marker}: not a JSON object; fix it or pass --mode chat/complete") from None
     return "complete"
-
-
-def stop_ids(tokenizer, model: Transformer) -> list[int]:
-    """Tokens that end an answer: the tokenizer's eos, ChatML's <|im_end|>, the model config's eos, and those of
-    the folder's generation_config.json (an imported Llama 3 Instruct lists <|eot_id|> there)."""
-    ids = {tokenizer.eos_token_id, model.config.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    listed = (model.generation_config or {}).get("eos_token_id")
-    ids.update(listed if isinstance(listed, list) else [listed])
-    return sorted(i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id)
 
 
 def answer_tokens(token_stream: Iterable[torch.Tensor], stop: list[int]) -> Iterator[int]:
@@ -222,9 +214,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {'--' if str(e).startswith('max_new_tokens') else ''}{e}") from None
     if note:
         print(f"[{note}; --max_new_tokens changes it]", file=sys.stderr)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = model_tokenizer(model_path)
     mode = resolve_mode(args.mode, model_path)
-    stop = stop_ids(tokenizer, model)
+    stop = stop_token_ids(tokenizer, model.config.eos_token_id, model.generation_config)
     budget = model.config.max_seq_len - max_new_tokens  # prompt tokens that leave room for the answer
     sampling = dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from data import DataError
+from data import DataError, load_tokenizer
 from model import ModelConfig
 from trainer.checkpoint import CheckpointError, resume_path
 from trainer.config import TrainConfig, UsageError, add_dataclass_flags, parsed_fields
@@ -32,13 +32,15 @@ from trainer.modes import MODES, Mode, Run
 
 
 def selected_mode(argv: list[str]) -> str:
-    """The value of --mode (default pretrain), read first: which flags exist depends on it."""
+    """The value of --mode (default pretrain; the last one given wins, as in argparse), read first: which flags
+    exist depends on it."""
+    mode = "pretrain"
     for i, arg in enumerate(argv):
         if arg == "--mode" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--mode="):
-            return arg.split("=", 1)[1]
-    return "pretrain"
+            mode = argv[i + 1]
+        elif arg.startswith("--mode="):
+            mode = arg.split("=", 1)[1]
+    return mode
 
 
 def build_parser(mode: str = "pretrain") -> argparse.ArgumentParser:
@@ -82,22 +84,19 @@ def parse_config(argv: list[str] | None) -> tuple[Mode, TrainConfig, ModelConfig
     try:
         cfg.check()
         resume_path(cfg.resume, cfg.out_dir)
-        tokenizer = load_tokenizer(cfg)
+        tokenizer = tokenizer_of(cfg)
         model_cfg = mode.model_config(cfg, parsed_fields(ModelConfig, args, only=mode.model_flags), tokenizer)
     except (UsageError, CheckpointError) as e:
         parser.error(str(e))
     return mode, cfg, model_cfg, tokenizer
 
 
-def load_tokenizer(cfg: TrainConfig) -> Any:
-    from transformers import AutoTokenizer
-
+def tokenizer_of(cfg: TrainConfig) -> Any:
+    """--tokenizer_path's tokenizer (in the fine-tuning modes, by default the --init_from folder's)."""
     try:
-        return AutoTokenizer.from_pretrained(cfg.tokenizer_path)
-    except (OSError, ValueError) as e:  # an empty folder, a file, a broken tokenizer.json or config.json
-        flag = "--tokenizer_path" if cfg.tokenizer_path != getattr(cfg, "init_from", None) else "--init_from"
-        raise UsageError(f"{flag} {cfg.tokenizer_path}: cannot load a tokenizer there ({str(e).splitlines()[0]}); "
-                         f"point --tokenizer_path at a folder with tokenizer.json + tokenizer_config.json") from None
+        return load_tokenizer(cfg.tokenizer_path)
+    except DataError as e:
+        raise UsageError(f"--tokenizer_path {e}; point --tokenizer_path at another folder") from None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

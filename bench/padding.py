@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterable
 import torch
 
 from common import HelpFormatter, ROOT, machine_line, report
-from data import DPODataset, PackedDataset, SFTDataset, collate, pad_collate, pair_collate, pretrain_bin
+from data import (DPODataset, PackedDataset, SFTDataset, collate, load_tokenizer, pad_collate, pad_token_id, pair_collate,
+                  pretrain_bin)
 from trainer.sampler import ResumableBatchSampler
 
 
@@ -42,10 +43,8 @@ def main() -> None:
     p.add_argument("--record", action="store_true", help="append the result table to bench/RESULTS.md")
     args = p.parse_args()
 
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(ROOT / "tokenizer"))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    tok = load_tokenizer(ROOT / "tokenizer")
+    pad_id = pad_token_id(tok)
     sft = SFTDataset(ROOT / "dataset" / "sft.jsonl", tok, args.max_seq_len)
     dpo = DPODataset(ROOT / "dataset" / "dpo.jsonl", tok, args.max_seq_len)
     packed = PackedDataset(pretrain_bin(ROOT / "dataset" / "pretrain.jsonl", tok), args.max_seq_len)

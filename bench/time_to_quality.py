@@ -50,11 +50,9 @@ def steps_per_second(out_dir: Path) -> float:
 @torch.no_grad()
 def bits_per_byte(model_dir: Path, seq_len: int = 256) -> float:
     """Bits per UTF-8 byte of the held-out text under the model (fp32, CPU)."""
-    from transformers import AutoTokenizer
+    from data import iter_jsonl_texts, load_tokenizer, pretrain_bin, read_sidecar
 
-    from data import iter_jsonl_texts, pretrain_bin, read_sidecar
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok = load_tokenizer(model_dir)
     model = Transformer.from_pretrained(model_dir).eval()
     n_bytes = sum(len(text.encode("utf-8")) for _, text in iter_jsonl_texts(VAL))
     bin_path = pretrain_bin(VAL, tok)

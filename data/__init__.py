@@ -11,6 +11,7 @@ batches add "attention_mask" (1 = real token).
   pretrain.py  .jsonl/.txt corpora -> cached .bin token file + sidecar -> PackedDataset; split_train_val
   chat.py      chat messages, rendering with the chat template, the assistant's tokens (masks)
   finetune.py  SFTDataset, DPODataset, GRPODataset (one per mode, with its line formats) and the collators
+  tokenizer.py loading a tokenizer, its padding id, the ids that end an answer
 """
 
 from .chat import (CHAT_ROLES, GENERATION_BLOCK, assistant_spans, chat_messages, chat_tokenizer, last_reply_mask,
@@ -18,11 +19,11 @@ from .chat import (CHAT_ROLES, GENERATION_BLOCK, assistant_spans, chat_messages,
 from .finetune import (DPO_FORMATS, GRPO_FORMAT, IGNORE_INDEX, SFT_FORMATS, ChatDataset, DPODataset, GRPODataset,
                        SFTDataset, collate, dpo_pair, grpo_prompt, left_pad, pad_collate, pair_collate, prompt_collate,
                        sft_messages, shifted_example)
-from .pretrain import (SIDECAR_FORMAT, PackedDataset, check_bin, iter_jsonl_pieces, iter_txt_pieces, load_tokenizer,
-                       prepare_pretrain, pretrain_bin, read_sidecar, split_train_val, summary, token_dtype,
-                       tokenizer_fingerprint)
+from .pretrain import (SIDECAR_FORMAT, PackedDataset, check_bin, iter_jsonl_pieces, iter_txt_pieces, prepare_pretrain,
+                       pretrain_bin, read_sidecar, split_train_val, summary, token_dtype, tokenizer_fingerprint)
 from .records import BadRecord, BadRecords, DataError, check_text, iter_jsonl_objects, iter_jsonl_texts, iter_lines
 from .rows import RowsDataset
+from .tokenizer import load_tokenizer, pad_token_id, stop_token_ids
 
 __all__ = [
     "CHAT_ROLES", "GENERATION_BLOCK", "assistant_spans", "chat_messages", "chat_tokenizer", "last_reply_mask",
@@ -30,9 +31,9 @@ __all__ = [
     "DPO_FORMATS", "GRPO_FORMAT", "IGNORE_INDEX", "SFT_FORMATS", "ChatDataset", "DPODataset", "GRPODataset",
     "SFTDataset", "collate", "dpo_pair", "grpo_prompt", "left_pad", "pad_collate", "pair_collate", "prompt_collate",
     "sft_messages", "shifted_example",
-    "SIDECAR_FORMAT", "PackedDataset", "check_bin", "iter_jsonl_pieces", "iter_txt_pieces", "load_tokenizer",
-    "prepare_pretrain", "pretrain_bin", "read_sidecar", "split_train_val", "summary", "token_dtype",
-    "tokenizer_fingerprint",
+    "SIDECAR_FORMAT", "PackedDataset", "check_bin", "iter_jsonl_pieces", "iter_txt_pieces", "prepare_pretrain",
+    "pretrain_bin", "read_sidecar", "split_train_val", "summary", "token_dtype", "tokenizer_fingerprint",
     "BadRecord", "BadRecords", "DataError", "check_text", "iter_jsonl_objects", "iter_jsonl_texts", "iter_lines",
     "RowsDataset",
+    "load_tokenizer", "pad_token_id", "stop_token_ids",
 ]

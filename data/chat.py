@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .pretrain import load_tokenizer
 from .records import BadRecord, DataError, check_text
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -17,7 +16,6 @@ GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")  # a chat template's 
 
 def chat_tokenizer(tokenizer, path: str | Path, mode: str):
     """The tokenizer for a chat data file, after checking the file exists and the tokenizer can render chats."""
-    tokenizer = load_tokenizer(tokenizer)
     if not Path(path).is_file():
         raise DataError(f"{path}: no such data file")
     if not tokenizer.chat_template:

@@ -35,15 +35,6 @@ CHUNK_BYTES = 4 << 20  # text tokenized per batch_encode call: bounded memory, w
 # ----------------------------------------------------------------------------- tokenizer helpers
 
 
-def load_tokenizer(tokenizer):
-    """A transformers tokenizer from a folder path (offline), or the tokenizer itself."""
-    if isinstance(tokenizer, (str, Path)):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(tokenizer))
-    return tokenizer
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of the tokenizer's full definition: a cached .bin is only valid for the tokenizer that made it."""
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
@@ -144,7 +135,6 @@ def prepare_pretrain(src_paths: str | Path | Sequence[str | Path], tokenizer, ou
     A bad line raises a DataError naming it; with skip_bad_records it is skipped, and the counts per reason
     are printed (one stderr line per file) and recorded in the sidecar.
     """
-    tokenizer = load_tokenizer(tokenizer)
     paths = [Path(src_paths)] if isinstance(src_paths, (str, Path)) else [Path(p) for p in src_paths]
     for p in paths:
         if not p.is_file():
@@ -246,7 +236,6 @@ def pretrain_bin(path: str | Path, tokenizer, cache_dir: str | Path | None = Non
     Cache files go to `cache_dir` (default: a `.cache` folder next to the source). A .bin without sidecar is
     read in the dtype the tokenizer's vocabulary needs.
     """
-    tokenizer = load_tokenizer(tokenizer)
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")

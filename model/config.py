@@ -29,53 +29,54 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
-def _f(default: Any, help: str, cli: bool = True) -> Any:
-    """A field whose help string becomes the --flag's help in train.py (cli=False: no flag)."""
-    return field(default=default, metadata={"help": help, "cli": cli})
+def flag(default: Any, help: str, **metadata: Any) -> Any:
+    """A dataclass field that is also one of train.py's --flags, with its help string. Other keywords go to
+    argparse (choices=, nargs=, ...), except cli=False: a field with no flag."""
+    return field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass
 class ModelConfig:
     # Vocabulary and shape.
-    vocab_size: int = _f(6400, "Vocabulary size (default: the tokenizer's).")
-    dim: int = _f(512, "Hidden size (d_model).")
-    n_layers: int = _f(8, "Transformer blocks.")
-    n_heads: int = _f(8, "Query heads.")
-    n_kv_heads: int = _f(2, "Key/value heads (grouped-query attention; must divide n_heads).")
-    head_dim: int | None = _f(None, "Size of one head (default: dim / n_heads).")
-    hidden_dim: int | None = _f(None, "SwiGLU width (default: 8/3 x dim rounded up to multiple_of).")
-    multiple_of: int = _f(64, "Round the default SwiGLU width up to a multiple of this.")
-    max_seq_len: int = _f(512, "Context length: training row length and RoPE range.")
+    vocab_size: int = flag(6400, "Vocabulary size (default: the tokenizer's).")
+    dim: int = flag(512, "Hidden size (d_model).")
+    n_layers: int = flag(8, "Transformer blocks.")
+    n_heads: int = flag(8, "Query heads.")
+    n_kv_heads: int = flag(2, "Key/value heads (grouped-query attention; must divide n_heads).")
+    head_dim: int | None = flag(None, "Size of one head (default: dim / n_heads).")
+    hidden_dim: int | None = flag(None, "SwiGLU width (default: 8/3 x dim rounded up to multiple_of).")
+    multiple_of: int = flag(64, "Round the default SwiGLU width up to a multiple of this.")
+    max_seq_len: int = flag(512, "Context length: training row length and RoPE range.")
     # Positions and normalisation.
-    rope_theta: float = _f(1e6, "RoPE base frequency.")
+    rope_theta: float = flag(1e6, "RoPE base frequency.")
     # YaRN: {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}; Llama 3.1: {"type": "llama3",
     # "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    rope_scaling: dict | None = _f(None, "RoPE scaling for longer contexts (yarn, llama3 or linear).")
-    norm_eps: float = _f(1e-5, "RMSNorm epsilon.")
+    rope_scaling: dict | None = flag(None, "RoPE scaling for longer contexts (yarn, llama3 or linear).")
+    norm_eps: float = flag(1e-5, "RMSNorm epsilon.")
     # Attention.
-    dropout: float = _f(0.0, "Dropout on attention weights and residual branches.")
-    flash_attn: bool = _f(True, "Attention through F.scaled_dot_product_attention (flash kernels on CUDA); "
+    dropout: float = flag(0.0, "Dropout on attention weights and residual branches.")
+    flash_attn: bool = flag(True, "Attention through F.scaled_dot_product_attention (flash kernels on CUDA); "
                                 "off: the explicit math path.")
-    qk_norm: bool = _f(False, "Per-head RMSNorm on queries and keys (Qwen3).")
-    tie_word_embeddings: bool = _f(True, "Share the input embedding with the output projection.")
-    attention_bias: bool = _f(False, "Bias terms on q/k/v/o projections (Llama's attention_bias).")
-    qkv_bias: bool = _f(False, "Bias terms on q/k/v only (Qwen2); implied by --attention_bias.")
-    mlp_bias: bool = _f(False, "Bias terms on the SwiGLU projections (Llama's mlp_bias; dense models only).")
+    qk_norm: bool = flag(False, "Per-head RMSNorm on queries and keys (Qwen3).")
+    tie_word_embeddings: bool = flag(True, "Share the input embedding with the output projection.")
+    attention_bias: bool = flag(False, "Bias terms on q/k/v/o projections (Llama's attention_bias).")
+    qkv_bias: bool = flag(False, "Bias terms on q/k/v only (Qwen2); implied by --attention_bias.")
+    mlp_bias: bool = flag(False, "Bias terms on the SwiGLU projections (Llama's mlp_bias; dense models only).")
     # Mixture of experts.
-    use_moe: bool = _f(False, "Mixture-of-Experts MLPs instead of dense SwiGLU.")
-    n_routed_experts: int = _f(4, "Routed experts per MoE layer.")
-    num_experts_per_tok: int = _f(2, "Experts each token is routed to (top-k).")
-    n_shared_experts: int = _f(1, "Always-on shared experts per MoE layer (0 = none, as Qwen3-MoE).")
-    moe_hidden_dim: int | None = _f(None, "Width of each expert (default: hidden_dim).")
-    shared_expert_gate: bool = _f(False, "Scale the shared experts' output by sigmoid(w . x) per token (Qwen2-MoE).")
-    aux_loss_alpha: float = _f(0.01, "Weight of the load-balancing loss.")
-    seq_aux: bool = _f(True, "Balance experts per sequence (DeepSeek) instead of per batch (Switch).")
-    norm_topk_prob: bool = _f(True, "Renormalise the top-k routing weights to sum to 1.")
+    use_moe: bool = flag(False, "Mixture-of-Experts MLPs instead of dense SwiGLU.")
+    n_routed_experts: int = flag(4, "Routed experts per MoE layer.")
+    num_experts_per_tok: int = flag(2, "Experts each token is routed to (top-k).")
+    n_shared_experts: int = flag(1, "Always-on shared experts per MoE layer (0 = none, as Qwen3-MoE).")
+    moe_hidden_dim: int | None = flag(None, "Width of each expert (default: hidden_dim).")
+    shared_expert_gate: bool = flag(False, "Scale the shared experts' output by sigmoid(w . x) per token (Qwen2-MoE).")
+    aux_loss_alpha: float = flag(0.01, "Weight of the load-balancing loss.")
+    seq_aux: bool = flag(True, "Balance experts per sequence (DeepSeek) instead of per batch (Switch).")
+    norm_topk_prob: bool = flag(True, "Renormalise the top-k routing weights to sum to 1.")
     # Init and special tokens.
-    initializer_range: float = _f(0.02, "Std of the normal weight init.")
-    bos_token_id: int | None = _f(1, "Beginning-of-sequence id (set from the tokenizer).", cli=False)
-    eos_token_id: int | None = _f(2, "End-of-sequence id (set from the tokenizer).", cli=False)
-    pad_token_id: int | None = _f(0, "Padding id (set from the tokenizer).", cli=False)
+    initializer_range: float = flag(0.02, "Std of the normal weight init.")
+    bos_token_id: int | None = flag(1, "Beginning-of-sequence id (set from the tokenizer).", cli=False)
+    eos_token_id: int | None = flag(2, "End-of-sequence id (set from the tokenizer).", cli=False)
+    pad_token_id: int | None = flag(0, "Padding id (set from the tokenizer).", cli=False)
 
     def __post_init__(self) -> None:
         # Resolve the derived sizes once so every reader sees concrete numbers.

@@ -41,8 +41,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import GRPODataset, SFTDataset, iter_jsonl_objects, left_pad, pad_collate, sft_messages  # noqa: E402
-from eval_model import encode_chat, load_model, load_tokenizer  # noqa: E402
+from data import (GRPODataset, SFTDataset, iter_jsonl_objects, left_pad, pad_collate, pad_token_id,  # noqa: E402
+                  sft_messages, stop_token_ids)
+from eval_model import encode_chat, load_model, model_tokenizer  # noqa: E402
 from model.generate import generate_answers  # noqa: E402
 from trainer.objectives import CausalLMObjective  # noqa: E402
 from trainer.rewards import accuracy_reward, format_reward  # noqa: E402
@@ -65,10 +66,10 @@ def answer_all(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, 
                ) -> list[tuple[str, bool]]:
     """(answer text, stopped at <|im_end|>) for each prompt; greedy, left-padded batches."""
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    stop = sorted({im_end, tokenizer.eos_token_id})
+    stop = stop_token_ids(tokenizer, model.config.eos_token_id, model.generation_config)
     results = []
     for start in range(0, len(prompts), batch_size):
-        ids, mask = left_pad(prompts[start:start + batch_size], tokenizer.pad_token_id or 0)
+        ids, mask = left_pad(prompts[start:start + batch_size], pad_token_id(tokenizer))
         tokens, kept = generate_answers(model, ids, mask, max_new_tokens, stop)
         for row, n in zip(tokens.tolist(), kept.sum(dim=1).tolist()):
             row = row[:n]  # up to and including the first stop token
@@ -92,7 +93,7 @@ def reply_loss(model, tokenizer, data_path: Path, batch_size: int) -> float:
 
 def evaluate(model_path: Path, data_path: Path, pairs: list[tuple[list[dict[str, str]], str]],
              max_new_tokens: int, batch_size: int) -> dict[str, float]:
-    model, tokenizer = load_model(model_path), load_tokenizer(model_path)
+    model, tokenizer = load_model(model_path), model_tokenizer(model_path)
     answers = answer_all(model, tokenizer, [encode_chat(tokenizer, m) for m, _ in pairs], max_new_tokens, batch_size)
     arithmetic = [(a, ref) for (a, _), (_, ref) in zip(answers, pairs) if ARITHMETIC.fullmatch(ref.split("\n")[-1])]
     return {
@@ -109,7 +110,7 @@ def evaluate(model_path: Path, data_path: Path, pairs: list[tuple[list[dict[str,
 
 def evaluate_grpo(model_path: Path, data_path: Path, limit: int, max_new_tokens: int, batch_size: int
                   ) -> dict[str, float]:
-    model, tokenizer = load_model(model_path), load_tokenizer(model_path)
+    model, tokenizer = load_model(model_path), model_tokenizer(model_path)
     data = GRPODataset(data_path, tokenizer, model.config.max_seq_len, max_completion_length=max_new_tokens)
     rows = range(min(limit or len(data), len(data)))
     answers = answer_all(model, tokenizer, [data.prompt_ids[i] for i in rows], max_new_tokens, batch_size)

@@ -247,7 +247,7 @@ def test_chat_encoding_has_generation_prompt(tmp_path: Path) -> None:
 def test_chat_history_keeps_to_the_context_dropping_the_oldest_exchanges(model_dir: Path) -> None:
     import eval_model
 
-    tokenizer = eval_model.load_tokenizer(model_dir)
+    tokenizer = eval_model.model_tokenizer(model_dir)
     messages = [{"role": "system", "content": "be brief"}]
     for i in range(6):
         messages += [{"role": "user", "content": f"hello world {i}"}, {"role": "assistant", "content": "hi there"}]

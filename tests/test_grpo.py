@@ -14,7 +14,7 @@ import torch
 
 import train
 from conftest import ROOT, check_resume_is_exact, read_metrics, write_jsonl
-from data import DataError, GRPODataset, prompt_collate
+from data import DataError, GRPODataset, prompt_collate, stop_token_ids
 from model import Transformer
 from trainer.config import UsageError
 from trainer.grpo import GRPOObjective, group_advantages, per_token_loss, reduce_loss
@@ -66,8 +66,8 @@ def published_loss(loss_type: str, eps: float, eps_high: float, beta: float) -> 
 
 
 def objective(tok, loss_type: str, **kw) -> GRPOObjective:
-    settings = dict(num_generations=2, max_completion_length=MAX_LEN, temperature=1.0, beta=0.0, epsilon=0.2,
-                    epsilon_high=0.2, num_iterations=2, loss_type=loss_type, scale_rewards=True)
+    settings = dict(stop_ids=stop_token_ids(tok), num_generations=2, max_completion_length=MAX_LEN, temperature=1.0,
+                    beta=0.0, epsilon=0.2, epsilon_high=0.2, num_iterations=2, loss_type=loss_type, scale_rewards=True)
     return GRPOObjective(tok, [("accuracy", accuracy_reward)], [1.0], None, **{**settings, **kw})
 
 
@@ -199,7 +199,7 @@ def test_user_reward_functions_load_from_a_module_or_a_file(tmp_path, monkeypatc
 
 
 def test_a_reward_function_that_returns_the_wrong_shape_is_named(tok):
-    obj = GRPOObjective(tok, [("bad", lambda completions, **kw: [1.0])], [1.0], None, num_generations=2,
+    obj = GRPOObjective(tok, [("bad", lambda completions, **kw: [1.0])], [1.0], None, stop_ids=[2], num_generations=2,
                         max_completion_length=4, temperature=1.0, beta=0.0, epsilon=0.2, epsilon_high=0.2,
                         num_iterations=1, loss_type="dapo", scale_rewards=True)
     batch = {"prompts": ["p"], "prompt_messages": [[]], "columns": {"answer": ["1"]}}
@@ -234,7 +234,7 @@ def test_reward_model_scores_with_its_first_logit(tmp_path, tok):
 
 
 def test_prompts_are_rendered_with_the_chat_template(tmp_path, tok):
-    """A plain-string prompt becomes a user message with the generation prompt (PITFALLS: without the template a
+    """A plain-string prompt becomes a user message with the generation prompt (without the template a
     chat model never ends its turn); numeric answers are kept as text, other fields go to the rewards."""
     path = write_jsonl(tmp_path / "p.jsonl", [
         {"prompt": "What is 2 + 2?", "answer": 4, "level": "easy"},

@@ -34,7 +34,7 @@ def test_labels_are_the_assistant_tokens_token_by_token(tok, tmp_path):
     expected = [t if keep else IGNORE_INDEX for t, keep in zip(ids[1:], trained[1:])]  # labels[t] = target of t
     labels = row["labels"].tolist()
     assert labels == expected
-    # The off-by-one bugs PITFALLS warns about, spelled out at the first reply (label t = target of position t):
+    # The usual off-by-one bugs of SFT masks, spelled out at the first reply (label t = target of position t):
     first_reply, start = tok.encode("12 + 7 = 19.<|im_end|>"), reply_starts[0]
     assert labels[start - 2] == IGNORE_INDEX                             # the role header's last token: not trained
     assert labels[start - 1:start - 1 + len(first_reply)] == first_reply  # first reply token ... <|im_end|>: trained

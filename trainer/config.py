@@ -11,19 +11,16 @@ import argparse
 import dataclasses
 import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from model.config import flag
 
 
 
 class UsageError(ValueError):
     """A problem the user can fix by changing flags or files; train.py prints it without a traceback."""
-
-
-def flag(default: Any, help: str, **argparse_kw: Any) -> Any:
-    """A config field that is also a --flag: its help, and any argparse keyword (choices=, nargs=, ...)."""
-    return field(default=default, metadata={"help": help, **argparse_kw})
 
 
 @dataclass

@@ -96,7 +96,8 @@ class GRPOObjective(Objective):
     """Group relative policy optimisation on batches of prompts (data.prompt_collate)."""
 
     def __init__(self, tokenizer: Any, reward_funcs: list[tuple[str, RewardFunc]], reward_weights: list[float],
-                 ref_model: torch.nn.Module | None, *, num_generations: int, max_completion_length: int,
+                 ref_model: torch.nn.Module | None, *, stop_ids: list[int], num_generations: int,
+                 max_completion_length: int,
                  temperature: float, beta: float, epsilon: float, epsilon_high: float, num_iterations: int,
                  loss_type: str, scale_rewards: bool, log_completions_interval: int = 0,
                  log_dir: Path | None = None) -> None:
@@ -108,8 +109,7 @@ class GRPOObjective(Objective):
         self.temperature, self.beta, self.epsilon, self.epsilon_high = temperature, beta, epsilon, epsilon_high
         self.num_iterations, self.loss_type, self.scale_rewards = num_iterations, loss_type, scale_rewards
         self.log_completions_interval, self.log_dir = log_completions_interval, log_dir
-        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.stop_ids = sorted({i for i in (im_end, tokenizer.eos_token_id) if isinstance(i, int)})
+        self.stop_ids = stop_ids
         self.eval_metrics = ("reward", *(f"rewards/{name}" for name, _ in reward_funcs), "completion_length")
 
     # ------------------------------------------------------------------------- rewards

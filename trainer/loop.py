@@ -136,7 +136,7 @@ class Trainer:
             sampler = ResumableBatchSampler(len(self.train_data), self.cfg.batch_size, env.rank, env.world_size,
                                             seed=self.cfg.seed, epoch=s.epoch, start=s.epoch_offset,
                                             # SFT rows vary in length: batch similar lengths per optimizer step
-                                            lengths=getattr(self.train_data, "lengths", None),
+                                            lengths=self.train_data.lengths,
                                             group_rows=env.world_size * self.cfg.batch_size
                                             * self.cfg.accumulation_steps)
             for batch in self._loader(sampler, self.train_data):

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from data import RowsDataset, split_train_val
+from data import RowsDataset, pad_token_id, split_train_val
 from model import ModelConfig
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv
@@ -32,9 +32,7 @@ class Run:
 
     @property
     def pad_id(self) -> int:
-        """The padding id: the tokenizer's pad token, else its eos (padding is masked out either way)."""
-        pad = self.tokenizer.pad_token_id
-        return (pad if pad is not None else self.tokenizer.eos_token_id) or 0
+        return pad_token_id(self.tokenizer)
 
 
 @dataclass

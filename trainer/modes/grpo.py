@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data import GRPODataset, prompt_collate
+from data import GRPODataset, prompt_collate, stop_token_ids
 from model import ModelConfig
 from trainer.config import UsageError, flag
 from trainer.grpo import LOSS_TYPES, GRPOObjective
@@ -111,8 +111,10 @@ class GRPO(FinetuneMode):
         weights = parse_weights(cfg.reward_weights, len(funcs))
         dataset = functools.partial(GRPODataset, max_completion_length=cfg.max_completion_length)
         train, val = read_chat_data(run, dataset)
+        model = load_init_model(run)
         objective = GRPOObjective(
             run.tokenizer, funcs, weights, load_reference(run) if cfg.beta > 0 else None,
+            stop_ids=stop_token_ids(run.tokenizer, model.config.eos_token_id, model.generation_config),
             num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
             temperature=cfg.temperature, beta=cfg.beta, epsilon=cfg.epsilon,
             epsilon_high=cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high,
@@ -120,5 +122,5 @@ class GRPO(FinetuneMode):
             scale_rewards=cfg.loss_type != "dr_grpo" if cfg.scale_rewards is None else cfg.scale_rewards,
             log_completions_interval=cfg.log_completions_interval,
             log_dir=Path(cfg.out_dir) if run.env.is_main else None)
-        return Components(load_init_model(run), objective, train, val, prompt_collate(run.pad_id),
+        return Components(model, objective, train, val, prompt_collate(run.pad_id),
                           hf_export(run.tokenizer))
