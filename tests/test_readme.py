@@ -211,3 +211,32 @@ def test_shell_lines_join_continuations_and_drop_comments() -> None:
     assert as_run("python train.py --mode sft  # a comment") == "python train.py --mode sft --max_steps 8"
     assert as_run("python eval_model.py --prompt 'a # b'  # why") == "python eval_model.py --prompt 'a # b'"
     assert as_run("make pretrain  # set up, then train") == "make -n pretrain"
+
+
+def readme_flag_table() -> dict[str, set[str]]:
+    """mode -> the flags the README's Training table lists for it (its `| group | modes | flags |` rows)."""
+    import train
+
+    lines = README.read_text().splitlines()
+    start = lines.index("| group | modes | flags |") + 2
+    listed: dict[str, set[str]] = {mode: set() for mode in train.MODES}
+    for row in lines[start:]:
+        if not row.startswith("|"):
+            break
+        _, modes, flags = (cell.strip() for cell in row.strip("|").split("|"))
+        names = {f for f in re.findall(r"`(--[a-z_0-9-]+)", flags) if not f.startswith("--no-")}
+        for mode in train.MODES if modes == "every mode" else modes.split(", "):
+            listed[mode] |= names
+    return listed
+
+
+def test_the_flag_tables_list_what_each_modes_help_lists() -> None:
+    import argparse
+
+    import train
+
+    for mode, listed in readme_flag_table().items():
+        parser = train.build_parser(mode)
+        shown = {s for a in parser._actions if a.help != argparse.SUPPRESS for s in a.option_strings
+                 if s.startswith("--") and s != "--help"}
+        assert listed == shown, (mode, "missing in README:", shown - listed, "not a flag:", listed - shown)

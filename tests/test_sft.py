@@ -318,12 +318,13 @@ def test_sft_run_with_skip_bad_records_reports_the_counts(sft_files, base_model,
 
 def test_rope_range_counts_yarn_scaling():
     from model.config import config_from_preset
+    from trainer.modes.finetune import rope_range
 
     plain = config_from_preset("tiny", max_seq_len=64)
-    assert train.rope_range(plain) == 64
+    assert rope_range(plain) == 64
     yarn = config_from_preset("tiny", max_seq_len=64, rope_scaling={"type": "yarn", "factor": 4.0,
                                                                     "original_max_position_embeddings": 64})
-    assert train.rope_range(yarn) == 256
+    assert rope_range(yarn) == 256
 
 
 def test_a_shorter_training_length_keeps_the_models_context(sft_files, base_model, tmp_path):

@@ -18,9 +18,9 @@ from trainer.objectives import DPO_LOSSES, DPOObjective, sequence_logps
 class DPOConfig(FinetuneConfig):
     flag_group = "dpo"
 
+    mode: str = "dpo"
     # DPO moves a model that already chats; a tiny learning rate (5e-7..5e-6 for billion-parameter models) keeps
     # it close to the reference. The shipped 6M-parameter models tolerate more.
-    mode: str = "dpo"
     out_dir: str = "out/dpo"
     data_path: str = "dataset/dpo.jsonl"
     val_data_path: str = "dataset/dpo_val.jsonl"

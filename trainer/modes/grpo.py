@@ -20,9 +20,9 @@ from trainer.rewards import RewardModel, load_reward_funcs, parse_weights
 class GRPOConfig(FinetuneConfig):
     flag_group = "grpo"
 
+    mode: str = "grpo"
     # batch_size counts prompts; each gets num_generations completions (8 x 8 = 64 rows). RL gradients are noisy:
     # on the shipped 6M model, learning rates of 5e-5 and more gained less or lost held-out accuracy (README, GRPO).
-    mode: str = "grpo"
     out_dir: str = "out/grpo"
     data_path: str = "dataset/grpo.jsonl"
     val_data_path: str = "dataset/grpo_val.jsonl"
