@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,10 +26,12 @@ import torch
 from data import DataError, load_tokenizer
 from model import ModelConfig
 from trainer.checkpoint import CheckpointError, resume_path
-from trainer.config import TrainConfig, UsageError, add_dataclass_flags, parsed_fields
+from trainer.config import TrainConfig, add_dataclass_flags, parsed_fields
 from trainer.distributed import destroy, init_distributed, resolve_dtype
-from trainer.loop import Trainer, TrainingError
+from trainer.errors import TrainingError, UsageError
+from trainer.loop import Trainer
 from trainer.modes import MODES, Mode, Run
+from trainer.rundir import owned_out_dir
 
 
 def selected_mode(argv: list[str]) -> str:
@@ -105,12 +108,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run = Run(cfg, env, resolve_dtype(cfg.dtype, env.device), tokenizer, model_cfg, mode.seq_len(cfg, model_cfg))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     try:
-        parts = mode.build(run)
-        if env.is_main:
-            print(f"{cfg.mode}: {parts.model.num_params() / 1e6:.2f}M parameters ({mode.source(cfg)}), "
-                  f"{len(parts.train_data):,} training rows, {env.world_size} process(es) on {env.device}, "
-                  f"{str(run.dtype).removeprefix('torch.')} (--dtype {cfg.dtype})", file=sys.stderr)
-        return Trainer(run, parts).fit()
+        with owned_out_dir(Path(cfg.out_dir), env, resume=bool(cfg.resume), overwrite=cfg.overwrite):
+            parts = mode.build(run)
+            if env.is_main:
+                print(f"{cfg.mode}: {parts.model.num_params() / 1e6:.2f}M parameters ({mode.source(cfg)}), "
+                      f"{len(parts.train_data):,} training rows, {env.world_size} process(es) on {env.device}, "
+                      f"{str(run.dtype).removeprefix('torch.')} (--dtype {cfg.dtype})", file=sys.stderr)
+            return Trainer(run, parts).fit()
     finally:
         destroy()
 

@@ -67,13 +67,17 @@ def runs_train_py(config: dict[str, Any]) -> bool:
 
 
 def trial_command(config: dict[str, Any], trial: Trial) -> list[str]:
-    """The trial's command: its parameters, its out_dir, and --resume if train.py left a checkpoint."""
+    """The trial's command: its parameters, its out_dir, and --resume if train.py left a checkpoint (--overwrite if
+    it left only the start of a run, stopped before its first checkpoint: that trial starts again)."""
     args = {**trial.params, "out_dir": str(trial.folder)}
     if runs_train_py(config):
         from trainer.checkpoint import latest_checkpoint
+        from trainer.rundir import earlier_run
 
         if latest_checkpoint(trial.folder) is not None:  # an interrupted trial continues where it was
             args["resume"] = "auto"
+        elif earlier_run(trial.folder):
+            args["overwrite"] = True
     return expand_command(config["command"], config["program"], args)
 
 

@@ -300,6 +300,11 @@ def test_torchrun_two_processes_match_one(dpo_files, base_model, tmp_path):
     vals = [[r for r in read_metrics(run) if "val_loss" in r][-1] for run in (one, two)]
     for key in ("val_loss", "val_rewards/accuracy", "val_rewards/margin"):
         assert vals[1][key] == pytest.approx(vals[0][key], rel=1e-4), key
+    # The logged training metrics are every rank's, not rank 0's alone: the mean over both halves of a step's pairs.
+    logged = [{r["step"]: r for r in read_metrics(run) if "rewards/margin" in r} for run in (one, two)]
+    for step in (2, 3):
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"):
+            assert logged[1][step][key] == pytest.approx(logged[0][step][key], rel=1e-4, abs=1e-7), (step, key)
 
 
 def test_skip_bad_records_in_a_run(dpo_files, base_model, tmp_path, capsys):

@@ -4,6 +4,7 @@ and a bad YAML fails with one line naming the key."""
 from __future__ import annotations
 
 import csv
+import shutil
 import json
 import os
 import signal
@@ -295,3 +296,23 @@ def test_shipped_sweep_configs_are_valid(mode):
     # GRPO ranks by its validation reward; its val_loss is the same number negated
     metric = {"name": "val_reward", "goal": "maximize"} if mode == "grpo" else {"name": "val_loss", "goal": "minimize"}
     assert config["metric"] == metric and config["parameters"]["mode"] == {"value": mode}
+
+
+def test_a_trial_killed_before_its_first_checkpoint_starts_again_and_one_after_it_resumes(corpus, tmp_path):
+    """What a relaunched trial is told: --overwrite when the kill left only the start of a run (train.py refuses a
+    folder holding a run otherwise), --resume once it has a checkpoint; both commands then run."""
+    config = load_config(tiny_train_sweep(tmp_path, corpus, {"max_steps": {"value": 4}, "eval_interval": {"value": 0},
+                                                             "save_interval_steps": {"value": 2}}))
+    folder = tmp_path / "trial_001"
+    folder.mkdir()
+    trial = Trial(folder, {k: spec["value"] for k, spec in config["parameters"].items()})
+    (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 7.0}\n')  # killed before its first checkpoint
+    command = trial_command(config, trial)
+    assert "--overwrite=True" in command and not any(c.startswith("--resume") for c in command)
+    subprocess.run(command[1:], check=True, cwd=ROOT, capture_output=True, timeout=300)
+    shutil.rmtree(folder / "final")
+    shutil.rmtree(folder / "checkpoints" / "step_000004")  # as if killed after step 2's checkpoint
+    command = trial_command(config, trial)
+    assert "--resume=auto" in command and not any(c.startswith("--overwrite") for c in command)
+    subprocess.run(command[1:], check=True, cwd=ROOT, capture_output=True, timeout=300)
+    assert [r["step"] for r in read_metrics(folder) if "loss" in r][-1] == 4

@@ -110,7 +110,7 @@ def test_checkpoints_rotate_and_ignore_incomplete(corpus, tmp_path):
     assert names == ["step_000006", "step_000007"]  # 2, 4 rotated away; 7 = the final step
     for name in names:
         files = {p.name for p in (out / "checkpoints" / name).iterdir()}
-        assert {"model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "scaler.pt",
+        assert {"model.safetensors", "config.json", "optimizer.pt", "scaler.pt",
                 "rng_state_0.pt", ckpt.STATE_FILE} <= files
     # A half-written checkpoint (killed before its trainer_state.json landed) is never picked.
     half = out / "checkpoints" / "step_000009"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass
@@ -16,11 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from model.config import flag
+from trainer.errors import UsageError
 
-
-
-class UsageError(ValueError):
-    """A problem the user can fix by changing flags or files; train.py prints it without a traceback."""
 
 
 @dataclass
@@ -78,13 +76,25 @@ class TrainConfig:
     save_best_only: bool = flag(False, "Write checkpoints only at evaluations that improve the validation loss.")
     save_last: bool = flag(True, "Export the final model to out_dir/final (Hugging Face format).")
     resume: str = flag("", "Resume: 'auto' (or the bare flag) = newest complete checkpoint in out_dir, or a "
-                       "checkpoint path.", nargs="?", const="auto")
+                       "checkpoint path. What must match and what may change: README, When things go wrong.",
+                       nargs="?", const="auto")
+    overwrite: bool = flag(False, "Replace an earlier run in --out_dir (its checkpoints/, best/, final/, "
+                           "metrics.jsonl) instead of refusing to start there.")
     use_wandb: bool = flag(False, "Log to Weights & Biases (offline unless credentials are configured).")
     wandb_project: str = flag("zero2llm", "wandb project name.")
     wandb_run_name: str = flag("", "wandb run name; empty = derived from mode and out_dir.")
 
     def check(self) -> None:
         """Refuse values that mean nothing (UsageError naming the flag), before any work starts."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"--{f.name} {value}: must be a finite number")
+        if self.learning_rate > MAX_LEARNING_RATE:
+            raise UsageError(f"--learning_rate {self.learning_rate:g}: above {MAX_LEARNING_RATE:g}, a step moves "
+                             f"weights further than their own size and the run diverges; use a value such as 1e-3")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume continues the run in --out_dir and --overwrite replaces it: pass one of them")
         below_one = [f for f in ("batch_size", "accumulation_steps", "log_interval") if getattr(self, f) < 1]
         if below_one:
             raise UsageError(f"--{below_one[0]} {getattr(self, below_one[0])}: must be >= 1")
@@ -118,6 +128,7 @@ class TrainConfig:
         return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
+MAX_LEARNING_RATE = 1.0  # AdamW moves each weight by about lr per step: beyond 1 nothing trains
 # Flags where a negative value means nothing: flag -> what 0 means (for the message).
 NON_NEGATIVE = {"eval_iters": "the whole validation set", "eval_interval": "only at the end",
                 "save_interval_steps": "only at the end", "keep_checkpoint_max": "keep all",

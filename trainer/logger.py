@@ -13,6 +13,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from trainer.errors import TrainingError
+
 
 def wandb_mode() -> str:
     """WANDB_MODE if the user set it; 'online' only when credentials exist; else 'offline'."""
@@ -58,8 +60,12 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:  # typically a full disk
+            raise TrainingError(f"could not write {self.file.name}: {e.strerror}; free disk space, then --resume "
+                                f"(from the last checkpoint)") from None
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if v is not None}, step=step)
 

@@ -1,9 +1,11 @@
-"""Learning-rate schedule: linear warmup, then cosine decay to a floor (as in nanoGPT / Chinchilla)."""
+"""Learning-rate schedule: linear warmup, then cosine decay to a floor (as in nanoGPT / Chinchilla).
+
+The learning rate is a function of the step and the flags, set on the optimizer before every step: nothing to
+checkpoint, and a resume with another --learning_rate or schedule length takes it up from the next step.
+"""
 from __future__ import annotations
 
 import math
-
-import torch
 
 
 def lr_multiplier(step: int, warmup_iters: int, decay_iters: int, min_lr_ratio: float) -> float:
@@ -19,10 +21,3 @@ def lr_multiplier(step: int, warmup_iters: int, decay_iters: int, min_lr_ratio: 
     progress = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return min_lr_ratio + (1.0 - min_lr_ratio) * cosine
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, warmup_iters: int, decay_iters: int,
-                    min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR so the schedule position lives in a standard, checkpointable state_dict."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, warmup_iters, decay_iters, min_lr_ratio))

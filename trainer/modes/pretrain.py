@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from data import PackedDataset, collate, pretrain_bin
 from model import ModelConfig, Transformer
@@ -20,6 +23,20 @@ class PretrainConfig(TrainConfig):
 
     preset: str = flag("small", "Model size preset; the model flags below override single fields of it.",
                        choices=tuple(PRESETS))
+
+
+def check_fits_in_memory(model_cfg: ModelConfig, on_cpu: bool) -> None:
+    """Refuse, before allocating anything, a model this machine cannot hold: its weights are built in host memory
+    first (4 bytes per parameter), and training on the CPU holds 16 (weights, gradients, AdamW's two moments)."""
+    with torch.device("meta"):  # shapes only: counting costs nothing, whatever the size
+        n = Transformer(model_cfg).num_params()
+    need = n * (16 if on_cpu else 4)
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise UsageError(f"the model has {n / 1e9:,.2f}B parameters (dim {model_cfg.dim}, {model_cfg.n_layers} layers, "
+                         f"vocab {model_cfg.vocab_size}): {need / 2**30:,.0f} GiB to {'train on the CPU' if on_cpu else 'build'}"
+                         f", more than this machine's {have / 2**30:,.0f} GiB; choose a smaller --preset or fewer "
+                         f"--dim/--n_layers")
 
 
 class Pretrain(Mode):
@@ -39,6 +56,8 @@ class Pretrain(Mode):
         if model_cfg.vocab_size < len(tokenizer):
             raise UsageError(f"--vocab_size: vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's "
                              f"{len(tokenizer)} tokens ({cfg.tokenizer_path})")
+        check_fits_in_memory(model_cfg, on_cpu=cfg.device == "cpu" or (cfg.device == "auto" and
+                                                                        not torch.cuda.is_available()))
         return model_cfg
 
     def refused_flag(self, flag: str, args: argparse.Namespace) -> str | None:
