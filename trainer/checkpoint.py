@@ -2,7 +2,7 @@
 
 Layout of one checkpoint (out_dir/checkpoints/step_000500/):
     config.json, model.safetensors   the model, in the same HF format as final/
-    optimizer.pt                     the optimizer
+    optimizer.pt                     the optimizer(s): AdamW's state dict, or every part's with --optimizer muon
       or sharded/                    --fsdp: model and optimizer as torch.distributed.checkpoint (DCP) shards,
                                      every rank writing its own; loads into any number of processes, with
                                      or without --fsdp (and a model.safetensors checkpoint loads under --fsdp)
@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from model import hf
 from model.config import ModelConfig
 from trainer.distributed import DistEnv, barrier
+from trainer.optim import Optimizers
 from trainer.parallel import is_sharded
 from trainer.rundir import replace_folder
 
@@ -120,7 +121,7 @@ def _rng_state() -> dict[str, Any]:
 
 
 def save_checkpoint(out_dir: str | Path, step: int, env: DistEnv, *, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scaler: Any, trainer_state: dict[str, Any],
+                    optimizer: Optimizers, scaler: Any, trainer_state: dict[str, Any],
                     rank_files: dict[str, Any] | None = None) -> Path:
     """Write a complete checkpoint atomically. Called by every rank (each saves its RNG, and each object of
     `rank_files` as <name>_<rank>.pt: state that differs per rank, such as GRPO's rollouts mid-group)."""
@@ -136,7 +137,7 @@ def save_checkpoint(out_dir: str | Path, step: int, env: DistEnv, *, model: torc
         for name, obj in (rank_files or {}).items():
             torch.save(obj, tmp / f"{name}_{env.rank}.pt")
         if is_sharded(model):  # a collective: every rank writes its shards of model and optimizer
-            model_state, optimizer_state = get_state_dict(model, optimizer)
+            model_state, optimizer_state = get_state_dict(model, optimizer.parts)
             dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / SHARDED)
         barrier()
         if env.is_main:
@@ -217,8 +218,7 @@ def _model_weights(saved: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _by_name(optimizer_state: dict[str, Any], model: torch.nn.Module,
-             optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def _by_name(optimizer_state: dict[str, Any], model: torch.nn.Module, optimizer: Optimizers) -> dict[str, Any]:
     """A plain optimizer.state_dict() (parameters numbered in the optimizer's order) keyed by parameter names
     instead, the form torch.distributed.checkpoint.state_dict reads (to resume a DDP checkpoint with --fsdp)."""
     names = {id(p): name for name, p in model.named_parameters()}
@@ -227,7 +227,7 @@ def _by_name(optimizer_state: dict[str, Any], model: torch.nn.Module,
             "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in optimizer_state["param_groups"]]}
 
 
-def load_checkpoint(path: str | Path, env: DistEnv, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def load_checkpoint(path: str | Path, env: DistEnv, *, model: torch.nn.Module, optimizer: Optimizers,
                     scaler: Any) -> dict[str, Any]:
     """Restore model (refusing a checkpoint of another architecture), optimizer, scaler and this rank's RNG; return
     the trainer state. Sharded (--fsdp) checkpoints load with or without --fsdp, at any process count;
@@ -236,19 +236,19 @@ def load_checkpoint(path: str | Path, env: DistEnv, *, model: torch.nn.Module, o
     state = read_state(path)
     saved = check_architecture(model, path)
     if (path / SHARDED).is_dir():
-        model_state, optimizer_state = get_state_dict(model, optimizer)
+        model_state, optimizer_state = get_state_dict(model, optimizer.parts)
         loaded = {"model": model_state, "optimizer": optimizer_state}
         try:
             dcp.load(loaded, checkpoint_id=path / SHARDED)
         except Exception as e:  # a missing or truncated shard: DCP's own error, summarised
             raise CheckpointError(f"{path / SHARDED}: cannot be read ({type(e).__name__}: {str(e)[:300]}). "
                                   f"Delete {path} to resume from the one before it.") from None
-        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+        set_state_dict(model, optimizer.parts, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
     else:
         weights, optimizer_state = _model_weights(saved, path), _load(path / "optimizer.pt")
         try:
             if is_sharded(model):
-                set_state_dict(model, optimizer, model_state_dict=weights,
+                set_state_dict(model, optimizer.parts, model_state_dict=weights,
                                optim_state_dict=_by_name(optimizer_state, model, optimizer),
                                options=StateDictOptions(full_state_dict=True))
             else:

@@ -18,7 +18,11 @@ from typing import Any
 
 from model.config import flag
 from trainer.errors import UsageError
+from trainer.schedule import SCHEDULES, parse_duration
 
+
+
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -44,10 +48,23 @@ class TrainConfig:
     batch_size: int = flag(16, "Rows per micro-batch per process.")
     accumulation_steps: int = flag(1, "Micro-batches per optimizer step (global batch = batch_size x this x "
                                    "processes).")
-    learning_rate: float = flag(1e-3, "Peak learning rate (AdamW).")
-    min_lr_ratio: float = flag(0.1, "Cosine decay floor as a fraction of the peak learning rate.")
+    optimizer: str = flag("adamw", "adamw, or muon: Muon on the hidden matrices (at --muon_learning_rate) and AdamW "
+                          "on the embeddings, lm_head, norms and biases (at --learning_rate).", choices=OPTIMIZERS)
+    learning_rate: float = flag(1e-3, "Peak learning rate of AdamW (with --optimizer muon: of the parameters Muon "
+                                "does not take).")
+    muon_learning_rate: float = flag(0.02, "Peak learning rate of Muon's hidden matrices (--optimizer muon).")
+    min_lr_ratio: float = flag(0.1, "Where the decay ends, as a fraction of the peak learning rate.")
     warmup_iters: int = flag(30, "Linear warmup steps.")
+    lr_schedule: str = flag("auto", "cosine: warmup, then a cosine decay over the run; wsd: warmup, the peak held, "
+                            "then a linear decay over the last --decay_fraction of the run; auto: wsd with "
+                            "--time_budget, else cosine.", choices=SCHEDULES)
     lr_decay_iters: int = flag(0, "Steps over which the cosine decays; 0 = the run's total steps.")
+    decay_fraction: float = flag(0.2, "wsd: the share of the run spent decaying (of its steps, or of its time with "
+                                 "--time_budget).")
+    time_budget: str = flag("", "Wall-clock budget of the run, such as 90s, 10m or 1.5h, counted from the process's "
+                            "start (tokenizing and compiling count): the run ends on time with its schedule complete "
+                            "(wsd's decay starts when the remaining time says so). With --max_steps, whichever ends "
+                            "first; without, --epochs is not used.")
     weight_decay: float = flag(0.1, "AdamW weight decay, applied to matrices only (not norms).")
     beta1: float = flag(0.9, "AdamW beta1.")
     beta2: float = flag(0.95, "AdamW beta2.")
@@ -90,9 +107,25 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UsageError(f"--{f.name} {value}: must be a finite number")
-        if self.learning_rate > MAX_LEARNING_RATE:
-            raise UsageError(f"--learning_rate {self.learning_rate:g}: above {MAX_LEARNING_RATE:g}, a step moves "
-                             f"weights further than their own size and the run diverges; use a value such as 1e-3")
+        for name in ("learning_rate", "muon_learning_rate"):
+            if getattr(self, name) > MAX_LEARNING_RATE:
+                raise UsageError(f"--{name} {getattr(self, name):g}: above {MAX_LEARNING_RATE:g}, a step moves weights "
+                                 f"further than their own size and the run diverges; use a value such as 1e-3")
+        if self.time_budget:
+            try:
+                parse_duration(self.time_budget)
+            except ValueError as e:
+                raise UsageError(f"--time_budget {e}") from None
+            if self.lr_schedule == "cosine":
+                raise UsageError("--lr_schedule cosine needs the run's length up front, and --time_budget leaves it "
+                                 "open: use --lr_schedule wsd (or auto), whose decay starts when the remaining time "
+                                 "says so")
+        if not 0 < self.decay_fraction <= 1:
+            raise UsageError(f"--decay_fraction {self.decay_fraction:g}: must be in (0, 1]")
+        if self.fsdp and self.optimizer == "muon":
+            raise UsageError("--optimizer muon with --fsdp: Muon's Newton-Schulz step needs each whole matrix, and FSDP "
+                             "shards them; use --optimizer adamw with --fsdp, or Muon under DDP (torchrun without "
+                             "--fsdp)")
         if self.resume and self.overwrite:
             raise UsageError("--resume continues the run in --out_dir and --overwrite replaces it: pass one of them")
         below_one = [f for f in ("batch_size", "accumulation_steps", "log_interval") if getattr(self, f) < 1]
@@ -135,7 +168,7 @@ NON_NEGATIVE = {"eval_iters": "the whole validation set", "eval_interval": "only
                 "max_bad_steps": "never stop", "max_steps": "derive from --epochs", "warmup_iters": "no warmup",
                 "lr_decay_iters": "the run's total steps", "num_workers": "load in the main process",
                 "weight_decay": "no decay", "grad_clip": "no clipping",
-                "learning_rate": "the weights stay as they are",
+                "learning_rate": "the weights stay as they are", "muon_learning_rate": "the matrices stay as they are",
                 "peak_tflops": "the GPU's datasheet figure, or a measured matmul"}
 
 

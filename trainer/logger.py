@@ -38,7 +38,7 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: str | Path, config: dict[str, Any], *, enabled: bool, total_steps: int,
+    def __init__(self, out_dir: str | Path, config: dict[str, Any], *, enabled: bool, total_steps: int | None,
                  initial_step: int, use_wandb: bool, project: str, run_name: str) -> None:
         self.enabled = enabled
         self.bar = None
@@ -68,6 +68,12 @@ class MetricsLogger:
                                 f"(from the last checkpoint)") from None
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if v is not None}, step=step)
+
+    def set_total(self, total_steps: int) -> None:
+        """The progress bar's length, once known (a time budget decides it on the way)."""
+        if self.bar is not None:
+            self.bar.total = total_steps
+            self.bar.refresh()
 
     def progress(self, steps: int) -> None:
         if self.bar is not None:

@@ -26,12 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from trainer import checkpoint as ckpt
 from trainer import parallel
-from trainer.config import TrainConfig
 from trainer.errors import TrainingError, UsageError
 from trainer.distributed import all_reduce_sum, barrier
 from trainer.flops import peak_flops
@@ -39,10 +39,19 @@ from trainer.interrupt import StopOnSignal
 from trainer.logger import MetricsLogger
 from trainer.modes import Components, Run
 from trainer.objectives import Batch
+from trainer.optim import Optimizers
 from trainer.sampler import ResumableBatchSampler
 from trainer.resume import check_resume, run_record
 from trainer.rundir import abandon_timeline, replace_folder
-from trainer.schedule import lr_multiplier
+from trainer.schedule import lr_multiplier, parse_duration, steps_in_budget
+
+clock = time.monotonic  # the run's clock (tests drive a time budget with a fake one)
+
+
+def process_age() -> float:
+    """Seconds since this process started: a time budget counts the imports, tokenizing and compiling too."""
+    return time.time() - psutil.Process().create_time()
+
 
 _MEMORY_FLAGS = ("--batch_size (with more --accumulation_steps to keep the global batch), --max_seq_len, "
                  "--dtype bfloat16, or a smaller --preset")
@@ -60,32 +69,14 @@ class TrainState:
     eval_pending: bool = False   # saved before this step's evaluation, which has not run yet
     skipped_steps: int = 0       # steps skipped for a non-finite gradient
     empty_steps: int = 0         # steps with no item to train on (e.g. every reply truncated away): no update
+    elapsed: float = 0.0         # seconds this run has taken, earlier processes included (for --time_budget)
+    planned_steps: int | None = None  # the run's length a --time_budget decided, once it did
+    decay_start: int | None = None    # ... and the step its wsd decay started at
+    planned_for: str = ""        # the --time_budget that decided them
 
 
 # Fields every checkpoint this train.py wrote has; the others have defaults (added later, absent from older ones).
 _CORE_STATE = ("step", "epoch", "epoch_offset", "tokens_seen")
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (group 0; group 1 is norms and biases): decaying norm gains and
-    biases just hurts.
-
-    fused=True on CUDA and CPU: one kernel reads and writes each parameter, gradient and moment once per
-    step instead of one pass per elementwise op (bench/RESULTS.md has the difference on CPU).
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2]}, {"params": [p for p in params if p.dim() < 2]}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=device.type in ("cuda", "cpu"))
-    apply_hyperparameters(optimizer, cfg)
-    return optimizer
-
-
-def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
-    """The flags' weight decay and betas on the optimizer's groups; also after a resume restored the saved ones,
-    so that a changed flag takes effect (the learning rate is set every step)."""
-    for i, group in enumerate(optimizer.param_groups):
-        group["weight_decay"] = cfg.weight_decay if i == 0 else 0.0
-        group["betas"] = (cfg.beta1, cfg.beta2)
 
 
 def real_tokens(batch: Batch) -> int:
@@ -115,7 +106,7 @@ class Trainer:
                                        enabled=self.dtype != torch.float32 and not cfg.fsdp)
         # Loss scaling is only needed for fp16's narrow exponent range; bf16 has fp32's range.
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.dtype == torch.float16)
-        self.optimizer = build_optimizer(self.raw_model, cfg, env.device)
+        self.optimizer = Optimizers(self.raw_model, cfg, env.device)
         # MFU = model FLOPs per second / peak (trainer/flops.py).
         self.flops_per_token = self.raw_model.estimate_flops_per_token
         self.peak_flops = peak_flops(env.device, self.dtype, cfg.peak_tflops)
@@ -130,15 +121,35 @@ class Trainer:
         # Each fetched step is trained num_iterations times (GRPO's policy updates per batch of rollouts).
         self.num_iterations = self.objective.num_iterations
         self.steps_per_epoch = max(1, self.micro_per_epoch // cfg.accumulation_steps) * self.num_iterations
-        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.steps_per_epoch
-        self.decay_iters = cfg.lr_decay_iters if cfg.lr_decay_iters > 0 else self.total_steps
+        self.budget = parse_duration(cfg.time_budget) if cfg.time_budget else None
+        # The run's length: --max_steps, else --epochs; with a time budget and no --max_steps, decided on the way.
+        self.max_steps: int | None = (cfg.max_steps if cfg.max_steps > 0 else
+                                      None if self.budget else cfg.epochs * self.steps_per_epoch)
+        self.schedule = cfg.lr_schedule if cfg.lr_schedule != "auto" else "wsd" if self.budget else "cosine"
+        self.started = clock() - process_age()  # the budget counts from the process's start
         self.group_rows = env.world_size * cfg.batch_size * cfg.accumulation_steps  # rows per optimizer step
         self.record = run_record(cfg, run.tokenizer, run.seq_len, self.group_rows, train_data.lengths is not None)
         self.state = TrainState()
         self.bad_streak = 0  # consecutive steps skipped for a non-finite gradient
         self.said_no_validation = False
+        self.elapsed_before = 0.0  # seconds of the processes before a resume
+        self.step_seconds: float | None = None  # recent seconds per optimizer step
+        self.eval_seconds: float | None = None  # the last evaluation's, and the last checkpoint's, duration
+        self.save_seconds = 0.0
         self.resumed_from: Path | None = None
         self.prepared: list[Batch] = []  # the current step's micro-batches, reused for num_iterations steps
+
+    @property
+    def total_steps(self) -> int | None:
+        """The run's length: what a time budget decided, else --max_steps or --epochs' (None: not decided yet)."""
+        return self.state.planned_steps if self.state.planned_steps is not None else self.max_steps
+
+    def _ended(self) -> bool:
+        return self.total_steps is not None and self.state.step >= self.total_steps
+
+    def _elapsed(self) -> float:
+        """Seconds this run has taken so far: this process since it started, and the processes before a resume."""
+        return self.elapsed_before + clock() - self.started
 
     # ----------------------------------------------------------------------------- data
     def _loader(self, sampler: ResumableBatchSampler, data: Dataset) -> DataLoader:
@@ -177,7 +188,12 @@ class Trainer:
     # ----------------------------------------------------------------------------- steps
     def _train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
         env, cfg = self.env, self.cfg
-        lr = cfg.learning_rate * lr_multiplier(self.state.step, cfg.warmup_iters, self.decay_iters, cfg.min_lr_ratio)
+        s = self.state
+        multiplier = lr_multiplier(s.step, schedule=self.schedule, warmup_iters=cfg.warmup_iters,
+                                   total_steps=self.total_steps, min_lr_ratio=cfg.min_lr_ratio,
+                                   decay_iters=cfg.lr_decay_iters, decay_fraction=cfg.decay_fraction,
+                                   decay_start=s.decay_start)
+        lr = cfg.learning_rate * multiplier  # the logged one (--optimizer muon: AdamW's; Muon's scales alike)
         # One collective for the step's item count (the loss normaliser) and its real tokens (for tokens/s):
         # padding of SFT/DPO batches is not counted as work done.
         tokens = [real_tokens(b) for b in micro_batches]
@@ -205,20 +221,19 @@ class Trainer:
                 self.scaler.scale(loss * scale).backward()
             loss_sum += loss.detach()
             step_metrics.append(metrics)
-        self.scaler.unscale_(self.optimizer)
+        self.optimizer.unscale_(self.scaler)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = parallel.clip_grad_norm_(self.raw_model.parameters(), max_norm)
         finite = bool(torch.isfinite(grad_norm))
         if finite:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.scaler.step(self.optimizer)
+            self.optimizer.set_lr(multiplier)
+            self.optimizer.step(self.scaler)
             self.bad_streak = 0
         else:  # every rank sees the same all-reduced norm, so every rank skips together
             self.state.skipped_steps += 1
             self.bad_streak += 1
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         all_reduce_sum(loss_sum)
         return {"loss": (loss_sum / n_items).item(), "grad_norm": grad_norm.item(), "lr": lr,
                 **self._mean_over_ranks(step_metrics)}
@@ -286,6 +301,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- state
     def _trainer_state(self, eval_pending: bool = False) -> dict[str, Any]:
+        self.state.elapsed = self._elapsed()
         return {**asdict(self.state), "eval_pending": eval_pending, "world_size": self.env.world_size,
                 "config": asdict(self.cfg), "run": self.record}
 
@@ -325,7 +341,12 @@ class Trainer:
             raise ckpt.CheckpointError(f"{path / ckpt.STATE_FILE}: lacks {', '.join(missing)}; not a checkpoint this "
                                        f"train.py wrote. Resume from another checkpoint, or use a new --out_dir.")
         self.state = TrainState(**{k: saved[k] for k in asdict(TrainState()) if k in saved})
-        apply_hyperparameters(self.optimizer, self.cfg)
+        self.elapsed_before = self.state.elapsed
+        if self.state.planned_for != self.cfg.time_budget and self.state.planned_steps is not None:
+            notes.append(f"--time_budget {self.cfg.time_budget or '(none)'} replaces {self.state.planned_for}: the run's "
+                         f"length (step {self.state.planned_steps}) is decided again")
+            self.state.planned_steps = self.state.decay_start = None
+        self.optimizer.apply_hyperparameters(self.cfg)
         if self._mid_group():
             self.prepared = [self._to_device(b) for b in ckpt.load_rank_file(path, "rollouts", self.env)]
         return notes
@@ -356,7 +377,7 @@ class Trainer:
         notes = self.resume(path) if path is not None else []
         self.resumed_from = path
         s = self.state
-        finished = s.step >= self.total_steps and not s.eval_pending  # a resume of a run that already ended
+        finished = self._ended() and not s.eval_pending  # a resume of a run that already ended
         log = MetricsLogger(self.out_dir, asdict(cfg), enabled=env.is_main, total_steps=self.total_steps,
                             initial_step=s.step, use_wandb=cfg.use_wandb, project=cfg.wandb_project,
                             run_name=cfg.wandb_run_name)
@@ -396,14 +417,19 @@ class Trainer:
         stream = self._train_batches()
         t_last, tokens_last = time.perf_counter(), s.tokens_seen
         self.step_flops = 0.0
-        while s.step < self.total_steps:
+        while not self._ended():
+            t_step = clock()
             try:
                 metrics = self._train_step(self._step_batches(stream))
             except torch.OutOfMemoryError:
                 raise TrainingError(f"out of memory at step {s.step + 1}. Reduce memory with {_MEMORY_FLAGS}; "
                                     f"--resume continues from the last checkpoint.") from None
             s.step += 1
-            done = s.step == self.total_steps
+            self.step_seconds = clock() - t_step if self.step_seconds is None else (
+                0.9 * self.step_seconds + 0.1 * (clock() - t_step))  # the recent rate, for the time budget
+            if self.budget is not None and s.planned_steps is None:
+                self._plan_length(log)
+            done = self._ended()
             if s.step % cfg.log_interval == 0 or done:
                 dt = time.perf_counter() - t_last
                 tok_s = (s.tokens_seen - tokens_last) / max(dt, 1e-9)
@@ -425,12 +451,36 @@ class Trainer:
                 return signum
             saved = None
             if not cfg.save_best_only and (done or (cfg.save_interval_steps and s.step % cfg.save_interval_steps == 0)):
+                t_save = clock()
                 saved = self.save_checkpoint(eval_pending=evaluates)  # before evaluation: a crash there loses neither
+                self.save_seconds = clock() - t_save
             if evaluates:
+                t_eval = clock()
                 self._evaluate(log, saved)
+                self.eval_seconds = clock() - t_eval
             if saved is not None or evaluates:  # restart the tokens/s clock: it measures training, not the pauses
                 t_last, tokens_last, self.step_flops = time.perf_counter(), s.tokens_seen, 0.0
         return 0
+
+    def _plan_length(self, log: MetricsLogger) -> None:
+        """With --time_budget: once its stable part is spent, fix the run's length (and so wsd's decay) to what the
+        remaining time holds, keeping back what the final evaluation, checkpoint and export will take."""
+        cfg, s = self.cfg, self.state
+        if self.eval_seconds is not None:
+            eval_seconds = self.eval_seconds
+        else:  # not timed yet: a validation batch is a forward, about a third of a training step
+            batches = -(-len(self.val_data or ()) // (cfg.batch_size * self.env.world_size))
+            eval_seconds = min(batches, cfg.eval_iters or batches) * self.step_seconds / 3
+        reserve = eval_seconds + 2 * self.save_seconds
+        total = steps_in_budget(s.step, self._elapsed(), self.budget, cfg.decay_fraction, self.step_seconds, reserve)
+        if total is None:
+            return
+        if self.max_steps is not None:
+            total = min(total, self.max_steps)
+        s.planned_steps, s.decay_start, s.planned_for = total, s.step, cfg.time_budget
+        log.set_total(total)
+        log.message(f"--time_budget {cfg.time_budget}: {self._elapsed():.0f}s spent by step {s.step}; the learning "
+                    f"rate decays from here to the run's end at step {total}")
 
     def _evaluate(self, log: MetricsLogger, checkpoint: Path | None) -> None:
         """This step's evaluation: log it, export best/ if it improved, and mark `checkpoint` (this step's, saved

@@ -4,7 +4,7 @@ and what may change (taking effect from the next step, said on stderr).
 Must match, else the resume is refused with the reason (these decide what the weights and the data position mean):
     the mode and the architecture (checked against the checkpoint's config.json); the tokenizer (a hash of its
     vocabulary, merges, special tokens and chat template); the data files (size and a hash of the first MiB);
-    the row length; the seed (it decides the order rows are read in, and a validation split carved off the
+    the optimizer; the row length; the seed (it decides the order rows are read in, and a validation split carved off the
     training rows); --val_fraction when validation is carved off; --skip_bad_records (it decides which rows
     exist); and, in length-grouped modes (sft, lora, dpo, grpo), the global batch (--batch_size x processes x
     --accumulation_steps: batches of similar-length rows are cut from it).
@@ -61,10 +61,13 @@ def check_resume(saved: dict[str, Any], record: dict[str, Any], cfg: TrainConfig
     if before is None:
         return [f"{where} records no tokenizer or data fingerprints (an older checkpoint): they are not checked"]
     refused = _refusals(before, record)
+    config = saved.get("config", {})
+    if config.get("optimizer", "adamw") != cfg.optimizer:
+        refused.append(f"it was trained with --optimizer {config.get('optimizer', 'adamw')}, whose state this "
+                       f"--optimizer {cfg.optimizer} cannot continue")
     if refused:
         raise CheckpointError(f"--resume {path}: {'; '.join(refused)}. Resume with what the run had, or start a new "
                               f"run in another --out_dir.")
-    config = saved.get("config", {})
     now = dataclasses.asdict(cfg)
     changed = [f"--{name} {config[name]} -> {now[name]}" for name in now
                if name in config and config[name] != now[name] and name not in UNSAID]
