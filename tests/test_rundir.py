@@ -497,8 +497,9 @@ def test_resume_with_another_learning_rate_takes_it_from_the_next_step(corpus, t
     train.main(train_args(corpus, out, *common, "--max_steps", "10"))
     train.main(train_args(corpus, out, *common, "--max_steps", "12", "--resume", "--learning_rate", "1e-5"))
     lrs = {r["step"]: r["lr"] for r in read_metrics(out) if "lr" in r}
-    assert lrs[11] == pytest.approx(1e-5 * lr_multiplier(10, 2, 20, 0.1))
-    assert lrs[10] == pytest.approx(1e-3 * lr_multiplier(9, 2, 20, 0.1))
+    cosine = dict(schedule="cosine", warmup_iters=2, total_steps=12, decay_iters=20, min_lr_ratio=0.1)
+    assert lrs[11] == pytest.approx(1e-5 * lr_multiplier(10, **cosine))
+    assert lrs[10] == pytest.approx(1e-3 * lr_multiplier(9, **cosine))
     said = capsys.readouterr().out
     assert "changed since the checkpoint, from step 11 on: " in said
     assert "--learning_rate 0.001 -> 1e-05" in said and "--max_steps 10 -> 12" in said

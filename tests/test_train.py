@@ -21,7 +21,8 @@ from trainer.schedule import lr_multiplier
 
 
 def test_lr_schedule_warmup_cosine_floor():
-    m = [lr_multiplier(s, warmup_iters=10, decay_iters=110, min_lr_ratio=0.1) for s in range(200)]
+    m = [lr_multiplier(s, schedule="cosine", warmup_iters=10, total_steps=200, decay_iters=110, min_lr_ratio=0.1)
+         for s in range(200)]
     assert m[0] == pytest.approx(0.1) and m[9] == pytest.approx(1.0)  # linear warmup to the peak
     assert m[60] == pytest.approx(0.1 + 0.9 * 0.5)                    # cosine half way
     assert all(a >= b for a, b in zip(m[9:110], m[10:111]))            # monotone decay
