@@ -296,9 +296,12 @@ class Trainer:
         if path is not None:
             self.resume(path)
             s = self.state
-        log = MetricsLogger(self.out_dir, asdict(cfg), enabled=env.is_main, total_steps=self.total_steps,
-                            initial_step=s.step, use_wandb=cfg.use_wandb, project=cfg.wandb_project,
-                            run_name=cfg.wandb_run_name)
+        log = MetricsLogger(self.out_dir, {**asdict(cfg), "model": asdict(self.raw_model.config)},
+                            enabled=env.is_main, total_steps=self.total_steps, initial_step=s.step,
+                            use_wandb=cfg.use_wandb, project=cfg.wandb_project, run_name=cfg.wandb_run_name,
+                            log_freq=cfg.wandb_log_freq, log_model=cfg.wandb_log_model, log_code=cfg.wandb_log_code)
+        if cfg.wandb_watch_model:
+            log.watch(self.raw_model, cfg.wandb_watch_log, cfg.wandb_watch_log_freq)
         if cfg.resume:
             log.message(f"resumed from step {s.step} (epoch {s.epoch}, row {s.epoch_offset})")
         self.raw_model.train()
@@ -310,6 +313,7 @@ class Trainer:
                             f"{ckpt.latest_checkpoint(self.out_dir)}. Continue with the same command plus --resume.")
             elif cfg.save_last:
                 self._export("final", val_loss)
+                log.exported(self.out_dir / "final", "final", s.step)
                 log.message(f"final model written to {self.out_dir / 'final'}")
         finally:
             log.close()
@@ -378,6 +382,7 @@ class Trainer:
                     if cfg.save_best_only:
                         self.save_checkpoint()
                     self._export("best", val_loss)
+                    log.exported(self.out_dir / "best", "best", s.step)
                 paused_training = True
             if paused_training:  # restart the tokens/s clock: it measures training, not saving and evaluating
                 t_last, tokens_last, self.step_flops = time.perf_counter(), s.tokens_seen, 0.0
