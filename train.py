@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,14 @@ def selected_mode(argv: list[str]) -> str:
     return mode
 
 
+# Modes other projects have that are not training here: what to use instead.
+OTHER_MODES = {"test": "Zer02LLM's test mode is no training mode here: to try a model, python eval_model.py "
+                       "--model_path out/sft/final; to check that each stage learned, python scripts/pipeline_check.py"}
+
+
 def build_parser(mode: str = "pretrain") -> argparse.ArgumentParser:
-    """The flags of one mode: the shared ones, the mode's own (with its defaults), and the model flags it takes."""
+    """The flags of one mode: the shared ones, the mode's own (with its defaults), the model flags it takes, and
+    the launcher flags of other projects' commands."""
     spec = MODES[mode]
     # allow_abbrev=False: a typo such as --warmup must fail, not silently set --warmup_iters.
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__, allow_abbrev=False,
@@ -56,7 +63,24 @@ def build_parser(mode: str = "pretrain") -> argparse.ArgumentParser:
     if spec.model_flags != ():
         add_dataclass_flags(parser, ModelConfig, only=spec.model_flags, override_only=True,
                             title=spec.model_flags_title)
+    # Not training settings (no config field): how the processes were started, as MiniMind's and Zer02LLM's
+    # commands say it.
+    launch = parser.add_argument_group("launch (accepted from MiniMind / Zer02LLM commands)")
+    launch.add_argument("--ddp", action="store_true", help="DDP starts by itself under torchrun, one process per "
+                        "GPU (torchrun --nproc_per_node=N train.py ...); without torchrun this says so and trains in "
+                        "one process.")
+    launch.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="This process's GPU, as legacy "
+                        "launchers (python -m torch.distributed.launch) pass it; torchrun sets LOCAL_RANK instead.")
     return parser
+
+
+def apply_launch_flags(args: argparse.Namespace) -> None:
+    """--local_rank becomes LOCAL_RANK (which init_distributed reads); --ddp alone says that it changes nothing."""
+    if args.local_rank >= 0:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    if args.ddp and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        print("train.py: --ddp without torchrun: one process. Several GPUs: torchrun --nproc_per_node=N train.py "
+              "... (DDP is then implied, --ddp is not needed)", file=sys.stderr)
 
 
 def refuse_unknown(parser: argparse.ArgumentParser, mode: Mode, unknown: list[str], args: argparse.Namespace) -> None:
@@ -79,10 +103,13 @@ def parse_config(argv: list[str] | None) -> tuple[Mode, TrainConfig, ModelConfig
     argv = sys.argv[1:] if argv is None else argv
     name = selected_mode(argv)
     parser = build_parser(name if name in MODES else "pretrain")  # an unknown --mode: argparse names the choices
+    if name in OTHER_MODES:
+        parser.error(f"--mode {name}: {OTHER_MODES[name]}")
     args, unknown = parser.parse_known_args(argv)
     mode = MODES[args.mode]
     if unknown:
         refuse_unknown(parser, mode, unknown, args)
+    apply_launch_flags(args)
     cfg = mode.Config(**parsed_fields(mode.Config, args))
     try:
         cfg.check()

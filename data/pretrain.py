@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .records import BadRecords, DataError, iter_jsonl_texts, iter_lines
+from .records import BadRecords, DataError, data_files, iter_jsonl_texts, iter_lines
 from .rows import RowsDataset
 
 SIDECAR_FORMAT = "zero2llm-tokens-v1"
@@ -295,32 +295,38 @@ def _write_tokens(paths: list[Path], tokenizer, dtype: np.dtype, out_path: Path,
     return n_tokens, n_docs, stats["n_empty"]
 
 
-def pretrain_bin(path: str | Path, tokenizer, cache_dir: str | Path | None = None, show_progress: bool = True,
-                 skip_bad_records: bool = False) -> Path:
-    """A token file for `path`: a .bin as-is (checked), or a .jsonl/.txt prepared once and cached.
+def pretrain_bin(path: str | Path | Sequence[str | Path], tokenizer, cache_dir: str | Path | None = None,
+                 show_progress: bool = True, skip_bad_records: bool = False, bin_dtype: str | None = None) -> Path:
+    """A token file for `path`: a .bin as-is (checked), or .jsonl/.txt files prepared once and cached.
 
-    The cache key is the source path, size and mtime plus the tokenizer fingerprint (and skip_bad_records),
+    `path` is a --data_path: a file, a folder, a glob, or several files (data.data_files), prepared together in
+    that order into one token file. A .bin must come alone; without its sidecar it is read as `bin_dtype`
+    (uint16 or uint32), and refused when that is not given: the file itself does not say.
+    The cache key is the source paths, sizes and mtimes plus the tokenizer fingerprint (and skip_bad_records),
     so editing the data or changing the tokenizer re-prepares, and anything else reuses; a cache prepared
     with bad lines skipped is never used by a strict run (which fails on the first bad line), nor vice versa.
-    Cache files go to `cache_dir` (default: a `.cache` folder next to the source). A .bin without sidecar is
-    read in the dtype the tokenizer's vocabulary needs.
+    Cache files go to `cache_dir` (default: a `.cache` folder next to the first source).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file")
-    if path.suffix == ".bin":
-        check_bin(path, tokenizer)
-        return path
-    stamp = _source_stamp(path)
-    key_parts = [stamp, tokenizer_fingerprint(tokenizer)] + (["skip_bad_records"] if skip_bad_records else [])
+    paths = data_files(path, (".jsonl", ".txt", ".bin"))
+    bins = [p for p in paths if p.suffix == ".bin"]
+    if bins and len(paths) > 1:
+        raise DataError(f"{bins[0]}: a prepared token file among {len(paths)} data files; train on it alone, or "
+                        f"prepare every source into one .bin (python data.py prepare --input FILE ... --output X.bin)")
+    if bins:
+        check_bin(bins[0], tokenizer, bin_dtype)
+        return bins[0]
+    stamps = [_source_stamp(p) for p in paths]
+    key_parts = [stamps[0] if len(stamps) == 1 else stamps, tokenizer_fingerprint(tokenizer)] + (
+        ["skip_bad_records"] if skip_bad_records else [])
     key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:12]
-    cache_dir = Path(cache_dir) if cache_dir is not None else path.parent / ".cache"
-    out = cache_dir / f"{path.stem}.{key}.bin"
+    cache_dir = Path(cache_dir) if cache_dir is not None else paths[0].parent / ".cache"
+    name = paths[0].stem + (f"+{len(paths) - 1}" if len(paths) > 1 else "")
+    out = cache_dir / f"{name}.{key}.bin"
     if out.exists() and out.with_suffix(".json").exists():
         return out
     if cache_dir.is_dir():
         remove_orphans(cache_dir)
-    prepare_pretrain(path, tokenizer, out, show_progress=show_progress, skip_bad_records=skip_bad_records)
+    prepare_pretrain(paths, tokenizer, out, show_progress=show_progress, skip_bad_records=skip_bad_records)
     if show_progress:
         print(summary(out), file=sys.stderr)
     return out
@@ -334,20 +340,20 @@ def summary(bin_path: str | Path) -> str:
             f"{meta['n_empty_skipped']} empty skipped{bad}")
 
 
-def check_bin(path: str | Path, tokenizer=None, dtype: str | None = None, vocab_size: int | None = None
-              ) -> np.dtype:
+def check_bin(path: str | Path, tokenizer=None, dtype: str | None = None) -> np.dtype:
     """The dtype of a token file, after checking it against its sidecar (size, tokenizer).
 
-    Without a sidecar the dtype is `dtype`, else what `vocab_size` (or the tokenizer's) needs.
+    Without a sidecar the dtype is `dtype`, and not guessed when that is None: a uint32 file read as uint16
+    (or the reverse) is a stream of wrong ids that trains without an error.
     """
     path = Path(path)
     meta = read_sidecar(path)
     if meta is None:
         if dtype is not None:
             return np.dtype(dtype)
-        if vocab_size is None and tokenizer is None:
-            raise DataError(f"{path}: no sidecar .json; say which dtype the tokens are (uint16 or uint32)")
-        return token_dtype(vocab_size if vocab_size is not None else len(tokenizer))
+        raise DataError(f"{path}: no sidecar {path.with_suffix('.json').name} says how its token ids are stored; pass "
+                        f"--bin_dtype uint16 or uint32 (what it was written with), or prepare the source text with "
+                        f"python data.py prepare")
     dt = np.dtype(meta["dtype"])
     if dtype is not None and np.dtype(dtype) != dt:
         raise DataError(f"{path}: sidecar says dtype {dt.name}, but {dtype} was asked for")
@@ -370,9 +376,8 @@ class PackedDataset(RowsDataset):
     input_ids = row[:-1], labels = row[1:]. Rows cross document boundaries (documents are joined by
     eos, so the model learns where a document ends). `rows` selects a subset of rows (the train/val
     carve-off). The memmap is opened lazily, so DataLoader workers each open their own instead of
-    pickling the whole array. `vocab_size` checks every id is < vocab_size (one pass over the file)
-    and, for a .bin without sidecar, picks the dtype when `dtype` is not given. All rows have one
-    length, so `lengths` is None.
+    pickling the whole array. `dtype` is that of a .bin without sidecar (check_bin); `vocab_size` checks
+    every id is < vocab_size (one pass over the file). All rows have one length, so `lengths` is None.
     """
 
     def __init__(self, bin_path: str | Path, seq_len: int, rows: np.ndarray | Sequence[int] | None = None,
@@ -383,7 +388,7 @@ class PackedDataset(RowsDataset):
         if seq_len < 1:
             raise DataError(f"seq_len must be >= 1, got {seq_len}")
         self.seq_len = seq_len
-        self.dtype = check_bin(self.path, None, dtype, vocab_size)
+        self.dtype = check_bin(self.path, None, dtype)
         n_bytes = self.path.stat().st_size
         if n_bytes % self.dtype.itemsize:
             raise DataError(f"{self.path}: {n_bytes} bytes is not a whole number of {self.dtype.name} tokens; "

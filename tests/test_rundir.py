@@ -557,7 +557,7 @@ def test_resume_on_a_changed_data_file_is_refused(corpus, tmp_path):
                            *train_args(corpus, out)[6:], "--eval_interval", "0", *extra]
     train.main(args("--max_steps", "2"))
     src.write_bytes(src.read_bytes() + b'{"text": "one more document"}\n')
-    with pytest.raises(CheckpointError, match="--data_path is not the file it was trained on"):
+    with pytest.raises(CheckpointError, match="--data_path is not the data it was trained on"):
         train.main(args("--max_steps", "4", "--resume"))
 
 

@@ -14,8 +14,9 @@ import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from data import DataError, data_files
 from model.config import flag
 from trainer.errors import UsageError
 from trainer.schedule import SCHEDULES, parse_duration
@@ -29,11 +30,14 @@ OPTIMIZERS = ("adamw", "muon")
 class TrainConfig:
     """Flags shared by every mode: the run, its data, length, optimisation, evaluation, checkpoints and scale."""
     flag_group = "training (every mode)"
+    data_suffixes: ClassVar[tuple[str, ...]] = (".jsonl", ".txt", ".bin")  # what a --data_path folder's files are
 
     mode: str = flag("pretrain", "Training mode; `--mode X --help` lists that mode's flags and defaults.")
     out_dir: str = flag("out/pretrain", "Run folder: checkpoints/, best/, final/, metrics.jsonl.")
     data_path: str = flag("dataset/pretrain.jsonl", "Training data (each mode defaults to its shipped sample). "
-                          "Pretraining: .jsonl ({\"text\": ...}), .txt, or a prepared .bin token file.")
+                          "Pretraining: .jsonl ({\"text\": ...}), .txt, or a prepared .bin token file. Several: a "
+                          "folder (its data files, sorted by name), a glob ('shards/*.jsonl', sorted by name) or "
+                          "comma-separated files (in the order given), all read in that order.")
     val_data_path: str = flag("dataset/pretrain_val.jsonl", "Held-out data for validation (each mode defaults to its "
                               "shipped sample); empty string = carve --val_fraction off the training data.")
     val_fraction: float = flag(0.02, "Share of training rows held out when --val_data_path is empty.")
@@ -88,7 +92,9 @@ class TrainConfig:
     log_interval: int = flag(10, "Steps between logged training metrics.")
     eval_interval: int = flag(100, "Steps between validation runs (and always at the end); 0 = only at the end.")
     eval_iters: int = flag(50, "Validation batches per process per evaluation; 0 = the whole validation set.")
-    save_interval_steps: int = flag(200, "Steps between checkpoints in out_dir/checkpoints; 0 = only at the end.")
+    save_interval_steps: int = flag(200, "Steps between checkpoints in out_dir/checkpoints; 0 = only at the end. "
+                                    "--save_interval is the same flag (Zer02LLM's name).",
+                                    aliases=("--save_interval",))
     keep_checkpoint_max: int = flag(3, "Newest checkpoints to keep; 0 = keep all.")
     save_best_only: bool = flag(False, "Write checkpoints only at evaluations that improve the validation loss.")
     save_last: bool = flag(True, "Export the final model to out_dir/final (Hugging Face format).")
@@ -100,6 +106,16 @@ class TrainConfig:
     use_wandb: bool = flag(False, "Log to Weights & Biases (offline unless credentials are configured).")
     wandb_project: str = flag("zero2llm", "wandb project name.")
     wandb_run_name: str = flag("", "wandb run name; empty = derived from mode and out_dir.")
+    wandb_log_freq: int = flag(1, "Send every N-th logged training record to wandb (validation records always go); "
+                               "metrics.jsonl keeps them all.")
+    wandb_log_model: bool = flag(False, "Upload best/ and final/ as wandb model artifacts whenever they are written "
+                                 "(offline runs keep them for `wandb sync`).")
+    wandb_log_code: bool = flag(False, "Save the repository's Python files with the wandb run.")
+    wandb_watch_model: bool = flag(False, "wandb.watch the model: histograms of its gradients (or parameters, see "
+                                   "--wandb_watch_log) every --wandb_watch_log_freq backward passes.")
+    wandb_watch_log: str = flag("gradients", "What --wandb_watch_model logs; None = only the model graph.",
+                                choices=("gradients", "parameters", "all", "None"))
+    wandb_watch_log_freq: int = flag(100, "Backward passes between --wandb_watch_model's histograms.")
 
     def check(self) -> None:
         """Refuse values that mean nothing (UsageError naming the flag), before any work starts."""
@@ -128,7 +144,8 @@ class TrainConfig:
                              "--fsdp)")
         if self.resume and self.overwrite:
             raise UsageError("--resume continues the run in --out_dir and --overwrite replaces it: pass one of them")
-        below_one = [f for f in ("batch_size", "accumulation_steps", "log_interval") if getattr(self, f) < 1]
+        below_one = [f for f in ("batch_size", "accumulation_steps", "log_interval", "wandb_log_freq",
+                                 "wandb_watch_log_freq") if getattr(self, f) < 1]
         if below_one:
             raise UsageError(f"--{below_one[0]} {getattr(self, below_one[0])}: must be >= 1")
         negative = [f for f in NON_NEGATIVE if getattr(self, f) < 0]
@@ -145,15 +162,21 @@ class TrainConfig:
         if self.fsdp and self.dtype == "float16":
             raise UsageError("--fsdp with --dtype float16: FSDP's sharded gradients have no loss scaler here; use "
                              "--dtype bfloat16 (or float32)")
+        if self.fsdp and self.wandb_watch_model:
+            raise UsageError("--wandb_watch_model with --fsdp: the gradients are sharded over the processes; watch a "
+                             "run without --fsdp")
         for name in ("data_path", "val_data_path", "tokenizer_path"):
             path = getattr(self, name)
-            if path and not Path(path).exists():
-                # The shipped defaults are relative paths: the usual cause is a run from outside the repository.
-                hint = ("; the defaults are relative to the repository root: run from there"
-                        if path == self.default(name) else "")
+            # The shipped defaults are relative paths: the usual cause is a run from outside the repository.
+            hint = ("; the defaults are relative to the repository root: run from there"
+                    if path == self.default(name) else "")
+            if path and name == "tokenizer_path" and not Path(path).exists():
                 raise UsageError(f"--{name} {path}: no such file or folder{hint}")
-            if path and name != "tokenizer_path" and Path(path).is_dir():
-                raise UsageError(f"--{name} {path}: a folder; pass one data file (.jsonl, .txt, or a prepared .bin)")
+            if path and name != "tokenizer_path":
+                try:
+                    data_files(path, self.data_suffixes)
+                except DataError as e:
+                    raise UsageError(f"--{name} {e}{hint}") from None
         check_out_dir(self.out_dir)
 
     @classmethod
@@ -233,6 +256,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, only: tup
         group_title = title or getattr(klass, "flag_group", klass.__name__)
         group = groups.get(group_title) or groups.setdefault(group_title, parser.add_argument_group(group_title))
         help_ = meta.pop("help", "")
+        aliases = meta.pop("aliases", ())  # other names of the flag (another project's), declared on the field
         if choices and f.name in choices:
             meta["choices"] = choices[f.name]
         default = None if override_only else defaults[f.name]
@@ -240,11 +264,11 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, only: tup
             help_ += " (default: %(default)s)"
         if tp is bool:
             # --flag, --no-flag, and --flag=true/false (the form sweep tools generate).
-            group.add_argument(f"--{f.name}", type=parse_bool, nargs="?", const=True, default=default,
+            group.add_argument(f"--{f.name}", *aliases, type=parse_bool, nargs="?", const=True, default=default,
                                metavar="true|false", help=f"{help_} Off: --no-{f.name}.")
             group.add_argument(f"--no-{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
         else:
-            group.add_argument(f"--{f.name}", type=tp, default=default, help=help_, **meta)
+            group.add_argument(f"--{f.name}", *aliases, type=tp, default=default, help=help_, **meta)
 
 
 def parsed_fields(cls: type, ns: argparse.Namespace, only: tuple[str, ...] | None = None) -> dict[str, Any]:

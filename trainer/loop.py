@@ -378,9 +378,12 @@ class Trainer:
         self.resumed_from = path
         s = self.state
         finished = self._ended() and not s.eval_pending  # a resume of a run that already ended
-        log = MetricsLogger(self.out_dir, asdict(cfg), enabled=env.is_main, total_steps=self.total_steps,
-                            initial_step=s.step, use_wandb=cfg.use_wandb, project=cfg.wandb_project,
-                            run_name=cfg.wandb_run_name)
+        log = MetricsLogger(self.out_dir, {**asdict(cfg), "model": asdict(self.raw_model.config)},
+                            enabled=env.is_main, total_steps=self.total_steps, initial_step=s.step,
+                            use_wandb=cfg.use_wandb, project=cfg.wandb_project, run_name=cfg.wandb_run_name,
+                            log_freq=cfg.wandb_log_freq, log_model=cfg.wandb_log_model, log_code=cfg.wandb_log_code)
+        if cfg.wandb_watch_model:
+            log.watch(self.raw_model, cfg.wandb_watch_log, cfg.wandb_watch_log_freq)
         if path is not None:
             log.message(f"resumed from step {s.step} (epoch {s.epoch}, row {s.epoch_offset})")
         for note in notes:
@@ -396,6 +399,7 @@ class Trainer:
                 log.message(f"the run already ended at step {s.step} (--max_steps or --epochs): nothing to do")
             elif cfg.save_last:
                 self._export("final")
+                log.exported(self.out_dir / "final", "final", s.step)
                 log.message(f"final model written to {self.out_dir / 'final'}")
         finally:
             log.close()
@@ -507,6 +511,7 @@ class Trainer:
                 if cfg.save_best_only:
                     checkpoint = self.save_checkpoint()
                 self._export("best")
+                log.exported(self.out_dir / "best", "best", s.step)
         if checkpoint is not None and self.env.is_main and self._is_own(checkpoint) and ckpt.step_of(checkpoint) == s.step:
             ckpt.update_state(checkpoint, self._trainer_state())
         barrier()

@@ -19,6 +19,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from data import data_files
 from trainer.checkpoint import CheckpointError
 from trainer.config import TrainConfig
 
@@ -37,6 +38,12 @@ def file_fingerprint(path: str | Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256_first_mib": hashlib.sha256(head).hexdigest()}
 
 
+def data_fingerprint(spec: str, suffixes: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The fingerprints of every file a --data_path names, in the order they are read (a folder, a glob or a
+    comma list names several): a file added, removed or reordered changes it as a changed file does."""
+    return [{"name": f.name, **file_fingerprint(f)} for f in data_files(spec, suffixes)]
+
+
 def tokenizer_hash(tokenizer: Any) -> str:
     """What the ids mean: the tokenizer's full definition and its chat template."""
     text = tokenizer.backend_tokenizer.to_str() + str(tokenizer.chat_template)
@@ -46,7 +53,7 @@ def tokenizer_hash(tokenizer: Any) -> str:
 def run_record(cfg: TrainConfig, tokenizer: Any, seq_len: int, global_batch: int, length_grouped: bool
                ) -> dict[str, Any]:
     """What every checkpoint stores so that a later resume can be checked against it."""
-    data = {name: file_fingerprint(getattr(cfg, name)) for name in ("data_path", "val_data_path")
+    data = {name: data_fingerprint(getattr(cfg, name), cfg.data_suffixes) for name in ("data_path", "val_data_path")
             if getattr(cfg, name)}
     return {"mode": cfg.mode, "tokenizer": tokenizer_hash(tokenizer), "data": data, "seq_len": seq_len,
             "seed": cfg.seed, "val_carved": not cfg.val_data_path, "val_fraction": cfg.val_fraction,
@@ -83,7 +90,8 @@ def _refusals(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
         out.append("the tokenizer differs from the one it was trained with (its ids would mean other text)")
     for name, print_ in now["data"].items():
         if name in before["data"] and before["data"][name] != print_:
-            out.append(f"--{name} is not the file it was trained on (size or content changed)")
+            out.append(f"--{name} is not the data it was trained on (a file's size or content changed, or files were "
+                       f"added, removed or reordered)")
     if set(before["data"]) != set(now["data"]):
         out.append("it had " + (", ".join(f"--{n}" for n in sorted(before["data"])) or "no data files") +
                    ", this run has " + (", ".join(f"--{n}" for n in sorted(now["data"])) or "none"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,16 @@ class GRPOConfig(FinetuneConfig):
                                       "--loss_type dr_grpo.")
     reward_funcs: str = flag("accuracy,format", "Comma-separated reward functions: built-in accuracy, format, "
                              "length, or your own as module:function or path/to/file.py:function (see "
-                             "trainer/rewards.py).")
+                             "trainer/rewards.py); your file or module is imported, so its code runs in this run. "
+                             "accuracy compares with the lines' 'answer': without any, it is left out (and says so).")
     reward_weights: str = flag("", "Comma-separated weights of --reward_funcs (then of --reward_model_path); empty = "
                                "all 1.")
     reward_model_path: str = flag("", "A Hugging Face sequence-classification model folder whose first logit is one "
-                                  "more reward (loaded offline).")
+                                  "more reward (loaded offline), or a reward model with its own get_scores (such as "
+                                  "InternLM2-1.8B-reward, with --trust_remote_code).")
+    trust_remote_code: bool = flag(False, "Let --reward_model_path load the Python code its folder ships (config.json's "
+                                   "auto_map, e.g. InternLM2-1.8B-reward's); that code then runs in this run, as a "
+                                   "--reward_funcs file does. Off: such a folder is refused, naming this flag.")
     log_completions_interval: int = flag(50, "Steps between sample completions shown on the console and appended to "
                                          "out_dir/completions.jsonl (and at step 1); 0 = never.")
     ref_model_path: str = flag("", "Frozen reference model folder for the KL penalty; empty = the --init_from "
@@ -104,13 +110,21 @@ class GRPO(FinetuneMode):
         cfg: GRPOConfig = run.cfg
         funcs = load_reward_funcs(cfg.reward_funcs)
         if cfg.reward_model_path:
-            funcs.append(("reward_model", RewardModel(cfg.reward_model_path, run.env.device)))
-        if not funcs:
-            raise UsageError("--reward_funcs is empty and there is no --reward_model_path: nothing scores the "
-                             "completions")
+            funcs.append(("reward_model", RewardModel(cfg.reward_model_path, run.env.device,
+                                                      trust_remote_code=cfg.trust_remote_code)))
         weights = parse_weights(cfg.reward_weights, len(funcs))
         dataset = functools.partial(GRPODataset, max_completion_length=cfg.max_completion_length)
         train, val = read_chat_data(run, dataset)
+        if "accuracy" in (name for name, _ in funcs) and not train.has_answers:
+            # MiniMind's RLAIF lines have none: say so once, rather than a NaN accuracy at every step.
+            if run.env.is_main:
+                print(f"--reward_funcs accuracy: {cfg.data_path} has no 'answer' field, so accuracy scores nothing "
+                      f"and is left out; the other rewards score the completions", file=sys.stderr)
+            kept = [i for i, (name, _) in enumerate(funcs) if name != "accuracy"]
+            funcs, weights = [funcs[i] for i in kept], [weights[i] for i in kept]
+        if not funcs:
+            raise UsageError("no reward left to score the completions (--reward_funcs, --reward_model_path); add one, "
+                             "e.g. --reward_funcs format or a --reward_model_path")
         model = load_init_model(run)
         objective = GRPOObjective(
             run.tokenizer, funcs, weights, load_reference(run) if cfg.beta > 0 else None,

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from data import PackedDataset, collate, pretrain_bin
+from data import PackedDataset, collate, pretrain_bin, read_sidecar
 from model import ModelConfig, Transformer
 from model.config import PRESETS, config_from_preset
 from trainer.config import TrainConfig, UsageError, flag
@@ -23,6 +23,9 @@ class PretrainConfig(TrainConfig):
 
     preset: str = flag("small", "Model size preset; the model flags below override single fields of it.",
                        choices=tuple(PRESETS))
+    bin_dtype: str = flag("", "How the ids of a .bin token file without its .json sidecar are stored (uint16 or "
+                          "uint32, as it was written); such a file is refused without it. Files from data.py "
+                          "prepare have a sidecar.", choices=("", "uint16", "uint32"), metavar="uint16|uint32")
 
 
 def check_fits_in_memory(model_cfg: ModelConfig, on_cpu: bool) -> None:
@@ -70,13 +73,15 @@ class Pretrain(Mode):
         return f"{cfg.preset} preset"
 
     def build(self, run: Run) -> Components:
-        skip = run.cfg.skip_bad_records
+        skip, bin_dtype = run.cfg.skip_bad_records, run.cfg.bin_dtype or None
         if run.env.is_main:  # rank 0 tokenizes (and reports skipped bad lines); the others wait, then read the cache
-            pretrain_bin(run.cfg.data_path, run.tokenizer, skip_bad_records=skip)
+            pretrain_bin(run.cfg.data_path, run.tokenizer, skip_bad_records=skip, bin_dtype=bin_dtype)
         barrier()
 
         def packed(path: str) -> PackedDataset:
-            return PackedDataset(pretrain_bin(path, run.tokenizer, skip_bad_records=skip), run.seq_len,
+            tokens = pretrain_bin(path, run.tokenizer, skip_bad_records=skip, bin_dtype=bin_dtype)
+            raw = read_sidecar(tokens) is None  # --bin_dtype is for such a file only; a sidecar says its own
+            return PackedDataset(tokens, run.seq_len, dtype=bin_dtype if raw else None,
                                  vocab_size=run.model_cfg.vocab_size)
 
         train, val = train_and_val(run, packed)
