@@ -163,7 +163,7 @@ class FixedCompletions:
     """G fixed replies per prompt (ending with <|im_end|>), for both trainers: what each prompt's rollouts are."""
 
     def __init__(self, tokenizer: Any, lines: list[dict], num_generations: int) -> None:
-        self.tokenizer, self.G = tokenizer, num_generations
+        self.G = num_generations
         self.pad = tokenizer.pad_token_id
         self.by_prompt: dict[tuple[int, ...], list[list[int]]] = {}
         self.prompt_ids: dict[str, list[int]] = {}
