@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from trainer.config import TrainConfig, add_dataclass_flags, parsed_fields
 from trainer.distributed import destroy, init_distributed, resolve_dtype
 from trainer.errors import TrainingError, UsageError
 from trainer.loop import Trainer
-from trainer.modes import MODES, Mode, Run
+from trainer.modes import MODES, Components, Mode, Run
 from trainer.rundir import owned_out_dir
 
 
@@ -129,7 +130,9 @@ def tokenizer_of(cfg: TrainConfig) -> Any:
         raise UsageError(f"--tokenizer_path {e}; point --tokenizer_path at another folder") from None
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None, adjust: Callable[[Components], None] | None = None) -> dict[str, Any]:
+    """Train as the flags say; `adjust(parts)`, if given, may change the built parts before training starts (a
+    benchmark feeds GRPO fixed completions that way: bench/peers.py)."""
     mode, cfg, model_cfg, tokenizer = parse_config(argv)
     env = init_distributed(cfg.device, process_group=cfg.fsdp)
     run = Run(cfg, env, resolve_dtype(cfg.dtype, env.device), tokenizer, model_cfg, mode.seq_len(cfg, model_cfg))
@@ -137,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         with owned_out_dir(Path(cfg.out_dir), env, resume=bool(cfg.resume), overwrite=cfg.overwrite):
             parts = mode.build(run)
+            if adjust is not None:
+                adjust(parts)
             if env.is_main:
                 print(f"{cfg.mode}: {parts.model.num_params() / 1e6:.2f}M parameters ({mode.source(cfg)}), "
                       f"{len(parts.train_data):,} training rows, {env.world_size} process(es) on {env.device}, "

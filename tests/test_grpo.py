@@ -134,6 +134,20 @@ def test_group_advantages_and_zero_std_groups():
     torch.testing.assert_close(raw[8:], torch.tensor([-0.75, -0.75, -0.75, 2.25]))
 
 
+def test_unscorable_completions_are_left_out_of_their_group():
+    """NaN = no reward function applies (all returned None): not in the group's mean or std, advantage 0. A group
+    with one scored completion has no std; one with none teaches nothing."""
+    nan = float("nan")
+    rewards = torch.tensor([1.0, nan, 0.0, 0.0, nan, 2.0, nan, nan, nan, nan, nan, nan])
+    adv, std = group_advantages(rewards, 4)
+    s = math.sqrt(1 / 3)  # unbiased std of (1, 0, 0): the NaN is not a 0
+    torch.testing.assert_close(adv[:4], torch.tensor([2 / 3, 0.0, -1 / 3, -1 / 3]) / (s + 1e-4))
+    torch.testing.assert_close(std[0], torch.tensor(s))
+    assert std[1:].isnan().all() and not adv[4:].any()
+    raw, _ = group_advantages(rewards, 4, scale=False)
+    torch.testing.assert_close(raw[:4], torch.tensor([2 / 3, 0.0, -1 / 3, -1 / 3]))
+
+
 # ----------------------------------------------------------------------------- reward functions
 
 THINK = "<think>\n21 + 19 = 40\n40 - 11 = 29\n</think>\n"
@@ -184,6 +198,11 @@ def test_user_reward_functions_load_from_a_module_or_a_file(tmp_path, monkeypatc
     funcs = load_reward_funcs("accuracy, my_rewards:brevity")
     assert [n for n, _ in funcs] == ["accuracy", "brevity"] and funcs[1][1](completions=["abc"]) == [-0.3]
     assert load_reward_funcs(f"{tmp_path / 'my_rewards.py'}:brevity")[0][0] == "brevity"
+    # A file is a module like any other while it runs (a dataclass looks its module up), under a name of its own.
+    (tmp_path / "json.py").write_text("import dataclasses\n@dataclasses.dataclass\nclass Score:\n    value: float = 1.0\n"
+                                      "def const(completions, **kwargs):\n    return [Score().value for _ in completions]\n")
+    assert load_reward_funcs(f"{tmp_path / 'json.py'}:const")[0][1](completions=["a"]) == [1.0]
+    assert sys.modules["json"] is json  # the standard module keeps its name
     for spec, message in [("acc", "unknown reward 'acc'; built in: accuracy, format, length"),
                           ("no_such_module_x:f", "cannot import module 'no_such_module_x'"),
                           ("my_rewards:nope", "my_rewards has no attribute 'nope'"),

@@ -138,11 +138,16 @@ def _import_function(spec: str) -> RewardFunc:
         path = Path(where)
         if not path.is_file():
             raise UsageError(f"{flag}: no such file {path}")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        # Registered under a name of its own while it runs: dataclasses (and pickle) look a module up in
+        # sys.modules, and the file's plain stem could replace a module of that name (json.py, for one).
+        module_name = f"reward_file_{path.stem}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
         try:
             module_spec.loader.exec_module(module)
         except Exception as e:
+            del sys.modules[module_name]
             raise UsageError(f"{flag}: importing {path} failed: {type(e).__name__}: {e}") from None
     else:
         if os.getcwd() not in sys.path:  # `python train.py` puts the script's folder on the path, not the cwd

@@ -43,7 +43,9 @@ class GRPOConfig(FinetuneConfig):
                        "reference model in memory.")
     epsilon: float = flag(0.2, "Clip range of the policy ratio: [1 - epsilon, 1 + epsilon_high].")
     epsilon_high: float | None = flag(None, "Upper clip of the policy ratio, 1 + epsilon_high (DAPO's clip-higher, "
-                                      "e.g. 0.28; cispo caps its ratio weights there); default: --epsilon.")
+                                      "e.g. 0.28); default: --epsilon. cispo caps its ratio weights at 1 + "
+                                      "epsilon_high too (MiniMax-M1), where TRL caps them at epsilon_high itself: "
+                                      "TRL's cispo epsilon_high 5.0 (ScaleRL's) is --epsilon_high 4 here.")
     num_iterations: int = flag(1, "Policy updates (optimizer steps) per batch of rollouts; > 1 reuses them with the "
                                "clipped ratio to the sampling policy, and multiplies the steps per epoch.")
     loss_type: str = flag("dapo", "GRPO loss normalisation: grpo (mean over each completion's tokens, then over "
@@ -113,6 +115,10 @@ class GRPO(FinetuneMode):
             funcs.append(("reward_model", RewardModel(cfg.reward_model_path, run.env.device,
                                                       trust_remote_code=cfg.trust_remote_code)))
         weights = parse_weights(cfg.reward_weights, len(funcs))
+        epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+        if cfg.loss_type == "cispo" and run.env.is_main:  # the one flag whose meaning differs from TRL's
+            print(f"cispo: ratio weights capped at 1 + --epsilon_high = {1 + epsilon_high:g} (TRL's cispo caps them "
+                  f"at its epsilon_high itself)", file=sys.stderr)
         dataset = functools.partial(GRPODataset, max_completion_length=cfg.max_completion_length)
         train, val = read_chat_data(run, dataset)
         if "accuracy" in (name for name, _ in funcs) and not train.has_answers:
@@ -131,7 +137,7 @@ class GRPO(FinetuneMode):
             stop_ids=stop_token_ids(run.tokenizer, model.config.eos_token_id, model.generation_config),
             num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
             temperature=cfg.temperature, beta=cfg.beta, epsilon=cfg.epsilon,
-            epsilon_high=cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high,
+            epsilon_high=epsilon_high,
             num_iterations=cfg.num_iterations, loss_type=cfg.loss_type,
             scale_rewards=cfg.loss_type != "dr_grpo" if cfg.scale_rewards is None else cfg.scale_rewards,
             log_completions_interval=cfg.log_completions_interval,
