@@ -9,7 +9,8 @@
 #                                 (CI runs this, so the script cannot rot between the times a GPU is at hand)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+# The project's virtual environment (make setup) when there is one, else the python on PATH.
+if [[ -x .venv/bin/python ]]; then PY=${PYTHON:-.venv/bin/python}; else PY=${PYTHON:-python}; fi
 
 STEPS=(
   "$PY -m pytest -q -k cuda tests/"

@@ -2,7 +2,9 @@
 only checked to parse and plan."""
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -44,6 +46,6 @@ def test_cuda_greedy_decoding_equals_the_cpus():
 
 def test_the_gpu_script_parses_and_plans_without_a_gpu():
     r = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run"], capture_output=True, text=True,
-                       timeout=300, cwd=ROOT)
+                       timeout=300, cwd=ROOT, env={**os.environ, "PYTHON": sys.executable})
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("would run: ") == 3 and "dry run: 3 steps planned" in r.stdout
