@@ -17,7 +17,8 @@ from conftest import ROOT, check_resume_is_exact, read_metrics, write_jsonl
 from data import DataError, GRPODataset, prompt_collate, stop_token_ids
 from model import Transformer
 from trainer.config import UsageError
-from trainer.grpo import GRPOObjective, group_advantages, per_token_loss, reduce_loss
+from trainer.objectives import IGNORE_INDEX, token_logps
+from trainer.grpo import GRPOObjective, group_advantages, per_token_loss, reduce_loss, take_groups
 from trainer.rewards import (accuracy_reward, format_reward, is_correct, length_penalty, load_reward_funcs,
                              parse_weights)
 
@@ -426,6 +427,74 @@ def test_rollouts_use_the_chat_template_and_stop_at_im_end(tmp_path, tok, base_m
     assert len(logged) == 3 and logged[0]["completion"] == "12 + 7 = 19." and logged[0]["rewards"]["accuracy"] == 1
 
 
+def flat_or_varied(prompts, completions, **kwargs):
+    """A reward whose groups are all alike on prompts about 'flat' (advantage 0) and spread out on the others."""
+    return [1.0 if "flat" in p else float(len(c)) for p, c in zip(prompts, completions)]
+
+
+def prompt_batches(tok, tmp_path, questions: list[list[str]]):
+    """One prompt_collate batch per list of questions (their lines have no answer: flat_or_varied needs none)."""
+    rows = [{"prompt": q} for qs in questions for q in qs]
+    data = GRPODataset(write_jsonl(tmp_path / "prompts.jsonl", rows), tok, 64, max_completion_length=12)
+    batches, i = [], 0
+    for qs in questions:
+        batches.append(prompt_collate(0)([data[j] for j in range(i, i + len(qs))]))
+        i += len(qs)
+    return batches
+
+
+def test_dynamic_sampling_trains_only_groups_with_a_spread(tok, base_model, tmp_path):
+    """Groups whose rewards all agree are dropped and fresh prompts drawn until the batch is full; the groups kept
+    are the varied ones, their rows exactly as sampled; after --dynamic_sampling_draws batches the dropped groups
+    fill the rest."""
+    model = Transformer.from_pretrained(base_model).eval()
+    first, second, third = prompt_batches(tok, tmp_path, [["a flat one", "a varied one"], ["flat again", "flat too"],
+                                                          ["varied again, and longer", "flat at last"]])
+    draws = iter([second, third])
+    obj = objective(tok, "dapo", num_generations=4, max_completion_length=12, num_iterations=1,
+                    dynamic_sampling_draws=3)
+    obj.reward_funcs = [("flat_or_varied", flat_or_varied)]
+    torch.manual_seed(0)
+    (out,) = obj.prepare(model, [first], step=1, draw=lambda: next(draws))
+    metrics = out["rollout_metrics"]
+    assert metrics["prompts_sampled"] == 6 and metrics["frac_trained_zero_std"] == 0.0
+    assert out["input_ids"].shape[0] == 8  # 2 groups of 4 completions, as fetched
+    groups = out["advantages"].view(2, 4)
+    assert (groups != 0).any(dim=1).all()  # both kept groups teach something
+    assert metrics["frac_reward_zero_std"] == pytest.approx(4 / 6)  # logged over everything sampled
+    prompts = [tok.decode(ids[mask.bool()]) for ids, mask in zip(out["input_ids"], out["attention_mask"])]
+    assert all("varied one" in p for p in prompts[:4]) and all("varied again" in p for p in prompts[4:])
+
+    only_flat = prompt_batches(tok, tmp_path, [["flat"], ["flat 2"], ["flat 3"], ["flat 4"]])
+    draws = iter(only_flat[1:])
+    (out,) = obj.prepare(model, only_flat[:1], step=2, draw=lambda: next(draws))
+    assert out["rollout_metrics"]["prompts_sampled"] == 3  # the draw limit, then a dropped group fills the batch
+    assert out["rollout_metrics"]["frac_trained_zero_std"] == 1.0 and not out["advantages"].any()
+    assert next(draws) is only_flat[3]  # nothing drawn beyond the limit
+
+
+def test_groups_of_different_widths_keep_their_tokens_and_log_probs(tok, base_model, tmp_path):
+    """take_groups left-pads prompts and right-pads completions to the widest: every row's log-probs and targets
+    are those it had in its own rollout."""
+    model = Transformer.from_pretrained(base_model).eval()
+    short, wide = prompt_batches(tok, tmp_path, [["hi"], ["a much longer prompt than the first one is"]])
+    obj = objective(tok, "dapo", num_generations=2, max_completion_length=12, num_iterations=2)
+    obj.reward_funcs = [("flat_or_varied", flat_or_varied)]
+    torch.manual_seed(0)
+    rollouts = [obj.rollout(model, short), obj.rollout(model, wide)]
+    assert rollouts[0]["input_ids"].shape[1] != rollouts[1]["input_ids"].shape[1]
+    merged = take_groups(rollouts, [(1, 0), (0, 0)], group_size=2)
+    got = token_logps(model, merged)[0]
+    for r, rows in ((rollouts[1], slice(0, 2)), (rollouts[0], slice(2, 4))):
+        want = token_logps(model, r)[0]
+        n = want.shape[1]
+        assert torch.equal(merged["labels"][rows, :n], r["labels"])
+        assert (merged["labels"][rows, n:] == IGNORE_INDEX).all()
+        torch.testing.assert_close(got[rows, :n], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged["old_logps"][rows, :n], r["old_logps"])
+        assert torch.equal(merged["advantages"][rows], r["advantages"])
+
+
 # ----------------------------------------------------------------------------- --mode grpo end to end
 
 E_REWARD = "def e_count(completions, **kwargs):\n    return [c.count('e') / 10 for c in completions]\n"
@@ -489,6 +558,15 @@ def test_resume_mid_group_is_exact(grpo_files, base_model, tmp_path):
     assert not (tmp_path / "straight" / "checkpoints" / "step_000006" / "rollouts_0.pt").exists()
 
 
+def test_dynamic_sampling_resumes_exactly(grpo_files, base_model, tmp_path):
+    """The prompts drawn in place of dropped groups come from the run's data order, so a resumed run draws the
+    same ones: its losses equal the uninterrupted run's."""
+    check_resume_is_exact(lambda out, *extra: grpo_args(grpo_files, base_model, out, *extra), tmp_path, 4, 2,
+                          "--dynamic_sampling", "--lr_decay_iters", "4", "--learning_rate", "1e-3")
+    logged = [r for r in read_metrics(tmp_path / "straight") if "prompts_sampled" in r]
+    assert len(logged) == 4 and all(r["prompts_sampled"] >= 2 for r in logged)
+
+
 def test_accuracy_without_answers_is_left_out_with_one_line(grpo_files, base_model, tmp_path, capsys):
     """On MiniMind's RLAIF lines accuracy has nothing to compare with: one line says so, and no NaN
     rewards/accuracy is logged at every step."""
@@ -513,6 +591,7 @@ def test_accuracy_without_answers_is_left_out_with_one_line(grpo_files, base_mod
     (["--precompute_ref_logps"], "--precompute_ref_logps is for --mode dpo"),
     (["--reward_model_path", "nowhere"], "--reward_model_path nowhere: no model there"),
     (["--fsdp"], "--fsdp with --mode grpo: sampling stops at a different length on each rank"),
+    (["--dynamic_sampling", "--dynamic_sampling_draws", "0"], "--dynamic_sampling_draws 0: must be >= 1"),
 ])
 def test_bad_grpo_flags_fail_before_any_work(grpo_files, base_model, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit):

@@ -6,8 +6,10 @@ log-probability of better-than-average completions, with PPO's clipped ratio and
 reference. No value model: the group is the baseline.
 
 It plugs into the one loop (trainer/loop.py) through its objective protocol:
-  prepare(model, micro_batches, step)  once per batch of prompts, no grad: sample, score, advantages, and the
+  prepare(model, micro_batches, step, draw)
+                                       once per batch of prompts, no grad: sample, score, advantages, and the
                                        rollout-time (old) and reference log-probs -> the batches trained on
+                                       (dynamic sampling draws more prompt batches with `draw`)
   num_iterations                       optimizer steps on each prepared batch (the loop reuses it)
   __call__(model, batch)               the clipped objective on a prepared batch: (loss sum, metrics)
   eval_step(model, batch)              validation: greedy answers to held-out prompts, (-reward sum, metrics)
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import numbers
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -98,6 +101,29 @@ def reduce_loss(loss: torch.Tensor, mask: torch.Tensor, loss_type: str, max_comp
     return (loss * mask).sum()
 
 
+def take_groups(rollouts: list[Batch], picks: list[tuple[int, int]], group_size: int) -> Batch:
+    """One training batch of the groups `picks` ((rollout index, group index) pairs) of several rollouts, whose
+    prompts and completions may differ in width: prompts are left-padded and completions right-padded to the
+    widest (masked out, label -100, log-prob 0), so every row keeps its tokens, positions and targets."""
+    P = max(r["input_ids"].shape[1] - r["labels"].shape[1] + 1 for r in rollouts)  # prompt width
+    C = max(r["labels"].shape[1] for r in rollouts)  # completion width
+    pad = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX, "old_logps": 0.0, "ref_logps": 0.0}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in rollouts[0] if isinstance(rollouts[0][k], torch.Tensor)}
+    for i, g in picks:
+        r = rollouts[i]
+        rows = slice(g * group_size, (g + 1) * group_size)
+        left = P - (r["input_ids"].shape[1] - r["labels"].shape[1] + 1)
+        right = C - r["labels"].shape[1]
+        for k in parts:
+            v = r[k][g:g + 1] if k == "group_std" else r[k][rows]
+            if k in ("input_ids", "attention_mask"):
+                v = torch.nn.functional.pad(v, (left, right), value=pad[k])
+            elif k in ("labels", "old_logps", "ref_logps"):
+                v = torch.nn.functional.pad(v, (0, right), value=pad[k])
+            parts[k].append(v)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
 class GRPOObjective(Objective):
     """Group relative policy optimisation on batches of prompts (data.prompt_collate)."""
 
@@ -105,8 +131,8 @@ class GRPOObjective(Objective):
                  ref_model: torch.nn.Module | None, *, stop_ids: list[int], num_generations: int,
                  max_completion_length: int,
                  temperature: float, beta: float, epsilon: float, epsilon_high: float, num_iterations: int,
-                 loss_type: str, scale_rewards: bool, log_completions_interval: int = 0,
-                 log_dir: Path | None = None) -> None:
+                 loss_type: str, scale_rewards: bool, dynamic_sampling_draws: int = 0,
+                 log_completions_interval: int = 0, log_dir: Path | None = None) -> None:
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown GRPO loss {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
         self.tokenizer, self.reward_funcs, self.ref_model = tokenizer, reward_funcs, ref_model
@@ -114,6 +140,7 @@ class GRPOObjective(Objective):
         self.num_generations, self.max_completion_length = num_generations, max_completion_length
         self.temperature, self.beta, self.epsilon, self.epsilon_high = temperature, beta, epsilon, epsilon_high
         self.num_iterations, self.loss_type, self.scale_rewards = num_iterations, loss_type, scale_rewards
+        self.dynamic_sampling_draws = dynamic_sampling_draws
         self.log_completions_interval, self.log_dir = log_completions_interval, log_dir
         self.stop_ids = stop_ids
         self.eval_metrics = ("reward", *(f"rewards/{name}" for name, _ in reward_funcs), "completion_length")
@@ -158,28 +185,65 @@ class GRPOObjective(Objective):
 
     # ------------------------------------------------------------------------- rollouts
     @torch.no_grad()
-    def prepare(self, model: torch.nn.Module, micro_batches: list[Batch], step: int) -> list[Batch]:
+    def prepare(self, model: torch.nn.Module, micro_batches: list[Batch], step: int,
+                draw: Callable[[], Batch] | None = None) -> list[Batch]:
         """Prompt batches -> training batches: sample G completions per prompt with the current weights (eval mode,
         KV cache), score them, group advantages, old/reference log-probs. `step` is the optimizer step about to
-        run (for logging completions). Metrics of the rollouts (over all micro-batches) travel with each batch."""
+        run (for logging completions); `draw` fetches one more prompt batch (dynamic sampling). Metrics of all the
+        rollouts sampled travel with each batch."""
         model.eval()
         try:
             rollouts = [self.rollout(model, batch) for batch in micro_batches]
+            self.log_completions(step, micro_batches[0], rollouts[0])
+            sampled = rollouts
+            if self.dynamic_sampling_draws:
+                rollouts, sampled = self.keep_informative(model, rollouts, draw)
         finally:
             model.train()
-        self.log_completions(step, micro_batches[0], rollouts[0])
-        stats = {k: torch.cat([r.pop(k) for r in rollouts]) for k in ("rewards", "group_std", "lengths", "truncated")}
+        stats = {k: torch.cat([r[k] for r in sampled]) for k in ("rewards", "group_std", "lengths", "truncated")}
         for r in rollouts:
-            del r["texts"]
+            for k in ("rewards", "group_std", "lengths", "truncated", "texts"):
+                r.pop(k, None)
         total = self.total_reward(stats["rewards"])
         # A group with fewer than two scored completions has no std (NaN): it teaches nothing, like a zero-std one.
         metrics = {**self.reward_metrics(stats["rewards"], total), "reward_std": stats["group_std"].nanmean().item(),
                    "frac_reward_zero_std": (~(stats["group_std"] >= 1e-6)).float().mean().item(),
                    "completion_length": stats["lengths"].float().mean().item(),
                    "completion_truncated": stats["truncated"].float().mean().item()}
+        if self.dynamic_sampling_draws:
+            trained = torch.cat([r["advantages"] for r in rollouts]).view(-1, self.num_generations)
+            metrics["prompts_sampled"] = float(len(stats["group_std"]))
+            metrics["frac_trained_zero_std"] = (trained == 0).all(dim=1).float().mean().item()
         for r in rollouts:
             r["rollout_metrics"] = metrics
         return rollouts
+
+    def keep_informative(self, model: torch.nn.Module, rollouts: list[Batch], draw: Callable[[], Batch] | None
+                         ) -> tuple[list[Batch], list[Batch]]:
+        """DAPO's dynamic sampling: a group whose completions all score the same has advantage 0 and teaches
+        nothing, so such groups are dropped and fresh prompt batches rolled out until every micro-batch is full of
+        groups with a spread, or --dynamic_sampling_draws batches per micro-batch have been sampled; then the
+        dropped groups fill what is left (logged as frac_trained_zero_std). Returns (the micro-batches to train,
+        every rollout sampled)."""
+        G = self.num_generations
+        sizes = [len(r["group_std"]) for r in rollouts]
+        sampled = list(rollouts)
+
+        def informative(r: Batch) -> list[int]:
+            return [g for g, std in enumerate(r["group_std"].tolist()) if std >= 1e-6]
+
+        have = sum(len(informative(r)) for r in sampled)
+        while have < sum(sizes) and draw is not None and len(sampled) < self.dynamic_sampling_draws * len(rollouts):
+            sampled.append(self.rollout(model, draw()))
+            have += len(informative(sampled[-1]))
+        picks = [(i, g) for i, r in enumerate(sampled) for g in informative(r)]
+        chosen = set(picks)
+        picks += [(i, g) for i, r in enumerate(sampled) for g in range(len(r["group_std"])) if (i, g) not in chosen]
+        out, start = [], 0
+        for n in sizes:
+            out.append(take_groups(sampled, picks[start:start + n], G))
+            start += n
+        return out, sampled
 
     def rollout(self, model: torch.nn.Module, batch: Batch) -> Batch:
         G = self.num_generations

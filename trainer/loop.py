@@ -182,7 +182,8 @@ class Trainer:
         if self.state.step % self.num_iterations == 0:
             batches = [self._to_device(next(stream)) for _ in range(self.cfg.accumulation_steps)]
             with torch.no_grad(), self.autocast:
-                self.prepared = self.objective.prepare(self.raw_model, batches, self.state.step + 1)
+                self.prepared = self.objective.prepare(self.raw_model, batches, self.state.step + 1,
+                                                       draw=lambda: self._to_device(next(stream)))
         return self.prepared
 
     # ----------------------------------------------------------------------------- steps

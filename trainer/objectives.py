@@ -8,6 +8,7 @@ with few target tokens as much as one with many.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,9 +36,10 @@ class Objective:
         """How many items the loss sums over (labelled tokens, pairs, completion tokens)."""
         raise NotImplementedError
 
-    def prepare(self, model: torch.nn.Module, micro_batches: list[Batch], step: int) -> list[Batch]:
+    def prepare(self, model: torch.nn.Module, micro_batches: list[Batch], step: int,
+                draw: Callable[[], Batch] | None = None) -> list[Batch]:
         """Turn fetched micro-batches into what is trained on, once per fetch, on the unwrapped model without
-        gradients (GRPO samples and scores its rollouts here)."""
+        gradients (GRPO samples and scores its rollouts here); `draw()` fetches one more batch from the data."""
         return micro_batches
 
     def eval_step(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -66,6 +66,12 @@ class GRPOConfig(FinetuneConfig):
     trust_remote_code: bool = flag(False, "Let --reward_model_path load the Python code its folder ships (config.json's "
                                    "auto_map, e.g. InternLM2-1.8B-reward's); that code then runs in this run, as a "
                                    "--reward_funcs file does. Off: such a folder is refused, naming this flag.")
+    dynamic_sampling: bool = flag(False, "DAPO's dynamic sampling: drop the groups whose completions all score the "
+                                  "same (advantage 0: they teach nothing) and roll out fresh prompts in their place "
+                                  "(logged: prompts_sampled, frac_trained_zero_std).")
+    dynamic_sampling_draws: int = flag(3, "With --dynamic_sampling, the most prompt batches rolled out per batch "
+                                       "trained (the first included); short of a full batch after them, dropped "
+                                       "groups fill the rest.")
     log_completions_interval: int = flag(50, "Steps between sample completions shown on the console and appended to "
                                          "out_dir/completions.jsonl (and at step 1); 0 = never.")
     ref_model_path: str = flag("", "Frozen reference model folder for the KL penalty; empty = the --init_from "
@@ -87,6 +93,9 @@ class GRPOConfig(FinetuneConfig):
         if self.beta < 0 or not 0 <= self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high < 0):
             raise UsageError(f"--beta {self.beta:g}, --epsilon {self.epsilon:g}, --epsilon_high {self.epsilon_high}: "
                              f"need beta >= 0, 0 <= epsilon < 1 and epsilon_high >= 0")
+        if self.dynamic_sampling_draws < 1:
+            raise UsageError(f"--dynamic_sampling_draws {self.dynamic_sampling_draws}: must be >= 1 (1 = the batch "
+                             f"fetched, nothing more)")
         if self.log_completions_interval < 0:
             raise UsageError(f"--log_completions_interval {self.log_completions_interval}: must be >= 0 (0 = never)")
         for name in ("ref_model_path", "reward_model_path"):
@@ -140,6 +149,7 @@ class GRPO(FinetuneMode):
             epsilon_high=epsilon_high,
             num_iterations=cfg.num_iterations, loss_type=cfg.loss_type,
             scale_rewards=cfg.loss_type != "dr_grpo" if cfg.scale_rewards is None else cfg.scale_rewards,
+            dynamic_sampling_draws=cfg.dynamic_sampling_draws if cfg.dynamic_sampling else 0,
             log_completions_interval=cfg.log_completions_interval,
             log_dir=Path(cfg.out_dir) if run.env.is_main else None)
         return Components(model, objective, train, val, prompt_collate(run.pad_id),
