@@ -4,7 +4,8 @@
 #   make test                set up, then run the test suite (python -m pytest)
 #   make pretrain ARGS="--max_steps 50"   extra flags for the command
 #
-# The environment is reinstalled when requirements.txt or this file changes (the stamp's name is their hash).
+# The environment is reinstalled when requirements.txt, bench/requirements.txt (TRL, for bench/peers.py and its
+# test) or this file changes (the stamp's name is their hash).
 # Use it for everything else with `source .venv/bin/activate`, or as .venv/bin/python.
 
 PYTHON ?= python3
@@ -13,7 +14,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt Makefile | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt bench/requirements.txt Makefile | cksum | cut -d' ' -f1)
 
 # PyPI's Linux torch wheel is the CUDA build: right where an NVIDIA driver is installed, gigabytes of unused
 # libraries elsewhere, so Linux without one takes the CPU build from PyTorch's own index (macOS wheels are CPU).
@@ -31,7 +32,7 @@ setup: $(STAMP)
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --no-deps $(TORCH) $(TORCH_INDEX)
-	$(PY) -m pip install $(TORCH) -r requirements.txt
+	$(PY) -m pip install $(TORCH) -r requirements.txt -r bench/requirements.txt
 	$(PY) -m pip install --no-deps sweeps==0.3.0
 	rm -f $(VENV)/.installed-*
 	touch $@

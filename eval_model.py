@@ -5,6 +5,7 @@
     python eval_model.py --model_path out/pretrain/final --prompt "Once upon a time" --max_new_tokens 100
     python eval_model.py --model_path out/lora/final                          # a LoRA adapter on its base model
     python eval_model.py --model_path out/sft/final --serve                   # OpenAI-compatible server + chat page
+    python eval_model.py --model_mode 1 --stream False                        # Zer02LLM's flags: out/sft/final, chat
 
 The folder is what save_pretrained / the trainer writes (config.json + model.safetensors), or a LoRA
 adapter folder (adapter_config.json + adapter_model.safetensors): its base model (adapter_config.json's
@@ -34,25 +35,42 @@ from data import DataError, load_tokenizer, render_prompt, stop_token_ids
 from model import Transformer, generate
 from model.generate import DEFAULT_MAX_NEW_TOKENS, answer_budget, decode_stream
 from model.lora import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
+from trainer.config import parse_bool
 from trainer.distributed import resolve_device, resolve_dtype
 
 REPO_TOKENIZER = Path(__file__).resolve().parent / "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 DEFAULT_HOST, DEFAULT_PORT, DEFAULT_BATCH = "127.0.0.1", 8000, 16
 SERVE_ONLY = ("host", "port", "api_key", "max_batch_size")
+# --mode's values under Zer02LLM's --model_mode (0 = the pretrained model, 1 = the SFT one), and the stage's
+# final model each talks to when --model_path is not given.
+MODEL_MODES = {"0": "complete", "pretrain": "complete", "1": "chat", "sft": "chat"}
+DEFAULT_MODEL = {"complete": "out/pretrain/final", "chat": "out/sft/final"}
+
+
+def eval_mode(text: str) -> str:
+    """A --mode value, or one of --model_mode's (MODEL_MODES) as the --mode it means."""
+    return MODEL_MODES.get(text, text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", required=True, help="model folder (config.json + model.safetensors), or a LoRA "
-                   "adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--model_path", default=None, help="model folder (config.json + model.safetensors), or a LoRA "
+                   "adapter folder (adapter_config.json + adapter_model.safetensors); default with --mode chat: "
+                   f"{DEFAULT_MODEL['chat']}, with --mode complete: {DEFAULT_MODEL['complete']}")
     p.add_argument("--base_model_path", default=None, help="for an adapter folder: the base model folder "
                    "(default: base_model_name_or_path in its adapter_config.json)")
     p.add_argument(
-        "--mode", choices=("auto", "chat", "complete"), default="auto",
+        "--mode", "--model_mode", type=eval_mode, choices=("auto", "chat", "complete"), default="auto",
         help="chat: multi-turn with the tokenizer's chat template; complete: plain continuation; auto (the default): "
-        'chat if <model_path>/zero2llm.json has "chat": true (written for SFT/DPO/GRPO models), else complete',
+        'chat if <model_path>/zero2llm.json has "chat": true (written for SFT/DPO/GRPO models), else complete. '
+        "--model_mode is the same flag with Zer02LLM's values: 0 or pretrain = complete, 1 or sft = chat",
     )
+    p.add_argument("--stream", type=parse_bool, nargs="?", const=True, default=True, metavar="true|false",
+                   help="print the answer as it is generated (the default); false: the whole answer once it is done")
+    p.add_argument("--dim", "--n_layers", dest="shape_flags", action="append", default=[], metavar="N",
+                   help="Zer02LLM's model-shape flags: not needed, the shape comes from the model folder's config.json "
+                   "(a note says so, and they are ignored)")
     p.add_argument("--prompt", default=None, help="answer this one prompt and exit (no interactive loop)")
     p.add_argument("--system", default=None, help="system prompt for chat mode")
     p.add_argument("--max_new_tokens", type=int, default=None, help=f"tokens to generate per answer (default: "
@@ -104,6 +122,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, (ok, rule) in rules.items():
         if not ok:
             p.error(f"--{flag} {getattr(args, flag)}: must be {rule}")
+    if args.model_path is None:
+        if args.mode == "auto":
+            p.error("--model_path is required (or --mode chat / complete, which talk to "
+                    f"{DEFAULT_MODEL['chat']} / {DEFAULT_MODEL['complete']})")
+        args.model_path = DEFAULT_MODEL[args.mode]
     return args
 
 
@@ -143,21 +166,24 @@ def answer_tokens(token_stream: Iterable[torch.Tensor], stop: list[int]) -> Iter
         yield t
 
 
-def stream_answer(tokenizer, token_stream: Iterable[torch.Tensor], stop: list[int]) -> tuple[str, bool]:
-    """Print the answer as it is generated, whole characters at a time (generate.decode_stream).
+def stream_answer(tokenizer, token_stream: Iterable[torch.Tensor], stop: list[int], stream: bool = True
+                  ) -> tuple[str, bool]:
+    """Print the answer as it is generated, whole characters at a time (generate.decode_stream), or with
+    stream=False all of it once it is done.
 
-    Returns (the answer, whether Ctrl-C stopped it): a stopped answer is what was printed of it.
+    Returns (the answer, whether Ctrl-C stopped it): a stopped answer is what was generated of it (printed then).
     """
     pieces: list[str] = []
+    stopped = False
     try:
         for piece in decode_stream(tokenizer, answer_tokens(token_stream, stop)):
-            print(piece, end="", flush=True)
+            if stream:
+                print(piece, end="", flush=True)
             pieces.append(piece)
     except KeyboardInterrupt:
-        print(flush=True)
-        return "".join(pieces), True
-    print(flush=True)
-    return "".join(pieces), False
+        stopped = True
+    print("" if stream else "".join(pieces), flush=True)
+    return "".join(pieces), stopped
 
 
 def utf8_problem(text: str) -> str | None:
@@ -251,6 +277,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {'--' if str(e).startswith('max_new_tokens') else ''}{e}") from None
     tokenizer = model_tokenizer(model_path)
     stop = stop_token_ids(tokenizer, model.config.eos_token_id, model.generation_config)
+    if args.shape_flags:
+        c = model.config
+        print(f"[--dim/--n_layers are not needed: the shape comes from the model's config.json (dim {c.dim}, "
+              f"{c.n_layers} layers); ignored]", file=sys.stderr)
     if args.serve:
         return serve_http(args, sock, model, tokenizer, stop)
     if note:
@@ -264,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def answer(ids: list[int]) -> tuple[str, bool]:
         input_ids = torch.tensor([fit_tail(ids, budget)], dtype=torch.long, device=device)
-        return stream_answer(tokenizer, generate(model, input_ids, max_new_tokens, **sampling), stop)
+        return stream_answer(tokenizer, generate(model, input_ids, max_new_tokens, **sampling), stop, args.stream)
 
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:  # one answer, then exit

@@ -3,6 +3,7 @@
 
   python run_sweep.py --config sweep_configs/pretrain.yaml --count 3              # offline without wandb credentials
   python run_sweep.py --config sweep_configs/pretrain.yaml --count 8 --parallel 2  # two trials at a time
+  python run_sweep.py --config sweep_configs/pretrain.yaml --count 8 --gpu 0,1     # one trial on each of GPUs 0, 1
   python run_sweep.py --config sweep_configs/pretrain.yaml --count 8 --resume      # continue an interrupted sweep
   python run_sweep.py --config sweep_configs/sft.yaml --online --project zero2llm --count 20
 
@@ -30,6 +31,7 @@ from sweep.config import SweepConfigError, load_config
 from sweep.offline import open_offline_sweep, run_offline
 from sweep.online import run_online
 from sweep.results import write_results
+from sweep.trials import chosen_gpus
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--count", type=int, help="Trials in the sweep (offline: in total, so --resume runs the "
                         "rest; online: for this agent). Default: run_cap, or every point of a grid.")
     parser.add_argument("--mode", help="Sets the mode parameter of every trial (train.py --mode).")
-    parser.add_argument("--parallel", type=int, default=1, help="Trials at once, one GPU each when GPUs exist "
-                        "(each starts once the one before has logged, so they share its prepared data).")
+    parser.add_argument("--parallel", type=int, help="Trials at once, one GPU each when GPUs exist (each starts "
+                        "once the one before has logged, so they share its prepared data). Default: 1, or the "
+                        "number of --gpu GPUs.")
+    parser.add_argument("--gpu", help="Comma-separated GPU ids (as torch numbers them) to run the trials on, each "
+                        "trial with CUDA_VISIBLE_DEVICES set to one of them, at most one trial per GPU at a time.")
     parser.add_argument("--sweep_dir", help="Sweep folder (default: out/sweeps/<yaml name>[-<mode>]; online: "
                                             "out/sweeps/wandb-<sweep id>).")
     parser.add_argument("--resume", action="store_true", help="Continue the offline sweep in --sweep_dir: "
@@ -63,8 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        args.gpus = chosen_gpus(args.gpu) if args.gpu else None
+    except ValueError as e:
+        parser.error(str(e))
+    if args.parallel is None:
+        args.parallel = len(args.gpus) if args.gpus else 1
     if args.parallel < 1:
         parser.error("--parallel must be >= 1")
+    if args.gpus and args.parallel > len(args.gpus):
+        parser.error(f"--parallel {args.parallel} with --gpu {args.gpu}: at most one trial per GPU at a time, so at "
+                     f"most {len(args.gpus)}")
     if args.count is not None and args.count < 1:
         parser.error("--count must be >= 1 (leave it out for run_cap, or every point of a grid)")
     if not args.config and not args.resume:
@@ -85,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(a trial's progress bar: {sweep_dir / 'trials' / '<trial>' / 'train.log'})")
             previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # `kill` acts as Ctrl-C does
             try:
-                run_offline(config, sweep_dir, args.count, args.parallel, args.kill_grace)
+                run_offline(config, sweep_dir, args.count, args.parallel, args.kill_grace, args.gpus)
             except KeyboardInterrupt:
                 return 130
             finally:

@@ -17,7 +17,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,10 +28,12 @@ import torch
 from data import DataError, load_tokenizer
 from model import ModelConfig
 from trainer.checkpoint import CheckpointError, resume_path
-from trainer.config import TrainConfig, UsageError, add_dataclass_flags, parsed_fields
+from trainer.config import TrainConfig, add_dataclass_flags, parsed_fields
 from trainer.distributed import destroy, init_distributed, resolve_dtype
-from trainer.loop import Trainer, TrainingError
-from trainer.modes import MODES, Mode, Run
+from trainer.errors import TrainingError, UsageError
+from trainer.loop import Trainer
+from trainer.modes import MODES, Components, Mode, Run
+from trainer.rundir import owned_out_dir
 
 
 def selected_mode(argv: list[str]) -> str:
@@ -43,8 +48,14 @@ def selected_mode(argv: list[str]) -> str:
     return mode
 
 
+# Modes other projects have that are not training here: what to use instead.
+OTHER_MODES = {"test": "Zer02LLM's test mode is no training mode here: to try a model, python eval_model.py "
+                       "--model_path out/sft/final; to check that each stage learned, python scripts/pipeline_check.py"}
+
+
 def build_parser(mode: str = "pretrain") -> argparse.ArgumentParser:
-    """The flags of one mode: the shared ones, the mode's own (with its defaults), and the model flags it takes."""
+    """The flags of one mode: the shared ones, the mode's own (with its defaults), the model flags it takes, and
+    the launcher flags of other projects' commands."""
     spec = MODES[mode]
     # allow_abbrev=False: a typo such as --warmup must fail, not silently set --warmup_iters.
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__, allow_abbrev=False,
@@ -53,7 +64,24 @@ def build_parser(mode: str = "pretrain") -> argparse.ArgumentParser:
     if spec.model_flags != ():
         add_dataclass_flags(parser, ModelConfig, only=spec.model_flags, override_only=True,
                             title=spec.model_flags_title)
+    # Not training settings (no config field): how the processes were started, as MiniMind's and Zer02LLM's
+    # commands say it.
+    launch = parser.add_argument_group("launch (accepted from MiniMind / Zer02LLM commands)")
+    launch.add_argument("--ddp", action="store_true", help="DDP starts by itself under torchrun, one process per "
+                        "GPU (torchrun --nproc_per_node=N train.py ...); without torchrun this says so and trains in "
+                        "one process.")
+    launch.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="This process's GPU, as legacy "
+                        "launchers (python -m torch.distributed.launch) pass it; torchrun sets LOCAL_RANK instead.")
     return parser
+
+
+def apply_launch_flags(args: argparse.Namespace) -> None:
+    """--local_rank becomes LOCAL_RANK (which init_distributed reads); --ddp alone says that it changes nothing."""
+    if args.local_rank >= 0:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    if args.ddp and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        print("train.py: --ddp without torchrun: one process. Several GPUs: torchrun --nproc_per_node=N train.py "
+              "... (DDP is then implied, --ddp is not needed)", file=sys.stderr)
 
 
 def refuse_unknown(parser: argparse.ArgumentParser, mode: Mode, unknown: list[str], args: argparse.Namespace) -> None:
@@ -76,10 +104,13 @@ def parse_config(argv: list[str] | None) -> tuple[Mode, TrainConfig, ModelConfig
     argv = sys.argv[1:] if argv is None else argv
     name = selected_mode(argv)
     parser = build_parser(name if name in MODES else "pretrain")  # an unknown --mode: argparse names the choices
+    if name in OTHER_MODES:
+        parser.error(f"--mode {name}: {OTHER_MODES[name]}")
     args, unknown = parser.parse_known_args(argv)
     mode = MODES[args.mode]
     if unknown:
         refuse_unknown(parser, mode, unknown, args)
+    apply_launch_flags(args)
     cfg = mode.Config(**parsed_fields(mode.Config, args))
     try:
         cfg.check()
@@ -99,18 +130,23 @@ def tokenizer_of(cfg: TrainConfig) -> Any:
         raise UsageError(f"--tokenizer_path {e}; point --tokenizer_path at another folder") from None
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None, adjust: Callable[[Components], None] | None = None) -> dict[str, Any]:
+    """Train as the flags say; `adjust(parts)`, if given, may change the built parts before training starts (a
+    benchmark feeds GRPO fixed completions that way: bench/peers.py)."""
     mode, cfg, model_cfg, tokenizer = parse_config(argv)
     env = init_distributed(cfg.device, process_group=cfg.fsdp)
     run = Run(cfg, env, resolve_dtype(cfg.dtype, env.device), tokenizer, model_cfg, mode.seq_len(cfg, model_cfg))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     try:
-        parts = mode.build(run)
-        if env.is_main:
-            print(f"{cfg.mode}: {parts.model.num_params() / 1e6:.2f}M parameters ({mode.source(cfg)}), "
-                  f"{len(parts.train_data):,} training rows, {env.world_size} process(es) on {env.device}, "
-                  f"{str(run.dtype).removeprefix('torch.')} (--dtype {cfg.dtype})", file=sys.stderr)
-        return Trainer(run, parts).fit()
+        with owned_out_dir(Path(cfg.out_dir), env, resume=bool(cfg.resume), overwrite=cfg.overwrite):
+            parts = mode.build(run)
+            if adjust is not None:
+                adjust(parts)
+            if env.is_main:
+                print(f"{cfg.mode}: {parts.model.num_params() / 1e6:.2f}M parameters ({mode.source(cfg)}), "
+                      f"{len(parts.train_data):,} training rows, {env.world_size} process(es) on {env.device}, "
+                      f"{str(run.dtype).removeprefix('torch.')} (--dtype {cfg.dtype})", file=sys.stderr)
+            return Trainer(run, parts).fit()
     finally:
         destroy()
 

@@ -6,7 +6,7 @@ compilation happens in the untimed warm-up steps):
   hf             transformers LlamaForCausalLM + F.cross_entropy(logits.float()) + torch.optim.AdamW (its
                  default, foreach) in --dtype: what a user would write
   hf_fused       the same with AdamW(fused=True): separates the optimizer's share of our gain
-  ours           our Transformer, CausalLMObjective (chunked fp32 cross-entropy) and build_optimizer (fused
+  ours           our Transformer, CausalLMObjective (chunked fp32 cross-entropy) and Optimizers (fused
                  AdamW): the trainer's step, in --dtype
   ours_compiled  ours with the trainer's --compile (trainer/parallel.py: each block through torch.compile)
   recipe         ours in the trainer's default dtype (--dtype auto: bfloat16 on CPUs/GPUs with native bf16)
@@ -14,7 +14,7 @@ compilation happens in the untimed warm-up steps):
   hf_recipe      transformers in that same default dtype (bf16 autocast): the like-for-like comparison
 Rounds alternate the implementations; "vs hf" is the ratio of step times measured in the same round (median
 over rounds). MFU = tokens/s x FLOPs/token / peak, with FLOPs/token = 6 x (non-embedding params + lm_head) +
-12 x layers x heads x head_dim x seq (PaLM appendix B; Transformer.estimate_flops_per_token) and the peak a
+6 x layers x heads x head_dim x seq (PaLM appendix B, attention counted causally; Transformer.estimate_flops_per_token) and the peak a
 2048^2 matmul measured here in the row's dtype (or --peak_tflops, e.g. a GPU datasheet figure).
 
     python bench/train_throughput.py                       # config S, fp32 baseline, CPU
@@ -52,7 +52,7 @@ def make_step(args: argparse.Namespace) -> tuple[Callable[[], None], torch.devic
     """One implementation's training step (args.impl, args.weights, args.run_dtype, args.device,
     args.batch_size): forward, backward, optimizer step on a fixed batch of random tokens."""
     from trainer.config import TrainConfig
-    from trainer.loop import build_optimizer
+    from trainer.optim import Optimizers
     from trainer.objectives import CausalLMObjective
 
     device = resolve_device(args.device)
@@ -62,7 +62,7 @@ def make_step(args: argparse.Namespace) -> tuple[Callable[[], None], torch.devic
         model = Transformer.from_pretrained(args.weights).train()
         model = parallelize(model, DistEnv(0, 1, device), fsdp=False, dtype=dtype, grad_checkpointing=False,
                             compile=args.impl.endswith("compiled"))
-        optimizer = build_optimizer(model, TrainConfig(learning_rate=1e-4), device)
+        optimizer = Optimizers(model, TrainConfig(learning_rate=1e-4), device)
         objective = CausalLMObjective()
 
         def loss_of(inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -17,15 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .records import BadRecords, DataError, iter_jsonl_texts, iter_lines
+from .records import BadRecords, DataError, data_files, iter_jsonl_texts, iter_lines
 from .rows import RowsDataset
 
 SIDECAR_FORMAT = "zero2llm-tokens-v1"
@@ -120,6 +121,46 @@ def read_sidecar(bin_path: str | Path) -> dict | None:
     return meta
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_orphans(folder: Path) -> None:
+    """Delete the temporary files (<name>.<pid>.tmp, <stem>.<pid>.json.tmp) that a killed prepare left in
+    `folder`; those of a prepare still running (its pid alive) stay."""
+    for tmp in [*folder.glob("*.tmp")]:
+        parts = tmp.name.removesuffix(".tmp").removesuffix(".json").rsplit(".", 1)
+        if len(parts) == 2 and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+            tmp.unlink(missing_ok=True)
+
+
+def cut_long_text(text: str, pre_tokenizer: Any, limit: int) -> Iterator[str]:
+    """`text` in pieces of about `limit` characters, each cut where the tokenizer's pre-tokenizer splits anyway,
+    so that the pieces' tokens are the whole text's (a byte-level BPE never merges across those splits).
+
+    Tokenizing a document of many megabytes in one call takes gigabytes (transformers' Encoding keeps strings and
+    offsets per token); in pieces, memory stays flat. A stretch without any split (one giant "word") is cut at
+    the limit.
+    """
+    start, margin = 0, min(4096, limit // 4)  # the window around a cut: wide enough to hold a split, inside the piece
+    while len(text) - start > limit:
+        target = start + limit
+        window_start = target - margin
+        splits = pre_tokenizer.pre_tokenize_str(text[window_start:target + margin]) if pre_tokenizer else []
+        # A pre-token's start is a split; away from the window's edges it is the whole text's split too.
+        cuts = [window_start + begin for _, (begin, _) in splits[1:] if margin // 2 < begin < 3 * margin // 2]
+        cut = min(cuts, key=lambda c: abs(c - target)) if cuts else target
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
 def _source_stamp(path: Path) -> dict:
     st = path.stat()
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -145,40 +186,67 @@ def prepare_pretrain(src_paths: str | Path | Sequence[str | Path], tokenizer, ou
         raise DataError("the tokenizer has no eos_token; documents could not be separated")
     dtype = token_dtype(len(tokenizer))
     out_path = Path(out_path)
+    check_output(out_path, paths)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(out_path.parent)
     # A per-process temporary name: parallel runs (sweep trials) may prepare the same cache at once;
     # each writes its own file and the identical results replace one another atomically.
     tmp_path = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")
     bad = BadRecords(skip=skip_bad_records)
+    sidecar_tmp = out_path.with_name(f"{out_path.stem}.{os.getpid()}.json.tmp")
     try:
         n_tokens, n_docs, n_empty = _write_tokens(paths, tokenizer, dtype, tmp_path, show_progress, bad)
         if n_tokens == 0:
             raise DataError(f"{', '.join(map(str, paths))}: no non-empty documents to tokenize")
-    except BaseException:
+        meta = {
+            "format": SIDECAR_FORMAT,
+            "dtype": dtype.name,
+            "n_tokens": n_tokens,
+            "n_docs": n_docs,
+            "n_empty_skipped": n_empty,
+            "skip_bad_records": skip_bad_records,
+            "n_bad_skipped": sum(sum(bad.skipped(p).values()) for p in paths),
+            "eos_id": tokenizer.eos_token_id,
+            "vocab_size": len(tokenizer),
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            "sources": [{**_source_stamp(p), "bad_skipped": bad.skipped(p)} for p in paths],
+        }
+        sidecar_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    except BaseException as e:  # leave no temporary file behind; nothing was replaced yet
         tmp_path.unlink(missing_ok=True)
+        sidecar_tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # typically a full disk
+            free = shutil.disk_usage(out_path.parent).free >> 20
+            raise DataError(f"could not write {out_path}: {e.strerror or e} ({free} MiB free there); nothing was "
+                            f"replaced. Free disk space and prepare again") from None
         raise
     for p in paths:
         if bad.report(p):
             print(bad.report(p), file=sys.stderr)
+    # Both files are complete; the .bin goes in place first and its sidecar last, so that a kill in between leaves
+    # a .bin without a sidecar, which is never mistaken for a complete one.
     out_path.with_suffix(".json").unlink(missing_ok=True)
     os.replace(tmp_path, out_path)
-    meta = {
-        "format": SIDECAR_FORMAT,
-        "dtype": dtype.name,
-        "n_tokens": n_tokens,
-        "n_docs": n_docs,
-        "n_empty_skipped": n_empty,
-        "skip_bad_records": skip_bad_records,
-        "n_bad_skipped": sum(sum(bad.skipped(p).values()) for p in paths),
-        "eos_id": tokenizer.eos_token_id,
-        "vocab_size": len(tokenizer),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "sources": [{**_source_stamp(p), "bad_skipped": bad.skipped(p)} for p in paths],
-    }
-    sidecar_tmp = out_path.with_name(f"{out_path.stem}.{os.getpid()}.json.tmp")
-    sidecar_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     os.replace(sidecar_tmp, out_path.with_suffix(".json"))
     return out_path
+
+
+def check_output(out_path: Path, inputs: list[Path]) -> None:
+    """Never replace what is not ours: an input, or a file (or a sidecar's place) that no prepare wrote."""
+    sidecar = out_path.with_suffix(".json")
+    for p in inputs:
+        for written in (out_path, sidecar):
+            if p.resolve() == written.resolve():
+                raise DataError(f"--output {out_path}: prepare would write {written}, which is the input {p}, and "
+                                f"replace it with token ids; choose another --output")
+    try:
+        ours = read_sidecar(out_path) is not None
+    except DataError:
+        raise DataError(f"--output {out_path}: its sidecar's place {sidecar} holds a file prepare did not write; "
+                        f"choose another --output, or move that file") from None
+    if out_path.exists() and not ours:
+        raise DataError(f"--output {out_path}: exists, and is not a token file prepare wrote (no sidecar next to "
+                        f"it); choose another --output, or delete it")
 
 
 def _write_tokens(paths: list[Path], tokenizer, dtype: np.dtype, out_path: Path, show_progress: bool,
@@ -213,7 +281,8 @@ def _write_tokens(paths: list[Path], tokenizer, dtype: np.dtype, out_path: Path,
                 stream = iter_txt_pieces(path, tokenizer.eos_token, stats, bad)
             pieces: list[str | None] = []
             size = done = 0
-            for piece in stream:
+            for piece in (part for whole in stream for part in
+                          ([whole] if whole is None else cut_long_text(whole, backend.pre_tokenizer, CHUNK_BYTES))):
                 pieces.append(piece)
                 size += len(piece or "")
                 if size >= CHUNK_BYTES:
@@ -226,30 +295,38 @@ def _write_tokens(paths: list[Path], tokenizer, dtype: np.dtype, out_path: Path,
     return n_tokens, n_docs, stats["n_empty"]
 
 
-def pretrain_bin(path: str | Path, tokenizer, cache_dir: str | Path | None = None, show_progress: bool = True,
-                 skip_bad_records: bool = False) -> Path:
-    """A token file for `path`: a .bin as-is (checked), or a .jsonl/.txt prepared once and cached.
+def pretrain_bin(path: str | Path | Sequence[str | Path], tokenizer, cache_dir: str | Path | None = None,
+                 show_progress: bool = True, skip_bad_records: bool = False, bin_dtype: str | None = None) -> Path:
+    """A token file for `path`: a .bin as-is (checked), or .jsonl/.txt files prepared once and cached.
 
-    The cache key is the source path, size and mtime plus the tokenizer fingerprint (and skip_bad_records),
+    `path` is a --data_path: a file, a folder, a glob, or several files (data.data_files), prepared together in
+    that order into one token file. A .bin must come alone; without its sidecar it is read as `bin_dtype`
+    (uint16 or uint32), and refused when that is not given: the file itself does not say.
+    The cache key is the source paths, sizes and mtimes plus the tokenizer fingerprint (and skip_bad_records),
     so editing the data or changing the tokenizer re-prepares, and anything else reuses; a cache prepared
     with bad lines skipped is never used by a strict run (which fails on the first bad line), nor vice versa.
-    Cache files go to `cache_dir` (default: a `.cache` folder next to the source). A .bin without sidecar is
-    read in the dtype the tokenizer's vocabulary needs.
+    Cache files go to `cache_dir` (default: a `.cache` folder next to the first source).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file")
-    if path.suffix == ".bin":
-        check_bin(path, tokenizer)
-        return path
-    stamp = _source_stamp(path)
-    key_parts = [stamp, tokenizer_fingerprint(tokenizer)] + (["skip_bad_records"] if skip_bad_records else [])
+    paths = data_files(path, (".jsonl", ".txt", ".bin"))
+    bins = [p for p in paths if p.suffix == ".bin"]
+    if bins and len(paths) > 1:
+        raise DataError(f"{bins[0]}: a prepared token file among {len(paths)} data files; train on it alone, or "
+                        f"prepare every source into one .bin (python data.py prepare --input FILE ... --output X.bin)")
+    if bins:
+        check_bin(bins[0], tokenizer, bin_dtype)
+        return bins[0]
+    stamps = [_source_stamp(p) for p in paths]
+    key_parts = [stamps[0] if len(stamps) == 1 else stamps, tokenizer_fingerprint(tokenizer)] + (
+        ["skip_bad_records"] if skip_bad_records else [])
     key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:12]
-    cache_dir = Path(cache_dir) if cache_dir is not None else path.parent / ".cache"
-    out = cache_dir / f"{path.stem}.{key}.bin"
+    cache_dir = Path(cache_dir) if cache_dir is not None else paths[0].parent / ".cache"
+    name = paths[0].stem + (f"+{len(paths) - 1}" if len(paths) > 1 else "")
+    out = cache_dir / f"{name}.{key}.bin"
     if out.exists() and out.with_suffix(".json").exists():
         return out
-    prepare_pretrain(path, tokenizer, out, show_progress=show_progress, skip_bad_records=skip_bad_records)
+    if cache_dir.is_dir():
+        remove_orphans(cache_dir)
+    prepare_pretrain(paths, tokenizer, out, show_progress=show_progress, skip_bad_records=skip_bad_records)
     if show_progress:
         print(summary(out), file=sys.stderr)
     return out
@@ -263,20 +340,20 @@ def summary(bin_path: str | Path) -> str:
             f"{meta['n_empty_skipped']} empty skipped{bad}")
 
 
-def check_bin(path: str | Path, tokenizer=None, dtype: str | None = None, vocab_size: int | None = None
-              ) -> np.dtype:
+def check_bin(path: str | Path, tokenizer=None, dtype: str | None = None) -> np.dtype:
     """The dtype of a token file, after checking it against its sidecar (size, tokenizer).
 
-    Without a sidecar the dtype is `dtype`, else what `vocab_size` (or the tokenizer's) needs.
+    Without a sidecar the dtype is `dtype`, and not guessed when that is None: a uint32 file read as uint16
+    (or the reverse) is a stream of wrong ids that trains without an error.
     """
     path = Path(path)
     meta = read_sidecar(path)
     if meta is None:
         if dtype is not None:
             return np.dtype(dtype)
-        if vocab_size is None and tokenizer is None:
-            raise DataError(f"{path}: no sidecar .json; say which dtype the tokens are (uint16 or uint32)")
-        return token_dtype(vocab_size if vocab_size is not None else len(tokenizer))
+        raise DataError(f"{path}: no sidecar {path.with_suffix('.json').name} says how its token ids are stored; pass "
+                        f"--bin_dtype uint16 or uint32 (what it was written with), or prepare the source text with "
+                        f"python data.py prepare")
     dt = np.dtype(meta["dtype"])
     if dtype is not None and np.dtype(dtype) != dt:
         raise DataError(f"{path}: sidecar says dtype {dt.name}, but {dtype} was asked for")
@@ -299,9 +376,8 @@ class PackedDataset(RowsDataset):
     input_ids = row[:-1], labels = row[1:]. Rows cross document boundaries (documents are joined by
     eos, so the model learns where a document ends). `rows` selects a subset of rows (the train/val
     carve-off). The memmap is opened lazily, so DataLoader workers each open their own instead of
-    pickling the whole array. `vocab_size` checks every id is < vocab_size (one pass over the file)
-    and, for a .bin without sidecar, picks the dtype when `dtype` is not given. All rows have one
-    length, so `lengths` is None.
+    pickling the whole array. `dtype` is that of a .bin without sidecar (check_bin); `vocab_size` checks
+    every id is < vocab_size (one pass over the file). All rows have one length, so `lengths` is None.
     """
 
     def __init__(self, bin_path: str | Path, seq_len: int, rows: np.ndarray | Sequence[int] | None = None,
@@ -312,7 +388,7 @@ class PackedDataset(RowsDataset):
         if seq_len < 1:
             raise DataError(f"seq_len must be >= 1, got {seq_len}")
         self.seq_len = seq_len
-        self.dtype = check_bin(self.path, None, dtype, vocab_size)
+        self.dtype = check_bin(self.path, None, dtype)
         n_bytes = self.path.stat().st_size
         if n_bytes % self.dtype.itemsize:
             raise DataError(f"{self.path}: {n_bytes} bytes is not a whole number of {self.dtype.name} tokens; "

@@ -7,10 +7,11 @@ instead (see BadRecords, the one policy every line reader takes).
 
 from __future__ import annotations
 
+import glob
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 
 class DataError(ValueError):
@@ -71,6 +72,42 @@ class BadRecords:
 def _reasons(counts: dict[str, int]) -> str:
     """The skip counts per reason, most frequent first: "2 malformed JSON, 1 not UTF-8"."""
     return ", ".join(f"{k} {reason}" for reason, k in counts.items())
+
+
+def data_files(spec: str | Path | Sequence[str | Path], suffixes: tuple[str, ...]) -> list[Path]:
+    """The files a --data_path names, in this order: a file; a folder: its files ending in one of `suffixes`,
+    sorted by name (subfolders are not read); a glob pattern ("shards/part-*.jsonl"): its matches, sorted by
+    name; or several of these separated by commas, in the order given. A file named twice is read once. A name
+    that matches no file is a DataError."""
+    if isinstance(spec, (str, Path)):
+        spec = str(spec)
+        parts = [spec] if Path(spec).exists() else [p.strip() for p in spec.split(",") if p.strip()]
+    else:
+        parts = [str(p) for p in spec]
+    files: list[Path] = []
+    for part in parts:
+        path = Path(part)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in suffixes)
+            if not found:
+                raise DataError(f"{part}: a folder without {' or '.join(suffixes)} files")
+        elif path.is_file():
+            found = [path]
+        elif any(c in part for c in "*?["):
+            found = sorted(Path(p) for p in glob.glob(part, recursive=True) if Path(p).is_file())
+            if not found:
+                raise DataError(f"{part}: no file matches this pattern")
+        else:
+            raise DataError(f"{part}: no such file or folder")
+        files += [f for f in found if f not in files]
+    if not files:
+        raise DataError(f"{spec!r} names no data file")
+    return files
+
+
+def describe_files(paths: Sequence[Path]) -> str:
+    """How a summary names the files read: the one file, or how many and which, in the order read."""
+    return str(paths[0]) if len(paths) == 1 else f"{len(paths)} files ({', '.join(map(str, paths))})"
 
 
 def _decode_line(raw: bytes, path: Path, line_no: int) -> str:

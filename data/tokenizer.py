@@ -15,9 +15,10 @@ def load_tokenizer(folder: str | Path) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as e:  # an empty folder, a file, a broken tokenizer.json or config.json
-        raise DataError(f"{folder}: cannot load a tokenizer there ({str(e).splitlines()[0]}); it needs "
-                        f"tokenizer.json + tokenizer_config.json") from None
+    except Exception as e:  # a missing folder or file, broken JSON, JSON of another schema: each raises its own type
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{folder}: cannot load a tokenizer there ({type(e).__name__}: {reason}); it needs "
+                        f"tokenizer.json + tokenizer_config.json as transformers saves them") from None
 
 
 def pad_token_id(tokenizer: Any) -> int:

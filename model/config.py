@@ -31,7 +31,8 @@ from typing import Any
 
 def flag(default: Any, help: str, **metadata: Any) -> Any:
     """A dataclass field that is also one of train.py's --flags, with its help string. Other keywords go to
-    argparse (choices=, nargs=, ...), except cli=False: a field with no flag."""
+    argparse (choices=, nargs=, ...), except cli=False: a field with no flag, and aliases=("--other_name",): more
+    names of the same flag (another project's), declared here, beside the flag they stand for."""
     return field(default=default, metadata={"help": help, **metadata})
 
 

@@ -596,14 +596,16 @@ class Transformer(nn.Module):
         """Training FLOPs per token: 6 * active matmul params + attention (PaLM, appendix B), for MFU.
 
         Active params: non-embedding parameters plus the lm_head matmul (even when tied), minus the
-        routed experts a token does not visit. Attention adds 12 * layers * heads * head_dim * seq_len.
+        routed experts a token does not visit. Attention adds 6 * layers * heads * head_dim * seq_len: PaLM's
+        12 * ... counts every query against every key, but a causal token attends on average to half of them, and
+        counting the masked half would credit work a causal kernel need not do.
         """
         c = self.config
         n = self.num_params(exclude_embeddings=True, active=True)
         if c.tie_word_embeddings:
             n += c.vocab_size * c.dim
         T = seq_len or c.max_seq_len
-        return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * T
+        return 6 * n + 6 * c.n_layers * c.n_heads * c.head_dim * T
 
     # ------------------------------------------------------------------------- checkpoints (model/hf.py)
 

@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import (GRPODataset, SFTDataset, iter_jsonl_objects, left_pad, pad_collate, pad_token_id,  # noqa: E402
-                  sft_messages, stop_token_ids)
+                  sft_example, stop_token_ids)
 from eval_model import encode_chat, load_model, model_tokenizer  # noqa: E402
 from model.generate import generate_answers  # noqa: E402
 from trainer.objectives import CausalLMObjective  # noqa: E402
@@ -55,7 +55,7 @@ def prompts_and_references(path: Path) -> list[tuple[list[dict[str, str]], str]]
     """(messages before the first assistant reply, that reply) for each conversation."""
     pairs = []
     for line_no, row in iter_jsonl_objects(path, "(an SFT conversation)"):
-        messages, _ = sft_messages(row, path, line_no)
+        messages = sft_example(row, path, line_no).messages
         i = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
         pairs.append((messages[:i], messages[i]["content"]))
     return pairs

@@ -180,6 +180,11 @@ def check_semantics(config: dict[str, Any]) -> list[str]:
               "and batch settings, not generalisation)", file=sys.stderr)
     if "out_dir" in config["parameters"]:
         problems.append("parameters.out_dir: remove it: every trial gets its own --out_dir in the sweep folder")
+    fixed = {k: spec["value"] for k, spec in config["parameters"].items() if "value" in spec}
+    if (config["metric"]["name"].startswith("val_") and fixed.get("val_data_path") == ""
+            and float(fixed.get("val_fraction", 1)) == 0):
+        problems.append(f"metric.name: no trial can report {config['metric']['name']}: val_data_path '' with "
+                        f"val_fraction 0 leaves no validation data; give val_data_path, or a val_fraction above 0")
     if problems:
         return problems
     try:

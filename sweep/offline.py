@@ -50,8 +50,11 @@ def to_python(value: Any) -> Any:
     return value.item() if hasattr(value, "item") and not isinstance(value, (list, dict)) else value
 
 
-def run_offline(config: dict[str, Any], sweep_dir: Path, count: int | None, parallel: int, grace: float) -> None:
-    """The local controller: propose, launch, watch metrics, early-stop, until the budget or grid is spent."""
+def run_offline(config: dict[str, Any], sweep_dir: Path, count: int | None, parallel: int, grace: float,
+                gpus: list[str] | None = None) -> None:
+    """The local controller: propose, launch, watch metrics, early-stop, until the budget or grid is spent.
+    `gpus` (--gpu's): the GPUs the trials run on, one trial per GPU at a time; None: the visible ones, shared
+    out when trials run in parallel."""
     sweeps = import_sweeps()
     metric, goal = config["metric"]["name"], config["metric"].get("goal", "minimize")
     target = config["metric"].get("target")
@@ -62,7 +65,8 @@ def run_offline(config: dict[str, Any], sweep_dir: Path, count: int | None, para
     swept = swept_parameters(config)
     trials = load_trials(sweep_dir)
     interrupted = [t for t in trials if t.state == "running"]
-    gpus = visible_gpus() if parallel > 1 else []
+    pinned = gpus is not None
+    gpus = gpus if pinned else visible_gpus() if parallel > 1 else []
     running: dict[int, Trial] = {}
     exhausted = False
 
@@ -96,7 +100,7 @@ def run_offline(config: dict[str, Any], sweep_dir: Path, count: int | None, para
                     trials.append(trial)
                     print(f"[{trial.name}] started: {describe_params(params, swept)}")
                 slot = min(set(range(parallel)) - set(running))
-                trial.launch(trial_command(config, trial), trial_env(slot, parallel, gpus))
+                trial.launch(trial_command(config, trial), trial_env(slot, parallel, gpus, pinned))
                 running[slot] = trial
             if not running:
                 break

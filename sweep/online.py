@@ -3,7 +3,6 @@ each trial's parameters, and its early stop, from the W&B server."""
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -29,8 +28,8 @@ def run_online(config: dict[str, Any], args: argparse.Namespace) -> Path:
     sweep_dir = Path(args.sweep_dir or f"out/sweeps/wandb-{sweep_id}")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    gpus = args.gpus if args.gpus is not None else visible_gpus() if args.parallel > 1 else []
     if args.parallel > 1:  # agents are process-global in wandb: one subprocess per agent
-        gpus = visible_gpus()
         counts = [None] * args.parallel if args.count is None else \
             [args.count // args.parallel + (i < args.count % args.parallel) for i in range(args.parallel)]
         agents = [subprocess.Popen(
@@ -39,7 +38,7 @@ def run_online(config: dict[str, Any], args: argparse.Namespace) -> Path:
              "--kill_grace", str(args.kill_grace),
              *([f"--project={args.project}"] if args.project else []),
              *([f"--entity={args.entity}"] if args.entity else []),
-             *([f"--count={n}"] if n else [])], env=trial_env(i, args.parallel, gpus))
+             *([f"--count={n}"] if n else [])], env=trial_env(i, args.parallel, gpus, args.gpus is not None))
             for i, n in enumerate(counts) if n != 0]
         for agent in agents:
             agent.wait()
@@ -50,7 +49,7 @@ def run_online(config: dict[str, Any], args: argparse.Namespace) -> Path:
         trial = Trial(sweep_dir / "trials" / run.id, {k: v for k, v in dict(run.config).items()
                                                       if not k.startswith("_")})
         print(f"[{trial.name}] started: {describe_params(trial.params, swept_parameters(config))}")
-        trial.launch(trial_command(config, trial), dict(os.environ))
+        trial.launch(trial_command(config, trial), trial_env(0, 1, gpus, args.gpus is not None))
         try:
             while trial.process.poll() is None:
                 time.sleep(POLL_SECONDS)

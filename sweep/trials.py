@@ -67,13 +67,17 @@ def runs_train_py(config: dict[str, Any]) -> bool:
 
 
 def trial_command(config: dict[str, Any], trial: Trial) -> list[str]:
-    """The trial's command: its parameters, its out_dir, and --resume if train.py left a checkpoint."""
+    """The trial's command: its parameters, its out_dir, and --resume if train.py left a checkpoint (--overwrite if
+    it left only the start of a run, stopped before its first checkpoint: that trial starts again)."""
     args = {**trial.params, "out_dir": str(trial.folder)}
     if runs_train_py(config):
         from trainer.checkpoint import latest_checkpoint
+        from trainer.rundir import earlier_run
 
         if latest_checkpoint(trial.folder) is not None:  # an interrupted trial continues where it was
             args["resume"] = "auto"
+        elif earlier_run(trial.folder):
+            args["overwrite"] = True
     return expand_command(config["command"], config["program"], args)
 
 
@@ -204,11 +208,31 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def trial_env(slot: int, parallel: int, gpus: list[str]) -> dict[str, str]:
-    """One GPU per parallel slot; without GPUs, parallel CPU trials share the cores instead of each
-    starting a thread per core (oversubscribed, they run many times slower)."""
+def chosen_gpus(spec: str) -> list[str]:
+    """--gpu's comma-separated ids (as torch numbers the GPUs this process sees) as CUDA_VISIBLE_DEVICES values;
+    ValueError, saying why, when they are not GPUs this machine has."""
+    import torch
+
+    ids = [g.strip() for g in spec.split(",") if g.strip()]
+    if not ids or not all(g.isdigit() for g in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"--gpu {spec}: expected distinct GPU ids separated by commas, e.g. --gpu 0,1")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--gpu {spec}: CUDA is not available here (no GPU, or a CPU-only torch "
+                         f"{torch.__version__}); leave --gpu out to run the trials on the CPU")
+    visible = visible_gpus()
+    missing = [g for g in ids if int(g) >= len(visible)]
+    if missing:
+        raise ValueError(f"--gpu {spec}: this process sees {len(visible)} GPU(s), 0 to {len(visible) - 1}; there is "
+                         f"no GPU {missing[0]}")
+    return [visible[int(g)] for g in ids]
+
+
+def trial_env(slot: int, parallel: int, gpus: list[str], pinned: bool = False) -> dict[str, str]:
+    """One GPU per parallel slot (also for a single trial when `pinned`: --gpu chose them); without GPUs,
+    parallel CPU trials share the cores instead of each starting a thread per core (oversubscribed, they run
+    many times slower)."""
     env = dict(os.environ)
-    if parallel > 1 and gpus:
+    if gpus and (pinned or parallel > 1):
         env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
     elif parallel > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))

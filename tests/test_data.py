@@ -127,9 +127,8 @@ def test_uint32_when_vocab_exceeds_uint16(tok, tmp_path):
     assert ds[2]["input_ids"].tolist() == list(range(65_530 + 18, 65_530 + 27))
     with pytest.raises(DataError, match=r"token id 65536 at offset 6 is >= vocab_size 65536"):
         PackedDataset(raw, 9, dtype="uint32", vocab_size=65_536)
-    assert PackedDataset(raw, 9, vocab_size=70_000).dtype == np.uint32  # no sidecar, no dtype: from vocab
-    with pytest.raises(DataError, match="no sidecar"):
-        PackedDataset(raw, 9)
+    with pytest.raises(DataError, match="no sidecar raw.json says how its token ids are stored; pass --bin_dtype"):
+        PackedDataset(raw, 9, vocab_size=70_000)  # no guess from the vocabulary: uint32 read as uint16 is garbage
 
 
 def test_dataset_pickles_without_the_token_array(tok, tmp_path):
@@ -191,8 +190,64 @@ def test_bin_checked_against_sidecar(tok, tmp_path):
         f.write(b"\0\0")
     with pytest.raises(DataError, match="truncated or was rewritten"):
         data.pretrain_bin(out, tok)
-    with pytest.raises(DataError, match="no such data file"):
+    with pytest.raises(DataError, match="nope.jsonl: no such file or folder"):
         data.pretrain_bin(tmp_path / "nope.jsonl", tok)
+
+
+def test_a_raw_bin_needs_its_dtype(tok, tmp_path):
+    """A .bin of token ids without the sidecar data.py writes: refused unless --bin_dtype says uint16 or uint32, and
+    then read as that (a uint32 file is not read as uint16)."""
+    ids = np.array([70_000, 5, 65_536, 7, 1, 2, 3, 4, 5], dtype=np.uint32)
+    raw = tmp_path / "tokens.bin"
+    ids.tofile(raw)
+    with pytest.raises(DataError, match=r"tokens.bin: no sidecar tokens.json .* pass --bin_dtype uint16 or uint32"):
+        data.pretrain_bin(raw, tok)
+    assert data.pretrain_bin(raw, tok, bin_dtype="uint32") == raw
+    assert PackedDataset(raw, 4, dtype="uint32")[0]["input_ids"].tolist() == [70_000, 5, 65_536, 7]
+    assert PackedDataset(raw, 4, dtype="uint16")[0]["input_ids"].tolist() == [4464, 1, 5, 0]  # what a guess read
+    out = data.prepare_pretrain(write_jsonl(tmp_path / "a.jsonl", DOCS), tok, tmp_path / "a.bin", show_progress=False)
+    with pytest.raises(DataError, match="sidecar says dtype uint16, but uint32 was asked for"):
+        data.pretrain_bin(out, tok, bin_dtype="uint32")
+
+
+def test_data_files_name_a_folder_a_glob_or_a_list_in_a_stated_order(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name in ("b.jsonl", "a.txt", "c.jsonl", "notes.md"):
+        (folder / name).write_text("x\n")
+    (folder / ".cache").mkdir()
+    sub = folder / "sub"
+    sub.mkdir()
+    (sub / "d.jsonl").write_text("x\n")
+    names = lambda paths: [p.relative_to(tmp_path).as_posix() for p in paths]  # noqa: E731
+    assert names(data.data_files(folder, (".jsonl", ".txt"))) == ["corpus/a.txt", "corpus/b.jsonl", "corpus/c.jsonl"]
+    assert names(data.data_files(f"{folder}/*.jsonl", (".jsonl",))) == ["corpus/b.jsonl", "corpus/c.jsonl"]
+    assert names(data.data_files(f"{folder}/**/*.jsonl", (".jsonl",))) == [
+        "corpus/b.jsonl", "corpus/c.jsonl", "corpus/sub/d.jsonl"]
+    listed = f"{folder / 'c.jsonl'},{folder / 'a.txt'}, {folder / 'c.jsonl'}"
+    assert names(data.data_files(listed, (".jsonl",))) == ["corpus/c.jsonl", "corpus/a.txt"]  # as given, once each
+    for spec, message in [(f"{folder}/*.parquet", "no file matches this pattern"), (sub / "none", "no such file"),
+                          (f"{folder / 'a.txt'},{folder / 'gone.jsonl'}", "gone.jsonl: no such file or folder")]:
+        with pytest.raises(DataError, match=message):
+            data.data_files(spec, (".jsonl",))
+    with pytest.raises(DataError, match="a folder without .bin files"):
+        data.data_files(folder, (".bin",))
+
+
+def test_several_sources_are_prepared_into_one_cache_in_order(tok, tmp_path, monkeypatch):
+    a, b = write_jsonl(tmp_path / "a.jsonl", DOCS[:2]), write_jsonl(tmp_path / "b.jsonl", DOCS[2:3])
+    txt = tmp_path / "c.txt"
+    txt.write_text("床前明月光，疑是地上霜。\n<|endoftext|>\n举头望明月，低头思故乡。\n", encoding="utf-8")
+    out = data.pretrain_bin(f"{b},{a},{txt}", tok, show_progress=False)
+    assert out.name.startswith("b+2.") and out.parent == tmp_path / ".cache"
+    poem = ["床前明月光，疑是地上霜。\n", "举头望明月，低头思故乡。\n"]
+    assert read_bin(out).tolist() == expected_tokens(tok, DOCS[2:3] + DOCS[:2] + poem)
+    monkeypatch.setattr(data.pretrain, "prepare_pretrain", lambda *a, **k: pytest.fail("re-tokenized a valid cache"))
+    assert data.pretrain_bin(f"{b},{a},{txt}", tok) == out
+    monkeypatch.undo()
+    assert data.pretrain_bin(f"{a},{b},{txt}", tok, show_progress=False) != out  # another order, another cache
+    with pytest.raises(DataError, match=r"a prepared token file among 2 data files"):
+        data.pretrain_bin(f"{a},{out}", tok)
 
 
 def test_cli_prepare(tok, tmp_path, capsys):

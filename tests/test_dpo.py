@@ -151,7 +151,7 @@ def test_pair_collate_stacks_chosen_then_rejected(tok, dpo_files):
 BAD = [
     json.dumps({"chosen": [user("Hi"), assistant("Hello!")], "rejected": [user("Hi"), assistant("No.")]}),
     json.dumps({"chosen": [user("Hi"), assistant("Hello!")]}),                                   # 2: no rejected
-    json.dumps({"chosen": "Hello!", "rejected": "No."}),                                          # 3: not conversations
+    json.dumps({"chosen": "Hello!", "rejected": "No."}),                                          # 3: no shared prompt
     json.dumps({"chosen": [user("Hi")], "rejected": [user("Hi")]}),                               # 4: no assistant
     json.dumps({"chosen": [user("Hi"), assistant("a"), user("b")], "rejected": [user("Hi"), assistant("c")]}),  # 5
     json.dumps({"chosen": [user("Hi"), assistant("Hello!")], "rejected": [user("Yo"), assistant("No.")]}),  # 6
@@ -163,7 +163,7 @@ BAD = [
 
 @pytest.mark.parametrize("line,message", [
     (2, "line 2: the pair has no 'rejected' side"),
-    (3, "line 3: 'chosen' must be a non-empty list"),
+    (3, "line 3: 'chosen' and 'rejected' are plain strings that share no beginning, so there is no prompt"),
     (4, "line 4: 'chosen': the conversation has no assistant message"),
     (5, "line 5: the 'chosen' conversation does not end with an assistant reply"),
     (6, "line 6: 'chosen' and 'rejected' differ before their final assistant reply"),
@@ -174,6 +174,37 @@ def test_bad_lines_name_the_file_and_line(tok, tmp_path, line, message):
     rows = [BAD[0]] * (line - 1) + [BAD[line - 1]]
     with pytest.raises(DataError, match=f"bad.jsonl {message}"):
         DPODataset(write_jsonl(tmp_path / "bad.jsonl", rows), tok, 64)
+
+
+def test_trl_implicit_prompt_strings_are_the_explicit_pair(tok, tmp_path):
+    """TRL's {"chosen": str, "rejected": str} without a prompt: the shared beginning is the prompt, as TRL
+    extracts it, and the pair trains exactly as the same pair written with "prompt"."""
+    rows = [{"chosen": "问：天空是什么颜色？答：蓝色。", "rejected": "问：天空是什么颜色？答：绿色。"},
+            {"prompt": "问：天空是什么颜色？答：", "chosen": "蓝色。", "rejected": "绿色。"}]
+    data = DPODataset(write_jsonl(tmp_path / "implicit.jsonl", rows), tok, 512)
+    assert data.formats == {"minimind": 0, "trl": 2}
+    assert all(torch.equal(data[0][k], data[1][k]) for k in data[0])
+    assert tok.decode([t for t in data[0]["chosen_labels"].tolist() if t != IGNORE_INDEX]) == "蓝色。<|im_end|>"
+
+
+@pytest.mark.parametrize("chosen, rejected, split", [
+    ("12 + 7 = 19.", "12 + 7 = 18.", ("12 + 7 =", "19.", "18.")),             # not into the number
+    ("The capital is Paris.", "The capital is Rome.", ("The capital is", "Paris.", "Rome.")),
+    ("Human: hi\n\nAssistant: Hello!", "Human: hi\n\nAssistant: Go away.", ("Human: hi\n\nAssistant:", "Hello!",
+                                                                          "Go away.")),
+    ("天空是蓝色的。", "天空是绿色的。", ("天空是", "蓝色的。", "绿色的。")),
+])
+def test_implicit_prompt_is_cut_at_a_word_start(chosen, rejected, split):
+    from data import implicit_prompt
+
+    assert implicit_prompt(chosen, rejected) == split
+
+
+def test_unpaired_kto_lines_are_refused_with_what_to_do(tok, tmp_path):
+    path = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "你好", "completion": "你好！有什么可以帮你？", "label": True}])
+    with pytest.raises(DataError, match=r"kto.jsonl line 1: an unpaired preference line \(prompt, completion, label: "
+                                        r"KTO's format\).*\{\"prompt\", \"chosen\", \"rejected\"\}.*--mode sft"):
+        DPODataset(path, tok, 64)
 
 
 def test_a_pair_with_the_same_reply_on_both_sides_is_a_bad_record(tok, tmp_path):
@@ -300,6 +331,11 @@ def test_torchrun_two_processes_match_one(dpo_files, base_model, tmp_path):
     vals = [[r for r in read_metrics(run) if "val_loss" in r][-1] for run in (one, two)]
     for key in ("val_loss", "val_rewards/accuracy", "val_rewards/margin"):
         assert vals[1][key] == pytest.approx(vals[0][key], rel=1e-4), key
+    # The logged training metrics are every rank's, not rank 0's alone: the mean over both halves of a step's pairs.
+    logged = [{r["step"]: r for r in read_metrics(run) if "rewards/margin" in r} for run in (one, two)]
+    for step in (2, 3):
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"):
+            assert logged[1][step][key] == pytest.approx(logged[0][step][key], rel=1e-4, abs=1e-7), (step, key)
 
 
 def test_skip_bad_records_in_a_run(dpo_files, base_model, tmp_path, capsys):

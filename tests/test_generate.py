@@ -387,3 +387,62 @@ def test_a_stopped_answer_stays_in_the_conversation(endless_model: Path, monkeyp
     assert [m["role"] for m in prompts[-1]] == ["user", "assistant", "user"]
     assert prompts[-1][0]["content"] == "first question" and prompts[-1][2]["content"] == "second question"
     assert first_reply["content"] and first_reply["content"] in capsys.readouterr().out  # 5 tokens' worth
+
+
+# ----------------------------------------------------------------------------- Zer02LLM's eval_model flags
+
+
+def test_model_mode_is_mode_with_zer02llms_values(model_dir: Path, capsys) -> None:
+    """--model_mode 0 (or pretrain) = --mode complete, 1 (or sft) = --mode chat: the same answers."""
+    import eval_model
+
+    common = ["--model_path", str(model_dir), "--prompt", "hi", "--max_new_tokens", "5", "--temperature", "0",
+              "--device", "cpu"]
+    outputs = {}
+    for flags in (["--mode", "complete"], ["--model_mode", "0"], ["--model_mode", "pretrain"], ["--mode", "chat"],
+                  ["--model_mode", "1"], ["--model_mode", "sft"]):
+        eval_model.main(common + flags)
+        outputs[" ".join(flags)] = capsys.readouterr().out
+    assert outputs["--model_mode 0"] == outputs["--model_mode pretrain"] == outputs["--mode complete"]
+    assert outputs["--model_mode 1"] == outputs["--model_mode sft"] == outputs["--mode chat"]
+    assert outputs["--mode complete"].startswith("hi") and outputs["--mode chat"] != outputs["--mode complete"]
+    assert eval_model.parse_args(["--model_mode", "1"]).model_path == "out/sft/final"
+    assert eval_model.parse_args(["--model_mode", "0"]).model_path == "out/pretrain/final"
+    with pytest.raises(SystemExit):
+        eval_model.parse_args(["--model_mode", "2"])
+    assert "invalid choice: '2'" in capsys.readouterr().err
+
+
+def test_stream_false_prints_the_whole_answer_at_once(tok, capsys) -> None:
+    import eval_model
+
+    text = "你好，今天天气很好。"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+
+    def tokens(printed_while_generating: list[str]):
+        for i in ids:
+            printed_while_generating.append(capsys.readouterr().out)
+            yield torch.tensor([i])
+
+    for stream in (True, False):
+        seen: list[str] = []
+        assert eval_model.stream_answer(tok, tokens(seen), stop=[2], stream=stream) == (text, False)
+        rest = capsys.readouterr().out
+        if stream:
+            assert "".join(seen) + rest == text + "\n" and any(seen)
+        else:
+            assert not any(seen) and rest == text + "\n"
+
+
+def test_zer02llms_eval_command_runs_as_typed(model_dir: Path, tmp_path: Path) -> None:
+    """python eval_model.py --model_mode 1 --dim 512 --n_layers 8 --stream True, from a folder with out/sft/final:
+    it chats with that model, and one line says the shape flags are not needed."""
+    (tmp_path / "out" / "sft").mkdir(parents=True)
+    (tmp_path / "out" / "sft" / "final").symlink_to(model_dir)
+    r = subprocess.run([sys.executable, str(ROOT / "eval_model.py"), "--model_mode", "1", "--dim", "512",
+                        "--n_layers", "8", "--stream", "True", "--prompt", "hi", "--max_new_tokens", "4",
+                        "--device", "cpu", "--seed", "0"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if "--dim/--n_layers" in line]
+    assert notes == ["[--dim/--n_layers are not needed: the shape comes from the model's config.json (dim 64, 2 "
+                     "layers); ignored]"]

@@ -134,6 +134,20 @@ def test_group_advantages_and_zero_std_groups():
     torch.testing.assert_close(raw[8:], torch.tensor([-0.75, -0.75, -0.75, 2.25]))
 
 
+def test_unscorable_completions_are_left_out_of_their_group():
+    """NaN = no reward function applies (all returned None): not in the group's mean or std, advantage 0. A group
+    with one scored completion has no std; one with none teaches nothing."""
+    nan = float("nan")
+    rewards = torch.tensor([1.0, nan, 0.0, 0.0, nan, 2.0, nan, nan, nan, nan, nan, nan])
+    adv, std = group_advantages(rewards, 4)
+    s = math.sqrt(1 / 3)  # unbiased std of (1, 0, 0): the NaN is not a 0
+    torch.testing.assert_close(adv[:4], torch.tensor([2 / 3, 0.0, -1 / 3, -1 / 3]) / (s + 1e-4))
+    torch.testing.assert_close(std[0], torch.tensor(s))
+    assert std[1:].isnan().all() and not adv[4:].any()
+    raw, _ = group_advantages(rewards, 4, scale=False)
+    torch.testing.assert_close(raw[:4], torch.tensor([2 / 3, 0.0, -1 / 3, -1 / 3]))
+
+
 # ----------------------------------------------------------------------------- reward functions
 
 THINK = "<think>\n21 + 19 = 40\n40 - 11 = 29\n</think>\n"
@@ -184,6 +198,11 @@ def test_user_reward_functions_load_from_a_module_or_a_file(tmp_path, monkeypatc
     funcs = load_reward_funcs("accuracy, my_rewards:brevity")
     assert [n for n, _ in funcs] == ["accuracy", "brevity"] and funcs[1][1](completions=["abc"]) == [-0.3]
     assert load_reward_funcs(f"{tmp_path / 'my_rewards.py'}:brevity")[0][0] == "brevity"
+    # A file is a module like any other while it runs (a dataclass looks its module up), under a name of its own.
+    (tmp_path / "json.py").write_text("import dataclasses\n@dataclasses.dataclass\nclass Score:\n    value: float = 1.0\n"
+                                      "def const(completions, **kwargs):\n    return [Score().value for _ in completions]\n")
+    assert load_reward_funcs(f"{tmp_path / 'json.py'}:const")[0][1](completions=["a"]) == [1.0]
+    assert sys.modules["json"] is json  # the standard module keeps its name
     for spec, message in [("acc", "unknown reward 'acc'; built in: accuracy, format, length"),
                           ("no_such_module_x:f", "cannot import module 'no_such_module_x'"),
                           ("my_rewards:nope", "my_rewards has no attribute 'nope'"),
@@ -230,7 +249,97 @@ def test_reward_model_scores_with_its_first_logit(tmp_path, tok):
         RewardModel(str(tmp_path), torch.device("cpu"))
 
 
+TOY_CONFIG = """
+from transformers import PretrainedConfig
+
+
+class ToyRewardConfig(PretrainedConfig):
+    model_type = "toy_reward"
+"""
+TOY_MODEL = """
+import torch
+from transformers import PreTrainedModel
+
+from .configuration_toy import ToyRewardConfig
+
+
+class ToyRewardModel(PreTrainedModel):
+    config_class = ToyRewardConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.scale = torch.nn.Parameter(torch.ones(1))
+        self.post_init()
+
+    @torch.no_grad()
+    def get_scores(self, tokenizer, conversations):
+        return [float(self.scale) * len(c[-1]["content"]) for c in conversations]
+"""
+
+
+def remote_code_reward_model(folder: Path, tok) -> Path:
+    """A reward model folder whose model is its own code, scored through get_scores(tokenizer, conversations) as
+    InternLM2-reward's is (here: scale x the reply's length in characters, scale = 2 in its weights)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "configuration_toy.py").write_text(TOY_CONFIG)
+    (folder / "modeling_toy.py").write_text(TOY_MODEL)
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "toy_reward", "architectures": ["ToyRewardModel"],
+        "auto_map": {"AutoConfig": "configuration_toy.ToyRewardConfig", "AutoModel": "modeling_toy.ToyRewardModel"}}))
+    save_file({"scale": torch.tensor([2.0])}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_a_reward_model_with_its_own_code_needs_trust_remote_code(tmp_path, tok, monkeypatch):
+    """Off by default: one line names the folder's code and the flag, and nothing runs; with the flag the model
+    loads and scores with its own get_scores."""
+    import transformers.dynamic_module_utils as dynamic
+
+    from trainer.rewards import RewardModel
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # its code is copied there
+    folder = remote_code_reward_model(tmp_path / "internlm2-like-reward", tok)
+    with pytest.raises(UsageError, match=r"^--reward_model_path .*internlm2-like-reward: its model is code of its own "
+                                         r"\(modeling_toy.ToyRewardModel.*pass --trust_remote_code"):
+        RewardModel(str(folder), torch.device("cpu"))
+    assert not (tmp_path / "modules").exists()
+    rm = RewardModel(str(folder), torch.device("cpu"), batch_size=2, trust_remote_code=True)
+    messages = [[{"role": "user", "content": "你好"}]] * 3
+    assert rm(prompts=["p"] * 3, completions=["你好！", "你好，有什么可以帮你？", "嗨"],
+              prompt_messages=messages) == [6.0, 22.0, 2.0]
+    flag = train.build_parser("grpo")._option_string_actions["--trust_remote_code"]
+    assert flag.default is False and "runs in this run" in flag.help
+
+
 # ----------------------------------------------------------------------------- prompts
+
+
+# MiniMind's RLAIF lines: the last assistant turn is where the answer goes, and there is no "answer".
+RLAIF = [{"conversations": [{"role": "user", "content": "请解释一下什么是光合作用？"}, {"role": "assistant", "content": ""}]},
+         {"conversations": [{"role": "system", "content": "你是一个知识丰富的AI。"},
+                            {"role": "user", "content": "鲁迅是谁？"}, {"role": "assistant", "content": "无"}]},
+         {"conversations": [{"role": "user", "content": "写一首关于秋天的诗。"}, {"role": "assistant", "content": "None"}]},
+         {"conversations": [{"role": "user", "content": "1+1等于几？"}, {"role": "assistant", "content": None}]},
+         {"conversations": [{"role": "user", "content": "你好"}]}]
+
+
+def test_minimind_rlaif_lines_are_prompts(tmp_path, tok):
+    data = GRPODataset(write_jsonl(tmp_path / "rlaif.jsonl", RLAIF), tok, 256, max_completion_length=64)
+    assert data.messages == [line["conversations"][:-1] if len(line["conversations"]) > 1 else line["conversations"]
+                             for line in RLAIF]
+    assert data.texts[1] == ("<|im_start|>system\n你是一个知识丰富的AI。<|im_end|>\n<|im_start|>user\n鲁迅是谁？"
+                             "<|im_end|>\n<|im_start|>assistant\n")
+    assert not data.has_answers and all(c == {"answer": None} for c in data.columns)
+    replied = write_jsonl(tmp_path / "replied.jsonl", [{"conversations": [
+        {"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！有什么可以帮你？"}]}])
+    with pytest.raises(DataError, match="replied.jsonl line 1: the conversation ends with an assistant reply, but "
+                                        "GRPO samples the reply itself"):
+        GRPODataset(replied, tok, 256, max_completion_length=64)
+
+
 
 
 def test_prompts_are_rendered_with_the_chat_template(tmp_path, tok):
@@ -378,6 +487,23 @@ def test_resume_mid_group_is_exact(grpo_files, base_model, tmp_path):
                           "--num_iterations", "2", "--lr_decay_iters", "6", "--learning_rate", "1e-3")
     assert (tmp_path / "split" / "checkpoints" / "step_000003" / "rollouts_0.pt").is_file()
     assert not (tmp_path / "straight" / "checkpoints" / "step_000006" / "rollouts_0.pt").exists()
+
+
+def test_accuracy_without_answers_is_left_out_with_one_line(grpo_files, base_model, tmp_path, capsys):
+    """On MiniMind's RLAIF lines accuracy has nothing to compare with: one line says so, and no NaN
+    rewards/accuracy is logged at every step."""
+    short = [line for line in RLAIF if len(line["conversations"]) == 2]  # prompts that fit the tiny model's 64 tokens
+    files = {**grpo_files, "train": write_jsonl(tmp_path / "rlaif.jsonl", short * 2)}
+    out = tmp_path / "run"
+    train.main(grpo_args(files, base_model, out, "--max_steps", "2", "--eval_interval", "0"))
+    err = capsys.readouterr().err
+    assert err.count("no 'answer' field") == 1 and f"--reward_funcs accuracy: {files['train']} has no 'answer' " \
+        "field, so accuracy scores nothing and is left out" in err
+    records = [r for r in read_metrics(out) if "loss" in r]
+    assert len(records) == 2 and all("rewards/accuracy" not in r and math.isfinite(r["rewards/format"])
+                                     for r in records)
+    with pytest.raises(UsageError, match="no reward left to score the completions"):
+        train.main(grpo_args(files, base_model, tmp_path / "none", "--max_steps", "1", "--reward_funcs", "accuracy"))
 
 
 @pytest.mark.parametrize("flags, message", [

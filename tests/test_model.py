@@ -307,7 +307,7 @@ def test_num_params_and_flops() -> None:
     assert model.num_params() == sum(p.numel() for p in model.parameters())
     assert model.num_params(exclude_embeddings=True) == model.num_params() - V * c.dim
     n_active = model.num_params(exclude_embeddings=True) + V * c.dim  # tied lm_head still costs a matmul
-    assert model.estimate_flops_per_token(32) == 6 * n_active + 12 * c.n_layers * c.n_heads * c.head_dim * 32
+    assert model.estimate_flops_per_token(32) == 6 * n_active + 6 * c.n_layers * c.n_heads * c.head_dim * 32  # causal
 
 
 def test_out_projections_use_scaled_init() -> None:

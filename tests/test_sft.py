@@ -53,13 +53,13 @@ def test_alpaca_is_the_same_as_the_equivalent_chat(tok, tmp_path):
                                 {"role": "assistant", "content": "3 + 4 = 7."}]}]
     alpaca = SFTDataset(write_jsonl(tmp_path / "a.jsonl", rows), tok, 512)
     chat = SFTDataset(write_jsonl(tmp_path / "c.jsonl", chats), tok, 512)
-    assert alpaca.formats == {"chat": 0, "alpaca": 2} and chat.formats == {"chat": 2, "alpaca": 0}
+    assert alpaca.formats["alpaca"] == 2 and chat.formats["chat"] == 2 and sum(alpaca.formats.values()) == 2
     for i in range(2):
         assert alpaca[i]["input_ids"].tolist() == chat[i]["input_ids"].tolist()
         assert alpaca[i]["labels"].tolist() == chat[i]["labels"].tolist()
     # Both formats in one file, detected line by line (the shipped Alpaca sample too).
     mixed = SFTDataset(write_jsonl(tmp_path / "m.jsonl", rows + chats), tok, 512)
-    assert mixed.formats == {"chat": 2, "alpaca": 2}
+    assert mixed.formats == {"chat": 2, "prompt-completion": 0, "text": 0, "alpaca": 2}
     assert len(SFTDataset(ROOT / "dataset" / "sft_alpaca.jsonl", tok, 512)) == 51
 
 
@@ -81,7 +81,18 @@ def test_long_conversations_are_truncated_and_counted_never_dropped(tok, tmp_pat
 @pytest.mark.parametrize("line, message", [
     ("{not json", "malformed JSON"),
     ('["a list"]', "expected a JSON object"),
-    ('{"text": "pretraining data"}', "expected {\"conversations\""),
+    ('{"question": "hi", "answer": "x"}', "expected {\"conversations\""),
+    ('{"text": ""}', "field 'text' must be a non-empty string"),
+    ('{"prompt": "你好", "completion": "你好！", "label": false}', "unpaired preference line"),
+    ('{"prompt": "你好", "chosen": "你好！", "rejected": "走开。"}', "train it with --mode dpo"),
+    ('{"prompt": "你好"}', "needs 'completion' too"),
+    ('{"prompt": "你好", "completion": [{"role": "user", "content": "x"}]}', "the completion must be assistant turns"),
+    ('{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": '
+     '"[{\\"name\\": \\"f\\""}]}', "'tool_calls' is a string but not JSON"),
+    ('{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": '
+     '[{"arguments": {}}]}]}', "must each be {\"name\""),
+    ('{"conversations": [{"role": "user", "content": "hi", "tool_calls": []}, {"role": "tool", "content": "x", '
+     '"tools": "[]"}, {"role": "assistant", "content": "x"}]}', "only a system message may"),
     ('{"conversations": []}', "non-empty list"),
     ('{"conversations": [{"role": "user", "content": "hi"}]}', "no assistant message"),
     ('{"conversations": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "x"}]}',
@@ -294,7 +305,7 @@ def test_sft_skip_bad_records(tok, tmp_path):
     with pytest.raises(DataError, match=r"mixed.jsonl line 2: malformed JSON"):
         SFTDataset(path, tok, 64)
     ds = SFTDataset(path, tok, 64, skip_bad_records=True)
-    assert len(ds) == 2 and ds.formats == {"chat": 1, "alpaca": 1}
+    assert len(ds) == 2 and ds.formats == {"chat": 1, "prompt-completion": 0, "text": 0, "alpaca": 1}
     assert ds.bad_skipped == {"no assistant message": 2, "malformed JSON": 1, "missing field 'output'": 1}
     assert ds.bad_report == (f"{path}: skipped 4 bad records (2 no assistant message, 1 malformed JSON, "
                              f"1 missing field 'output')")
@@ -335,3 +346,219 @@ def test_a_shorter_training_length_keeps_the_models_context(sft_files, base_mode
     assert json.loads((first / "final" / "config.json").read_text())["max_position_embeddings"] == 64
     train.main(sft_args(sft_files, first / "final", tmp_path / "next", "--max_seq_len", "64", "--max_steps", "1",
                         "--eval_interval", "0"))
+
+
+# ----------------------------------------------------------------------------- other projects' formats
+
+# The shipped template before it rendered tools and reasoning: what older exports carry.
+OLDER_TEMPLATE = ("{%- for message in messages %}{%- if message['role'] == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
+                  "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}{%- else %}"
+                  "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}"
+                  "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "查询城市天气",
+                                                 "parameters": {"type": "object",
+                                                                "properties": {"city": {"type": "string"}}}}}
+# A MiniMind-3 sft_t2t line: tools and tool calls as JSON text, a reasoning, a tool result, the final reply.
+MINIMIND_TOOL_LINE = {"conversations": [
+    {"role": "system", "content": "你是一个乐于助人的助手。", "tools": json.dumps([WEATHER_TOOL], ensure_ascii=False)},
+    {"role": "user", "content": "北京今天天气怎么样？"},
+    {"role": "assistant", "content": "", "reasoning_content": "用户想知道北京的天气，我需要调用工具。",
+     "tool_calls": '[{"name": "get_weather", "arguments": {"city": "北京"}}]'},
+    {"role": "tool", "content": '{"city": "北京", "weather": "晴", "temperature": "25°C"}'},
+    {"role": "assistant", "content": "北京今天晴，气温25°C。"}]}
+
+
+def expected_row(tok, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a conversation written by hand as (text, trained) pieces, tokenized piece by piece."""
+    ids, trained = [], []
+    for text, keep in segments:
+        piece = tok.encode(text)
+        ids += piece
+        trained += [keep] * len(piece)
+    return ids[:-1], [t if keep else IGNORE_INDEX for t, keep in zip(ids[1:], trained[1:])]
+
+
+def one_row(tok, tmp_path, line: dict, max_seq_len: int = 1024, name: str = "one.jsonl") -> SFTDataset:
+    return SFTDataset(write_jsonl(tmp_path / name, [line]), tok, max_seq_len)
+
+
+def tools_prompt(system: str) -> str:
+    return (f"<|im_start|>system\n{system}\n\n# Tools\n\nYou may call one or more functions to assist with the user "
+            "query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+            + json.dumps(WEATHER_TOOL, ensure_ascii=False) + "\n</tools>\n\nFor each function call, return a json "
+            "object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+            '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n')
+
+
+def test_tool_calling_trains_the_calls_and_replies_never_the_results(tok, tmp_path):
+    """MiniMind-3's tool line, token by token against the template written out by hand: the reasoning, the tool
+    call and each <|im_end|> after the assistant header are trained; the tools prompt, the user turn and the
+    <tool_response> turn are not."""
+    data = one_row(tok, tmp_path, MINIMIND_TOOL_LINE)
+    ids, labels = expected_row(tok, [
+        (tools_prompt("你是一个乐于助人的助手。"), False),
+        ("<|im_start|>user\n北京今天天气怎么样？<|im_end|>\n", False),
+        ("<|im_start|>assistant\n", False),
+        ("<think>\n用户想知道北京的天气，我需要调用工具。\n</think>\n\n<tool_call>\n"
+         '{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call><|im_end|>', True),
+        ("\n", False),
+        ('<|im_start|>user\n<tool_response>\n{"city": "北京", "weather": "晴", "temperature": "25°C"}\n'
+         "</tool_response><|im_end|>\n", False),
+        ("<|im_start|>assistant\n", False), ("北京今天晴，气温25°C。<|im_end|>", True), ("\n", False)])
+    assert data[0]["input_ids"].tolist() == ids
+    assert data[0]["labels"].tolist() == labels
+    assert data.unused_report is None  # every field rendered
+    # Templates without {% generation %} marks (read by rendering prefixes) find the same tokens.
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(str(ROOT / "tokenizer"))
+    plain.chat_template = tok.chat_template.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+    assert one_row(plain, tmp_path, MINIMIND_TOOL_LINE)[0]["labels"].tolist() == labels
+
+
+def test_openai_shaped_tool_calls_render_as_minimind_ones(tok, tmp_path):
+    """tool_calls as [{"type": "function", "function": {..., "arguments": "<JSON text>"}}] and TRL's line-level
+    "tools" column: the same tokens as MiniMind's JSON-text fields."""
+    messages = [dict(m) for m in MINIMIND_TOOL_LINE["conversations"]]
+    del messages[0]["tools"]
+    messages[2]["tool_calls"] = [{"type": "function", "function": {"name": "get_weather",
+                                                                   "arguments": '{"city": "北京"}'}}]
+    trl = one_row(tok, tmp_path, {"messages": messages, "tools": [WEATHER_TOOL]}, name="trl.jsonl")
+    minimind = one_row(tok, tmp_path, MINIMIND_TOOL_LINE)
+    assert trl[0]["input_ids"].tolist() == minimind[0]["input_ids"].tolist()
+    assert trl[0]["labels"].tolist() == minimind[0]["labels"].tolist()
+
+
+def test_reasoning_content_is_rendered_and_trained(tok, tmp_path):
+    line = {"conversations": [{"role": "user", "content": "1加1等于几？"},
+                              {"role": "assistant", "content": "1加1等于2。", "reasoning_content": "\n1 + 1 = 2\n"}]}
+    ids, labels = expected_row(tok, [("<|im_start|>user\n1加1等于几？<|im_end|>\n<|im_start|>assistant\n", False),
+                                     ("<think>\n1 + 1 = 2\n</think>\n\n1加1等于2。<|im_end|>", True), ("\n", False)])
+    data = one_row(tok, tmp_path, line)
+    assert data[0]["input_ids"].tolist() == ids and data[0]["labels"].tolist() == labels
+    plain = {"conversations": [line["conversations"][0], {"role": "assistant", "content": "1加1等于2。"}]}
+    assert data.n_trained_tokens > one_row(tok, tmp_path, plain, name="plain.jsonl").n_trained_tokens
+
+
+def test_trl_messages_are_the_same_conversation(tok, tmp_path):
+    chat = one_row(tok, tmp_path, {"conversations": CONVERSATION})
+    trl = one_row(tok, tmp_path, {"messages": CONVERSATION}, name="trl.jsonl")
+    assert trl.formats["chat"] == 1
+    assert trl[0]["input_ids"].tolist() == chat[0]["input_ids"].tolist()
+    assert trl[0]["labels"].tolist() == chat[0]["labels"].tolist()
+
+
+def test_prompt_completion_trains_the_completion_only(tok, tmp_path):
+    """TRL's completion_only_loss: with a conversational prompt that has earlier replies, only the completion's
+    reply (and its <|im_end|>) is trained, token by token; strings are a user turn and an assistant reply."""
+    line = {"prompt": CONVERSATION[:4], "completion": CONVERSATION[4:]}
+    data = one_row(tok, tmp_path, line)
+    segments = [(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", False) for m in CONVERSATION[:4]]
+    ids, labels = expected_row(tok, segments + [("<|im_start|>assistant\n", False),
+                                                ("19 + 3 = 22.<|im_end|>", True), ("\n", False)])
+    assert data.formats["prompt-completion"] == 1
+    assert data[0]["input_ids"].tolist() == ids and data[0]["labels"].tolist() == labels
+    strings = one_row(tok, tmp_path, {"prompt": "把'你好世界'翻译成英文", "completion": "Hello World"}, name="s.jsonl")
+    as_chat = one_row(tok, tmp_path, {"conversations": [{"role": "user", "content": "把'你好世界'翻译成英文"},
+                                                        {"role": "assistant", "content": "Hello World"}]},
+                      name="c.jsonl")
+    assert strings[0]["labels"].tolist() == as_chat[0]["labels"].tolist()
+
+
+def test_text_lines_train_every_token(tok, tmp_path):
+    """TRL's language-modelling lines in SFT: the document and the <|endoftext|> after it, every token."""
+    text = "床前明月光，疑是地上霜。举头望明月，低头思故乡。"
+    data = one_row(tok, tmp_path, {"text": text})
+    tokens = tok.encode(text) + [tok.eos_token_id]
+    assert data.formats["text"] == 1
+    assert data[0]["input_ids"].tolist() == tokens[:-1] and data[0]["labels"].tolist() == tokens[1:]
+
+
+def test_unused_fields_are_reported_once_per_file(tok, tmp_path):
+    lines = [{"id": 1, "conversations": [{"role": "user", "content": "你好", "name": "小明"},
+                                        {"role": "assistant", "content": "你好！"}]},
+             {"id": 2, "source": "sft_t2t", "messages": [{"role": "user", "content": "再见"},
+                                                         {"role": "assistant", "content": "再见！"}]}]
+    path = write_jsonl(tmp_path / "extra.jsonl", lines)
+    data = SFTDataset(path, tok, 64)
+    assert len(data) == 2
+    assert data.unused_report == (f"{path}: not used, so ignored: field 'id' (2 lines, first line 1), field 'source' "
+                                  f"(1 line, first line 2), message field 'name' (1 line, first line 1); message "
+                                  f"fields: the chat template of {tok.name_or_path} renders the same without them")
+
+
+def test_an_older_template_refuses_tool_calls_and_reports_reasoning(tmp_path):
+    """Exports from before tool calling keep their template: a tool call would train as an empty reply there, so
+    it is refused; a reasoning it leaves out is reported, and the reply still trains."""
+    from transformers import AutoTokenizer
+
+    older = AutoTokenizer.from_pretrained(str(ROOT / "tokenizer"))
+    older.chat_template = OLDER_TEMPLATE
+    path = write_jsonl(tmp_path / "tools.jsonl", [MINIMIND_TOOL_LINE])
+    with pytest.raises(DataError, match=r"tools.jsonl line 1: the chat template .* does not render '(tools|tool_calls)'"
+                                        r".*--tokenizer_path tokenizer"):
+        SFTDataset(path, older, 1024)
+    line = {"conversations": [{"role": "user", "content": "1加1等于几？"},
+                              {"role": "assistant", "content": "1加1等于2。", "reasoning_content": "1 + 1 = 2"}]}
+    data = SFTDataset(write_jsonl(tmp_path / "think.jsonl", [line]), older, 1024)
+    assert "message field 'reasoning_content' (1 line, first line 1)" in data.unused_report
+    assert tok_decode_trained(older, data) == "1加1等于2。<|im_end|>"
+
+
+def tok_decode_trained(tok, data: SFTDataset) -> str:
+    return tok.decode([t for t in data[0]["labels"].tolist() if t != IGNORE_INDEX])
+
+
+def test_several_files_are_read_in_the_stated_order(tok, tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    first = [{"conversations": [{"role": "user", "content": f"问题{i}"}, {"role": "assistant", "content": f"答{i}"}]}
+             for i in range(2)]
+    write_jsonl(folder / "b.jsonl", first[1:])
+    write_jsonl(folder / "a.jsonl", first[:1])
+    (folder / "notes.txt").write_text("not read: not .jsonl")
+    for spec in (folder, f"{folder}/*.jsonl", f"{folder / 'a.jsonl'},{folder / 'b.jsonl'}"):
+        data = SFTDataset(spec, tok, 64)
+        assert [tok_decode_trained(tok, data.subset([i])) for i in range(2)] == ["答0<|im_end|>", "答1<|im_end|>"]
+        assert data.summary().startswith(f"2 files ({folder / 'a.jsonl'}, {folder / 'b.jsonl'}): 2 conversations")
+    backwards = SFTDataset(f"{folder / 'b.jsonl'},{folder / 'a.jsonl'}", tok, 64)
+    assert tok_decode_trained(tok, backwards) == "答1<|im_end|>"
+    with pytest.raises(DataError, match="no file matches"):
+        SFTDataset(f"{folder}/*.json", tok, 64)
+
+
+def test_sft_trains_on_a_mix_of_minimind_and_trl_lines(base_model, tmp_path, capsys):
+    rows = [MINIMIND_TOOL_LINE, {"messages": CONVERSATION}, {"prompt": "你好", "completion": "你好！有什么可以帮你？"},
+            {"text": "床前明月光，疑是地上霜。"}, {"instruction": "把'猫'翻译成英文", "output": "cat"}] * 4
+    files = {"train": write_jsonl(tmp_path / "mix.jsonl", rows), "val": write_jsonl(tmp_path / "val.jsonl", rows[:5])}
+    train.main(sft_args(files, base_model, tmp_path / "out", "--max_steps", "2"))
+    err = capsys.readouterr().err
+    assert "20 conversations (8 chat, 4 prompt-completion, 4 text, 4 alpaca)" in err
+    assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
+
+
+def older_export(base_model, folder):
+    """A model folder as exported before tool calling: a tokenizer without the tool tokens, the older template."""
+    import shutil
+
+    shutil.copytree(base_model, folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)  # where transformers saves a template, when it does
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": OLDER_TEMPLATE}))
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"] if "tool" not in t["content"]]
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return folder
+
+
+def test_an_older_export_still_loads_and_fine_tunes(base_model, sft_files, tmp_path):
+    import eval_model
+
+    older = older_export(base_model, tmp_path / "older")
+    loaded = eval_model.model_tokenizer(older)
+    assert "<tool_call>" not in loaded.get_vocab() and loaded.chat_template == OLDER_TEMPLATE
+    train.main(sft_args(sft_files, older, tmp_path / "out", "--max_steps", "1"))
+    assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
+    files = {**sft_files, "train": write_jsonl(tmp_path / "tools.jsonl", [MINIMIND_TOOL_LINE])}
+    with pytest.raises(DataError, match="does not render '(tools|tool_calls)'"):
+        train.main(sft_args(files, older, tmp_path / "tools", "--max_steps", "1"))

@@ -4,6 +4,7 @@ and a bad YAML fails with one line naming the key."""
 from __future__ import annotations
 
 import csv
+import shutil
 import json
 import os
 import signal
@@ -295,3 +296,84 @@ def test_shipped_sweep_configs_are_valid(mode):
     # GRPO ranks by its validation reward; its val_loss is the same number negated
     metric = {"name": "val_reward", "goal": "maximize"} if mode == "grpo" else {"name": "val_loss", "goal": "minimize"}
     assert config["metric"] == metric and config["parameters"]["mode"] == {"value": mode}
+
+
+def test_a_trial_killed_before_its_first_checkpoint_starts_again_and_one_after_it_resumes(corpus, tmp_path):
+    """What a relaunched trial is told: --overwrite when the kill left only the start of a run (train.py refuses a
+    folder holding a run otherwise), --resume once it has a checkpoint; both commands then run."""
+    config = load_config(tiny_train_sweep(tmp_path, corpus, {"max_steps": {"value": 4}, "eval_interval": {"value": 0},
+                                                             "save_interval_steps": {"value": 2}}))
+    folder = tmp_path / "trial_001"
+    folder.mkdir()
+    trial = Trial(folder, {k: spec["value"] for k, spec in config["parameters"].items()})
+    (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 7.0}\n')  # killed before its first checkpoint
+    command = trial_command(config, trial)
+    assert "--overwrite=True" in command and not any(c.startswith("--resume") for c in command)
+    subprocess.run(command[1:], check=True, cwd=ROOT, capture_output=True, timeout=300)
+    shutil.rmtree(folder / "final")
+    shutil.rmtree(folder / "checkpoints" / "step_000004")  # as if killed after step 2's checkpoint
+    command = trial_command(config, trial)
+    assert "--resume=auto" in command and not any(c.startswith("--overwrite") for c in command)
+    subprocess.run(command[1:], check=True, cwd=ROOT, capture_output=True, timeout=300)
+    assert [r["step"] for r in read_metrics(folder) if "loss" in r][-1] == 4
+
+
+# ----------------------------------------------------------------------------- --gpu (Zer02LLM's flag)
+
+GPU_TRAIN = '''
+import argparse, json, os, time
+p = argparse.ArgumentParser()
+p.add_argument("--out_dir"); p.add_argument("--outcome")
+a = p.parse_args()
+os.makedirs(a.out_dir, exist_ok=True)
+start = time.time()
+with open(os.path.join(a.out_dir, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": 1, "val_loss": 2.0}) + "\\n")
+time.sleep(0.8)
+with open(os.path.join(a.out_dir, "gpu.json"), "w") as f:
+    json.dump({"gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": start, "end": time.time()}, f)
+'''
+
+
+def test_gpu_runs_one_trial_per_gpu_at_a_time(tmp_path, monkeypatch):
+    """--gpu 0,1 on a machine that reports 2 GPUs: two trials at a time, each with CUDA_VISIBLE_DEVICES one of
+    them, and never two trials on one GPU at once."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    program = tmp_path / "gpu_train.py"
+    program.write_text(GPU_TRAIN)
+    config = write_yaml(tmp_path / "gpu.yaml", {
+        "program": str(program), "command": COMMAND, "method": "grid",
+        "metric": {"name": "val_loss", "goal": "minimize"}, "parameters": {"outcome": {"values": list("abcd")}}})
+    out = tmp_path / "sweep"
+    assert run_sweep.main(["--config", str(config), "--sweep_dir", str(out), "--offline", "--gpu", "0,1"]) == 0
+    runs = [json.loads((t.folder / "gpu.json").read_text()) for t in load_trials(out)]
+    assert len(runs) == 4 and {r["gpu"] for r in runs} == {"0", "1"}
+    for i, a in enumerate(runs):
+        for b in runs[i + 1:]:
+            assert a["gpu"] != b["gpu"] or a["end"] <= b["start"] or b["end"] <= a["start"]
+    assert max(a["start"] for a in runs[:2]) < min(a["end"] for a in runs[:2])  # two at a time
+
+
+def test_gpu_without_cuda_is_refused_with_one_line(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = fake_sweep(tmp_path, ["good"])
+    with pytest.raises(SystemExit) as exc:
+        run_sweep.main(["--config", str(config), "--sweep_dir", str(tmp_path / "s"), "--gpu", "0,1"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        "run_sweep.py: error: --gpu 0,1: CUDA is not available here")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for flags, message in [(["--gpu", "0,1", "--parallel", "3"], "at most one trial per GPU at a time, so at most 2"),
+                           (["--gpu", "2"], "this process sees 2 GPU(s), 0 to 1; there is no GPU 2"),
+                           (["--gpu", "0,0"], "expected distinct GPU ids")]:
+        with pytest.raises(SystemExit):
+            run_sweep.main(["--config", str(config), "--sweep_dir", str(tmp_path / "s"), *flags])
+        assert message in capsys.readouterr().err

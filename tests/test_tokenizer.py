@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import subprocess
+import sys
 from collections.abc import Mapping
 
 import pytest
@@ -15,10 +17,39 @@ train_tokenizer = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(train_tokenizer)
 
 
+TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+# A MiniMind-3 tool-calling chat, as its sft data writes it (tools and tool calls as JSON text).
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "查询城市天气",
+                                                 "parameters": {"type": "object",
+                                                                "properties": {"city": {"type": "string"}}}}}
+TOOL_CHAT = [
+    {"role": "system", "content": "你是一个乐于助人的助手。"},
+    {"role": "user", "content": "北京今天天气怎么样？"},
+    {"role": "assistant", "content": "", "reasoning_content": "用户想知道北京的天气，我需要调用工具。",
+     "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}}]},
+    {"role": "tool", "content": '{"city": "北京", "weather": "晴", "temperature": "25°C"}'},
+    {"role": "assistant", "content": "北京今天晴，气温25°C。"},
+]
+# What Qwen2.5's template writes for it (and Qwen3's for the reasoning), by hand.
+TOOL_CHAT_TEXT = (
+    "<|im_start|>system\n你是一个乐于助人的助手。\n\n# Tools\n\nYou may call one or more functions to assist with the "
+    "user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    + json.dumps(WEATHER_TOOL, ensure_ascii=False) + "\n</tools>\n\nFor each function call, return a json object "
+    "with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": "
+    "<function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n"
+    "<|im_start|>user\n北京今天天气怎么样？<|im_end|>\n"
+    "<|im_start|>assistant\n<think>\n用户想知道北京的天气，我需要调用工具。\n</think>\n\n<tool_call>\n"
+    '{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call><|im_end|>\n'
+    '<|im_start|>user\n<tool_response>\n{"city": "北京", "weather": "晴", "temperature": "25°C"}\n'
+    "</tool_response><|im_end|>\n"
+    "<|im_start|>assistant\n北京今天晴，气温25°C。<|im_end|>\n")
+
+
 def test_special_token_ids(tok):
     assert len(tok) == 6400
     ids = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"])
     assert ids == [0, 1, 2, 3, 4]
+    assert tok.convert_tokens_to_ids(TOOL_TOKENS) == [6396, 6397, 6398, 6399]  # the last ids: the BPE's are kept
     assert tok.eos_token == tok.pad_token == "<|endoftext|>" and tok.eos_token_id == tok.pad_token_id == 0
     assert tok.bos_token is None
     config = json.loads((TOKENIZER / "tokenizer_config.json").read_text())
@@ -36,6 +67,40 @@ def test_no_bos_added_and_specials_not_split(tok):
 def test_think_tokens_survive_skip_special_tokens(tok):
     ids = tok.encode("<|im_start|>assistant\n<think>\n1 + 1 = 2\n</think>\n2<|im_end|>")
     assert tok.decode(ids, skip_special_tokens=True) == "assistant\n<think>\n1 + 1 = 2\n</think>\n2"
+
+
+def test_tool_tokens_are_single_and_survive_skip_special_tokens(tok):
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
+    ids = tok.encode(text)
+    assert [ids.count(i) for i in tok.convert_tokens_to_ids(TOOL_TOKENS[:2])] == [1, 1]
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    for i, t in enumerate(TOOL_TOKENS):
+        assert tok.encode(t) == [6396 + i]
+
+
+def test_tool_calling_chat_renders_as_qwen_templates_do(tok):
+    """tools in the system turn, the call in <tool_call>, the result as a <tool_response> user turn, the
+    reasoning in <think> before the reply; and the same whether tools and calls come as objects or JSON text."""
+    assert tok.apply_chat_template(TOOL_CHAT, tools=[WEATHER_TOOL], tokenize=False) == TOOL_CHAT_TEXT
+    minimind = [dict(m) for m in TOOL_CHAT]
+    minimind[2]["tool_calls"] = '[{"name": "get_weather", "arguments": {"city": "北京"}}]'
+    from data import chat_messages, render_prompt, tools_of
+
+    minimind[0]["tools"] = json.dumps([WEATHER_TOOL], ensure_ascii=False)
+    messages = chat_messages(minimind, "conversations", ROOT / "x.jsonl", 1)
+    assert tok.apply_chat_template(messages, tools=tools_of(messages), tokenize=False) == TOOL_CHAT_TEXT
+    # Two results in a row share one user turn; the generation prompt follows the last one.
+    two = TOOL_CHAT[:3] + [TOOL_CHAT[3], {"role": "tool", "content": "ok"}]
+    prompt = render_prompt(tok, [{**two[0], "tools": [WEATHER_TOOL]}, *two[1:]])[0]
+    assert prompt.endswith('<|im_start|>user\n<tool_response>\n{"city": "北京", "weather": "晴", "temperature": '
+                           '"25°C"}\n</tool_response>\n<tool_response>\nok\n</tool_response><|im_end|>\n'
+                           '<|im_start|>assistant\n')
+
+
+def test_tools_without_a_system_message_get_a_system_turn(tok):
+    text = tok.apply_chat_template(TOOL_CHAT[1:2], tools=[WEATHER_TOOL], tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\n# Tools\n\nYou may call") and text.endswith(
+        "<|im_start|>user\n北京今天天气怎么样？<|im_end|>\n<|im_start|>assistant\n")
 
 
 @settings(max_examples=200, deadline=None)
@@ -101,6 +166,8 @@ def test_training_is_deterministic(tmp_path):
     assert a.to_str() == b.to_str()
     assert [a.token_to_id(t) for t in ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]] == [
         0, 1, 2, 3, 4]
+    n = a.get_vocab_size()  # this small corpus runs out of merges before 300: the tool tokens still come last
+    assert [a.token_to_id(t) for t in TOOL_TOKENS] == list(range(n - 4, n))
     train_tokenizer.save(a, tmp_path / "a")
     train_tokenizer.save(b, tmp_path / "b")
     for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:
@@ -114,3 +181,34 @@ def test_shipped_files_are_reproducible(tmp_path):
     train_tokenizer.save(tok, tmp_path)
     for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:
         assert (tmp_path / name).read_bytes() == (TOKENIZER / name).read_bytes(), name
+
+
+def test_the_tool_tokens_keep_every_learned_id():
+    """The tool tokens take the last ids, after a BPE of 4 fewer tokens: that BPE is the first part of the one
+    without them (the same ids, the same merges in the same order), so a model of the tokenizer before the tool
+    tokens reads every other id as it did."""
+    texts = list(train_tokenizer.corpus_texts([ROOT / "dataset" / "dpo_trl.jsonl"])) + ["床前明月光，疑是地上霜。"] * 20
+    small = json.loads(train_tokenizer.build_tokenizer(iter(texts), vocab_size=400).to_str())["model"]
+    big = json.loads(train_tokenizer.build_tokenizer(iter(texts), vocab_size=404).to_str())["model"]
+    assert len(small["vocab"]) == 396 and len(big["vocab"]) == 400  # the corpus has merges to spare
+    assert small["vocab"] == {t: i for t, i in big["vocab"].items() if i < 396}
+    assert big["merges"][:len(small["merges"])] == small["merges"]
+
+
+def test_train_tokenizer_takes_txt(tmp_path):
+    """A plain-text corpus, documents separated by <|endoftext|> lines: the separators are not learned as text."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("床前明月光，疑是地上霜。\n举头望明月，低头思故乡。\n<|endoftext|>\nTo be, or not to be.\n" * 30,
+                      encoding="utf-8")
+    assert "<|endoftext|>\n" not in list(train_tokenizer.corpus_texts([corpus]))
+    out = tmp_path / "tok"
+    done = subprocess.run([sys.executable, str(TOKENIZER / "train_tokenizer.py"), "--data", str(corpus),
+                           "--vocab_size", "320", "--out_dir", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    from transformers import AutoTokenizer
+
+    trained = AutoTokenizer.from_pretrained(str(out))
+    assert len(trained) == 320 and trained.decode(trained.encode("低头思故乡")) == "低头思故乡"
+    bad = subprocess.run([sys.executable, str(TOKENIZER / "train_tokenizer.py"), "--data", str(tmp_path / "x.csv")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "x.csv: no such file" in bad.stderr.splitlines()[-1]

@@ -21,7 +21,8 @@ from trainer.schedule import lr_multiplier
 
 
 def test_lr_schedule_warmup_cosine_floor():
-    m = [lr_multiplier(s, warmup_iters=10, decay_iters=110, min_lr_ratio=0.1) for s in range(200)]
+    m = [lr_multiplier(s, schedule="cosine", warmup_iters=10, total_steps=200, decay_iters=110, min_lr_ratio=0.1)
+         for s in range(200)]
     assert m[0] == pytest.approx(0.1) and m[9] == pytest.approx(1.0)  # linear warmup to the peak
     assert m[60] == pytest.approx(0.1 + 0.9 * 0.5)                    # cosine half way
     assert all(a >= b for a, b in zip(m[9:110], m[10:111]))            # monotone decay
@@ -110,7 +111,7 @@ def test_checkpoints_rotate_and_ignore_incomplete(corpus, tmp_path):
     assert names == ["step_000006", "step_000007"]  # 2, 4 rotated away; 7 = the final step
     for name in names:
         files = {p.name for p in (out / "checkpoints" / name).iterdir()}
-        assert {"model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "scaler.pt",
+        assert {"model.safetensors", "config.json", "optimizer.pt", "scaler.pt",
                 "rng_state_0.pt", ckpt.STATE_FILE} <= files
     # A half-written checkpoint (killed before its trainer_state.json landed) is never picked.
     half = out / "checkpoints" / "step_000009"
@@ -145,7 +146,8 @@ def test_bfloat16_autocast_on_cpu_trains(corpus, tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--n_heads", "4", "--n_kv_heads", "3"], "multiple of n_kv_heads"),
     (["--data_path", "nope.jsonl"], "--data_path nope.jsonl: no such file"),
-    (["--val_data_path", str(ROOT / "dataset")], f"--val_data_path {ROOT / 'dataset'}: a folder; pass one data file"),
+    (["--val_data_path", str(ROOT / "tokenizer")],
+     f"--val_data_path {ROOT / 'tokenizer'}: a folder without .jsonl or .txt or .bin files"),
     (["--preset", "huge"], "--preset: invalid choice: 'huge'"),
     (["--num_experts_per_tok", "5", "--use_moe", "--n_routed_experts", "4"], "num_experts_per_tok"),
     (["--resume"], "--resume: no complete checkpoint"),
@@ -278,3 +280,165 @@ def test_skip_bad_records_trains_and_reports_per_reason(corpus, tmp_path, capsys
     assert meta["n_bad_skipped"] == 4 and meta["skip_bad_records"] is True
     assert meta["sources"][0]["bad_skipped"] == {"malformed JSON": 2, "missing field 'text'": 1, "not UTF-8": 1}
     assert meta["n_docs"] == len(lines)
+
+
+# ----------------------------------------------------------------------------- other projects' command lines
+
+# Zer02LLM's README commands, with its script's name replaced by train.py (the flags are typed as it prints them).
+ZER02LLM_PRETRAIN = [
+    "--mode pretrain --device cpu --batch_size 2 --epochs 1 --dim 128 --n_layers 2 --max_seq_len 128 --n_heads 4",
+    "--mode pretrain --batch_size 32 --epochs 1 --learning_rate 5e-4 --dim 512 --n_layers 8 --accumulation_steps 8 "
+    "--save_interval 1000 --save_best_only --save_last --save_interval_steps 1000 --keep_checkpoint_max 5",
+    "--mode pretrain --batch_size 32 --epochs 1 --learning_rate 5e-4 --dim 512 --n_layers 8 --accumulation_steps 8 "
+    "--use_wandb --wandb_project Zer02LLM --wandb_log_model --wandb_log_code --wandb_watch_model --save_best_only "
+    "--save_last",
+    "--mode pretrain --ddp --batch_size 16 --accumulation_steps 8 --save_interval 1000 --save_best_only --save_last",
+]
+
+
+@pytest.mark.parametrize("command", ZER02LLM_PRETRAIN)
+def test_zer02llm_pretrain_commands_parse_as_typed(corpus, tmp_path, command, capsys):
+    flags = command.split()
+    mode, cfg, model_cfg, _ = train.parse_config(flags + ["--data_path", str(corpus["train"]), "--val_data_path",
+                                                          str(corpus["val"]), "--out_dir", str(tmp_path / "out")])
+    assert mode.name == "pretrain" and cfg.save_last
+    if "--n_layers" in flags:
+        assert model_cfg.n_layers == int(flags[flags.index("--n_layers") + 1])
+    if "--save_interval" in flags:
+        assert cfg.save_interval_steps == 1000
+    if "--ddp" in flags:
+        assert "--ddp without torchrun: one process" in capsys.readouterr().err
+
+
+def test_zer02llm_sft_command_says_the_shape_comes_from_init_from(base_model, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_config(["--mode", "sft", "--init_from", str(base_model), "--batch_size", "16", "--dim", "512",
+                            "--n_layers", "8", "--max_seq_len", "512", "--save_interval", "1000", "--save_best_only"])
+    assert ("--dim: --mode sft takes the architecture from --init_from" in capsys.readouterr().err.splitlines()[-1])
+
+
+def test_save_interval_is_save_interval_steps(corpus, tmp_path):
+    """One flag with two names, declared once on the field: --help shows both, the last one given wins."""
+    args = train_args(corpus, tmp_path / "x")
+    assert train.parse_config(args + ["--save_interval", "7"])[1].save_interval_steps == 7
+    assert train.parse_config(args + ["--save_interval", "7", "--save_interval_steps", "9"])[1].save_interval_steps == 9
+    action = train.build_parser("sft")._option_string_actions["--save_interval"]
+    assert action.dest == "save_interval_steps" and action.option_strings == ["--save_interval_steps", "--save_interval"]
+
+
+def test_mode_test_names_what_to_use_instead(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--mode", "test"])
+    assert exc.value.code == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith("train.py: error: --mode test:") and "eval_model.py" in line and \
+        "scripts/pipeline_check.py" in line
+
+
+def test_ddp_alone_runs_one_process_and_local_rank_sets_local_rank(corpus, tmp_path, capsys, monkeypatch):
+    for var in ("LOCAL_RANK", "WORLD_SIZE"):  # set, then removed: the test's own LOCAL_RANK is undone after it
+        monkeypatch.setenv(var, "0")
+        monkeypatch.delenv(var)
+    result = train.main(train_args(corpus, tmp_path / "run", "--max_steps", "2", "--eval_interval", "0", "--ddp",
+                                   "--local_rank", "0"))
+    assert result["step"] == 2 and os.environ["LOCAL_RANK"] == "0"
+    err = capsys.readouterr().err
+    assert err.count("--ddp without torchrun: one process") == 1 and "1 process(es)" in err
+    monkeypatch.setenv("LOCAL_RANK", "0")  # torchrun's own variable wins over a launcher's flag
+    train.parse_config(train_args(corpus, tmp_path / "x", "--local-rank=3"))
+    assert os.environ["LOCAL_RANK"] == "0"
+
+
+class FakeWandb:
+    """A stand-in wandb module: records what the run sends, with no network and no files."""
+
+    def __init__(self) -> None:
+        self.config, self.logged, self.watched, self.code, self.artifacts = None, [], None, None, []
+
+    def init(self, config: dict, **kwargs):
+        self.config, wandb = config, self
+
+        class Run:
+            id = "run1"
+
+            def log(self, data: dict, step: int) -> None:
+                wandb.logged.append(step)
+
+            def watch(self, model, log, log_freq: int) -> None:
+                wandb.watched = (type(model).__name__, log, log_freq)
+
+            def log_code(self, root: str, include_fn) -> None:
+                wandb.code = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root)
+                                    for f in files if include_fn(os.path.join(d, f), root))
+
+            def log_artifact(self, artifact, aliases: list[str]) -> None:
+                wandb.artifacts.append((artifact.name, sorted(os.listdir(artifact.folder)), aliases))
+
+            def finish(self) -> None:
+                pass
+
+        return Run()
+
+    class Artifact:
+        def __init__(self, name: str, type: str, metadata: dict) -> None:
+            self.name, self.type, self.metadata = name, type, metadata
+
+        def add_dir(self, folder: str) -> None:
+            self.folder = folder
+
+
+def test_wandb_flags_of_zer02llm(corpus, tmp_path, monkeypatch):
+    """The architecture is in the run's config; every 2nd training record goes (validation ones always); best/
+    and final/ become artifact versions; the model is watched; the repository's Python files are saved."""
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "run"
+    train.main(train_args(corpus, out, "--max_steps", "6", "--eval_interval", "3", "--use_wandb",
+                          "--wandb_log_freq", "2", "--wandb_log_model", "--wandb_log_code", "--wandb_watch_model",
+                          "--wandb_watch_log", "all", "--wandb_watch_log_freq", "5"))
+    assert (fake.config["model"]["dim"], fake.config["model"]["n_layers"]) == (64, 2)
+    assert fake.config["wandb_log_freq"] == 2 and fake.config["learning_rate"] == 1e-3
+    assert fake.logged == [1, 3, 3, 5, 6]  # training records of steps 1, 3, 5; validation at 3 and 6
+    assert fake.watched == ("Transformer", "all", 5)
+    assert "train.py" in fake.code and "trainer/loop.py" in fake.code and not any(
+        c.startswith((".", "out/")) or not c.endswith(".py") for c in fake.code)
+    names = {a[2][0] for a in fake.artifacts}
+    assert names <= {"best", "final"} and fake.artifacts[-1][2] == ["final", "step-6"]
+    assert all(a[0] == "model-run1" and "model.safetensors" in a[1] and "config.json" in a[1] for a in fake.artifacts)
+
+
+def test_wandb_flags_run_offline(corpus, tmp_path, monkeypatch):
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    out = tmp_path / "run"
+    train.main(train_args(corpus, out, "--max_steps", "2", "--eval_interval", "0", "--use_wandb", "--wandb_log_model",
+                          "--wandb_log_code", "--wandb_watch_model", "--wandb_log_freq", "2"))
+    (run,) = (out / "wandb").glob("offline-run-*")
+    record = next(run.glob("*.wandb")).read_bytes()  # what `wandb sync` will upload: config, code, artifacts
+    assert b'"dim":64,"n_layers":2' in record and b"source-zero2llm" in record
+    assert b"model-" + run.name.rsplit("-", 1)[1].encode() in record and b'{"folder":"final","step":2}' in record
+
+
+def test_data_path_takes_a_folder_and_a_raw_bin_with_its_dtype(corpus, tmp_path, capsys):
+    """A folder of corpus files trains on all of them; a .bin without its sidecar needs --bin_dtype."""
+    import data as data_lib
+    from data import load_tokenizer
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    lines = corpus["train"].read_text().splitlines()
+    (folder / "part-1.jsonl").write_text("\n".join(lines[:150]) + "\n")
+    (folder / "part-2.jsonl").write_text("\n".join(lines[150:]) + "\n")
+    train.main(train_args(corpus, tmp_path / "folder", "--max_steps", "2", "--eval_interval", "0",
+                          "--data_path", str(folder)))
+    assert "part-1+1." in capsys.readouterr().err  # one cache, prepared from both files
+    raw = tmp_path / "raw.bin"
+    data_lib.prepare_pretrain(corpus["train"], load_tokenizer(ROOT / "tokenizer"), raw, show_progress=False)
+    raw.with_suffix(".json").unlink()
+    with pytest.raises(DataError, match="raw.bin: no sidecar raw.json .* pass --bin_dtype uint16 or uint32"):
+        train.main(train_args(corpus, tmp_path / "raw", "--data_path", str(raw), "--max_steps", "2"))
+    result = train.main(train_args(corpus, tmp_path / "raw", "--data_path", str(raw), "--bin_dtype", "uint16",
+                                   "--max_steps", "2", "--eval_interval", "0"))
+    assert result["step"] == 2

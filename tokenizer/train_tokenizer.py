@@ -7,12 +7,21 @@ Byte-level: every string encodes (no unknown token) and decode(encode(x)) == x.
 Digits are split one per token so arithmetic is written digit by digit (a tiny model learns
 "12 + 7 = 19." far better than with merged, arbitrary number chunks).
 Trained on dataset/pretrain.jsonl plus the message texts of the chat data, so both prose and
-chat answers tokenize compactly. Same inputs -> byte-identical files.
+chat answers tokenize compactly (--data takes other .jsonl files, and plain .txt). Same inputs ->
+byte-identical files.
 
 Token ids:  0 <|endoftext|>  end of a pretraining document, and the padding token
             1 <|im_start|>   2 <|im_end|>   ChatML turn markers (special: stripped by skip_special_tokens)
             3 <think>  4 </think>  reasoning markers for GRPO format rewards; regular (non-special)
                                    added tokens, so they survive decode(skip_special_tokens=True)
+            the last 4 ids: <tool_call> </tool_call> <tool_response> </tool_response>, tool-calling markers
+                                   (regular added tokens too, as in Qwen's tokenizers)
+
+The chat template is ChatML, and renders tool calling and reasoning as Qwen2.5/Qwen3 templates do (the
+names and shapes MiniMind-3's data uses): apply_chat_template(messages, tools=[schemas]) lists the tools in
+the system turn, an assistant's "tool_calls" become <tool_call>{"name", "arguments"}</tool_call>, a
+"role": "tool" result is a <tool_response> in a user turn, and "reasoning_content" is written inside
+<think>...</think> before the reply. A conversation without those fields renders as plain ChatML.
 """
 
 from __future__ import annotations
@@ -20,24 +29,58 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 THINK_TOKENS = ["<think>", "</think>"]
+TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 MODEL_MAX_LENGTH = 32768  # a tokenizer limit only (silences length warnings); the model's is max_seq_len
 
-# ChatML. Assistant content + <|im_end|> sit inside {% generation %} so that
-# apply_chat_template(..., return_assistant_tokens_mask=True) marks exactly the tokens SFT trains on.
+# The generation block of an assistant turn: reasoning, reply, tool calls and <|im_end|> (what SFT trains).
+_ASSISTANT = (
+    "{%- if message['reasoning_content'] %}"
+    "{{- '<think>\\n' + message['reasoning_content'].strip('\\n') + '\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{{- message['content'] }}"
+    "{%- for call in message['tool_calls'] or [] %}"
+    "{%- set call = call['function'] or call %}"
+    "{{- ('\\n' if message['content'] or not loop.first else '') + '<tool_call>\\n{\"name\": \"' + call['name']"
+    " + '\", \"arguments\": ' + (call['arguments'] if call['arguments'] is string else (call['arguments'] | tojson))"
+    " + '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>' }}"
+)
+# Qwen2.5's tool prompt, in the system turn (after the conversation's own system message, if any).
+_TOOLS = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided "
+    "with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- endif %}"
+)
+# ChatML. Each assistant turn's content + <|im_end|> sits inside {% generation %} so that
+# apply_chat_template(..., return_assistant_tokens_mask=True) marks exactly the tokens SFT trains on; tool
+# results (consecutive ones share one user turn) are outside it: they are never trained.
 CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
+    _TOOLS
+    + "{%- for message in messages %}"
     "{%- if message['role'] == 'assistant' %}"
     "{{- '<|im_start|>assistant\\n' }}"
-    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+    "{%- generation %}" + _ASSISTANT + "{%- endgeneration %}"
     "{{- '\\n' }}"
-    "{%- else %}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- elif not (tools and loop.first and message['role'] == 'system') %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endif %}"
     "{%- endfor %}"
@@ -45,20 +88,35 @@ CHAT_TEMPLATE = (
 )
 
 
+def _message_texts(value: Any) -> Iterator[str]:
+    """The texts of a chat field: a string, or the contents (and reasoning) of a list of messages."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for m in value:
+            for key in ("content", "reasoning_content"):
+                if isinstance(m, dict) and isinstance(m.get(key), str):
+                    yield m[key]
+
+
 def corpus_texts(paths: Iterable[Path]) -> Iterator[str]:
-    """Texts of .jsonl files: {"text"} documents and the contents of chat messages of any mode."""
+    """Texts of .jsonl files ({"text"} documents and the messages of chat data of any mode, MiniMind's and TRL's
+    field names) and of .txt files (line by line; the <|endoftext|> lines that separate documents are left out,
+    as the token is added, not learned)."""
     for path in paths:
         with open(path, encoding="utf-8") as f:
             for line in f:
+                if path.suffix == ".txt":
+                    if line.rstrip("\r\n") != SPECIAL_TOKENS[0]:
+                        yield line
+                    continue
+                if not line.strip():
+                    continue
                 row = json.loads(line)
                 if "text" in row:
                     yield row["text"]
-                for key in ("conversations", "chosen", "rejected", "prompt"):
-                    value = row.get(key)
-                    if isinstance(value, str):
-                        yield value
-                    elif isinstance(value, list):
-                        yield from (m["content"] for m in value)
+                for key in ("conversations", "messages", "chosen", "rejected", "prompt", "completion"):
+                    yield from _message_texts(row.get(key))
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 6400) -> Tokenizer:
@@ -70,14 +128,15 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 6400) -> Tokenizer:
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - len(TOOL_TOKENS),  # the tool tokens take the last ids
         special_tokens=SPECIAL_TOKENS + THINK_TOKENS,  # ids 0..4, in this order
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    # The trainer registers every token it was given as special; <think> </think> must stay in decoded text.
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    # The trainer registers every token it was given as special; <think> </think> must stay in decoded text,
+    # and so must the tool-call markers added after the learned ones.
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS + TOOL_TOKENS])
     return tok
 
 
@@ -109,11 +168,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", default=[str(ROOT / "dataset" / f) for f in
                                                   ("pretrain.jsonl", "sft.jsonl", "dpo.jsonl", "grpo.jsonl")],
-                   help=".jsonl files to train on ({'text'} documents and/or chat messages)")
-    p.add_argument("--vocab_size", type=int, default=6400, help="vocabulary size including the 5 added tokens")
+                   help=".jsonl files ({'text'} documents and/or chat messages) or .txt files (plain text) to train on")
+    p.add_argument("--vocab_size", type=int, default=6400, help="vocabulary size including the 9 added tokens")
     p.add_argument("--out_dir", default=str(ROOT / "tokenizer"), help="folder to write the tokenizer files to")
     args = p.parse_args()
-    tok = build_tokenizer(corpus_texts(Path(d) for d in args.data), args.vocab_size)
+    paths = [Path(d) for d in args.data]
+    for path in paths:
+        if not path.is_file() or path.suffix not in (".jsonl", ".txt"):
+            p.error(f"--data {path}: " + ("no such file" if not path.is_file() else "not a .jsonl or .txt file"))
+    tok = build_tokenizer(corpus_texts(paths), args.vocab_size)
     save(tok, Path(args.out_dir))
 
 

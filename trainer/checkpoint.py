@@ -2,15 +2,16 @@
 
 Layout of one checkpoint (out_dir/checkpoints/step_000500/):
     config.json, model.safetensors   the model, in the same HF format as final/
-    optimizer.pt                     the optimizer
+    optimizer.pt                     the optimizer(s): AdamW's state dict, or every part's with --optimizer muon
       or sharded/                    --fsdp: model and optimizer as torch.distributed.checkpoint (DCP) shards,
                                      every rank writing its own; loads into any number of processes, with
                                      or without --fsdp (and a model.safetensors checkpoint loads under --fsdp)
-    scheduler.pt, scaler.pt
+    scaler.pt                        fp16's loss scale (the learning rate is a function of the step: no state)
     rng_state_<rank>.pt              per-rank RNG (dropout masks differ per rank)
     rollouts_<rank>.pt               only between two updates on one batch (GRPO's --num_iterations > 1):
                                      each rank's prepared micro-batches (save_checkpoint's rank_files)
-    trainer_state.json               step, data position, best val loss ... written LAST
+    trainer_state.json               step, data position, best val loss, whether this step's evaluation ran,
+                                     and the run's record for resume's checks (trainer/resume.py) ... written LAST
 
 Everything is written into `step_000500.tmp/` and renamed into place only when complete, so a
 kill at any moment leaves either the previous checkpoints or a `.tmp` folder that resume ignores.
@@ -33,7 +34,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from model import hf
 from model.config import ModelConfig
 from trainer.distributed import DistEnv, barrier
+from trainer.optim import Optimizers
 from trainer.parallel import is_sharded
+from trainer.rundir import replace_folder
 
 STATE_FILE = "trainer_state.json"
 SHARDED = "sharded"  # the DCP folder of an --fsdp checkpoint
@@ -56,6 +59,12 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     found = [(int(m.group(1)), p) for p in root.iterdir()
              if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
     return [p for _, p in sorted(found)]
+
+
+def step_of(path: str | Path) -> int:
+    """The step a checkpoint folder holds: from its name (step_000500), else from its trainer_state.json."""
+    m = _NAME.match(Path(path).name)
+    return int(m.group(1)) if m else int(read_state(path).get("step", 0))
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -85,6 +94,25 @@ def _fsync_write_json(path: Path, obj: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def read_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json."""
+    state_file = Path(path) / STATE_FILE
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{state_file}: cannot be read ({e}); not a complete checkpoint.") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{state_file}: not a JSON object; not a checkpoint this train.py wrote.")
+    return state
+
+
+def update_state(path: str | Path, trainer_state: dict[str, Any]) -> None:
+    """Rewrite a complete checkpoint's trainer_state.json in place, atomically (the step's evaluation has run)."""
+    tmp = Path(path) / (STATE_FILE + ".tmp")
+    _fsync_write_json(tmp, trainer_state)
+    os.replace(tmp, Path(path) / STATE_FILE)
+
+
 def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -93,8 +121,8 @@ def _rng_state() -> dict[str, Any]:
 
 
 def save_checkpoint(out_dir: str | Path, step: int, env: DistEnv, *, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
-                    trainer_state: dict[str, Any], rank_files: dict[str, Any] | None = None) -> Path:
+                    optimizer: Optimizers, scaler: Any, trainer_state: dict[str, Any],
+                    rank_files: dict[str, Any] | None = None) -> Path:
     """Write a complete checkpoint atomically. Called by every rank (each saves its RNG, and each object of
     `rank_files` as <name>_<rank>.pt: state that differs per rank, such as GRPO's rollouts mid-group)."""
     root = checkpoint_dir(out_dir)
@@ -109,7 +137,7 @@ def save_checkpoint(out_dir: str | Path, step: int, env: DistEnv, *, model: torc
         for name, obj in (rank_files or {}).items():
             torch.save(obj, tmp / f"{name}_{env.rank}.pt")
         if is_sharded(model):  # a collective: every rank writes its shards of model and optimizer
-            model_state, optimizer_state = get_state_dict(model, optimizer)
+            model_state, optimizer_state = get_state_dict(model, optimizer.parts)
             dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / SHARDED)
         barrier()
         if env.is_main:
@@ -118,12 +146,9 @@ def save_checkpoint(out_dir: str | Path, step: int, env: DistEnv, *, model: torc
             else:
                 model.save_pretrained(tmp)
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
             _fsync_write_json(tmp / STATE_FILE, trainer_state)
-            if final.exists():  # the same step saved twice (e.g. a resumed run): newest wins
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            replace_folder(tmp, final)  # the same step saved twice (e.g. a resumed run): newest wins
     except (OSError, RuntimeError) as e:  # typically a full disk (torch.save's zip writer raises RuntimeError)
         shutil.rmtree(tmp, ignore_errors=True)
         prev = latest_checkpoint(out_dir)
@@ -137,13 +162,16 @@ def save_checkpoint(out_dir: str | Path, step: int, env: DistEnv, *, model: torc
 
 
 def rotate_checkpoints(out_dir: str | Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints (all when keep <= 0); drop stale .tmp folders."""
+    """Keep the newest `keep` complete checkpoints (all when keep <= 0); drop stale .tmp/.old folders.
+
+    A checkpoint is renamed to .tmp before it is deleted, so a kill in the middle never leaves a half-deleted
+    folder that looks like a checkpoint."""
     root = checkpoint_dir(out_dir)
-    for stale in root.glob("step_*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
     if keep > 0:
         for old in list_checkpoints(out_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            os.rename(old, old.with_name(old.name + ".tmp"))
+    for stale in [*root.glob("step_*.tmp"), *root.glob("step_*.old")]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _load(path: Path) -> Any:
@@ -190,8 +218,7 @@ def _model_weights(saved: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _by_name(optimizer_state: dict[str, Any], model: torch.nn.Module,
-             optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def _by_name(optimizer_state: dict[str, Any], model: torch.nn.Module, optimizer: Optimizers) -> dict[str, Any]:
     """A plain optimizer.state_dict() (parameters numbered in the optimizer's order) keyed by parameter names
     instead, the form torch.distributed.checkpoint.state_dict reads (to resume a DDP checkpoint with --fsdp)."""
     names = {id(p): name for name, p in model.named_parameters()}
@@ -200,32 +227,28 @@ def _by_name(optimizer_state: dict[str, Any], model: torch.nn.Module,
             "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in optimizer_state["param_groups"]]}
 
 
-def load_checkpoint(path: str | Path, env: DistEnv, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, scaler: Any) -> dict[str, Any]:
-    """Restore model (refusing a checkpoint of another architecture), optimizer, scheduler, scaler and this rank's
-    RNG; return the trainer state. Sharded (--fsdp) checkpoints load with or without --fsdp, at any process count;
+def load_checkpoint(path: str | Path, env: DistEnv, *, model: torch.nn.Module, optimizer: Optimizers,
+                    scaler: Any) -> dict[str, Any]:
+    """Restore model (refusing a checkpoint of another architecture), optimizer, scaler and this rank's RNG; return
+    the trainer state. Sharded (--fsdp) checkpoints load with or without --fsdp, at any process count;
     model.safetensors ones too (under --fsdp each rank keeps its shard of them)."""
     path = Path(path)
-    state_file = path / STATE_FILE
-    try:
-        state = json.loads(state_file.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{state_file}: cannot be read ({e}); not a complete checkpoint.") from None
+    state = read_state(path)
     saved = check_architecture(model, path)
     if (path / SHARDED).is_dir():
-        model_state, optimizer_state = get_state_dict(model, optimizer)
+        model_state, optimizer_state = get_state_dict(model, optimizer.parts)
         loaded = {"model": model_state, "optimizer": optimizer_state}
         try:
             dcp.load(loaded, checkpoint_id=path / SHARDED)
         except Exception as e:  # a missing or truncated shard: DCP's own error, summarised
             raise CheckpointError(f"{path / SHARDED}: cannot be read ({type(e).__name__}: {str(e)[:300]}). "
                                   f"Delete {path} to resume from the one before it.") from None
-        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+        set_state_dict(model, optimizer.parts, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
     else:
         weights, optimizer_state = _model_weights(saved, path), _load(path / "optimizer.pt")
         try:
             if is_sharded(model):
-                set_state_dict(model, optimizer, model_state_dict=weights,
+                set_state_dict(model, optimizer.parts, model_state_dict=weights,
                                optim_state_dict=_by_name(optimizer_state, model, optimizer),
                                options=StateDictOptions(full_state_dict=True))
             else:
@@ -234,7 +257,6 @@ def load_checkpoint(path: str | Path, env: DistEnv, *, model: torch.nn.Module, o
         except (RuntimeError, KeyError, ValueError) as e:  # e.g. LoRA resumed with another --lora_rank
             raise CheckpointError(f"{path}: does not fit this run's model ({str(e).splitlines()[0]}). "
                                   f"Resume with the same flags, or use a new --out_dir.") from None
-    scheduler.load_state_dict(_load(path / "scheduler.pt"))
     scaler.load_state_dict(_load(path / "scaler.pt"))
     rng_file = path / f"rng_state_{env.rank}.pt"
     if not rng_file.is_file():  # resumed with more processes than were saved: reuse rank 0's

@@ -9,29 +9,35 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from data import DataError, data_files
 from model.config import flag
+from trainer.errors import UsageError
+from trainer.schedule import SCHEDULES, parse_duration
 
 
 
-class UsageError(ValueError):
-    """A problem the user can fix by changing flags or files; train.py prints it without a traceback."""
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
 class TrainConfig:
     """Flags shared by every mode: the run, its data, length, optimisation, evaluation, checkpoints and scale."""
     flag_group = "training (every mode)"
+    data_suffixes: ClassVar[tuple[str, ...]] = (".jsonl", ".txt", ".bin")  # what a --data_path folder's files are
 
     mode: str = flag("pretrain", "Training mode; `--mode X --help` lists that mode's flags and defaults.")
     out_dir: str = flag("out/pretrain", "Run folder: checkpoints/, best/, final/, metrics.jsonl.")
     data_path: str = flag("dataset/pretrain.jsonl", "Training data (each mode defaults to its shipped sample). "
-                          "Pretraining: .jsonl ({\"text\": ...}), .txt, or a prepared .bin token file.")
+                          "Pretraining: .jsonl ({\"text\": ...}), .txt, or a prepared .bin token file. Several: a "
+                          "folder (its data files, sorted by name), a glob ('shards/*.jsonl', sorted by name) or "
+                          "comma-separated files (in the order given), all read in that order.")
     val_data_path: str = flag("dataset/pretrain_val.jsonl", "Held-out data for validation (each mode defaults to its "
                               "shipped sample); empty string = carve --val_fraction off the training data.")
     val_fraction: float = flag(0.02, "Share of training rows held out when --val_data_path is empty.")
@@ -46,10 +52,23 @@ class TrainConfig:
     batch_size: int = flag(16, "Rows per micro-batch per process.")
     accumulation_steps: int = flag(1, "Micro-batches per optimizer step (global batch = batch_size x this x "
                                    "processes).")
-    learning_rate: float = flag(1e-3, "Peak learning rate (AdamW).")
-    min_lr_ratio: float = flag(0.1, "Cosine decay floor as a fraction of the peak learning rate.")
+    optimizer: str = flag("adamw", "adamw, or muon: Muon on the hidden matrices (at --muon_learning_rate) and AdamW "
+                          "on the embeddings, lm_head, norms and biases (at --learning_rate).", choices=OPTIMIZERS)
+    learning_rate: float = flag(1e-3, "Peak learning rate of AdamW (with --optimizer muon: of the parameters Muon "
+                                "does not take).")
+    muon_learning_rate: float = flag(0.02, "Peak learning rate of Muon's hidden matrices (--optimizer muon).")
+    min_lr_ratio: float = flag(0.1, "Where the decay ends, as a fraction of the peak learning rate.")
     warmup_iters: int = flag(30, "Linear warmup steps.")
+    lr_schedule: str = flag("auto", "cosine: warmup, then a cosine decay over the run; wsd: warmup, the peak held, "
+                            "then a linear decay over the last --decay_fraction of the run; auto: wsd with "
+                            "--time_budget, else cosine.", choices=SCHEDULES)
     lr_decay_iters: int = flag(0, "Steps over which the cosine decays; 0 = the run's total steps.")
+    decay_fraction: float = flag(0.2, "wsd: the share of the run spent decaying (of its steps, or of its time with "
+                                 "--time_budget).")
+    time_budget: str = flag("", "Wall-clock budget of the run, such as 90s, 10m or 1.5h, counted from the process's "
+                            "start (tokenizing and compiling count): the run ends on time with its schedule complete "
+                            "(wsd's decay starts when the remaining time says so). With --max_steps, whichever ends "
+                            "first; without, --epochs is not used.")
     weight_decay: float = flag(0.1, "AdamW weight decay, applied to matrices only (not norms).")
     beta1: float = flag(0.9, "AdamW beta1.")
     beta2: float = flag(0.95, "AdamW beta2.")
@@ -73,19 +92,60 @@ class TrainConfig:
     log_interval: int = flag(10, "Steps between logged training metrics.")
     eval_interval: int = flag(100, "Steps between validation runs (and always at the end); 0 = only at the end.")
     eval_iters: int = flag(50, "Validation batches per process per evaluation; 0 = the whole validation set.")
-    save_interval_steps: int = flag(200, "Steps between checkpoints in out_dir/checkpoints; 0 = only at the end.")
+    save_interval_steps: int = flag(200, "Steps between checkpoints in out_dir/checkpoints; 0 = only at the end. "
+                                    "--save_interval is the same flag (Zer02LLM's name).",
+                                    aliases=("--save_interval",))
     keep_checkpoint_max: int = flag(3, "Newest checkpoints to keep; 0 = keep all.")
     save_best_only: bool = flag(False, "Write checkpoints only at evaluations that improve the validation loss.")
     save_last: bool = flag(True, "Export the final model to out_dir/final (Hugging Face format).")
     resume: str = flag("", "Resume: 'auto' (or the bare flag) = newest complete checkpoint in out_dir, or a "
-                       "checkpoint path.", nargs="?", const="auto")
+                       "checkpoint path. What must match and what may change: README, When things go wrong.",
+                       nargs="?", const="auto")
+    overwrite: bool = flag(False, "Replace an earlier run in --out_dir (its checkpoints/, best/, final/, "
+                           "metrics.jsonl) instead of refusing to start there.")
     use_wandb: bool = flag(False, "Log to Weights & Biases (offline unless credentials are configured).")
     wandb_project: str = flag("zero2llm", "wandb project name.")
     wandb_run_name: str = flag("", "wandb run name; empty = derived from mode and out_dir.")
+    wandb_log_freq: int = flag(1, "Send every N-th logged training record to wandb (validation records always go); "
+                               "metrics.jsonl keeps them all.")
+    wandb_log_model: bool = flag(False, "Upload best/ and final/ as wandb model artifacts whenever they are written "
+                                 "(offline runs keep them for `wandb sync`).")
+    wandb_log_code: bool = flag(False, "Save the repository's Python files with the wandb run.")
+    wandb_watch_model: bool = flag(False, "wandb.watch the model: histograms of its gradients (or parameters, see "
+                                   "--wandb_watch_log) every --wandb_watch_log_freq backward passes.")
+    wandb_watch_log: str = flag("gradients", "What --wandb_watch_model logs; None = only the model graph.",
+                                choices=("gradients", "parameters", "all", "None"))
+    wandb_watch_log_freq: int = flag(100, "Backward passes between --wandb_watch_model's histograms.")
 
     def check(self) -> None:
         """Refuse values that mean nothing (UsageError naming the flag), before any work starts."""
-        below_one = [f for f in ("batch_size", "accumulation_steps", "log_interval") if getattr(self, f) < 1]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"--{f.name} {value}: must be a finite number")
+        for name in ("learning_rate", "muon_learning_rate"):
+            if getattr(self, name) > MAX_LEARNING_RATE:
+                raise UsageError(f"--{name} {getattr(self, name):g}: above {MAX_LEARNING_RATE:g}, a step moves weights "
+                                 f"further than their own size and the run diverges; use a value such as 1e-3")
+        if self.time_budget:
+            try:
+                parse_duration(self.time_budget)
+            except ValueError as e:
+                raise UsageError(f"--time_budget {e}") from None
+            if self.lr_schedule == "cosine":
+                raise UsageError("--lr_schedule cosine needs the run's length up front, and --time_budget leaves it "
+                                 "open: use --lr_schedule wsd (or auto), whose decay starts when the remaining time "
+                                 "says so")
+        if not 0 < self.decay_fraction <= 1:
+            raise UsageError(f"--decay_fraction {self.decay_fraction:g}: must be in (0, 1]")
+        if self.fsdp and self.optimizer == "muon":
+            raise UsageError("--optimizer muon with --fsdp: Muon's Newton-Schulz step needs each whole matrix, and FSDP "
+                             "shards them; use --optimizer adamw with --fsdp, or Muon under DDP (torchrun without "
+                             "--fsdp)")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume continues the run in --out_dir and --overwrite replaces it: pass one of them")
+        below_one = [f for f in ("batch_size", "accumulation_steps", "log_interval", "wandb_log_freq",
+                                 "wandb_watch_log_freq") if getattr(self, f) < 1]
         if below_one:
             raise UsageError(f"--{below_one[0]} {getattr(self, below_one[0])}: must be >= 1")
         negative = [f for f in NON_NEGATIVE if getattr(self, f) < 0]
@@ -102,15 +162,21 @@ class TrainConfig:
         if self.fsdp and self.dtype == "float16":
             raise UsageError("--fsdp with --dtype float16: FSDP's sharded gradients have no loss scaler here; use "
                              "--dtype bfloat16 (or float32)")
+        if self.fsdp and self.wandb_watch_model:
+            raise UsageError("--wandb_watch_model with --fsdp: the gradients are sharded over the processes; watch a "
+                             "run without --fsdp")
         for name in ("data_path", "val_data_path", "tokenizer_path"):
             path = getattr(self, name)
-            if path and not Path(path).exists():
-                # The shipped defaults are relative paths: the usual cause is a run from outside the repository.
-                hint = ("; the defaults are relative to the repository root: run from there"
-                        if path == self.default(name) else "")
+            # The shipped defaults are relative paths: the usual cause is a run from outside the repository.
+            hint = ("; the defaults are relative to the repository root: run from there"
+                    if path == self.default(name) else "")
+            if path and name == "tokenizer_path" and not Path(path).exists():
                 raise UsageError(f"--{name} {path}: no such file or folder{hint}")
-            if path and name != "tokenizer_path" and Path(path).is_dir():
-                raise UsageError(f"--{name} {path}: a folder; pass one data file (.jsonl, .txt, or a prepared .bin)")
+            if path and name != "tokenizer_path":
+                try:
+                    data_files(path, self.data_suffixes)
+                except DataError as e:
+                    raise UsageError(f"--{name} {e}{hint}") from None
         check_out_dir(self.out_dir)
 
     @classmethod
@@ -118,13 +184,14 @@ class TrainConfig:
         return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
+MAX_LEARNING_RATE = 1.0  # AdamW moves each weight by about lr per step: beyond 1 nothing trains
 # Flags where a negative value means nothing: flag -> what 0 means (for the message).
 NON_NEGATIVE = {"eval_iters": "the whole validation set", "eval_interval": "only at the end",
                 "save_interval_steps": "only at the end", "keep_checkpoint_max": "keep all",
                 "max_bad_steps": "never stop", "max_steps": "derive from --epochs", "warmup_iters": "no warmup",
                 "lr_decay_iters": "the run's total steps", "num_workers": "load in the main process",
                 "weight_decay": "no decay", "grad_clip": "no clipping",
-                "learning_rate": "the weights stay as they are",
+                "learning_rate": "the weights stay as they are", "muon_learning_rate": "the matrices stay as they are",
                 "peak_tflops": "the GPU's datasheet figure, or a measured matmul"}
 
 
@@ -189,6 +256,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, only: tup
         group_title = title or getattr(klass, "flag_group", klass.__name__)
         group = groups.get(group_title) or groups.setdefault(group_title, parser.add_argument_group(group_title))
         help_ = meta.pop("help", "")
+        aliases = meta.pop("aliases", ())  # other names of the flag (another project's), declared on the field
         if choices and f.name in choices:
             meta["choices"] = choices[f.name]
         default = None if override_only else defaults[f.name]
@@ -196,11 +264,11 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, only: tup
             help_ += " (default: %(default)s)"
         if tp is bool:
             # --flag, --no-flag, and --flag=true/false (the form sweep tools generate).
-            group.add_argument(f"--{f.name}", type=parse_bool, nargs="?", const=True, default=default,
+            group.add_argument(f"--{f.name}", *aliases, type=parse_bool, nargs="?", const=True, default=default,
                                metavar="true|false", help=f"{help_} Off: --no-{f.name}.")
             group.add_argument(f"--no-{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
         else:
-            group.add_argument(f"--{f.name}", type=tp, default=default, help=help_, **meta)
+            group.add_argument(f"--{f.name}", *aliases, type=tp, default=default, help=help_, **meta)
 
 
 def parsed_fields(cls: type, ns: argparse.Namespace, only: tuple[str, ...] | None = None) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Peak FLOP/s of the training device, the denominator of MFU (model FLOPs utilisation).
 
 MFU = tokens/s x model FLOPs per token (Transformer.estimate_flops_per_token: 6 x active non-embedding
-parameters incl. the lm_head matmul + 12 x layers x heads x head_dim x seq_len for attention, PaLM appendix B)
+parameters incl. the lm_head matmul + 6 x layers x heads x head_dim x seq_len for causal attention: half of
+PaLM appendix B's full-attention count)
 / peak FLOP/s. The peak is, in this order: --peak_tflops when given; the datasheet dense figure of a known GPU
 for the training dtype; else a large matmul measured once per process on this device (what a CPU's cores
 actually sustain, e.g. ~1.3 TFLOP/s bf16 per AMX core against ~0.2 TFLOP/s fp32).

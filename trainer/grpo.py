@@ -38,13 +38,19 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     Rows i*G .. i*G+G-1 are the completions of prompt i. A = r - mean(group), divided by the group's
     (unbiased) std when `scale` (GRPO; Dr. GRPO leaves it out: it over-weights groups that barely differ).
     A group whose rewards are all equal has std 0 and advantage 0: it teaches nothing.
+    A NaN reward marks a completion that no reward function applies to: it is left out of its group's mean and
+    std and its advantage is 0, since it is evidence neither way (as in TRL). A group with fewer than two scored
+    completions has no std (NaN) and advantages 0.
     """
     grouped = rewards.view(-1, group_size)
-    std = grouped.std(dim=1)
-    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    count = (~grouped.isnan()).sum(dim=1)
+    mean = grouped.nanmean(dim=1, keepdim=True)
+    variance = ((grouped - mean) ** 2).nanmean(dim=1) * count / (count - 1)
+    std = torch.where(count > 1, variance.sqrt(), torch.nan)
+    advantages = grouped - mean
     if scale:
         advantages = advantages / (std[:, None] + eps)
-    return advantages.flatten(), std
+    return advantages.nan_to_num(nan=0.0).flatten(), std
 
 
 def per_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None,
@@ -133,7 +139,8 @@ class GRPOObjective(Objective):
         return torch.tensor(out, dtype=torch.float32).T
 
     def total_reward(self, rewards: torch.Tensor) -> torch.Tensor:
-        """The weighted sum over functions; a function that does not apply (NaN) adds nothing."""
+        """The weighted sum over functions; a function that does not apply (NaN) adds nothing, so a completion no
+        function applies to totals 0 (what is logged; its advantage is 0, see rollout)."""
         return (rewards * self.reward_weights).nansum(dim=1)
 
     def decode(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[list[str], list[list[int]]]:
@@ -165,8 +172,9 @@ class GRPOObjective(Objective):
         for r in rollouts:
             del r["texts"]
         total = self.total_reward(stats["rewards"])
-        metrics = {**self.reward_metrics(stats["rewards"], total), "reward_std": stats["group_std"].mean().item(),
-                   "frac_reward_zero_std": (stats["group_std"] < 1e-6).float().mean().item(),
+        # A group with fewer than two scored completions has no std (NaN): it teaches nothing, like a zero-std one.
+        metrics = {**self.reward_metrics(stats["rewards"], total), "reward_std": stats["group_std"].nanmean().item(),
+                   "frac_reward_zero_std": (~(stats["group_std"] >= 1e-6)).float().mean().item(),
                    "completion_length": stats["lengths"].float().mean().item(),
                    "completion_truncated": stats["truncated"].float().mean().item()}
         for r in rollouts:
@@ -177,11 +185,12 @@ class GRPOObjective(Objective):
         G = self.num_generations
         prompt_ids = batch["input_ids"].repeat_interleave(G, dim=0)
         prompt_mask = batch["attention_mask"].repeat_interleave(G, dim=0)
-        tokens, mask = generate_answers(model, prompt_ids, prompt_mask, self.max_completion_length, self.stop_ids,
-                                        temperature=self.temperature)
+        tokens, mask = self.sample(model, prompt_ids, prompt_mask)
         texts, ids = self.decode(tokens, mask)
         rewards = self.score(batch, texts, ids, repeat=G)
-        advantages, group_std = group_advantages(self.total_reward(rewards), G, self.scale_rewards)
+        unscorable = rewards.isnan().all(dim=1)  # every reward function returned None: no advantage either way
+        advantages, group_std = group_advantages(self.total_reward(rewards).masked_fill(unscorable, torch.nan), G,
+                                                 self.scale_rewards)
         seq, seq_mask = torch.cat([prompt_ids, tokens], dim=1), torch.cat([prompt_mask, mask], dim=1)
         # Pre-shifted like every LM batch: labels are the completion tokens, predicted by the last C positions.
         out = {"input_ids": seq[:, :-1], "attention_mask": seq_mask[:, :-1],
@@ -196,6 +205,13 @@ class GRPOObjective(Objective):
         if self.ref_model is not None:
             out["ref_logps"] = token_logps(self.ref_model, out, temperature=self.temperature)[0]
         return out
+
+    def sample(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(completion tokens [N, C], their mask [N, C]) for left-padded prompts, one row per completion: sampled at
+        --temperature, each stopped at a stop token (bench/peers.py replaces this with fixed completions)."""
+        return generate_answers(model, prompt_ids, prompt_mask, self.max_completion_length, self.stop_ids,
+                                temperature=self.temperature)
 
     def log_completions(self, step: int, batch: Batch, rollout: Batch) -> None:
         """Every --log_completions_interval steps (and at the first): the first prompt's group to

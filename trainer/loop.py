@@ -6,9 +6,10 @@ What differs between modes is the objective (trainer/objectives.py): how a batch
 
 One optimizer step reads like a recipe:
     fetch accumulation_steps micro-batches (an objective may `prepare` them: GRPO samples its rollouts)
-    ->  count the step's items on all ranks
-    forward + backward each (DDP/FSDP reduce only on the last)  ->  unscale, clip, step, schedule
-    log  ->  checkpoint  ->  evaluate (checkpoint first: a crash in eval must not lose it)
+    ->  count the step's items on all ranks (none: the step changes nothing)
+    forward + backward each (DDP/FSDP reduce only on the last)  ->  unscale, clip, set the lr, step
+    log  ->  checkpoint  ->  evaluate (checkpoint first, marked "evaluation pending": a crash during the
+    evaluation loses neither, and resume runs the pending evaluation before the next step)
 and however a run ends, out_dir/curves.png is drawn from its metrics.jsonl (trainer/plots.py).
 
 What the loop asks of an objective is trainer/objectives.py's Objective: the loss sum and metrics of a batch,
@@ -26,27 +27,35 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from trainer import checkpoint as ckpt
 from trainer import parallel
-from trainer.config import TrainConfig, UsageError
+from trainer.errors import TrainingError, UsageError
 from trainer.distributed import all_reduce_sum, barrier
 from trainer.flops import peak_flops
 from trainer.interrupt import StopOnSignal
 from trainer.logger import MetricsLogger
 from trainer.modes import Components, Run
 from trainer.objectives import Batch
+from trainer.optim import Optimizers
 from trainer.sampler import ResumableBatchSampler
-from trainer.schedule import build_scheduler
+from trainer.resume import check_resume, run_record
+from trainer.rundir import abandon_timeline, replace_folder
+from trainer.schedule import lr_multiplier, parse_duration, steps_in_budget
+
+clock = time.monotonic  # the run's clock (tests drive a time budget with a fake one)
+
+
+def process_age() -> float:
+    """Seconds since this process started: a time budget counts the imports, tokenizing and compiling too."""
+    return time.time() - psutil.Process().create_time()
+
 
 _MEMORY_FLAGS = ("--batch_size (with more --accumulation_steps to keep the global batch), --max_seq_len, "
                  "--dtype bfloat16, or a smaller --preset")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (divergence, out of memory); the message says what was saved and what to do."""
 
 
 @dataclass
@@ -57,20 +66,18 @@ class TrainState:
     epoch_offset: int = 0        # rows of `epoch` consumed by all ranks together
     tokens_seen: int = 0         # real (non-padding) input tokens, all ranks
     best_val_loss: float = math.inf
+    val_loss: float | None = None  # the last evaluation's; None: none yet, or no validation data to score
+    eval_pending: bool = False   # saved before this step's evaluation, which has not run yet
     skipped_steps: int = 0       # steps skipped for a non-finite gradient
+    empty_steps: int = 0         # steps with no item to train on (e.g. every reply truncated away): no update
+    elapsed: float = 0.0         # seconds this run has taken, earlier processes included (for --time_budget)
+    planned_steps: int | None = None  # the run's length a --time_budget decided, once it did
+    decay_start: int | None = None    # ... and the step its wsd decay started at
+    planned_for: str = ""        # the --time_budget that decided them
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: decaying norm gains and biases just hurts.
-
-    fused=True on CUDA and CPU: one kernel reads and writes each parameter, gradient and moment once per
-    step instead of one pass per elementwise op (bench/RESULTS.md has the difference on CPU).
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type in ("cuda", "cpu"))
+# Fields every checkpoint this train.py wrote has; the others have defaults (added later, absent from older ones).
+_CORE_STATE = ("step", "epoch", "epoch_offset", "tokens_seen")
 
 
 def real_tokens(batch: Batch) -> int:
@@ -100,7 +107,7 @@ class Trainer:
                                        enabled=self.dtype != torch.float32 and not cfg.fsdp)
         # Loss scaling is only needed for fp16's narrow exponent range; bf16 has fp32's range.
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.dtype == torch.float16)
-        self.optimizer = build_optimizer(self.raw_model, cfg, env.device)
+        self.optimizer = Optimizers(self.raw_model, cfg, env.device)
         # MFU = model FLOPs per second / peak (trainer/flops.py).
         self.flops_per_token = self.raw_model.estimate_flops_per_token
         self.peak_flops = peak_flops(env.device, self.dtype, cfg.peak_tflops)
@@ -115,12 +122,35 @@ class Trainer:
         # Each fetched step is trained num_iterations times (GRPO's policy updates per batch of rollouts).
         self.num_iterations = self.objective.num_iterations
         self.steps_per_epoch = max(1, self.micro_per_epoch // cfg.accumulation_steps) * self.num_iterations
-        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.steps_per_epoch
-        decay_iters = cfg.lr_decay_iters if cfg.lr_decay_iters > 0 else self.total_steps
-        self.scheduler = build_scheduler(self.optimizer, cfg.warmup_iters, decay_iters, cfg.min_lr_ratio)
+        self.budget = parse_duration(cfg.time_budget) if cfg.time_budget else None
+        # The run's length: --max_steps, else --epochs; with a time budget and no --max_steps, decided on the way.
+        self.max_steps: int | None = (cfg.max_steps if cfg.max_steps > 0 else
+                                      None if self.budget else cfg.epochs * self.steps_per_epoch)
+        self.schedule = cfg.lr_schedule if cfg.lr_schedule != "auto" else "wsd" if self.budget else "cosine"
+        self.started = clock() - process_age()  # the budget counts from the process's start
+        self.group_rows = env.world_size * cfg.batch_size * cfg.accumulation_steps  # rows per optimizer step
+        self.record = run_record(cfg, run.tokenizer, run.seq_len, self.group_rows, train_data.lengths is not None)
         self.state = TrainState()
         self.bad_streak = 0  # consecutive steps skipped for a non-finite gradient
+        self.said_no_validation = False
+        self.elapsed_before = 0.0  # seconds of the processes before a resume
+        self.step_seconds: float | None = None  # recent seconds per optimizer step
+        self.eval_seconds: float | None = None  # the last evaluation's, and the last checkpoint's, duration
+        self.save_seconds = 0.0
+        self.resumed_from: Path | None = None
         self.prepared: list[Batch] = []  # the current step's micro-batches, reused for num_iterations steps
+
+    @property
+    def total_steps(self) -> int | None:
+        """The run's length: what a time budget decided, else --max_steps or --epochs' (None: not decided yet)."""
+        return self.state.planned_steps if self.state.planned_steps is not None else self.max_steps
+
+    def _ended(self) -> bool:
+        return self.total_steps is not None and self.state.step >= self.total_steps
+
+    def _elapsed(self) -> float:
+        """Seconds this run has taken so far: this process since it started, and the processes before a resume."""
+        return self.elapsed_before + clock() - self.started
 
     # ----------------------------------------------------------------------------- data
     def _loader(self, sampler: ResumableBatchSampler, data: Dataset) -> DataLoader:
@@ -137,9 +167,7 @@ class Trainer:
             sampler = ResumableBatchSampler(len(self.train_data), self.cfg.batch_size, env.rank, env.world_size,
                                             seed=self.cfg.seed, epoch=s.epoch, start=s.epoch_offset,
                                             # SFT rows vary in length: batch similar lengths per optimizer step
-                                            lengths=self.train_data.lengths,
-                                            group_rows=env.world_size * self.cfg.batch_size
-                                            * self.cfg.accumulation_steps)
+                                            lengths=self.train_data.lengths, group_rows=self.group_rows)
             for batch in self._loader(sampler, self.train_data):
                 s.epoch_offset += sampler.rows_per_step
                 yield batch
@@ -160,7 +188,13 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- steps
     def _train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
-        env = self.env
+        env, cfg = self.env, self.cfg
+        s = self.state
+        multiplier = lr_multiplier(s.step, schedule=self.schedule, warmup_iters=cfg.warmup_iters,
+                                   total_steps=self.total_steps, min_lr_ratio=cfg.min_lr_ratio,
+                                   decay_iters=cfg.lr_decay_iters, decay_fraction=cfg.decay_fraction,
+                                   decay_start=s.decay_start)
+        lr = cfg.learning_rate * multiplier  # the logged one (--optimizer muon: AdamW's; Muon's scales alike)
         # One collective for the step's item count (the loss normaliser) and its real tokens (for tokens/s):
         # padding of SFT/DPO batches is not counted as work done.
         tokens = [real_tokens(b) for b in micro_batches]
@@ -169,12 +203,15 @@ class Trainer:
         all_reduce_sum(counts)
         n_items = counts[0]
         self.state.tokens_seen += int(counts[1])
+        if n_items == 0:  # nothing to learn from: no loss to log, and no update (weight decay would still move weights)
+            self.state.empty_steps += 1
+            return {"lr": lr}
         self.step_flops += sum(n * self.flops_per_token(b["input_ids"].shape[1]) for n, b in zip(tokens, micro_batches))
         # DDP averages gradients over ranks, so multiplying by world_size turns that average into
         # the sum; dividing by the step's total items makes it the mean over every item of the step.
-        scale = env.world_size / n_items.clamp(min=1)
+        scale = env.world_size / n_items
         loss_sum = torch.zeros((), device=env.device)
-        extra: dict[str, float] = {}
+        step_metrics: list[dict[str, torch.Tensor]] = []
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             # Skip the gradient reduction across ranks on all but the last micro-batch of the step.
@@ -184,31 +221,43 @@ class Trainer:
                     loss, metrics = self.objective(self.model, batch)
                 self.scaler.scale(loss * scale).backward()
             loss_sum += loss.detach()
-            for k, v in metrics.items():  # objective metrics, averaged over micro-batches below
-                extra[k] = extra.get(k, 0.0) + float(v)
-        self.scaler.unscale_(self.optimizer)
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+            step_metrics.append(metrics)
+        self.optimizer.unscale_(self.scaler)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = parallel.clip_grad_norm_(self.raw_model.parameters(), max_norm)
-        lr = self.scheduler.get_last_lr()[0]
         finite = bool(torch.isfinite(grad_norm))
         if finite:
-            self.scaler.step(self.optimizer)
+            self.optimizer.set_lr(multiplier)
+            self.optimizer.step(self.scaler)
+            self.bad_streak = 0
         else:  # every rank sees the same all-reduced norm, so every rank skips together
             self.state.skipped_steps += 1
             self.bad_streak += 1
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        self.optimizer.zero_grad()
         all_reduce_sum(loss_sum)
-        if finite:
-            self.bad_streak = 0
         return {"loss": (loss_sum / n_items).item(), "grad_norm": grad_norm.item(), "lr": lr,
-                **{k: v / len(micro_batches) for k, v in extra.items()}}
+                **self._mean_over_ranks(step_metrics)}
+
+    def _mean_over_ranks(self, step_metrics: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """The objective's metrics (batch means), averaged over this step's micro-batches and every rank. A NaN
+        (nothing to measure, e.g. a reward that applies to none of a batch's prompts) is left out of its mean."""
+        names = sorted(step_metrics[0])
+        if not names:
+            return {}
+        values = torch.tensor([[float(m[k]) for k in names] for m in step_metrics], dtype=torch.float64,
+                              device=self.env.device)
+        finite = torch.isfinite(values)
+        totals = torch.cat([values.nan_to_num().mul(finite).sum(0), finite.sum(0).double()])
+        all_reduce_sum(totals)
+        k = len(names)
+        return {name: (totals[j] / totals[k + j]).item() if totals[k + j] else math.nan
+                for j, name in enumerate(names)}
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, dict[str, float]]:
+    def evaluate(self) -> tuple[float | None, dict[str, float]]:
         """(mean validation loss per item, mean of the objective's eval_metrics) over this run's
-        validation rows, all ranks together.
+        validation rows, all ranks together; (None, {}) when there is nothing to score.
 
         `eval_metrics` names the metrics an objective returns as batch means (e.g. DPO's reward accuracy);
         they are weighted by each batch's items, and a batch where a metric is NaN (nothing to measure, e.g. a
@@ -216,7 +265,7 @@ class Trainer:
         objective, not from the batches seen, so every rank all-reduces the same tensor even when one rank has
         no validation batch. An objective's eval_step, if it has one, replaces objective(model, batch) here."""
         if self.val_data is None:
-            return math.nan, {}
+            return None, {}
         model, env = self.raw_model, self.env
         names = self.objective.eval_metrics
         model.eval()
@@ -245,72 +294,113 @@ class Trainer:
                 totals += torch.cat([loss.double().reshape(1), n.reshape(1), values.nan_to_num() * weights, weights])
         all_reduce_sum(totals)
         model.train()
-        items, k = totals[1].clamp(min=1), len(names)
-        return (totals[0] / items).item(), {name: (totals[2 + j] / totals[2 + k + j]).item()
-                                            for j, name in enumerate(names)}
+        if totals[1] == 0:  # no validation row, or none with an item to score: no metric, rather than a 0
+            return None, {}
+        k = len(names)
+        return (totals[0] / totals[1]).item(), {name: (totals[2 + j] / totals[2 + k + j]).item()
+                                                for j, name in enumerate(names)}
 
     # ----------------------------------------------------------------------------- state
-    def _trainer_state(self) -> dict[str, Any]:
-        return {**asdict(self.state), "world_size": self.env.world_size, "config": asdict(self.cfg)}
+    def _trainer_state(self, eval_pending: bool = False) -> dict[str, Any]:
+        self.state.elapsed = self._elapsed()
+        return {**asdict(self.state), "eval_pending": eval_pending, "world_size": self.env.world_size,
+                "config": asdict(self.cfg), "run": self.record}
+
+    def _is_own(self, checkpoint: Path) -> bool:
+        """Whether `checkpoint` is one of this run's (not one of another out_dir's, resumed from there)."""
+        return checkpoint.resolve().parent == ckpt.checkpoint_dir(self.out_dir).resolve()
 
     def _mid_group(self) -> bool:
         """Whether the next step reuses prepared micro-batches (num_iterations > 1): resume needs them."""
         return self.state.step % self.num_iterations != 0
 
-    def save_checkpoint(self) -> None:
-        ckpt.save_checkpoint(self.out_dir, self.state.step, self.env, model=self.raw_model,
-                             optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                             trainer_state=self._trainer_state(),
-                             rank_files={"rollouts": self.prepared} if self._mid_group() else None)
+    def save_checkpoint(self, eval_pending: bool = False) -> Path:
+        """A checkpoint of this step; eval_pending: saved before the step's evaluation, which resume then runs."""
+        path = ckpt.save_checkpoint(self.out_dir, self.state.step, self.env, model=self.raw_model,
+                                    optimizer=self.optimizer, scaler=self.scaler,
+                                    trainer_state=self._trainer_state(eval_pending),
+                                    rank_files={"rollouts": self.prepared} if self._mid_group() else None)
         if self.env.is_main:
             ckpt.rotate_checkpoints(self.out_dir, self.cfg.keep_checkpoint_max)
+        return path
 
-    def resume(self, path: Path) -> None:
+    def resume(self, path: Path) -> list[str]:
+        """Continue from checkpoint `path`, after the resume policy (trainer/resume.py) accepted it; returns the
+        lines to say (what changed; a new timeline)."""
+        notes = check_resume(ckpt.read_state(path), self.record, self.cfg, path)
+        newer = [c for c in ckpt.list_checkpoints(self.out_dir) if ckpt.step_of(c) > ckpt.step_of(path)]
+        if newer and self._is_own(path) and self.env.is_main:
+            moved = abandon_timeline(self.out_dir, ckpt.step_of(path), newer)
+            notes.append(f"resuming from step {ckpt.step_of(path)}, before the newest checkpoint (step "
+                         f"{ckpt.step_of(newer[-1])}): a new timeline starts there, and what the old one wrote after it "
+                         f"(checkpoints, metrics, final/) was moved to {moved}")
+        barrier()
         saved = ckpt.load_checkpoint(path, self.env, model=self.raw_model, optimizer=self.optimizer,
-                                     scheduler=self.scheduler, scaler=self.scaler)
-        missing = [k for k in asdict(TrainState()) if k not in saved]
+                                     scaler=self.scaler)
+        missing = [k for k in _CORE_STATE if k not in saved]
         if missing:
             raise ckpt.CheckpointError(f"{path / ckpt.STATE_FILE}: lacks {', '.join(missing)}; not a checkpoint this "
                                        f"train.py wrote. Resume from another checkpoint, or use a new --out_dir.")
-        self.state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
+        self.state = TrainState(**{k: saved[k] for k in asdict(TrainState()) if k in saved})
+        self.elapsed_before = self.state.elapsed
+        if self.state.planned_for != self.cfg.time_budget and self.state.planned_steps is not None:
+            notes.append(f"--time_budget {self.cfg.time_budget or '(none)'} replaces {self.state.planned_for}: the run's "
+                         f"length (step {self.state.planned_steps}) is decided again")
+            self.state.planned_steps = self.state.decay_start = None
+        self.optimizer.apply_hyperparameters(self.cfg)
         if self._mid_group():
             self.prepared = [self._to_device(b) for b in ckpt.load_rank_file(path, "rollouts", self.env)]
+        return notes
 
-    def _export(self, name: str, val_loss: float) -> None:
-        """best/ and final/ as Hugging Face folders, written atomically like checkpoints."""
+    def _export(self, name: str) -> None:
+        """best/ or final/, written into name.tmp and then put in place of the old one (rundir.replace_folder)."""
         model = parallel.consolidated_model(self.raw_model, self.template)  # every rank: FSDP gathers
         if self.env.is_main:
-            folder = self.out_dir / name
-            tmp = self.out_dir / f"{name}.tmp"
-            info = {"mode": self.cfg.mode, "step": self.state.step, "val_loss": val_loss,
+            folder, tmp = self.out_dir / name, self.out_dir / f"{name}.tmp"
+            info = {"mode": self.cfg.mode, "step": self.state.step, "val_loss": self.state.val_loss,
                     "tokens_seen": self.state.tokens_seen}
-            self.export(model, tmp, info)
-            if folder.exists():
-                shutil.rmtree(folder)
-            tmp.rename(folder)
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                self.export(model, tmp, info)
+                replace_folder(tmp, folder)
+            except (OSError, RuntimeError) as e:  # typically a full disk; safetensors and torch raise either
+                shutil.rmtree(tmp, ignore_errors=True)
+                reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+                kept = f"the previous {folder} is intact" if folder.exists() else f"there is no {folder} yet"
+                raise TrainingError(f"could not write {folder}: {reason}; {kept}. Free disk space, then --resume "
+                                    f"(the checkpoint of step {self.state.step} was written before it).") from None
         barrier()
 
     # ----------------------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
-        cfg, env, s = self.cfg, self.env, self.state
+        cfg, env = self.cfg, self.env
         path = ckpt.resume_path(cfg.resume, self.out_dir)
+        notes = self.resume(path) if path is not None else []
+        self.resumed_from = path
+        s = self.state
+        finished = self._ended() and not s.eval_pending  # a resume of a run that already ended
+        log = MetricsLogger(self.out_dir, {**asdict(cfg), "model": asdict(self.raw_model.config)},
+                            enabled=env.is_main, total_steps=self.total_steps, initial_step=s.step,
+                            use_wandb=cfg.use_wandb, project=cfg.wandb_project, run_name=cfg.wandb_run_name,
+                            log_freq=cfg.wandb_log_freq, log_model=cfg.wandb_log_model, log_code=cfg.wandb_log_code)
+        if cfg.wandb_watch_model:
+            log.watch(self.raw_model, cfg.wandb_watch_log, cfg.wandb_watch_log_freq)
         if path is not None:
-            self.resume(path)
-            s = self.state
-        log = MetricsLogger(self.out_dir, asdict(cfg), enabled=env.is_main, total_steps=self.total_steps,
-                            initial_step=s.step, use_wandb=cfg.use_wandb, project=cfg.wandb_project,
-                            run_name=cfg.wandb_run_name)
-        if cfg.resume:
             log.message(f"resumed from step {s.step} (epoch {s.epoch}, row {s.epoch_offset})")
+        for note in notes:
+            log.message(note)
         self.raw_model.train()
         try:
             with StopOnSignal() as stop:
-                val_loss, signum = self._run(log, stop)
+                signum = self._run(log, stop)
             if signum:
                 log.message(f"stopped by signal {signum} after step {s.step}; checkpoint written to "
                             f"{ckpt.latest_checkpoint(self.out_dir)}. Continue with the same command plus --resume.")
+            elif finished and (not cfg.save_last or (self.out_dir / "final").is_dir()):
+                log.message(f"the run already ended at step {s.step} (--max_steps or --epochs): nothing to do")
             elif cfg.save_last:
-                self._export("final", val_loss)
+                self._export("final")
+                log.exported(self.out_dir / "final", "final", s.step)
                 log.message(f"final model written to {self.out_dir / 'final'}")
         finally:
             if env.is_main:
@@ -321,7 +411,7 @@ class Trainer:
             # and a thread still releasing a tensor deadlocks there (pytorch/pytorch#56297).
             self.model = self.raw_model
             gc.collect()
-        return {"step": s.step, "val_loss": val_loss, "best_val_loss": s.best_val_loss,
+        return {"step": s.step, "val_loss": s.val_loss, "best_val_loss": s.best_val_loss,
                 "tokens_seen": s.tokens_seen, "skipped_steps": s.skipped_steps, "signal": signum}
 
     def _plot_curves(self, log: MetricsLogger) -> None:
@@ -334,64 +424,122 @@ class Trainer:
         except Exception as e:
             log.message(f"training curves not written ({type(e).__name__}: {e})")
 
-    def _run(self, log: MetricsLogger, stop: StopOnSignal) -> tuple[float, int]:
-        """Steps until the end, a signal (-> its number) or divergence; returns (last val loss, signal)."""
+    def _run(self, log: MetricsLogger, stop: StopOnSignal) -> int:
+        """Steps until the end, a signal (-> its number) or divergence."""
         cfg, s = self.cfg, self.state
+        if s.eval_pending:  # the checkpoint resumed from was saved before its step's evaluation, which never ran
+            log.message(f"step {s.step}: running the evaluation the interrupted run had not finished")
+            s.eval_pending = False
+            self._evaluate(log, self.resumed_from)
         stream = self._train_batches()
-        val_loss = math.nan
         t_last, tokens_last = time.perf_counter(), s.tokens_seen
         self.step_flops = 0.0
-        while s.step < self.total_steps:
+        while not self._ended():
+            t_step = clock()
             try:
                 metrics = self._train_step(self._step_batches(stream))
             except torch.OutOfMemoryError:
                 raise TrainingError(f"out of memory at step {s.step + 1}. Reduce memory with {_MEMORY_FLAGS}; "
                                     f"--resume continues from the last checkpoint.") from None
             s.step += 1
-            done = s.step == self.total_steps
+            self.step_seconds = clock() - t_step if self.step_seconds is None else (
+                0.9 * self.step_seconds + 0.1 * (clock() - t_step))  # the recent rate, for the time budget
+            if self.budget is not None and s.planned_steps is None:
+                self._plan_length(log)
+            done = self._ended()
             if s.step % cfg.log_interval == 0 or done:
                 dt = time.perf_counter() - t_last
                 tok_s = (s.tokens_seen - tokens_last) / max(dt, 1e-9)
                 # MFU: this rank's FLOPs over this rank's peak.
                 speed = {"tokens_per_sec": tok_s, "mfu": self.step_flops / max(dt, 1e-9) / self.peak_flops}
-                postfix = {"loss": f"{metrics['loss']:.3f}", "lr": f"{metrics['lr']:.2e}", "tok/s": f"{tok_s:,.0f}",
-                           "mfu": f"{speed['mfu']:.1%}"}
-                log.log(s.step, {**metrics, **speed, "tokens_seen": s.tokens_seen,
-                                 "epoch": s.epoch, "skipped_steps": s.skipped_steps})
-                log.postfix(postfix)
+                shown = {"loss": f"{metrics['loss']:.3f}"} if "loss" in metrics else {}
+                log.log(s.step, {**metrics, **speed, "tokens_seen": s.tokens_seen, "epoch": s.epoch,
+                                 "skipped_steps": s.skipped_steps, "empty_steps": s.empty_steps})
+                log.postfix({**shown, "lr": f"{metrics['lr']:.2e}", "tok/s": f"{tok_s:,.0f}",
+                             "mfu": f"{speed['mfu']:.1%}"})
                 t_last, tokens_last, self.step_flops = time.perf_counter(), s.tokens_seen, 0.0
             log.progress(1)
             if cfg.max_bad_steps and self.bad_streak >= cfg.max_bad_steps:
-                # Skipped steps changed neither weights nor optimizer: this checkpoint predates the divergence.
-                self.save_checkpoint()
-                raise TrainingError(
-                    f"loss or gradient was NaN/inf for {self.bad_streak} consecutive steps (up to step {s.step}); "
-                    f"the weights from before were saved to {ckpt.latest_checkpoint(self.out_dir)}. Lower "
-                    f"--learning_rate, keep --grad_clip on, or use --dtype bfloat16 instead of float16, then --resume.")
+                self._stop_diverged()
+            evaluates = done or bool(cfg.eval_interval and s.step % cfg.eval_interval == 0)
             signum = stop.poll(self.env.device)
             if signum:
-                self.save_checkpoint()
-                return val_loss, signum
-            paused_training = False  # saving or evaluating: their time is not training's, for tokens/s
+                self.save_checkpoint(eval_pending=evaluates)
+                return signum
+            saved = None
             if not cfg.save_best_only and (done or (cfg.save_interval_steps and s.step % cfg.save_interval_steps == 0)):
-                self.save_checkpoint()  # before evaluation: a crash there must not lose it
-                paused_training = True
-            if done or (cfg.eval_interval and s.step % cfg.eval_interval == 0):
-                val_loss, val_metrics = self.evaluate()
-                improved = val_loss < s.best_val_loss
-                if improved:
-                    s.best_val_loss = val_loss
-                # Perplexity only where the loss is a per-token negative log-likelihood (not DPO's or GRPO's).
-                ppl = {"ppl": math.exp(min(val_loss, 50))} if self.objective.loss_is_nll else {}
-                val = {"val_loss": val_loss, **{f"val_{k}": v for k, v in {**ppl, **val_metrics}.items()}}
-                log.log(s.step, val)
-                log.message(f"step {s.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in val.items())
-                            + ("  (best)" if improved else ""))
-                if improved and self.val_data is not None:
-                    if cfg.save_best_only:
-                        self.save_checkpoint()
-                    self._export("best", val_loss)
-                paused_training = True
-            if paused_training:  # restart the tokens/s clock: it measures training, not saving and evaluating
+                t_save = clock()
+                saved = self.save_checkpoint(eval_pending=evaluates)  # before evaluation: a crash there loses neither
+                self.save_seconds = clock() - t_save
+            if evaluates:
+                t_eval = clock()
+                self._evaluate(log, saved)
+                self.eval_seconds = clock() - t_eval
+            if saved is not None or evaluates:  # restart the tokens/s clock: it measures training, not the pauses
                 t_last, tokens_last, self.step_flops = time.perf_counter(), s.tokens_seen, 0.0
-        return val_loss, 0
+        return 0
+
+    def _plan_length(self, log: MetricsLogger) -> None:
+        """With --time_budget: once its stable part is spent, fix the run's length (and so wsd's decay) to what the
+        remaining time holds, keeping back what the final evaluation, checkpoint and export will take."""
+        cfg, s = self.cfg, self.state
+        if self.eval_seconds is not None:
+            eval_seconds = self.eval_seconds
+        else:  # not timed yet: a validation batch is a forward, about a third of a training step
+            batches = -(-len(self.val_data or ()) // (cfg.batch_size * self.env.world_size))
+            eval_seconds = min(batches, cfg.eval_iters or batches) * self.step_seconds / 3
+        reserve = eval_seconds + 2 * self.save_seconds
+        total = steps_in_budget(s.step, self._elapsed(), self.budget, cfg.decay_fraction, self.step_seconds, reserve)
+        if total is None:
+            return
+        if self.max_steps is not None:
+            total = min(total, self.max_steps)
+        s.planned_steps, s.decay_start, s.planned_for = total, s.step, cfg.time_budget
+        log.set_total(total)
+        log.message(f"--time_budget {cfg.time_budget}: {self._elapsed():.0f}s spent by step {s.step}; the learning "
+                    f"rate decays from here to the run's end at step {total}")
+
+    def _evaluate(self, log: MetricsLogger, checkpoint: Path | None) -> None:
+        """This step's evaluation: log it, export best/ if it improved, and mark `checkpoint` (this step's, saved
+        just before) as evaluated."""
+        cfg, s = self.cfg, self.state
+        val_loss, val_metrics = self.evaluate()
+        s.val_loss = val_loss
+        if val_loss is None:
+            if not self.said_no_validation:
+                log.message(f"step {s.step}: no validation data to score (no rows, or none with a target token): no "
+                            f"val_loss is logged and best/ is not written; final/ is the model to use")
+                self.said_no_validation = True
+        else:
+            improved = val_loss < s.best_val_loss
+            if improved:
+                s.best_val_loss = val_loss
+            # Perplexity only where the loss is a per-token negative log-likelihood (not DPO's or GRPO's).
+            ppl = {"ppl": math.exp(min(val_loss, 50))} if self.objective.loss_is_nll else {}
+            val = {"val_loss": val_loss, **{f"val_{k}": v for k, v in {**ppl, **val_metrics}.items()}}
+            log.log(s.step, val)
+            log.message(f"step {s.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in val.items())
+                        + ("  (best)" if improved else ""))
+            if improved:
+                if cfg.save_best_only:
+                    checkpoint = self.save_checkpoint()
+                self._export("best")
+                log.exported(self.out_dir / "best", "best", s.step)
+        if checkpoint is not None and self.env.is_main and self._is_own(checkpoint) and ckpt.step_of(checkpoint) == s.step:
+            ckpt.update_state(checkpoint, self._trainer_state())
+        barrier()
+
+    def _stop_diverged(self) -> None:
+        """--max_bad_steps non-finite steps in a row: save the weights from before (skipped steps changed neither
+        weights nor optimizer) unless the weights themselves are already non-finite, then stop."""
+        s = self.state
+        finite = all(bool(torch.isfinite(p).all()) for p in self.raw_model.parameters())
+        if finite:
+            self.save_checkpoint()
+            kept = f"the weights from before were saved to {ckpt.latest_checkpoint(self.out_dir)}"
+        else:
+            kept = (f"the weights are already NaN/inf, so no checkpoint was written; the last one is "
+                    f"{ckpt.latest_checkpoint(self.out_dir)}")
+        raise TrainingError(
+            f"loss or gradient was NaN/inf for {self.bad_streak} consecutive steps (up to step {s.step}); {kept}. "
+            f"Lower --learning_rate, keep --grad_clip on, or use --dtype bfloat16 instead of float16, then --resume.")

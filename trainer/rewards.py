@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import math
 import os
 import re
@@ -137,11 +138,16 @@ def _import_function(spec: str) -> RewardFunc:
         path = Path(where)
         if not path.is_file():
             raise UsageError(f"{flag}: no such file {path}")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        # Registered under a name of its own while it runs: dataclasses (and pickle) look a module up in
+        # sys.modules, and the file's plain stem could replace a module of that name (json.py, for one).
+        module_name = f"reward_file_{path.stem}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
         try:
             module_spec.loader.exec_module(module)
         except Exception as e:
+            del sys.modules[module_name]
             raise UsageError(f"{flag}: importing {path} failed: {type(e).__name__}: {e}") from None
     else:
         if os.getcwd() not in sys.path:  # `python train.py` puts the script's folder on the path, not the cwd
@@ -196,22 +202,53 @@ def parse_weights(spec: str, n: int) -> list[float]:
     return weights
 
 
+def remote_code_class(folder: str | Path) -> str | None:
+    """The class a model folder's config.json maps to code of its own (auto_map) for a model type transformers
+    does not know, or None: what loading it with trust_remote_code would import and run."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # the loader then names what is wrong with the folder
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if not auto_map or config.get("model_type") in CONFIG_MAPPING:
+        return None
+    return auto_map.get("AutoModelForSequenceClassification") or auto_map.get("AutoModel") or next(
+        iter(auto_map.values()))
+
+
 class RewardModel:
-    """A Hugging Face sequence-classification model (any AutoModelForSequenceClassification folder, loaded offline)
-    as a reward function: the score of prompt + completion is its first logit.
+    """A reward model as a reward function: a Hugging Face sequence-classification model (any
+    AutoModelForSequenceClassification folder), the score of prompt + completion being its first logit; or a model
+    with its own scoring method, get_scores(tokenizer, conversations) (InternLM2-reward's API), loaded as AutoModel.
+    Loaded offline. A folder whose model is its own code loads only with trust_remote_code (--trust_remote_code),
+    since loading runs that code.
 
     The conversation (prompt messages + the completion as the assistant's reply) is rendered with the reward
     model's own chat template when it has one, else prompt text and completion are joined."""
 
-    def __init__(self, path: str, device: torch.device, batch_size: int = 16) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    def __init__(self, path: str, device: torch.device, batch_size: int = 16, trust_remote_code: bool = False) -> None:
+        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+        own_code = remote_code_class(path)
+        if own_code and not trust_remote_code:
+            raise UsageError(f"--reward_model_path {path}: its model is code of its own ({own_code}, config.json's "
+                             f"auto_map), which loading runs; pass --trust_remote_code if you trust that folder")
+        options = {"local_files_only": True, "trust_remote_code": trust_remote_code}
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            self.model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as e:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, **options)
+            auto_map = getattr(AutoConfig.from_pretrained(path, **options), "auto_map", None) or {}
+            # Its own code without a sequence-classification class: a model that scores with get_scores.
+            self.scorer = bool(own_code) and "AutoModelForSequenceClassification" not in auto_map
+            loader = AutoModel if self.scorer else AutoModelForSequenceClassification
+            self.model = loader.from_pretrained(path, **options)
+        except (OSError, ValueError, ImportError) as e:  # ImportError: a package its own code needs
             raise UsageError(f"--reward_model_path {path}: cannot load a sequence-classification model and its "
                              f"tokenizer there ({str(e).splitlines()[0]})") from None
+        if self.scorer and not callable(getattr(self.model, "get_scores", None)):
+            raise UsageError(f"--reward_model_path {path}: its model ({type(self.model).__name__}) is neither a "
+                             f"sequence classifier nor has get_scores(tokenizer, conversations)")
         self.model.to(device).eval().requires_grad_(False)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -228,6 +265,10 @@ class RewardModel:
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], prompt_messages: list[list[dict[str, str]]],
                  **kwargs: Any) -> list[float | None]:
+        if self.scorer:
+            conversations = [m + [{"role": "assistant", "content": c}] for m, c in zip(prompt_messages, completions)]
+            return [float(x) for i in range(0, len(conversations), self.batch_size)
+                    for x in self.model.get_scores(self.tokenizer, conversations[i:i + self.batch_size])]
         texts, scores = self.texts(prompts, completions, prompt_messages), []
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True, truncation=True,

@@ -23,6 +23,7 @@ from trainer.modes.base import Mode, Run, train_and_val
 class FinetuneConfig(TrainConfig):
     flag_group = "fine-tuning (the modes that start from --init_from)"
     previous_stage: ClassVar[str] = "sft"  # the stage whose final/ the default --init_from is
+    data_suffixes: ClassVar[tuple[str, ...]] = (".jsonl",)
 
     # Shared flags with other defaults: the tokenizer is the --init_from folder's, and validation sets are small.
     tokenizer_path: str = ""
@@ -147,8 +148,9 @@ def read_chat_data(run: Run, dataset_cls: Callable[..., RowsDataset]) -> tuple[R
     def read(path: str) -> RowsDataset:
         data = dataset_cls(path, run.tokenizer, run.seq_len, skip_bad_records=run.cfg.skip_bad_records)
         if run.env.is_main:
-            if data.bad_report:
-                print(data.bad_report, file=sys.stderr)
+            for report in (data.bad_report, data.unused_report):
+                if report:
+                    print(report, file=sys.stderr)
             print(data.summary(), file=sys.stderr)
         return data
 

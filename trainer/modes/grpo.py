@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,9 @@ class GRPOConfig(FinetuneConfig):
                        "reference model in memory.")
     epsilon: float = flag(0.2, "Clip range of the policy ratio: [1 - epsilon, 1 + epsilon_high].")
     epsilon_high: float | None = flag(None, "Upper clip of the policy ratio, 1 + epsilon_high (DAPO's clip-higher, "
-                                      "e.g. 0.28; cispo caps its ratio weights there); default: --epsilon.")
+                                      "e.g. 0.28); default: --epsilon. cispo caps its ratio weights at 1 + "
+                                      "epsilon_high too (MiniMax-M1), where TRL caps them at epsilon_high itself: "
+                                      "TRL's cispo epsilon_high 5.0 (ScaleRL's) is --epsilon_high 4 here.")
     num_iterations: int = flag(1, "Policy updates (optimizer steps) per batch of rollouts; > 1 reuses them with the "
                                "clipped ratio to the sampling policy, and multiplies the steps per epoch.")
     loss_type: str = flag("dapo", "GRPO loss normalisation: grpo (mean over each completion's tokens, then over "
@@ -53,11 +56,16 @@ class GRPOConfig(FinetuneConfig):
                                       "--loss_type dr_grpo.")
     reward_funcs: str = flag("accuracy,format", "Comma-separated reward functions: built-in accuracy, format, "
                              "length, or your own as module:function or path/to/file.py:function (see "
-                             "trainer/rewards.py).")
+                             "trainer/rewards.py); your file or module is imported, so its code runs in this run. "
+                             "accuracy compares with the lines' 'answer': without any, it is left out (and says so).")
     reward_weights: str = flag("", "Comma-separated weights of --reward_funcs (then of --reward_model_path); empty = "
                                "all 1.")
     reward_model_path: str = flag("", "A Hugging Face sequence-classification model folder whose first logit is one "
-                                  "more reward (loaded offline).")
+                                  "more reward (loaded offline), or a reward model with its own get_scores (such as "
+                                  "InternLM2-1.8B-reward, with --trust_remote_code).")
+    trust_remote_code: bool = flag(False, "Let --reward_model_path load the Python code its folder ships (config.json's "
+                                   "auto_map, e.g. InternLM2-1.8B-reward's); that code then runs in this run, as a "
+                                   "--reward_funcs file does. Off: such a folder is refused, naming this flag.")
     log_completions_interval: int = flag(50, "Steps between sample completions shown on the console and appended to "
                                          "out_dir/completions.jsonl (and at step 1); 0 = never.")
     ref_model_path: str = flag("", "Frozen reference model folder for the KL penalty; empty = the --init_from "
@@ -104,20 +112,32 @@ class GRPO(FinetuneMode):
         cfg: GRPOConfig = run.cfg
         funcs = load_reward_funcs(cfg.reward_funcs)
         if cfg.reward_model_path:
-            funcs.append(("reward_model", RewardModel(cfg.reward_model_path, run.env.device)))
-        if not funcs:
-            raise UsageError("--reward_funcs is empty and there is no --reward_model_path: nothing scores the "
-                             "completions")
+            funcs.append(("reward_model", RewardModel(cfg.reward_model_path, run.env.device,
+                                                      trust_remote_code=cfg.trust_remote_code)))
         weights = parse_weights(cfg.reward_weights, len(funcs))
+        epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+        if cfg.loss_type == "cispo" and run.env.is_main:  # the one flag whose meaning differs from TRL's
+            print(f"cispo: ratio weights capped at 1 + --epsilon_high = {1 + epsilon_high:g} (TRL's cispo caps them "
+                  f"at its epsilon_high itself)", file=sys.stderr)
         dataset = functools.partial(GRPODataset, max_completion_length=cfg.max_completion_length)
         train, val = read_chat_data(run, dataset)
+        if "accuracy" in (name for name, _ in funcs) and not train.has_answers:
+            # MiniMind's RLAIF lines have none: say so once, rather than a NaN accuracy at every step.
+            if run.env.is_main:
+                print(f"--reward_funcs accuracy: {cfg.data_path} has no 'answer' field, so accuracy scores nothing "
+                      f"and is left out; the other rewards score the completions", file=sys.stderr)
+            kept = [i for i, (name, _) in enumerate(funcs) if name != "accuracy"]
+            funcs, weights = [funcs[i] for i in kept], [weights[i] for i in kept]
+        if not funcs:
+            raise UsageError("no reward left to score the completions (--reward_funcs, --reward_model_path); add one, "
+                             "e.g. --reward_funcs format or a --reward_model_path")
         model = load_init_model(run)
         objective = GRPOObjective(
             run.tokenizer, funcs, weights, load_reference(run) if cfg.beta > 0 else None,
             stop_ids=stop_token_ids(run.tokenizer, model.config.eos_token_id, model.generation_config),
             num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
             temperature=cfg.temperature, beta=cfg.beta, epsilon=cfg.epsilon,
-            epsilon_high=cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high,
+            epsilon_high=epsilon_high,
             num_iterations=cfg.num_iterations, loss_type=cfg.loss_type,
             scale_rewards=cfg.loss_type != "dr_grpo" if cfg.scale_rewards is None else cfg.scale_rewards,
             log_completions_interval=cfg.log_completions_interval,

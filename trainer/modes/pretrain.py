@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from typing import Any
 
-from data import PackedDataset, collate, pretrain_bin
+import torch
+
+from data import PackedDataset, collate, pretrain_bin, read_sidecar
 from model import ModelConfig, Transformer
 from model.config import PRESETS, config_from_preset
 from trainer.config import TrainConfig, UsageError, flag
@@ -20,6 +23,23 @@ class PretrainConfig(TrainConfig):
 
     preset: str = flag("small", "Model size preset; the model flags below override single fields of it.",
                        choices=tuple(PRESETS))
+    bin_dtype: str = flag("", "How the ids of a .bin token file without its .json sidecar are stored (uint16 or "
+                          "uint32, as it was written); such a file is refused without it. Files from data.py "
+                          "prepare have a sidecar.", choices=("", "uint16", "uint32"), metavar="uint16|uint32")
+
+
+def check_fits_in_memory(model_cfg: ModelConfig, on_cpu: bool) -> None:
+    """Refuse, before allocating anything, a model this machine cannot hold: its weights are built in host memory
+    first (4 bytes per parameter), and training on the CPU holds 16 (weights, gradients, AdamW's two moments)."""
+    with torch.device("meta"):  # shapes only: counting costs nothing, whatever the size
+        n = Transformer(model_cfg).num_params()
+    need = n * (16 if on_cpu else 4)
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise UsageError(f"the model has {n / 1e9:,.2f}B parameters (dim {model_cfg.dim}, {model_cfg.n_layers} layers, "
+                         f"vocab {model_cfg.vocab_size}): {need / 2**30:,.0f} GiB to {'train on the CPU' if on_cpu else 'build'}"
+                         f", more than this machine's {have / 2**30:,.0f} GiB; choose a smaller --preset or fewer "
+                         f"--dim/--n_layers")
 
 
 class Pretrain(Mode):
@@ -39,6 +59,8 @@ class Pretrain(Mode):
         if model_cfg.vocab_size < len(tokenizer):
             raise UsageError(f"--vocab_size: vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's "
                              f"{len(tokenizer)} tokens ({cfg.tokenizer_path})")
+        check_fits_in_memory(model_cfg, on_cpu=cfg.device == "cpu" or (cfg.device == "auto" and
+                                                                        not torch.cuda.is_available()))
         return model_cfg
 
     def refused_flag(self, flag: str, args: argparse.Namespace) -> str | None:
@@ -51,13 +73,15 @@ class Pretrain(Mode):
         return f"{cfg.preset} preset"
 
     def build(self, run: Run) -> Components:
-        skip = run.cfg.skip_bad_records
+        skip, bin_dtype = run.cfg.skip_bad_records, run.cfg.bin_dtype or None
         if run.env.is_main:  # rank 0 tokenizes (and reports skipped bad lines); the others wait, then read the cache
-            pretrain_bin(run.cfg.data_path, run.tokenizer, skip_bad_records=skip)
+            pretrain_bin(run.cfg.data_path, run.tokenizer, skip_bad_records=skip, bin_dtype=bin_dtype)
         barrier()
 
         def packed(path: str) -> PackedDataset:
-            return PackedDataset(pretrain_bin(path, run.tokenizer, skip_bad_records=skip), run.seq_len,
+            tokens = pretrain_bin(path, run.tokenizer, skip_bad_records=skip, bin_dtype=bin_dtype)
+            raw = read_sidecar(tokens) is None  # --bin_dtype is for such a file only; a sidecar says its own
+            return PackedDataset(tokens, run.seq_len, dtype=bin_dtype if raw else None,
                                  vocab_size=run.model_cfg.vocab_size)
 
         train, val = train_and_val(run, packed)

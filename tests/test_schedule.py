@@ -1,0 +1,109 @@
+"""Learning-rate schedules (cosine, warmup-stable-decay) and a run that ends on a time budget with its schedule
+complete. The budget is driven by a fake clock: every training step takes exactly one second of it."""
+from __future__ import annotations
+
+import pytest
+
+import train
+from conftest import read_metrics, train_args
+from trainer import loop
+from trainer.schedule import lr_multiplier, parse_duration
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("1.5h", 5400), ("600", 600), ("2 min", 120)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "ten minutes", "-5m", "0s", "5d"])
+def test_not_durations(text):
+    with pytest.raises(ValueError, match="is not a duration"):
+        parse_duration(text)
+
+
+def test_wsd_warms_up_holds_the_peak_then_decays_to_the_floor():
+    lrs = [lr_multiplier(step, schedule="wsd", warmup_iters=2, total_steps=10, min_lr_ratio=0.1, decay_fraction=0.2)
+           for step in range(10)]
+    assert lrs[:2] == [0.5, 1.0] and lrs[2:8] == [1.0] * 6  # warmup, then the stable phase
+    assert lrs[8] == pytest.approx(0.55) and lrs[9] == pytest.approx(0.1)  # the last 20%: linear to the floor
+    assert lr_multiplier(50, schedule="wsd", warmup_iters=2, total_steps=None, min_lr_ratio=0.1) == 1.0  # unknown end
+
+
+def test_cosine_is_unchanged_by_the_new_schedule():
+    lrs = [lr_multiplier(s, schedule="cosine", warmup_iters=2, total_steps=10, min_lr_ratio=0.1) for s in range(12)]
+    assert lrs[1] == 1.0 and lrs[2] == pytest.approx(1.0) and lrs[10:] == [0.1, 0.1]
+    assert all(a > b for a, b in zip(lrs[2:10], lrs[3:10]))
+
+
+class FakeClock:
+    """loop.clock that moves only when a training step runs: one second per step; the process started 5 s ago."""
+
+    def __init__(self, monkeypatch):
+        self.now = 100.0
+        real_step = loop.Trainer._train_step
+
+        def step(trainer, batches):
+            self.now += 1.0
+            return real_step(trainer, batches)
+
+        monkeypatch.setattr(loop, "clock", lambda: self.now)
+        monkeypatch.setattr(loop, "process_age", lambda: 5.0)
+        monkeypatch.setattr(loop.Trainer, "_train_step", step)
+
+
+def test_a_time_budget_ends_the_run_on_time_with_its_decay_complete(corpus, tmp_path, monkeypatch, capsys):
+    FakeClock(monkeypatch)
+    out = tmp_path / "run"
+    result = train.main(train_args(corpus, out, "--time_budget", "60s", "--eval_interval", "0", "--eval_iters", "1",
+                                   "--warmup_iters", "3"))
+    lrs = {r["step"]: r["lr"] for r in read_metrics(out) if "lr" in r}
+    said = capsys.readouterr().out
+    # 5 s of start-up, then 1 s a step: the stable part (80% of 60 s) is spent at step 43, and what is left, less
+    # the final evaluation's estimate (one batch: a third of a step), holds 11 more steps.
+    assert "--time_budget 60s: 48s spent by step 43; the learning rate decays from here to the run's end at step 54" \
+        in said
+    assert result["step"] == 54 and max(lrs) == 54
+    assert lrs[4] == lrs[43] == pytest.approx(1e-3)  # the peak, held
+    assert all(a > b for a, b in zip([lrs[s] for s in range(44, 55)], [lrs[s] for s in range(45, 55)]))
+    assert lrs[54] == pytest.approx(1e-4)  # the schedule is complete: the last step at the floor
+
+
+def test_a_time_budget_resumes_its_decided_length(corpus, tmp_path, monkeypatch):
+    clock = FakeClock(monkeypatch)
+    common = ("--time_budget", "60s", "--eval_interval", "0", "--eval_iters", "1", "--warmup_iters", "3",
+              "--save_interval_steps", "5")
+    straight = tmp_path / "straight"
+    train.main(train_args(corpus, straight, *common))
+    out = tmp_path / "run"
+
+    class Killed(BaseException):
+        pass
+
+    real_step = loop.Trainer._train_step
+
+    def dying(trainer, batches):
+        if trainer.state.step == 47:
+            raise Killed  # after the length was decided (step 43) and saved (step 45), before the end
+        return real_step(trainer, batches)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop.Trainer, "_train_step", dying)
+        with pytest.raises(Killed):
+            train.main(train_args(corpus, out, *common))
+    clock.now += 1000.0  # the resume starts much later: the decided length stands
+    assert train.main(train_args(corpus, out, *common, "--resume"))["step"] == 54
+    a = {r["step"]: (r["loss"], r["lr"]) for r in read_metrics(straight) if "loss" in r}
+    b = {r["step"]: (r["loss"], r["lr"]) for r in read_metrics(out) if "loss" in r}
+    for step in range(41, 55):
+        assert b[step] == pytest.approx(a[step], rel=1e-6), step
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--time_budget", "soon"], "--time_budget 'soon' is not a duration"),
+    (["--time_budget", "5m", "--lr_schedule", "cosine"], "--lr_schedule cosine needs the run's length up front"),
+    (["--decay_fraction", "0"], "--decay_fraction 0: must be in (0, 1]"),
+])
+def test_bad_schedule_flags(corpus, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        train.main(train_args(corpus, tmp_path / "x", *flags))
+    assert message in capsys.readouterr().err
