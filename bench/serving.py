@@ -17,8 +17,8 @@ time to first token below 1 s at 8 clients. Rounds alternate baseline and server
 rounds, the latencies pool every request of every round. "same text" compares each greedy answer with the
 baseline's (equal in fp32; in bf16 a batch's other matmul shapes round differently, and a near-tie can flip).
 
-    python bench/serve.py                   # the default model (preset small), CPU, 1/4/8/16 clients
-    python bench/serve.py --record          # append the table to bench/RESULTS.md
+    python bench/serving.py                   # the default model (preset small), CPU, 1/4/8/16 clients
+    python bench/serving.py --record          # append the table to bench/RESULTS.md
 """
 from __future__ import annotations
 
