@@ -4,6 +4,7 @@
     python eval_model.py --model_path out/sft/final --mode chat --system "You are a helpful assistant."
     python eval_model.py --model_path out/pretrain/final --prompt "Once upon a time" --max_new_tokens 100
     python eval_model.py --model_path out/lora/final                          # a LoRA adapter on its base model
+    python eval_model.py --model_path out/sft/final --serve                   # OpenAI-compatible server + chat page
     python eval_model.py --model_mode 1 --stream False                        # Zer02LLM's flags: out/sft/final, chat
 
 The folder is what save_pretrained / the trainer writes (config.json + model.safetensors), or a LoRA
@@ -11,6 +12,11 @@ adapter folder (adapter_config.json + adapter_model.safetensors): its base model
 base_model_name_or_path, or --base_model_path) is loaded and the adapter merged into it.
 The tokenizer is read from that folder when it has tokenizer files, else from the repo's
 tokenizer/ folder next to this script.
+
+With --serve, the model answers over HTTP instead: OpenAI's /v1/chat/completions, /v1/completions and
+/v1/models (so the official `openai` client works unchanged), and a chat page at /. Concurrent requests are
+decoded together in one batch (model/engine.py). The sampling flags are the defaults of requests that leave
+a field out; --top_k and --repetition_penalty, which OpenAI's API lacks, apply to all.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import socket
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -33,6 +40,8 @@ from trainer.distributed import resolve_device, resolve_dtype
 
 REPO_TOKENIZER = Path(__file__).resolve().parent / "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+DEFAULT_HOST, DEFAULT_PORT, DEFAULT_BATCH = "127.0.0.1", 8000, 16
+SERVE_ONLY = ("host", "port", "api_key", "max_batch_size")
 # --mode's values under Zer02LLM's --model_mode (0 = the pretrained model, 1 = the SFT one), and the stage's
 # final model each talks to when --model_path is not given.
 MODEL_MODES = {"0": "complete", "pretrain": "complete", "1": "chat", "sft": "chat"}
@@ -78,11 +87,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step: a one-off wait, then "
                    "faster generation (bench/RESULTS.md has the figures); worth it for long answers or many prompts")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    s = p.add_argument_group("serving (--serve)")
+    s.add_argument("--serve", action="store_true", help="serve the model over HTTP (OpenAI's API and a chat page) "
+                   "until Ctrl-C, instead of chatting in the terminal")
+    s.add_argument("--host", default=None, help=f"address to listen on (default: {DEFAULT_HOST}, this machine only; "
+                   "0.0.0.0 opens the server to the network)")
+    s.add_argument("--port", type=int, default=None, help=f"port to listen on (default: {DEFAULT_PORT})")
+    s.add_argument("--api_key", default=None, help="require 'Authorization: Bearer API_KEY' on /v1/ requests "
+                   "(default: none required)")
+    s.add_argument("--max_batch_size", type=int, default=None, help=f"requests decoded together (default: "
+                   f"{DEFAULT_BATCH}); more wait their turn. The KV cache holds this many rows of the model's context")
     args = p.parse_args(argv)
+    if args.serve:
+        for flag, given, why in (
+            ("prompt", args.prompt is not None, "clients send their own prompts"),
+            ("system", args.system is not None, "clients send their own system messages"),
+            ("mode", args.mode != "auto", "the server answers chats at /v1/chat/completions and plain prompts at "
+             "/v1/completions"),
+            ("compile", args.compile, "the server's batched decode step runs eagerly"),
+        ):
+            if given:
+                p.error(f"--{flag} does not go with --serve: {why}")
+        args.host = DEFAULT_HOST if args.host is None else args.host
+        args.port = DEFAULT_PORT if args.port is None else args.port
+        args.max_batch_size = DEFAULT_BATCH if args.max_batch_size is None else args.max_batch_size
+    elif given := next((flag for flag in SERVE_ONLY if getattr(args, flag) is not None), None):
+        p.error(f"--{given} is a setting of the server: add --serve")
     rules = {"max_new_tokens": (args.max_new_tokens is None or args.max_new_tokens >= 1, ">= 1"),
              "temperature": (args.temperature >= 0, ">= 0"),
              "top_k": (args.top_k >= 0, ">= 0 (0 = off)"), "top_p": (0 < args.top_p <= 1, "in (0, 1] (1 = off)"),
-             "repetition_penalty": (args.repetition_penalty > 0, "> 0 (1 = off)")}
+             "repetition_penalty": (args.repetition_penalty > 0, "> 0 (1 = off)"),
+             "port": (args.port is None or 0 <= args.port <= 65535, "in 0..65535"),
+             "max_batch_size": (args.max_batch_size is None or args.max_batch_size >= 1, ">= 1")}
     for flag, (ok, rule) in rules.items():
         if not ok:
             p.error(f"--{flag} {getattr(args, flag)}: must be {rule}")
@@ -231,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --prompt is not UTF-8 text ({problem}); pass it in UTF-8")
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    sock = server_socket(args) if args.serve else None  # a port already taken fails now, not after loading
     model_path = Path(args.model_path)
     try:
         device = resolve_device(args.device)
@@ -238,15 +275,17 @@ def main(argv: list[str] | None = None) -> None:
         max_new_tokens, note = answer_budget(model.config.max_seq_len, args.max_new_tokens)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {'--' if str(e).startswith('max_new_tokens') else ''}{e}") from None
-    if note:
-        print(f"[{note}; --max_new_tokens changes it]", file=sys.stderr)
+    tokenizer = model_tokenizer(model_path)
+    stop = stop_token_ids(tokenizer, model.config.eos_token_id, model.generation_config)
     if args.shape_flags:
         c = model.config
         print(f"[--dim/--n_layers are not needed: the shape comes from the model's config.json (dim {c.dim}, "
               f"{c.n_layers} layers); ignored]", file=sys.stderr)
-    tokenizer = model_tokenizer(model_path)
+    if args.serve:
+        return serve_http(args, sock, model, tokenizer, stop)
+    if note:
+        print(f"[{note}; --max_new_tokens changes it]", file=sys.stderr)
     mode = resolve_mode(args.mode, model_path)
-    stop = stop_token_ids(tokenizer, model.config.eos_token_id, model.generation_config)
     budget = model.config.max_seq_len - max_new_tokens  # prompt tokens that leave room for the answer
     sampling = dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -282,6 +321,27 @@ def main(argv: list[str] | None = None) -> None:
             stopped = answer(encode_completion(tokenizer, user))[1]
         if stopped:  # Ctrl-C stops this answer only; the session goes on
             print("[answer stopped]", file=sys.stderr)
+
+
+def server_socket(args: argparse.Namespace) -> socket.socket:
+    """The socket --serve listens on (--host, --port)."""
+    try:
+        from serve.app import listen
+    except ImportError as e:
+        raise SystemExit(f"error: --serve needs {e.name}: pip install -r requirements.txt") from None
+    return listen(args.host, args.port)
+
+
+def serve_http(args: argparse.Namespace, sock: socket.socket, model: Transformer, tokenizer, stop: list[int]) -> None:
+    """--serve: answer over HTTP until Ctrl-C. A request without max_tokens gets --max_new_tokens (or the
+    default), shrunk to what its prompt leaves of the context."""
+    import serve as http
+    from model.engine import Engine
+
+    defaults = http.Defaults(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                             repetition_penalty=args.repetition_penalty,
+                             max_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+    http.run(Engine(model, args.max_batch_size), tokenizer, stop, args.model_path, defaults, sock, args.api_key)
 
 
 def cli() -> None:

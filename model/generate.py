@@ -163,8 +163,8 @@ def generate_answers(
     return tokens, (stops_before == 0).long()
 
 
-def decode_stream(tokenizer, token_ids: Iterable[int]) -> Iterator[str]:
-    """The text of a stream of token ids, piece by piece, each piece whole characters.
+class Detokenizer:
+    """The text of a growing list of token ids, piece by piece, each piece whole characters.
 
     A byte-level BPE token can end inside a multi-byte UTF-8 character (a Chinese character or an emoji is 3-4
     bytes, often split over tokens), so the decoded text then ends in U+FFFD: those bytes are held back until
@@ -172,14 +172,26 @@ def decode_stream(tokenizer, token_ids: Iterable[int]) -> Iterator[str]:
     model may emit a lead byte followed by plain text) are dropped rather than printed as U+FFFD. The growing
     id list is decoded whole, since decoding tokens one by one would also lose SentencePiece's leading spaces.
     """
-    ids: list[int] = []
-    emitted = 0
-    for token in token_ids:
-        ids.append(token)
-        text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0  # characters already returned
+
+    def push(self, token: int) -> str:
+        """The new whole characters that `token` completes ("" while a character is still incomplete)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         if text.endswith("\ufffd"):  # an incomplete character: wait for its remaining bytes
-            continue
+            return ""
         text = text.replace("\ufffd", "")
-        if len(text) > emitted:
-            yield text[emitted:]
-            emitted = len(text)
+        piece, self.emitted = text[self.emitted:], max(self.emitted, len(text))
+        return piece
+
+
+def decode_stream(tokenizer, token_ids: Iterable[int]) -> Iterator[str]:
+    """The text of a stream of token ids, piece by piece, each piece whole characters (see Detokenizer)."""
+    detokenizer = Detokenizer(tokenizer)
+    for token in token_ids:
+        if piece := detokenizer.push(token):
+            yield piece

@@ -513,7 +513,9 @@ class Transformer(nn.Module):
             Leave it None for unpadded batches: the fast is_causal path is used then.
         position_ids: default counts real tokens only, so a left-padded row sees the same positions
             as the unpadded sequence.
-        kv_cache: when given, the T new tokens are appended after kv_cache.length cached positions.
+        kv_cache: when given, the T new tokens are appended after kv_cache.length cached positions (a
+            KVCache; model/engine.py's RowKVCache appends after each row's own length, and the attention_mask
+            says which of the kv_cache.length + T columns each row may see).
         logits_to_keep: compute logits for only the last n positions (0 = all); generation needs 1.
         """
         B, T = input_ids.shape
@@ -569,9 +571,11 @@ class Transformer(nn.Module):
         allowed = (k_pos <= q_pos)[None, None]
         if attention_mask is not None:
             allowed = allowed & attention_mask[:, None, None, :]
-            # A padding query would see no key at all (softmax over only -inf is NaN). Let every query
-            # see itself: real tokens already do, and padding outputs are never used.
-            allowed = allowed | (k_pos == q_pos)[None, None]
+            # A left-padding query would see no key at all (softmax over only -inf is NaN): such a query sees
+            # itself instead (padding outputs are never used). Only such a query: in a continuous batch
+            # (model/engine.py) the rows' newest tokens sit in different columns, and column past + t holds
+            # another row's token, or nothing, for every row but the longest.
+            allowed = allowed | ((k_pos == q_pos)[None, None] & ~allowed.any(-1, keepdim=True))
         return allowed, False
 
     # ------------------------------------------------------------------------- accounting

@@ -120,3 +120,27 @@ def check_resume_is_exact(args_for, tmp_path: Path, total: int, split: int, *com
     assert sorted(b) == list(range(1, total + 1))
     for step in range(split + 1, total + 1):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), step
+
+
+def endless_chat_model(tok, max_seq_len: int = 4096):
+    """A model for the shipped tokenizer that never emits a stop token, so an answer runs until it is stopped.
+
+    Its blocks add nothing (o_proj, down_proj = 0), so the final hidden state is the normed token embedding, whose
+    first feature is always positive; the stop tokens' output rows point the other way.
+    """
+    import torch
+
+    from model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=len(tok), dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32,
+                                    max_seq_len=max_seq_len, tie_word_embeddings=False))
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.self_attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight[:, 0] = 3.0
+        for stop in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")):
+            model.lm_head.weight[stop] = 0.0
+            model.lm_head.weight[stop, 0] = -100.0
+    return model.eval()

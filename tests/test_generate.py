@@ -11,7 +11,7 @@ import pexpect
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, endless_chat_model
 from model import ModelConfig, Transformer, generate, sample_next_token
 from model.generate import answer_budget, apply_repetition_penalty, decode_stream
 
@@ -323,24 +323,9 @@ def test_stdin_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(model_dir: 
 
 @pytest.fixture(scope="module")
 def endless_model(tmp_path_factory, tok) -> Path:
-    """A chat model that never emits a stop token, so an answer runs until Ctrl-C (or its 2,000 tokens).
-
-    Its blocks add nothing (o_proj, down_proj = 0), so the final hidden state is the normed token embedding, whose
-    first feature is always positive; the stop tokens' output rows point the other way.
-    """
+    """A chat model that never emits a stop token, so an answer runs until Ctrl-C (or its 2,000 tokens)."""
     folder = tmp_path_factory.mktemp("endless")
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=len(tok), dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32,
-                                    max_seq_len=4096, tie_word_embeddings=False))
-    with torch.no_grad():
-        for block in model.model.layers:
-            block.self_attn.o_proj.weight.zero_()
-            block.mlp.down_proj.weight.zero_()
-        model.model.embed_tokens.weight[:, 0] = 3.0
-        for stop in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")):
-            model.lm_head.weight[stop] = 0.0
-            model.lm_head.weight[stop, 0] = -100.0
-    model.save_pretrained(folder)
+    endless_chat_model(tok).save_pretrained(folder)
     tok.save_pretrained(folder)
     (folder / "zero2llm.json").write_text(json.dumps({"chat": True}))
     return folder

@@ -215,7 +215,8 @@ def test_a_new_run_into_an_earlier_runs_out_dir_is_refused_unless_told(corpus, t
     out = tmp_path / "run"
     train.main(train_args(corpus, out, "--max_steps", "2", "--eval_interval", "0"))
     final = (out / "final" / "model.safetensors").read_bytes()
-    with pytest.raises(UsageError, match=r"holds an earlier run \(checkpoints, best, final, metrics.jsonl\): continue it "
+    with pytest.raises(UsageError, match=r"holds an earlier run \(checkpoints, best, final, metrics.jsonl, curves.png\): "
+                                         r"continue it "
                                          r"with --resume, replace it with --overwrite"):
         train.main(train_args(corpus, out, "--max_steps", "3", "--seed", "7"))
     assert (out / "final" / "model.safetensors").read_bytes() == final  # nothing of it was touched

@@ -1,1 +1,1 @@
-"""The one training loop (loop.py) and its parts: objectives, checkpoints, distributed, schedule, logging."""
+"""The one training loop (loop.py) and its parts: objectives, checkpoints, distributed, schedule, logging, plots."""

@@ -10,6 +10,7 @@ One optimizer step reads like a recipe:
     forward + backward each (DDP/FSDP reduce only on the last)  ->  unscale, clip, set the lr, step
     log  ->  checkpoint  ->  evaluate (checkpoint first, marked "evaluation pending": a crash during the
     evaluation loses neither, and resume runs the pending evaluation before the next step)
+and however a run ends, out_dir/curves.png is drawn from its metrics.jsonl (trainer/plots.py).
 
 What the loop asks of an objective is trainer/objectives.py's Objective: the loss sum and metrics of a batch,
 its item count, and hooks with defaults (prepare, num_iterations, eval_step, eval_metrics, loss_is_nll).
@@ -403,6 +404,8 @@ class Trainer:
                 log.exported(self.out_dir / "final", "final", s.step)
                 log.message(f"final model written to {self.out_dir / 'final'}")
         finally:
+            if env.is_main:
+                self._plot_curves(log)
             log.close()
             # Free DDP's wrapper now, while torch.distributed still holds the process group: were its gradient
             # reducer the group's last owner at exit, the group's gloo threads would be joined with the GIL held,
@@ -411,6 +414,16 @@ class Trainer:
             gc.collect()
         return {"step": s.step, "val_loss": s.val_loss, "best_val_loss": s.best_val_loss,
                 "tokens_seen": s.tokens_seen, "skipped_steps": s.skipped_steps, "signal": signum}
+
+    def _plot_curves(self, log: MetricsLogger) -> None:
+        """out_dir/curves.png from metrics.jsonl, however the run ended. A picture is not worth a run: if
+        plotting fails (matplotlib broken, nothing logged yet), that is said in one line and the run goes on."""
+        try:
+            from trainer.plots import write_curves
+
+            log.message(f"training curves written to {write_curves(self.out_dir)}")
+        except Exception as e:
+            log.message(f"training curves not written ({type(e).__name__}: {e})")
 
     def _run(self, log: MetricsLogger, stop: StopOnSignal) -> int:
         """Steps until the end, a signal (-> its number) or divergence."""
