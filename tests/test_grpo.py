@@ -360,7 +360,7 @@ def test_prompts_are_rendered_with_the_chat_template(tmp_path, tok):
     assert batch["attention_mask"][0].tolist() == [0] * (batch["input_ids"].shape[1] - short) + [1] * short
     assert batch["input_ids"][0, -short:].tolist() == data.prompt_ids[0]  # left-padded: prompts end together
     shipped = GRPODataset(ROOT / "dataset" / "grpo.jsonl", tok, 256, max_completion_length=64)
-    assert len(shipped) == 2000 and all(c["answer"] is not None for c in shipped.columns)
+    assert len(shipped) == 1200 and all(c["answer"] is not None for c in shipped.columns)
 
 
 def test_bad_prompt_lines_name_the_line_or_are_skipped_and_counted(tmp_path, tok):

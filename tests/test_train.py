@@ -207,8 +207,8 @@ MODE_DEFAULTS = {
             "val_data_path": "dataset/dpo_val.jsonl", "init_from": "out/sft/final", "learning_rate": 5e-5,
             "epochs": 1, "eval_interval": 50, "dpo_beta": 0.1},
     "grpo": {**_FINETUNE, "out_dir": "out/grpo", "data_path": "dataset/grpo.jsonl",
-             "val_data_path": "dataset/grpo_val.jsonl", "init_from": "out/sft/final", "learning_rate": 2e-5,
-             "batch_size": 8, "max_steps": 200, "warmup_iters": 5, "eval_interval": 25, "log_interval": 5,
+             "val_data_path": "dataset/grpo_val.jsonl", "init_from": "out/sft/final", "learning_rate": 5e-5,
+             "batch_size": 8, "max_steps": 300, "warmup_iters": 5, "eval_interval": 50, "log_interval": 5,
              "num_generations": 8, "loss_type": "dapo"},
 }
 
