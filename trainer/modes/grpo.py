@@ -35,7 +35,9 @@ class GRPOConfig(FinetuneConfig):
     log_interval: int = 5
     num_generations: int = flag(8, "Completions sampled per prompt: the group whose mean reward is each one's "
                                 "baseline (--batch_size counts prompts).")
-    max_completion_length: int = flag(64, "Most tokens sampled per completion; prompts get --max_seq_len minus this.")
+    max_completion_length: int = flag(32, "Most tokens sampled per completion; prompts get --max_seq_len minus this. "
+                                      "The default fits the shipped task (its answers are under 15 tokens); "
+                                      "reasoning or chat data needs far more (TRL's default is 256).")
     temperature: float = flag(0.7, "Sampling temperature of the rollouts; below 1 the samples stay near what the "
                               "model answers greedily, so the rewards sort its likely answers (validation answers "
                               "greedily).")
