@@ -46,8 +46,10 @@ def skills() -> dict[str, object]:
         return [{"role": "system", "content": make_samples.THINK_SYSTEM},
                 {"role": "user", "content": f"What is {expr}?"}], str(ans)
 
-    return {"add": plain(make_samples.skill_add), "sub": plain(make_samples.skill_sub),
-            "mul": plain(make_samples.skill_mul), "upper": plain(make_samples.skill_upper, True),
+    return {"add (to 50)": plain(make_samples.skill_add), "sub (to 60)": plain(make_samples.skill_sub),
+            "add (to 10)": plain(lambda rng: make_samples.skill_add(rng, 10)),
+            "sub (to 10)": plain(lambda rng: make_samples.skill_sub(rng, 10)),
+            "mul (to 12 x 12)": plain(make_samples.skill_mul), "upper": plain(make_samples.skill_upper, True),
             "reverse": plain(make_samples.skill_reverse, True), "count": plain(make_samples.skill_count, True),
             "two_step (think)": think}
 

@@ -20,7 +20,7 @@ added), and the model answers greedily. Reported per model:
 Exits with status 1 when --after stops less often than --min_stop_rate or than --before, so it can
 guard a pipeline.
 
---task grpo: the prompts of --data (default dataset/grpo_val.jsonl: arithmetic never seen in training), answered
+--task grpo: the prompts of --data (default dataset/grpo_val.jsonl: questions never asked in training), answered
 greedily; reported per model: accuracy (the final answer is the reference "answer", trainer/rewards.py's
 accuracy reward), the share of answers in the <think> format, stop rate and mean answer length, and the
 prompts that changed: wrong before and right after, or the reverse. Exits with status 1 unless --after is
