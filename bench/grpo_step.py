@@ -21,7 +21,7 @@ import torch
 from common import HelpFormatter, load_after, machine_line, report
 
 import train  # noqa: E402
-from trainer import grpo  # noqa: E402
+from trainer import grpo, loop  # noqa: E402
 
 
 def main() -> None:
@@ -62,6 +62,7 @@ def main() -> None:
         finally:
             grpo.token_logps = original_logps
     obj.rollout = rollout_with_logps
+    loop.Trainer._train_step = timed("update (forward, backward, optimizer)", loop.Trainer._train_step)
 
     with tempfile.TemporaryDirectory() as out:
         argv = ["--mode", "grpo", "--init_from", args.init_from, "--out_dir", out, "--max_steps", str(args.steps),
@@ -70,11 +71,12 @@ def main() -> None:
         start = time.perf_counter()
         train.main(argv)
         total = time.perf_counter() - start
+    update = spent.pop("update (forward, backward, optimizer)")
     inside = {k: v for k, v in spent.items() if k not in ("rollout", "prepare")}
     other_rollout = spent["prepare"] - sum(inside.values())  # advantages, padding, batch assembly
-    update = total - spent["prepare"]  # everything outside prepare: forward, backward, optimizer, logging, start-up
+    rest = total - spent["prepare"] - update  # loading, tokenizing, logging, the export at the end
     rows = [*inside.items(), ("rest of prepare (advantages, batching)", other_rollout),
-            ("update, logging and start-up", update)]
+            ("update (forward, backward, optimizer)", update), ("start-up, logging and the final export", rest)]
     lines = [f"GRPO step time by phase: {args.steps} steps of train.py {' '.join(argv[:4])} {args.flags}".rstrip()
              + f" — {machine_line(torch.device('cpu'))}", "",
              "| phase | seconds | share |", "|---|---|---|",
