@@ -41,12 +41,12 @@ def chromium(profile_dir: str | Path, width: int = 1200, height: int = 800):
 
 
 def wait_for(check, timeout: float, what: str):
-    """check()'s first truthy value within `timeout` seconds."""
+    """check()'s first truthy value within `timeout` seconds (tests/test_serve.py waits with it too)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if value := check():
             return value
-        time.sleep(0.05)
+        time.sleep(0.01)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,19 +36,11 @@ from model import ModelConfig, Transformer, generate
 from model.engine import Engine, Request
 from model.generate import decode_stream
 from model.lora import apply_lora, lora_layers, merge_lora, save_adapter
+from scripts.chat_screenshot import wait_for
 from serve.protocol import StopStrings
 
 CONTEXT = 128  # the tiny chat model's context: long prompts and answers are easy to make
 SYSTEM_AND_QUESTION = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "What is 12 + 7?"}]
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 10.0, what: str = "the condition") -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if value := check():
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @dataclass

@@ -101,25 +101,38 @@ def reduce_loss(loss: torch.Tensor, mask: torch.Tensor, loss_type: str, max_comp
     return (loss * mask).sum()
 
 
+def has_spread(group_std: torch.Tensor) -> torch.Tensor:
+    """Which groups' rewards differ (a NaN std, fewer than two scored completions, counts as none): only those
+    carry a gradient."""
+    return group_std >= 1e-6
+
+
+# What a rollout's training needs, per row, and what padding each gets when groups of rollouts of other widths
+# are put together (take_groups): pads are masked out (label -100, log-prob 0).
+TRAINED = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX, "advantages": None, "old_logps": 0.0,
+           "ref_logps": 0.0}
+
+
 def take_groups(rollouts: list[Batch], picks: list[tuple[int, int]], group_size: int) -> Batch:
     """One training batch of the groups `picks` ((rollout index, group index) pairs) of several rollouts, whose
     prompts and completions may differ in width: prompts are left-padded and completions right-padded to the
-    widest (masked out, label -100, log-prob 0), so every row keeps its tokens, positions and targets."""
-    P = max(r["input_ids"].shape[1] - r["labels"].shape[1] + 1 for r in rollouts)  # prompt width
+    widest, so every row keeps its tokens, positions and targets."""
+    def prompt_width(r: Batch) -> int:
+        return r["input_ids"].shape[1] - r["labels"].shape[1] + 1
+
+    P = max(prompt_width(r) for r in rollouts)
     C = max(r["labels"].shape[1] for r in rollouts)  # completion width
-    pad = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX, "old_logps": 0.0, "ref_logps": 0.0}
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in rollouts[0] if isinstance(rollouts[0][k], torch.Tensor)}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in TRAINED if k in rollouts[0]}
     for i, g in picks:
         r = rollouts[i]
         rows = slice(g * group_size, (g + 1) * group_size)
-        left = P - (r["input_ids"].shape[1] - r["labels"].shape[1] + 1)
-        right = C - r["labels"].shape[1]
+        left, right = P - prompt_width(r), C - r["labels"].shape[1]
         for k in parts:
-            v = r[k][g:g + 1] if k == "group_std" else r[k][rows]
+            v = r[k][rows]
             if k in ("input_ids", "attention_mask"):
-                v = torch.nn.functional.pad(v, (left, right), value=pad[k])
-            elif k in ("labels", "old_logps", "ref_logps"):
-                v = torch.nn.functional.pad(v, (0, right), value=pad[k])
+                v = torch.nn.functional.pad(v, (left, right), value=TRAINED[k])
+            elif k != "advantages":
+                v = torch.nn.functional.pad(v, (0, right), value=TRAINED[k])
             parts[k].append(v)
     return {k: torch.cat(v) for k, v in parts.items()}
 
@@ -201,13 +214,10 @@ class GRPOObjective(Objective):
         finally:
             model.train()
         stats = {k: torch.cat([r[k] for r in sampled]) for k in ("rewards", "group_std", "lengths", "truncated")}
-        for r in rollouts:
-            for k in ("rewards", "group_std", "lengths", "truncated", "texts"):
-                r.pop(k, None)
+        rollouts = [{k: r[k] for k in TRAINED if k in r} for r in rollouts]
         total = self.total_reward(stats["rewards"])
-        # A group with fewer than two scored completions has no std (NaN): it teaches nothing, like a zero-std one.
         metrics = {**self.reward_metrics(stats["rewards"], total), "reward_std": stats["group_std"].nanmean().item(),
-                   "frac_reward_zero_std": (~(stats["group_std"] >= 1e-6)).float().mean().item(),
+                   "frac_reward_zero_std": (~has_spread(stats["group_std"])).float().mean().item(),
                    "completion_length": stats["lengths"].float().mean().item(),
                    "completion_truncated": stats["truncated"].float().mean().item()}
         if self.dynamic_sampling_draws:
@@ -225,23 +235,18 @@ class GRPOObjective(Objective):
         groups with a spread, or --dynamic_sampling_draws batches per micro-batch have been sampled; then the
         dropped groups fill what is left (logged as frac_trained_zero_std). Returns (the micro-batches to train,
         every rollout sampled)."""
-        G = self.num_generations
         sizes = [len(r["group_std"]) for r in rollouts]
         sampled = list(rollouts)
-
-        def informative(r: Batch) -> list[int]:
-            return [g for g, std in enumerate(r["group_std"].tolist()) if std >= 1e-6]
-
-        have = sum(len(informative(r)) for r in sampled)
-        while have < sum(sizes) and draw is not None and len(sampled) < self.dynamic_sampling_draws * len(rollouts):
+        spread = [has_spread(r["group_std"]).tolist() for r in sampled]
+        while (sum(map(sum, spread)) < sum(sizes) and draw is not None
+               and len(sampled) < self.dynamic_sampling_draws * len(rollouts)):
             sampled.append(self.rollout(model, draw()))
-            have += len(informative(sampled[-1]))
-        picks = [(i, g) for i, r in enumerate(sampled) for g in informative(r)]
-        chosen = set(picks)
-        picks += [(i, g) for i, r in enumerate(sampled) for g in range(len(r["group_std"])) if (i, g) not in chosen]
+            spread.append(has_spread(sampled[-1]["group_std"]).tolist())
+        groups = [(i, g) for i, row in enumerate(spread) for g in range(len(row))]
+        picks = [p for p in groups if spread[p[0]][p[1]]] + [p for p in groups if not spread[p[0]][p[1]]]
         out, start = [], 0
         for n in sizes:
-            out.append(take_groups(sampled, picks[start:start + n], G))
+            out.append(take_groups(sampled, picks[start:start + n], self.num_generations))
             start += n
         return out, sampled
 
