@@ -129,6 +129,15 @@ def sign_test(up: int, down: int) -> float:
     return sum(math.comb(n, k) for k in range(up, n + 1)) / 2 ** n if n else 1.0
 
 
+def grpo_verdict(before: dict, after: dict, args: argparse.Namespace) -> tuple[bool, int, int, float]:
+    """(passed, wrong -> right, right -> wrong, sign test p) for two evaluate_grpo results on the same prompts:
+    passes when accuracy rose by --min_gain and the changed answers went the right way, p < --alpha."""
+    pairs = [(b, a) for b, a in zip(before["correct"], after["correct"]) if a is not None and b is not None]
+    up, down = sum(a > b for b, a in pairs), sum(b > a for b, a in pairs)
+    p = sign_test(up, down)
+    return after["accuracy"] - before["accuracy"] >= args.min_gain and p < args.alpha, up, down, p
+
+
 def check_grpo(args: argparse.Namespace) -> int:
     """--task grpo: held-out accuracy before and after; passes when it rose by --min_gain, significantly."""
     data = Path(args.data)
@@ -139,20 +148,26 @@ def check_grpo(args: argparse.Namespace) -> int:
         print(f"{name:>6} {getattr(args, name)}: accuracy {r['accuracy']:.1%} of {r['prompts']}, <think> format "
               f"{r['format']:.1%}, stop rate {r['stop_rate']:.1%}, mean length {r['length']:.1f} tokens; first "
               f"answer: {r['example']!r}")
-    pairs = [(b, a) for b, a in zip(results["before"].pop("correct"), results["after"].pop("correct"))
-             if a is not None and b is not None]
-    up, down = sum(a > b for b, a in pairs), sum(b > a for b, a in pairs)
-    p = sign_test(up, down)
+    passed, up, down, p = grpo_verdict(results["before"], results["after"], args)
     gain = results["after"]["accuracy"] - results["before"]["accuracy"]
     print(f"changed answers: {up} wrong -> right, {down} right -> wrong (sign test p = {p:.3g})")
-    print(json.dumps({**{k: {m: v for m, v in r.items() if m != "example"} for k, r in results.items()},
-                      "wrong_to_right": up, "right_to_wrong": down, "p": p}))
-    if gain < args.min_gain or p >= args.alpha:
+    print(json.dumps({**{k: {m: v for m, v in r.items() if m not in ("example", "correct")}
+                         for k, r in results.items()}, "wrong_to_right": up, "right_to_wrong": down, "p": p}))
+    if not passed:
         print(f"FAIL: held-out accuracy changed by {gain:+.1%} (needs at least {args.min_gain:+.1%}), sign test "
               f"p = {p:.3g} (needs < {args.alpha})", file=sys.stderr)
         return 1
     print(f"PASS: held-out accuracy rose by {gain:+.1%} (sign test p = {p:.3g})")
     return 0
+
+
+def sft_verdict(before: dict, after: dict, args: argparse.Namespace) -> tuple[bool, str]:
+    """(passed, why) for two evaluate results: passes when --after stops at <|im_end|> in at least
+    --min_stop_rate of its answers, and at least as often as --before."""
+    if after["stop_rate"] < max(args.min_stop_rate, before["stop_rate"]):
+        return False, (f"the fine-tuned model stops in {after['stop_rate']:.1%} of answers (needs >= "
+                       f"{args.min_stop_rate:.0%} and as often as before: {before['stop_rate']:.1%})")
+    return True, f"the fine-tuned model stops in {after['stop_rate']:.1%} of answers (needs >= {args.min_stop_rate:.0%})"
 
 
 def check_sft(args: argparse.Namespace) -> int:
@@ -167,14 +182,9 @@ def check_sft(args: argparse.Namespace) -> int:
               f"exact match {r['exact_match']:.1%}, "
               f"arithmetic {r['arithmetic_accuracy']:.1%} of {r['arithmetic']}; first answer: {r['example']!r}")
     print(json.dumps({k: {m: v for m, v in r.items() if m != "example"} for k, r in results.items()}))
-    before, after = results["before"], results["after"]
-    if after["stop_rate"] < max(args.min_stop_rate, before["stop_rate"]):
-        print(f"FAIL: the fine-tuned model stops in {after['stop_rate']:.1%} of answers (needs >= "
-              f"{args.min_stop_rate:.0%} and as often as before: {before['stop_rate']:.1%})", file=sys.stderr)
-        return 1
-    print(f"PASS: the fine-tuned model stops in {after['stop_rate']:.1%} of answers (needs >= "
-          f"{args.min_stop_rate:.0%})")
-    return 0
+    passed, message = sft_verdict(results["before"], results["after"], args)
+    print(f"{'PASS' if passed else 'FAIL'}: {message}", file=sys.stdout if passed else sys.stderr)
+    return 0 if passed else 1
 
 
 # The stages each task compares by default: (--before, --after, --data).
