@@ -1,17 +1,20 @@
 #!/usr/bin/env python
-"""Time to quality: validation bits per byte of the default pretrain recipe after 5 and 10 minutes of wall time.
+"""Time to quality: validation bits per byte of pretraining recipes after the same minutes of wall time.
 
-For each budget and dtype, the default recipe (`python train.py --mode pretrain`: small preset, batch 16,
-shipped corpus, cosine schedule) runs for as many steps as fit in the budget, so its schedule ends when the
-budget does: a short calibration run measures the loop's steps/s, then the budgeted run uses
---max_steps = budget x steps/s, minus the startup time. The final model is then scored on the held-out
-dataset/pretrain_val.jsonl: bits per byte = summed next-token cross-entropy (nats) / ln 2 / UTF-8 bytes of
-the text, over the whole held-out token stream (documents joined by <|endoftext|>, as in training), so
-tokenizers of any vocabulary compare. --dtype auto (the default: bf16 on CPUs with native bf16) is compared
-with float32 at equal wall time. Run it on a quiet machine: it is wall-time bound.
+The default recipe (`python train.py --mode pretrain`: small preset, batch 16, shipped corpus, cosine schedule)
+runs for as many steps as fit in each budget, so its schedule ends when the budget does: a short calibration
+run measures the loop's steps/s, then the budgeted run uses --max_steps = budget x steps/s, minus the startup
+time. Other recipes (--recipes) are train.py flags run as they are, normally with `--time_budget {budget}m`,
+which ends the run on time with its warmup-stable-decay schedule complete. Every final model is then scored on
+the held-out dataset/pretrain_val.jsonl: bits per byte = summed next-token cross-entropy (nats) / ln 2 / UTF-8
+bytes of the text, over the whole held-out token stream (documents joined by <|endoftext|>, as in training),
+so tokenizers of any vocabulary compare. Each recipe is compared with the default at the same budget and
+dtype ("vs default": the difference in bits per byte; negative is better). Run it on a quiet machine: it is
+wall-time bound.
 
     python bench/time_to_quality.py                      # 5 and 10 minutes, auto and float32: ~35 minutes
-    python bench/time_to_quality.py --budgets 5 --dtypes auto --record
+    python bench/time_to_quality.py --budgets 2 --dtypes auto \
+        --recipes "default;muon=--time_budget {budget}m --optimizer muon" --record
 """
 from __future__ import annotations
 
@@ -32,10 +35,14 @@ from trainer.objectives import token_cross_entropy
 VAL = ROOT / "dataset" / "pretrain_val.jsonl"
 
 
-def train(out_dir: Path, dtype: str, steps: int, *extra: str) -> float:
-    """One default-recipe run of `steps` steps with only a final export; returns its wall seconds."""
-    return train_py(out_dir, "--mode", "pretrain", "--dtype", dtype, "--max_steps", str(steps), "--eval_interval",
-                    "0", "--save_interval_steps", "0", "--log_interval", "5", *extra)[0]
+def train(out_dir: Path, dtype: str, *flags: str) -> float:
+    """One pretraining run with only a final export; returns its wall seconds."""
+    return train_py(out_dir, "--mode", "pretrain", "--dtype", dtype, "--eval_interval", "0", "--save_interval_steps",
+                    "0", "--log_interval", "5", *flags)[0]
+
+
+def last_step(out_dir: Path) -> int:
+    return max(json.loads(line).get("step", 0) for line in (out_dir / "metrics.jsonl").read_text().splitlines())
 
 
 def steps_per_second(out_dir: Path) -> float:
@@ -64,10 +71,23 @@ def bits_per_byte(model_dir: Path, seq_len: int = 256) -> float:
     return nats / math.log(2) / n_bytes
 
 
+def parse_recipes(text: str) -> list[tuple[str, str]]:
+    """'default;name=flags;...' -> [(name, flags)]; "default" (no flags) is the calibrated default recipe."""
+    recipes = []
+    for entry in filter(None, (e.strip() for e in text.split(";"))):
+        name, _, flags = entry.partition("=")
+        if name != "default" and not flags:
+            raise SystemExit(f"--recipes: {entry!r} needs its flags, as name=--time_budget {{budget}}m ...")
+        recipes.append((name.strip(), flags.strip()))
+    return recipes
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--budgets", default="5,10", help="comma-separated wall-time budgets in minutes")
     p.add_argument("--dtypes", default="auto,float32", help="comma-separated --dtype values to compare")
+    p.add_argument("--recipes", default="default", help="semicolon-separated recipes: `default` (the default recipe, "
+                   "calibrated to the budget) and name=train.py flags, in which {budget} is the budget in minutes")
     p.add_argument("--calibration_steps", type=int, default=30, help="steps of the run that measures steps/s")
     p.add_argument("--train_args", default="", help="extra train.py flags for every run, e.g. \"--compile\"")
     p.add_argument("--record", action="store_true", help="append the result table to bench/RESULTS.md")
@@ -77,29 +97,40 @@ def main() -> None:
 
     budgets = [float(b) for b in args.budgets.split(",")]
     dtypes = args.dtypes.split(",")
+    recipes = parse_recipes(args.recipes)
     machine = machine_line(torch.device("cpu"))
     extra = shlex.split(args.train_args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for dtype in dtypes:
-            calib = tmp / f"calibrate-{dtype}"
-            startup = train(calib, dtype, args.calibration_steps, *extra)
-            rate = steps_per_second(calib)
-            startup -= args.calibration_steps / rate  # what a run costs besides its steps (imports, data, export)
+            name = f"auto ({str(resolve_dtype('auto', torch.device('cpu'))).removeprefix('torch.')})" \
+                if dtype == "auto" else dtype
+            if any(r == "default" for r, _ in recipes):
+                calib = tmp / f"calibrate-{dtype}"
+                startup = train(calib, dtype, "--max_steps", str(args.calibration_steps), *extra)
+                rate = steps_per_second(calib)
+                startup -= args.calibration_steps / rate  # what a run costs besides its steps (imports, data, export)
             for budget in budgets:
-                steps = max(1, int((budget * 60 - startup) * rate))
-                out = tmp / f"{dtype}-{budget:g}"
-                wall = train(out, dtype, steps, *extra)
-                name = f"auto ({str(resolve_dtype('auto', torch.device('cpu'))).removeprefix('torch.')})" \
-                    if dtype == "auto" else dtype
-                rows.append((budget, name, steps, wall, bits_per_byte(out / "final")))
+                for recipe, flags in recipes:
+                    out = tmp / f"{dtype}-{budget:g}-{len(rows)}"
+                    if recipe == "default":
+                        steps = max(1, int((budget * 60 - startup) * rate))
+                        wall = train(out, dtype, "--max_steps", str(steps), *extra)
+                    else:
+                        wall = train(out, dtype, *shlex.split(flags.replace("{budget}", f"{budget:g}")), *extra)
+                    rows.append((budget, name, recipe, last_step(out), wall, bits_per_byte(out / "final")))
     flags = f" {args.train_args}" if args.train_args else ""
-    lines = [f"time to quality, default pretrain recipe{flags} (small preset, batch 16 x 256), held-out "
-             f"{VAL.relative_to(ROOT)} — {machine} ({load_after()})",
-             "", "| budget (min) | --dtype | steps | wall (min) | val bits/byte |", "|---|---|---|---|---|"]
-    for budget, name, steps, wall, bpb in sorted(rows):
-        lines.append(f"| {budget:g} | {name} | {steps:,} | {wall / 60:.1f} | {bpb:.3f} |")
+    lines = [f"time to quality, pretraining{flags} on the shipped corpus, held-out {VAL.relative_to(ROOT)}; default = "
+             f"the default recipe (small preset, batch 16 x 256, cosine) for as many steps as fit — {machine} "
+             f"({load_after()})", ""]
+    lines += [f"- {recipe}: `{flags_}`" for recipe, flags_ in recipes if flags_]
+    lines += ["", "| budget (min) | --dtype | recipe | steps | wall (min) | val bits/byte | vs default |",
+              "|---|---|---|---|---|---|---|"]
+    default = {(b, n): bpb for b, n, r, _, _, bpb in rows if r == "default"}
+    for budget, name, recipe, steps, wall, bpb in rows:
+        vs = f"{bpb - default[(budget, name)]:+.3f}" if (budget, name) in default else ""
+        lines.append(f"| {budget:g} | {name} | {recipe} | {steps:,} | {wall / 60:.1f} | {bpb:.3f} | {vs} |")
     report(lines, args.record)
 
 

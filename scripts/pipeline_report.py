@@ -203,8 +203,9 @@ def readme_block(text: str) -> str:
 
 def update_readme(path: Path, table: str) -> None:
     text = path.read_text()
-    old = readme_block(text)
-    path.write_text(text.replace(f"{BEGIN}\n{old}\n{END}", f"{BEGIN}\n{table}\n{END}"))
+    readme_block(text)  # exactly one pair of markers
+    head, rest = text.split(BEGIN, 1)
+    path.write_text(f"{head}{BEGIN}\n{table}\n{END}{rest.split(END, 1)[1]}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report", default="docs/pipeline_report.json", help="the JSON record to write "
                    "(default: docs/pipeline_report.json, the one README.md shows)")
     p.add_argument("--update_readme", action="store_true", help="replace README.md's table with this report's")
+    p.add_argument("--render", action="store_true", help="run nothing: print the table of the existing --report (and "
+                   "with --update_readme put it in README.md)")
     p.add_argument("--train_args", default="", help="extra train.py flags for every stage (e.g. \"--max_steps 2\" "
                    "for a dry run); not with --update_readme, whose table is of the defaults")
     p.add_argument("--limit", type=int, default=0, help="score only the first N held-out chats/prompts (0 = all); "
@@ -234,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"--stages: {', '.join(orphans)} start from {', '.join(STAGES[s][1] for s in orphans)}: add it")
     if args.update_readme and (args.train_args or args.limit):
         p.error("--update_readme shows the default flags on the whole held-out data: drop --train_args and --limit")
+    if args.render:
+        show(json.loads(Path(args.report).read_text()), args)
+        return
     work = Path(args.work_dir)
     if work.exists() and any(work.iterdir()) and not args.overwrite:
         p.error(f"--work_dir {work} already holds runs: pass --overwrite to replace them, or another --work_dir")
@@ -257,11 +263,19 @@ def main(argv: list[str] | None = None) -> None:
               "runs": runs}
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
+    show(report, args)
+
+
+def show(report: dict, args: argparse.Namespace) -> None:
+    """Print the report's table; with --update_readme, also put it in README.md."""
     table = render(report)
     print(table)
     if args.update_readme:
+        if report["train_args"] or report["limit"]:
+            raise SystemExit(f"pipeline_report.py: error: {args.report} was run with --train_args/--limit; README.md "
+                             f"shows the default flags on the whole held-out data")
         update_readme(README, table)
-        print(f"README.md's table updated; the record is {args.report}", file=sys.stderr)
+        print(f"README.md's table updated from {args.report}", file=sys.stderr)
 
 
 if __name__ == "__main__":

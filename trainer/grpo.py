@@ -108,9 +108,9 @@ def has_spread(group_std: torch.Tensor) -> torch.Tensor:
 
 
 # What a rollout's training needs, per row, and what padding each gets when groups of rollouts of other widths
-# are put together (take_groups): pads are masked out (label -100, log-prob 0).
-TRAINED = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX, "advantages": None, "old_logps": 0.0,
-           "ref_logps": 0.0}
+# are put together (take_groups): pads are masked out (label -100). The log-probs training also needs are
+# computed afterwards, of the rows kept (GRPOObjective.add_logps).
+TRAINED = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX, "advantages": None}
 
 
 def take_groups(rollouts: list[Batch], picks: list[tuple[int, int]], group_size: int) -> Batch:
@@ -211,10 +211,10 @@ class GRPOObjective(Objective):
             sampled = rollouts
             if self.dynamic_sampling_draws:
                 rollouts, sampled = self.keep_informative(model, rollouts, draw)
+            stats = {k: torch.cat([r[k] for r in sampled]) for k in ("rewards", "group_std", "lengths", "truncated")}
+            rollouts = [self.add_logps(model, {k: r[k] for k in TRAINED}) for r in rollouts]
         finally:
             model.train()
-        stats = {k: torch.cat([r[k] for r in sampled]) for k in ("rewards", "group_std", "lengths", "truncated")}
-        rollouts = [{k: r[k] for k in TRAINED if k in r} for r in rollouts]
         total = self.total_reward(stats["rewards"])
         metrics = {**self.reward_metrics(stats["rewards"], total), "reward_std": stats["group_std"].nanmean().item(),
                    "frac_reward_zero_std": (~has_spread(stats["group_std"])).float().mean().item(),
@@ -269,11 +269,17 @@ class GRPOObjective(Objective):
                "truncated": ~(torch.isin(tokens, torch.tensor(self.stop_ids, device=tokens.device))
                               & mask.bool()).any(dim=1).cpu(),
                "texts": texts}
-        if self.num_iterations > 1:  # later iterations need the sampling policy's log-probs for the ratio
-            out["old_logps"] = token_logps(model, out, temperature=self.temperature)[0]
-        if self.ref_model is not None:
-            out["ref_logps"] = token_logps(self.ref_model, out, temperature=self.temperature)[0]
         return out
+
+    def add_logps(self, model: torch.nn.Module, batch: Batch) -> Batch:
+        """The log-probs a training batch needs besides its tokens: the sampling policy's, for the ratio of later
+        iterations (--num_iterations > 1), and the reference model's, for the KL term. Only of the rows that are
+        trained: dynamic sampling drops groups first, so the groups it discards cost no forward passes."""
+        if self.num_iterations > 1:
+            batch["old_logps"] = token_logps(model, batch, temperature=self.temperature)[0]
+        if self.ref_model is not None:
+            batch["ref_logps"] = token_logps(self.ref_model, batch, temperature=self.temperature)[0]
+        return batch
 
     def sample(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
