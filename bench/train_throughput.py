@@ -12,6 +12,10 @@ compilation happens in the untimed warm-up steps):
   recipe         ours in the trainer's default dtype (--dtype auto: bfloat16 on CPUs/GPUs with native bf16)
   compiled       recipe with --compile
   hf_recipe      transformers in that same default dtype (bf16 autocast): the like-for-like comparison
+  minimind       MiniMind's MiniMindForCausalLM (from a MiniMind checkout, --minimind_dir; left out without one)
+                 with the step of its train_pretrain.py: its own shifted cross-entropy + aux loss, gradient
+                 clipping, torch.optim.AdamW, in fp32 whatever --dtype says, since its script autocasts only on
+                 CUDA
 Rounds alternate the implementations; "vs hf" is the ratio of step times measured in the same round (median
 over rounds). MFU = tokens/s x FLOPs/token / peak, with FLOPs/token = 6 x (non-embedding params + lm_head) +
 6 x layers x heads x head_dim x seq (PaLM appendix B, attention counted causally; Transformer.estimate_flops_per_token) and the peak a
@@ -40,12 +44,13 @@ from trainer.distributed import DistEnv, resolve_device, resolve_dtype
 from trainer.flops import peak_flops
 from trainer.parallel import parallelize
 
-IMPLS = ("hf", "hf_fused", "ours", "ours_compiled", "recipe", "compiled", "hf_recipe")
+IMPLS = ("minimind", "hf", "hf_fused", "ours", "ours_compiled", "recipe", "compiled", "hf_recipe")
 LABELS = {"hf": "transformers LlamaForCausalLM, AdamW", "hf_fused": "transformers LlamaForCausalLM, AdamW fused",
           "ours": "zero2llm trainer step", "ours_compiled": "zero2llm trainer step, --compile",
           "recipe": "zero2llm trainer step, default dtype",
           "compiled": "zero2llm trainer step, default dtype, --compile",
-          "hf_recipe": "transformers LlamaForCausalLM, AdamW, default dtype"}
+          "hf_recipe": "transformers LlamaForCausalLM, AdamW, default dtype",
+          "minimind": "MiniMind MiniMindForCausalLM, its train_pretrain.py step"}
 
 
 def make_step(args: argparse.Namespace) -> tuple[Callable[[], None], torch.device, torch.dtype]:
@@ -58,6 +63,8 @@ def make_step(args: argparse.Namespace) -> tuple[Callable[[], None], torch.devic
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.run_dtype, device)
     torch.manual_seed(0)
+    if args.impl == "minimind":
+        return minimind_step(args, device)
     if not args.impl.startswith("hf"):
         model = Transformer.from_pretrained(args.weights).train()
         model = parallelize(model, DistEnv(0, 1, device), fsdp=False, dtype=dtype, grad_checkpointing=False,
@@ -91,6 +98,36 @@ def make_step(args: argparse.Namespace) -> tuple[Callable[[], None], torch.devic
     return step, device, dtype
 
 
+def minimind_step(args: argparse.Namespace, device: torch.device) -> tuple[Callable[[], None], torch.device,
+                                                                           torch.dtype]:
+    """MiniMind's model and training step at our config's dimensions (fp32: its script's CPU path)."""
+    import importlib.util
+
+    path = Path(args.minimind_dir) / "model" / "model_minimind.py"
+    if not path.is_file():
+        raise SystemExit(f"--minimind_dir {args.minimind_dir}: no model/model_minimind.py (a MiniMind checkout)")
+    spec = importlib.util.spec_from_file_location("model_minimind", path)
+    minimind = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(minimind)
+    ours = json.loads((Path(args.weights) / "config.json").read_text())
+    config = minimind.MiniMindConfig(
+        hidden_size=ours["hidden_size"], num_hidden_layers=ours["num_hidden_layers"],
+        num_attention_heads=ours["num_attention_heads"], num_key_value_heads=ours["num_key_value_heads"],
+        intermediate_size=ours["intermediate_size"], vocab_size=ours["vocab_size"])
+    model = minimind.MiniMindForCausalLM(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, ours["vocab_size"], (args.batch_size, ours["max_position_embeddings"]), device=device)
+
+    def step() -> None:
+        out = model(x, labels=x)
+        (out.loss + out.aux_loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, device, torch.float32
+
+
 def run_one(args: argparse.Namespace) -> dict:
     """One implementation in this process: the median of args.steps step times after args.warmup."""
     step, device, dtype = make_step(args)
@@ -103,7 +140,7 @@ def measure(impl: str, weights: str, run_dtype: str, args: argparse.Namespace) -
     args needs device, batch_size, steps and warmup."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--impl", impl, "--weights", weights, "--run_dtype",
            run_dtype, "--device", args.device, "--batch_size", str(args.batch_size), "--steps", str(args.steps),
-           "--warmup", str(args.warmup)]
+           "--warmup", str(args.warmup), "--minimind_dir", args.minimind_dir]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{impl} failed:\n{proc.stderr[-3000:]}")
@@ -116,7 +153,10 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=8, help="rows of max_seq_len tokens per step")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the hf, hf_fused and ours rows (autocast; weights stay fp32)")
-    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {', '.join(IMPLS)}")
+    p.add_argument("--impls", default="", help=f"comma-separated subset of {', '.join(IMPLS)} (default: all; "
+                   f"minimind only with --minimind_dir)")
+    p.add_argument("--minimind_dir", default="", help="a MiniMind checkout (github.com/jingyaogong/minimind): adds "
+                   "its model and training step as the minimind row")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--steps", type=int, default=3, help="timed steps per implementation and round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -133,7 +173,9 @@ def main() -> None:
         return
 
     device = resolve_device(args.device)
-    impls = args.impls.split(",")
+    impls = args.impls.split(",") if args.impls else [i for i in IMPLS if i != "minimind" or args.minimind_dir]
+    if "minimind" in impls and not args.minimind_dir:
+        p.error("the minimind row needs --minimind_dir, a MiniMind checkout")
     config = model_config(args.config)
     flops_per_token = Transformer(config).estimate_flops_per_token()
     tokens = args.batch_size * config.max_seq_len
@@ -144,7 +186,8 @@ def main() -> None:
         save_weights(config, Path(weights))
         for _ in range(args.rounds):
             for impl in impls:
-                run_dtype = "auto" if impl in ("recipe", "compiled", "hf_recipe") else args.dtype
+                run_dtype = ("auto" if impl in ("recipe", "compiled", "hf_recipe") else
+                             "float32" if impl == "minimind" else args.dtype)
                 out = measure(impl, weights, run_dtype, args)
                 times[impl].append(out["step_s"])
                 results[impl] = {**out, "peak_mb": max(out["peak_mb"], results.get(impl, {}).get("peak_mb", 0))}
@@ -164,6 +207,12 @@ def main() -> None:
         mfu = tokens / step * flops_per_token / peaks[r["dtype"]]
         lines.append(f"| {LABELS[impl]} | {r['dtype']} | {step:.2f} | {tokens / step:,.0f} | {ratios[impl]:.2f}x "
                      f"| {r['peak_mb']:,.0f} | {mfu:.1%} |")
+    targets = [(base, impl, what) for base, impl, what in (
+        ("minimind", "recipe", "the default step (bf16) vs MiniMind's (its CPU path, fp32)"),
+        ("hf_recipe", "recipe", "vs transformers under the same bf16 autocast"),
+        ("hf", "ours", f"{args.dtype} vs transformers {args.dtype}")) if base in impls and impl in impls]
+    if targets:
+        lines += [""] + [f"- {what}: {ratio_rounds(times, base)[impl]:.2f}x" for base, impl, what in targets]
     report(lines, args.record)
 
 
