@@ -137,6 +137,10 @@ def spread(values: list[float], fmt: str) -> str:
     return text if low == high else f"{text} ({low}–{high})"
 
 
+def p_value(p: float) -> str:
+    return f"p {p:.3f}" if p >= 0.001 else "p < 0.001"
+
+
 def render(report: dict) -> str:
     """The markdown README.md shows: one line saying what was run where, and the table."""
     runs = [report["runs"][str(s)] for s in report["seeds"]]
@@ -177,7 +181,7 @@ def render(report: dict) -> str:
             rows.append((stage, minutes, f"accuracy (`grpo_val.jsonl`, {runs[0][stage]['prompts']} prompts, greedy)",
                          spread(col(stage, "before"), pct), spread(col(stage, "after"), pct)))
             rows.append(("", "", "gain; wrong → right / right → wrong; sign test p, per seed", "",
-                         "; ".join(f"{g * 100:+.1f} ({r['wrong_to_right']} / {r['right_to_wrong']}, p {r['p']:.3f})"
+                         "; ".join(f"{g * 100:+.1f} ({r['wrong_to_right']} / {r['right_to_wrong']}, {p_value(r['p'])})"
                                    for g, r in zip(gains, (run[stage] for run in runs)))))
             rows.append(("", "", "`pipeline_check.py --task grpo` passes", "",
                          f"{sum(col(stage, 'passed'))} of {len(runs)}"))
