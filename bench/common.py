@@ -129,6 +129,14 @@ def train_py(out_dir: Path, *flags: str) -> tuple[float, list[dict]]:
     return wall, [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def seconds_per_step(logs: list[dict]) -> float:
+    """The loop's steady step time from a run's metrics.jsonl records: tokens per step over the median logged
+    tokens/s of the windows after the first (which holds start-up and compilation)."""
+    logs = [r for r in logs if "tokens_per_sec" in r]
+    tokens_per_step = logs[0]["tokens_seen"] / logs[0]["step"]
+    return tokens_per_step / statistics.median(r["tokens_per_sec"] for r in logs[1:])
+
+
 def report(lines: list[str], record: bool) -> None:
     """Print a result block; with record, also append it to bench/RESULTS.md."""
     print("\n".join(lines))

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,16 +28,15 @@ from pathlib import Path
 
 import torch
 
-from common import HelpFormatter, load_after, machine_line, model_config, report, save_weights, train_py
+from common import (HelpFormatter, load_after, machine_line, model_config, report, save_weights,
+                    seconds_per_step, train_py)
 
 
 def train_run(out_dir: Path, steps: int, flags: list[str]) -> tuple[float, float]:
     """(wall seconds, steady seconds per step) of one train.py run."""
     wall, logs = train_py(out_dir, "--mode", "pretrain", "--max_steps", str(steps), "--eval_interval", "0",
                           "--save_interval_steps", "0", "--log_interval", "5", "--no-save_last", *flags)
-    logs = [r for r in logs if "tokens_per_sec" in r]
-    tokens_per_step = logs[0]["tokens_seen"] / logs[0]["step"]
-    return wall, tokens_per_step / statistics.median(r["tokens_per_sec"] for r in logs[1:])
+    return wall, seconds_per_step(logs)
 
 
 def decode_child(folder: str, new_tokens: int, compile_: bool) -> None:

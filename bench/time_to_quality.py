@@ -19,7 +19,6 @@ wall-time bound.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import tempfile
@@ -28,30 +27,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import HelpFormatter, ROOT, load_after, machine_line, report, train_py
+from common import HelpFormatter, ROOT, load_after, machine_line, report, seconds_per_step, train_py
 from model import Transformer
 from trainer.objectives import token_cross_entropy
 
 VAL = ROOT / "dataset" / "pretrain_val.jsonl"
 
 
-def train(out_dir: Path, dtype: str, *flags: str) -> float:
-    """One pretraining run with only a final export; returns its wall seconds."""
+def train(out_dir: Path, dtype: str, *flags: str) -> tuple[float, list[dict]]:
+    """One pretraining run with only a final export: (wall seconds, its metrics.jsonl records)."""
     return train_py(out_dir, "--mode", "pretrain", "--dtype", dtype, "--eval_interval", "0", "--save_interval_steps",
-                    "0", "--log_interval", "5", *flags)[0]
-
-
-def last_step(out_dir: Path) -> int:
-    return max(json.loads(line).get("step", 0) for line in (out_dir / "metrics.jsonl").read_text().splitlines())
-
-
-def steps_per_second(out_dir: Path) -> float:
-    """The loop's step rate over the logged windows after the first (from tokens/s and tokens per step)."""
-    logs = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    logs = [r for r in logs if "tokens_per_sec" in r]
-    tokens_per_step = logs[0]["tokens_seen"] / logs[0]["step"]
-    rates = sorted(r["tokens_per_sec"] for r in logs[1:])
-    return rates[len(rates) // 2] / tokens_per_step
+                    "0", "--log_interval", "5", *flags)
 
 
 @torch.no_grad()
@@ -108,18 +94,19 @@ def main() -> None:
                 if dtype == "auto" else dtype
             if any(r == "default" for r, _ in recipes):
                 calib = tmp / f"calibrate-{dtype}"
-                startup = train(calib, dtype, "--max_steps", str(args.calibration_steps), *extra)
-                rate = steps_per_second(calib)
+                startup, logs = train(calib, dtype, "--max_steps", str(args.calibration_steps), *extra)
+                rate = 1 / seconds_per_step(logs)
                 startup -= args.calibration_steps / rate  # what a run costs besides its steps (imports, data, export)
             for budget in budgets:
                 for recipe, flags in recipes:
                     out = tmp / f"{dtype}-{budget:g}-{len(rows)}"
                     if recipe == "default":
                         steps = max(1, int((budget * 60 - startup) * rate))
-                        wall = train(out, dtype, "--max_steps", str(steps), *extra)
+                        wall, logs = train(out, dtype, "--max_steps", str(steps), *extra)
                     else:
-                        wall = train(out, dtype, *shlex.split(flags.replace("{budget}", f"{budget:g}")), *extra)
-                    rows.append((budget, name, recipe, last_step(out), wall, bits_per_byte(out / "final")))
+                        wall, logs = train(out, dtype, *shlex.split(flags.replace("{budget}", f"{budget:g}")), *extra)
+                    steps = max(r.get("step", 0) for r in logs)
+                    rows.append((budget, name, recipe, steps, wall, bits_per_byte(out / "final")))
     flags = f" {args.train_args}" if args.train_args else ""
     lines = [f"time to quality, pretraining{flags} on the shipped corpus, held-out {VAL.relative_to(ROOT)}; default = "
              f"the default recipe (small preset, batch 16 x 256, cosine) for as many steps as fit — {machine} "

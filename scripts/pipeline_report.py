@@ -90,10 +90,10 @@ def reward_trend(run_dir: Path) -> tuple[float, float]:
 
 
 def chat_metrics(model: Path, limit: int) -> dict:
-    """pipeline_check's figures for one model on the held-out chats."""
-    data = ROOT / TASK_DEFAULTS["sft"][2]
+    """pipeline_check's figures for one model on the held-out chats, at its default answer length and batch."""
+    data, check = ROOT / TASK_DEFAULTS["sft"][2], check_args([])
     pairs = prompts_and_references(data)[:limit or None]
-    r = evaluate(model, data, pairs, max_new_tokens=64, batch_size=50)
+    r = evaluate(model, data, pairs, check.max_new_tokens, check.batch_size)
     return {k: r[k] for k in ("loss", "stop_rate", "exact_match", "arithmetic_accuracy", "arithmetic",
                               "conversations")}
 
@@ -116,9 +116,10 @@ def measure(stage: str, folder: Path, minutes: float, limit: int, seen: dict) ->
         out.update(before={"loss": math.log(2), "accuracy": 0.0},
                    after={"loss": last["val_loss"], "accuracy": last["val_rewards/accuracy"]})
     else:
-        before, after = (evaluate_grpo(m, ROOT / TASK_DEFAULTS["grpo"][2], limit, 64, 50)
+        check = check_args(["--task", "grpo"])
+        before, after = (evaluate_grpo(m, ROOT / check.data, limit, check.max_new_tokens, check.batch_size)
                          for m in (folder / "sft" / "final", run / "final"))
-        passed, up, down, p = grpo_verdict(before, after, check_args(["--task", "grpo"]))
+        passed, up, down, p = grpo_verdict(before, after, check)
         out.update(before=before["accuracy"], after=after["accuracy"], prompts=after["prompts"],
                    wrong_to_right=up, right_to_wrong=down, p=p, passed=passed, reward=reward_trend(run))
     return out
@@ -198,18 +199,23 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
-def readme_block(text: str) -> str:
-    """The part of README.md's text between the markers."""
+def split_readme(text: str) -> tuple[str, str, str]:
+    """(text before the begin marker, the table between the markers, text after the end marker)."""
     if text.count(BEGIN) != 1 or text.count(END) != 1:
         raise SystemExit(f"pipeline_report.py: error: README.md needs one {BEGIN} and one {END} line")
-    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n")
+    head, rest = text.split(BEGIN, 1)
+    block, tail = rest.split(END, 1)
+    return head, block.strip("\n"), tail
+
+
+def readme_block(text: str) -> str:
+    """The table README.md's text shows between the markers."""
+    return split_readme(text)[1]
 
 
 def update_readme(path: Path, table: str) -> None:
-    text = path.read_text()
-    readme_block(text)  # exactly one pair of markers
-    head, rest = text.split(BEGIN, 1)
-    path.write_text(f"{head}{BEGIN}\n{table}\n{END}{rest.split(END, 1)[1]}")
+    head, _, tail = split_readme(path.read_text())
+    path.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -234,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
 
     seeds = [int(s) for s in args.seeds.split(",")]
     stages = args.stages.split(",")
+    ordered = [s for s in STAGES if s in stages]  # the quick start's order, whatever order they were given in
     unknown = [s for s in stages if s not in STAGES]
     orphans = [s for s in stages if s in STAGES and STAGES[s][1] and STAGES[s][1] not in stages]
     if unknown or orphans:
@@ -256,12 +263,12 @@ def main(argv: list[str] | None = None) -> None:
         seen: dict = {}
         runs[str(seed)] = {stage: measure(stage, folder, train(stage, seed, folder,
                                                                 shlex.split(args.train_args)), args.limit, seen)
-                           for stage in [s for s in STAGES if s in stages]}
+                           for stage in ordered}
     import torch
 
     from bench.common import cpu_name
 
-    report = {"seeds": seeds, "stages": [s for s in STAGES if s in stages], "commit": commit(),
+    report = {"seeds": seeds, "stages": ordered, "commit": commit(),
               "date": datetime.date.today().isoformat(), "train_args": args.train_args, "limit": args.limit,
               "machine": f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "runs": runs}

@@ -122,7 +122,7 @@ def take_groups(rollouts: list[Batch], picks: list[tuple[int, int]], group_size:
 
     P = max(prompt_width(r) for r in rollouts)
     C = max(r["labels"].shape[1] for r in rollouts)  # completion width
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in TRAINED if k in rollouts[0]}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in TRAINED}
     for i, g in picks:
         r = rollouts[i]
         rows = slice(g * group_size, (g + 1) * group_size)
