@@ -64,12 +64,15 @@ def test_muon_trains_and_resumes_exactly(corpus, tmp_path):
 
 def test_another_optimizer_cannot_resume_the_state(corpus, tmp_path):
     out = tmp_path / "run"
-    train.main(train_args(corpus, out, "--max_steps", "2", "--eval_interval", "0"))
+    train.main(train_args(corpus, out, "--optimizer", "adamw", "--max_steps", "2", "--eval_interval", "0"))
     with pytest.raises(CheckpointError, match="it was trained with --optimizer adamw"):
         train.main(train_args(corpus, out, "--max_steps", "4", "--resume", "--optimizer", "muon"))
 
 
 def test_muon_with_fsdp_is_refused(corpus, tmp_path, capsys):
+    """Muon is pretraining's default, so a bare --fsdp is refused with the flags to add."""
     with pytest.raises(SystemExit):
-        train.main(train_args(corpus, tmp_path / "x", "--optimizer", "muon", "--fsdp"))
-    assert "--optimizer muon with --fsdp: Muon's Newton-Schulz step needs each whole matrix" in capsys.readouterr().err
+        train.main(train_args(corpus, tmp_path / "x", "--fsdp"))
+    err = capsys.readouterr().err
+    assert "--optimizer muon with --fsdp: Muon's Newton-Schulz step needs each whole matrix" in err
+    assert "add --optimizer adamw --learning_rate 1e-3" in err

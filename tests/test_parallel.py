@@ -19,7 +19,9 @@ from trainer import checkpoint as ckpt
 from trainer.distributed import DistEnv
 from trainer.parallel import parallelize
 
-COMMON = ("--max_steps", "6", "--eval_interval", "0", "--save_interval_steps", "3", "--eval_iters", "0")
+# Muon, pretraining's default, needs whole matrices and is refused under --fsdp (tests/test_optim.py)
+ADAMW = ("--optimizer", "adamw", "--learning_rate", "1e-3")
+COMMON = ("--max_steps", "6", "--eval_interval", "0", "--save_interval_steps", "3", "--eval_iters", "0", *ADAMW)
 
 
 def torchrun(*argv: str) -> None:
@@ -69,7 +71,7 @@ def test_fsdp_two_processes_match_one_and_resume_with_one(corpus, tmp_path):
 def test_fsdp_resume_is_exact(corpus, tmp_path):
     """Straight vs interrupted + --resume under --fsdp (sharded checkpoints through the tmp + rename scheme):
     identical losses, with dropout."""
-    check_resume_is_exact(lambda out, *extra: train_args(corpus, out, *extra), tmp_path, 6, 3, "--fsdp",
+    check_resume_is_exact(lambda out, *extra: train_args(corpus, out, *extra), tmp_path, 6, 3, "--fsdp", *ADAMW,
                           "--lr_decay_iters", "6", "--eval_interval", "0", "--dropout", "0.1",
                           "--save_interval_steps", "3", "--no-save_last")
 
@@ -102,7 +104,7 @@ def test_fsdp_dpo_shards_the_reference_too(base_model, tmp_path):
 
 def test_fsdp_flag_errors(corpus, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train.main(train_args(corpus, tmp_path / "x", "--fsdp", "--dtype", "float16"))
+        train.main(train_args(corpus, tmp_path / "x", "--fsdp", *ADAMW, "--dtype", "float16"))
     assert "--fsdp with --dtype float16" in capsys.readouterr().err
 
 

@@ -19,6 +19,12 @@ from trainer.checkpoint import CheckpointError
 from trainer.loop import TrainingError
 
 
+def same_threads() -> dict[str, str]:
+    """A child's environment with this process's thread count: the losses it logs are compared bit for bit with
+    runs in this process, and Muon's bf16 Newton-Schulz matmuls round differently at another thread count."""
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
 def _wait_for_step(out_dir, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -32,7 +38,7 @@ def _wait_for_step(out_dir, step: int, proc: subprocess.Popen, timeout: float = 
 
 def test_sigterm_checkpoints_and_resume_continues_exactly(corpus, tmp_path):
     common = ("--max_steps", "400", "--eval_interval", "0", "--save_interval_steps", "0")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = same_threads()
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *train_args(corpus, out, *common)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -150,7 +156,7 @@ def test_kill_9_at_random_moments_then_resume_matches_an_uninterrupted_run(corpu
     train.main(train_args(corpus, straight, *common))
     out = tmp_path / "killed"
     rng = random.Random(1234)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = same_threads()
     for _ in range(4):
         resume = ("--resume",) if ckpt.latest_checkpoint(out) else ()
         proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *train_args(corpus, out, *common, *resume)],

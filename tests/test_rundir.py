@@ -495,7 +495,7 @@ def test_resume_with_another_learning_rate_takes_it_from_the_next_step(corpus, t
 
     out = tmp_path / "run"
     common = ("--eval_interval", "0", "--warmup_iters", "2", "--lr_decay_iters", "20")
-    train.main(train_args(corpus, out, *common, "--max_steps", "10"))
+    train.main(train_args(corpus, out, *common, "--max_steps", "10", "--learning_rate", "1e-3"))
     train.main(train_args(corpus, out, *common, "--max_steps", "12", "--resume", "--learning_rate", "1e-5"))
     lrs = {r["step"]: r["lr"] for r in read_metrics(out) if "lr" in r}
     cosine = dict(schedule="cosine", warmup_iters=2, total_steps=12, decay_iters=20, min_lr_ratio=0.1)

@@ -63,9 +63,9 @@ def test_a_time_budget_ends_the_run_on_time_with_its_decay_complete(corpus, tmp_
     assert "--time_budget 60s: 48s spent by step 43; the learning rate decays from here to the run's end at step 54" \
         in said
     assert result["step"] == 54 and max(lrs) == 54
-    assert lrs[4] == lrs[43] == pytest.approx(1e-3)  # the peak, held
+    assert lrs[4] == lrs[43] == pytest.approx(3e-3)  # the peak (pretraining's default), held
     assert all(a > b for a, b in zip([lrs[s] for s in range(44, 55)], [lrs[s] for s in range(45, 55)]))
-    assert lrs[54] == pytest.approx(1e-4)  # the schedule is complete: the last step at the floor
+    assert lrs[54] == pytest.approx(3e-4)  # the schedule is complete: the last step at the floor
 
 
 def test_a_time_budget_resumes_its_decided_length(corpus, tmp_path, monkeypatch):

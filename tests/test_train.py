@@ -193,10 +193,11 @@ def test_default_data_missing_outside_the_repository_says_where_to_run(tmp_path,
 
 
 # The defaults each mode had before its flags moved into its own config (trainer/modes/): they must not drift.
-_FINETUNE = {"tokenizer_path": "", "warmup_iters": 20, "eval_interval": 100, "eval_iters": 0}
+_FINETUNE = {"tokenizer_path": "", "optimizer": "adamw", "warmup_iters": 20, "eval_interval": 100, "eval_iters": 0}
 MODE_DEFAULTS = {
     "pretrain": {"out_dir": "out/pretrain", "data_path": "dataset/pretrain.jsonl", "preset": "small",
-                 "val_data_path": "dataset/pretrain_val.jsonl", "learning_rate": 1e-3, "warmup_iters": 30},
+                 "val_data_path": "dataset/pretrain_val.jsonl", "optimizer": "muon", "learning_rate": 3e-3,
+                 "warmup_iters": 30},
     "sft": {**_FINETUNE, "out_dir": "out/sft", "data_path": "dataset/sft.jsonl",
             "val_data_path": "dataset/sft_val.jsonl", "init_from": "out/pretrain/final", "learning_rate": 5e-4,
             "epochs": 2},
@@ -397,7 +398,7 @@ def test_wandb_flags_of_zer02llm(corpus, tmp_path, monkeypatch):
                           "--wandb_log_freq", "2", "--wandb_log_model", "--wandb_log_code", "--wandb_watch_model",
                           "--wandb_watch_log", "all", "--wandb_watch_log_freq", "5"))
     assert (fake.config["model"]["dim"], fake.config["model"]["n_layers"]) == (64, 2)
-    assert fake.config["wandb_log_freq"] == 2 and fake.config["learning_rate"] == 1e-3
+    assert fake.config["wandb_log_freq"] == 2 and fake.config["learning_rate"] == 3e-3
     assert fake.logged == [1, 3, 3, 5, 6]  # training records of steps 1, 3, 5; validation at 3 and 6
     assert fake.watched == ("Transformer", "all", 5)
     assert "train.py" in fake.code and "trainer/loop.py" in fake.code and not any(
