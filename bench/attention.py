@@ -12,6 +12,9 @@ This script shows why, in two tables per dtype:
    as GFLOP/s next to the measured matmul peak. FLOPs: 4 x B x heads x T^2 x head_dim forward (Q K^T and
    P V) and twice that backward, the full square with no discount for the mask, as in the MFU formula
    (trainer/flops.py). When causal and non-causal cost the same, the kernel does not skip masked blocks.
+   On CPU a third row is the causal attention computed over the lower triangle only: SDPA's forward, and a
+   backward written in torch ops over tiles of --tile query positions that touches only the keys each tile
+   may see (TriangleAttention below); then the profile of that backward, by op.
 
     python bench/attention.py                          # bf16 and fp32, config S (batch 8 x 512)
     python bench/attention.py --dtype bfloat16 --record
@@ -31,6 +34,56 @@ from trainer.distributed import resolve_device
 from trainer.flops import peak_flops
 
 Inputs = tuple[torch.Tensor, ...]
+
+
+def triangle_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, scale: float, tile: int) -> tuple[torch.Tensor, ...]:
+    """The flash-attention backward over the lower triangle: for each tile of query positions, only the keys up
+    to its last position (about half of the T x T square at small tiles). Rows are ordered (position, query head
+    of the KV group), so a tile is one contiguous block and dK/dV sum over the group inside the matmul.
+    Scores and their gradient are kept in fp32, the matmuls run in the input dtype."""
+    B, H, T, D = q.shape
+    KV = k.shape[1]
+    rep, dt = H // KV, q.dtype
+
+    def grouped(x: torch.Tensor) -> torch.Tensor:  # [B, H, T, ...] -> [B, KV, T, rep, ...]
+        return x.view(B, KV, rep, T, *x.shape[3:]).transpose(2, 3).contiguous()
+
+    qg, dog, lse_g = grouped(q * scale), grouped(dout), grouped(lse)
+    delta_g = grouped((dout.float() * out.float()).sum(-1))  # rowsum(dO * O), the softmax backward's correction
+    dq = torch.empty(B, KV, T, rep, D, dtype=dt, device=q.device)
+    dk, dv = (torch.zeros(B, KV, T, D, device=q.device) for _ in range(2))
+    for start in range(0, T, tile):
+        end = min(start + tile, T)
+        n = end - start
+        qi, doi = qg[:, :, start:end].reshape(B, KV, n * rep, D), dog[:, :, start:end].reshape(B, KV, n * rep, D)
+        p = (qi @ k[:, :, :end].transpose(-1, -2)).float()
+        p.sub_(lse_g[:, :, start:end].reshape(B, KV, n * rep, 1)).exp_()  # the forward's probabilities
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
+        p[..., start:end].masked_fill_(causal[:, None].expand(n, rep, n).reshape(n * rep, n), 0.0)
+        dv[:, :, :end] += p.to(dt).transpose(-1, -2) @ doi
+        ds = (doi @ v[:, :, :end].transpose(-1, -2)).float()
+        ds = ds.sub_(delta_g[:, :, start:end].reshape(B, KV, n * rep, 1)).mul_(p).to(dt)
+        dq[:, :, start:end] = (ds @ k[:, :, :end]).view(B, KV, n, rep, D)
+        dk[:, :, :end] += ds.transpose(-1, -2) @ qi
+    return (dq * scale).transpose(2, 3).reshape(B, H, T, D), dk.to(dt), dv.to(dt)
+
+
+class TriangleAttention(torch.autograd.Function):
+    """Causal grouped-query attention: SDPA's fused CPU forward (which returns the logsumexp the backward
+    needs), and triangle_backward."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: int) -> torch.Tensor:
+        ctx.scale, ctx.tile = q.shape[-1] ** -0.5, tile
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=ctx.scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        return *triangle_backward(dout.contiguous(), q, k, v, out, lse, ctx.scale, ctx.tile), None
 
 
 def fwd_bwd(fn: Callable[..., torch.Tensor], inputs: Inputs, device: torch.device) -> tuple[float, float]:
@@ -88,6 +141,12 @@ def kernel_table(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     fns = {f"SDPA, {'causal' if causal else 'no mask'}, {H} query / {KV} KV heads":
            lambda q, k, v, causal=causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
            for causal in (True, False)}
+    triangle = f"causal, lower triangle only (SDPA forward, backward in torch ops over tiles of {args.tile})"
+    if device.type == "cpu":
+        fns[triangle] = lambda q, k, v: TriangleAttention.apply(q, k, v, args.tile)
+        reference = torch.autograd.grad(fns[next(iter(fns))](q, k, v).float().square().sum(), (q, k, v))
+        mine = torch.autograd.grad(fns[triangle](q, k, v).float().square().sum(), (q, k, v))
+        error = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(mine, reference))
     results = measure(fns, (q, k, v), args, device)
     flops = 4 * B * H * T * T * D  # forward; the backward does twice as much
     peak = peak_flops(device, dtype)
@@ -98,6 +157,17 @@ def kernel_table(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     for name, (f, b, ratio) in results.items():
         lines.append(f"| {name} | {f * 1e3:.1f} | {b * 1e3:.1f} | {flops / f / 1e9:,.0f} | "
                      f"{2 * flops / b / 1e9:,.0f} | {ratio:.2f}x |")
+    if device.type == "cpu":
+        lines += ["", f"the lower-triangle backward's gradients vs SDPA's: largest difference {error:.1e} of the "
+                  f"largest gradient; its backward by op (torch.profiler, one pass):", "",
+                  "| op | calls | ms | share |", "|---|---|---|---|"]
+        out = fns[triangle](q, k, v)
+        with torch.profiler.profile() as prof:
+            out.backward(torch.ones_like(out))
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in ops)
+        lines += [f"| {e.key} | {e.count} | {e.self_cpu_time_total / 1e3:.1f} | {e.self_cpu_time_total / total:.0%} |"
+                  for e in ops[:6]]
     return lines
 
 
@@ -108,6 +178,7 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--steps", type=int, default=3, help="timed forward + backward passes per kernel and round")
     p.add_argument("--warmup", type=int, default=2, help="untimed passes first (compilation happens here)")
+    p.add_argument("--tile", type=int, default=32, help="query positions per tile of the lower-triangle backward")
     p.add_argument("--rounds", type=int, default=2, help="rounds; each times every kernel once")
     p.add_argument("--record", action="store_true", help="append the result tables to bench/RESULTS.md")
     args = p.parse_args()

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Time to quality: validation bits per byte of pretraining recipes after the same minutes of wall time.
 
-The default recipe (`python train.py --mode pretrain`: small preset, batch 16, shipped corpus, cosine schedule)
-runs for as many steps as fit in each budget, so its schedule ends when the budget does: a short calibration
+The default recipe (`python train.py --mode pretrain`: small preset, batch 16, shipped corpus, cosine schedule;
+--default_args adds flags to it, to compare against another baseline) runs for as many steps as fit in each budget, so its schedule ends when the budget does: a short calibration
 run measures the loop's steps/s, then the budgeted run uses --max_steps = budget x steps/s, minus the startup
 time. Other recipes (--recipes) are train.py flags run as they are, normally with `--time_budget {budget}m`,
 which ends the run on time with its warmup-stable-decay schedule complete. Every final model is then scored on
@@ -13,8 +13,8 @@ dtype ("vs default": the difference in bits per byte; negative is better). Run i
 wall-time bound.
 
     python bench/time_to_quality.py                      # 5 and 10 minutes, auto and float32: ~35 minutes
-    python bench/time_to_quality.py --budgets 2 --dtypes auto \
-        --recipes "default;muon=--time_budget {budget}m --optimizer muon" --record
+    python bench/time_to_quality.py --budgets 10 --dtypes auto --recipes "default;budget=--time_budget {budget}m" \
+        --default_args "--optimizer adamw --learning_rate 1e-3" --record     # Muon on time vs AdamW (the old default)
 """
 from __future__ import annotations
 
@@ -74,6 +74,8 @@ def main() -> None:
     p.add_argument("--dtypes", default="auto,float32", help="comma-separated --dtype values to compare")
     p.add_argument("--recipes", default="default", help="semicolon-separated recipes: `default` (the default recipe, "
                    "calibrated to the budget) and name=train.py flags, in which {budget} is the budget in minutes")
+    p.add_argument("--default_args", default="", help="train.py flags of the `default` recipe (empty: train.py's "
+                   "defaults), e.g. \"--optimizer adamw --learning_rate 1e-3\", the recipe before Muon was the default")
     p.add_argument("--calibration_steps", type=int, default=30, help="steps of the run that measures steps/s")
     p.add_argument("--train_args", default="", help="extra train.py flags for every run, e.g. \"--compile\"")
     p.add_argument("--record", action="store_true", help="append the result table to bench/RESULTS.md")
@@ -86,6 +88,7 @@ def main() -> None:
     recipes = parse_recipes(args.recipes)
     machine = machine_line(torch.device("cpu"))
     extra = shlex.split(args.train_args)
+    baseline = shlex.split(args.default_args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -94,7 +97,7 @@ def main() -> None:
                 if dtype == "auto" else dtype
             if any(r == "default" for r, _ in recipes):
                 calib = tmp / f"calibrate-{dtype}"
-                startup, logs = train(calib, dtype, "--max_steps", str(args.calibration_steps), *extra)
+                startup, logs = train(calib, dtype, "--max_steps", str(args.calibration_steps), *baseline, *extra)
                 rate = 1 / seconds_per_step(logs)
                 startup -= args.calibration_steps / rate  # what a run costs besides its steps (imports, data, export)
             for budget in budgets:
@@ -102,14 +105,15 @@ def main() -> None:
                     out = tmp / f"{dtype}-{budget:g}-{len(rows)}"
                     if recipe == "default":
                         steps = max(1, int((budget * 60 - startup) * rate))
-                        wall, logs = train(out, dtype, "--max_steps", str(steps), *extra)
+                        wall, logs = train(out, dtype, "--max_steps", str(steps), *baseline, *extra)
                     else:
                         wall, logs = train(out, dtype, *shlex.split(flags.replace("{budget}", f"{budget:g}")), *extra)
                     steps = max(r.get("step", 0) for r in logs)
                     rows.append((budget, name, recipe, steps, wall, bits_per_byte(out / "final")))
     flags = f" {args.train_args}" if args.train_args else ""
+    described = f"the default recipe with `{args.default_args}`" if args.default_args else "the default recipe"
     lines = [f"time to quality, pretraining{flags} on the shipped corpus, held-out {VAL.relative_to(ROOT)}; default = "
-             f"the default recipe (small preset, batch 16 x 256, cosine) for as many steps as fit — {machine} "
+             f"{described} (small preset, batch 16 x 256, cosine) for as many steps as fit — {machine} "
              f"({load_after()})", ""]
     lines += [f"- {recipe}: `{flags_}`" for recipe, flags_ in recipes if flags_]
     lines += ["", "| budget (min) | --dtype | recipe | steps | wall (min) | val bits/byte | vs default |",

@@ -9,7 +9,9 @@ compilation happens in the untimed warm-up steps):
   ours           our Transformer, CausalLMObjective (chunked fp32 cross-entropy) and Optimizers (fused
                  AdamW): the trainer's step, in --dtype
   ours_compiled  ours with the trainer's --compile (trainer/parallel.py: each block through torch.compile)
-  recipe         ours in the trainer's default dtype (--dtype auto: bfloat16 on CPUs/GPUs with native bf16)
+  recipe         ours in the trainer's default dtype (--dtype auto: bfloat16 on CPUs/GPUs with native bf16), with
+                 AdamW like the peers
+  recipe_muon    recipe with Muon on the hidden matrices: pretraining's default optimizer
   compiled       recipe with --compile
   hf_recipe      transformers in that same default dtype (bf16 autocast): the like-for-like comparison
   minimind       MiniMind's MiniMindForCausalLM (from a MiniMind checkout, --minimind_dir; left out without one)
@@ -44,10 +46,11 @@ from trainer.distributed import DistEnv, resolve_device, resolve_dtype
 from trainer.flops import peak_flops
 from trainer.parallel import parallelize
 
-IMPLS = ("minimind", "hf", "hf_fused", "ours", "ours_compiled", "recipe", "compiled", "hf_recipe")
+IMPLS = ("minimind", "hf", "hf_fused", "ours", "ours_compiled", "recipe", "recipe_muon", "compiled", "hf_recipe")
 LABELS = {"hf": "transformers LlamaForCausalLM, AdamW", "hf_fused": "transformers LlamaForCausalLM, AdamW fused",
           "ours": "zero2llm trainer step", "ours_compiled": "zero2llm trainer step, --compile",
           "recipe": "zero2llm trainer step, default dtype",
+          "recipe_muon": "zero2llm trainer step, default dtype, Muon (pretraining's default)",
           "compiled": "zero2llm trainer step, default dtype, --compile",
           "hf_recipe": "transformers LlamaForCausalLM, AdamW, default dtype",
           "minimind": "MiniMind MiniMindForCausalLM, its train_pretrain.py step"}
@@ -69,7 +72,8 @@ def make_step(args: argparse.Namespace) -> tuple[Callable[[], None], torch.devic
         model = Transformer.from_pretrained(args.weights).train()
         model = parallelize(model, DistEnv(0, 1, device), fsdp=False, dtype=dtype, grad_checkpointing=False,
                             compile=args.impl.endswith("compiled"))
-        optimizer = Optimizers(model, TrainConfig(learning_rate=1e-4), device)
+        optimizer = Optimizers(model, TrainConfig(learning_rate=1e-4, optimizer="muon" if args.impl == "recipe_muon"
+                                                  else "adamw"), device)
         objective = CausalLMObjective()
 
         def loss_of(inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -186,7 +190,7 @@ def main() -> None:
         save_weights(config, Path(weights))
         for _ in range(args.rounds):
             for impl in impls:
-                run_dtype = ("auto" if impl in ("recipe", "compiled", "hf_recipe") else
+                run_dtype = ("auto" if impl in ("recipe", "recipe_muon", "compiled", "hf_recipe") else
                              "float32" if impl == "minimind" else args.dtype)
                 out = measure(impl, weights, run_dtype, args)
                 times[impl].append(out["step_s"])
@@ -210,6 +214,8 @@ def main() -> None:
     targets = [(base, impl, what) for base, impl, what in (
         ("minimind", "recipe", "the default step (bf16) vs MiniMind's (its CPU path, fp32)"),
         ("hf_recipe", "recipe", "vs transformers under the same bf16 autocast"),
+        ("minimind", "recipe_muon", "the default pretraining step (bf16, Muon) vs MiniMind's"),
+        ("recipe", "recipe_muon", "Muon's step vs AdamW's"),
         ("hf", "ours", f"{args.dtype} vs transformers {args.dtype}")) if base in impls and impl in impls]
     if targets:
         lines += [""] + [f"- {what}: {ratio_rounds(times, base)[impl]:.2f}x" for base, impl, what in targets]
