@@ -298,12 +298,14 @@ def test_shipped_sweep_configs_are_valid(mode):
     assert config["metric"] == metric and config["parameters"]["mode"] == {"value": mode}
 
 
-def test_the_time_budget_sweep_is_valid():
-    """sweep_configs/time_budget.yaml (the recipe search of a fixed wall time): a grid of valid pretrain flags."""
-    config = load_config(ROOT / "sweep_configs" / "time_budget.yaml")
+@pytest.mark.parametrize("name, axis, values", [("time_budget", "optimizer", ["adamw", "muon"]),
+                                                 ("time_budget_shape", "dim", [192, 256, 384])])
+def test_the_time_budget_sweeps_are_valid(name, axis, values):
+    """The recipe searches of a fixed wall time (sweep_configs/time_budget*.yaml): grids of valid pretrain flags."""
+    config = load_config(ROOT / "sweep_configs" / f"{name}.yaml")
     assert config["method"] == "grid" and config["metric"] == {"name": "val_loss", "goal": "minimize"}
     assert config["parameters"]["time_budget"] == {"value": "2m"}
-    assert config["parameters"]["optimizer"] == {"values": ["adamw", "muon"]}
+    assert config["parameters"][axis] == {"values": values}
 
 
 def test_a_trial_killed_before_its_first_checkpoint_starts_again_and_one_after_it_resumes(corpus, tmp_path):
