@@ -2,9 +2,9 @@
 """Time to quality: validation bits per byte of pretraining recipes after the same minutes of wall time.
 
 The default recipe (`python train.py --mode pretrain`: small preset, batch 16, shipped corpus, cosine schedule;
---default_args adds flags to it, to compare against another baseline) runs for as many steps as fit in each budget, so its schedule ends when the budget does: a short calibration
-run measures the loop's steps/s, then the budgeted run uses --max_steps = budget x steps/s, minus the startup
-time. Other recipes (--recipes) are train.py flags run as they are, normally with `--time_budget {budget}m`,
+--default_args adds flags to it, to compare against another baseline) runs for as many steps as fit in each
+budget, so its schedule ends when the budget does: a short calibration run measures the loop's steps/s, then the
+budgeted run uses --max_steps = budget x steps/s, minus the startup time. Other recipes (--recipes) are train.py flags run as they are, normally with `--time_budget {budget}m`,
 which ends the run on time with its warmup-stable-decay schedule complete. Every final model is then scored on
 the held-out dataset/pretrain_val.jsonl: bits per byte = summed next-token cross-entropy (nats) / ln 2 / UTF-8
 bytes of the text, over the whole held-out token stream (documents joined by <|endoftext|>, as in training),
