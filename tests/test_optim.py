@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train
-from conftest import check_resume_is_exact, train_args, train_losses
+from conftest import check_resume_is_exact, read_metrics, train_args, train_losses
 from model import ModelConfig, Transformer
 from trainer.checkpoint import CheckpointError
 from trainer.modes.pretrain import PretrainConfig
@@ -57,6 +57,11 @@ def test_muon_trains_and_resumes_exactly(corpus, tmp_path):
     train.main(train_args(corpus, out, "--optimizer", "muon", "--max_steps", "12", "--eval_interval", "0"))
     losses = train_losses(out)
     assert losses[12] < losses[1] - 0.3
+    # Muon's rate is logged beside AdamW's: its own peak, on the same schedule
+    cfg, logged = PretrainConfig(), [r for r in read_metrics(out) if "lr" in r]
+    assert max(r["lr_muon"] for r in logged) == pytest.approx(cfg.muon_learning_rate)
+    for r in logged:
+        assert r["lr_muon"] == pytest.approx(r["lr"] * cfg.muon_learning_rate / cfg.learning_rate)
     check_resume_is_exact(lambda o, *extra: train_args(corpus, o, *extra), tmp_path / "resume", 6, 3,
                           "--optimizer", "muon", "--eval_interval", "0", "--save_interval_steps", "3",
                           "--lr_decay_iters", "6")
@@ -65,6 +70,7 @@ def test_muon_trains_and_resumes_exactly(corpus, tmp_path):
 def test_another_optimizer_cannot_resume_the_state(corpus, tmp_path):
     out = tmp_path / "run"
     train.main(train_args(corpus, out, "--optimizer", "adamw", "--max_steps", "2", "--eval_interval", "0"))
+    assert not any("lr_muon" in r for r in read_metrics(out))  # AdamW alone: one learning rate
     with pytest.raises(CheckpointError, match="it was trained with --optimizer adamw"):
         train.main(train_args(corpus, out, "--max_steps", "4", "--resume", "--optimizer", "muon"))
 

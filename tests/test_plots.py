@@ -99,6 +99,20 @@ def test_dpo_and_grpo_runs_get_their_panels(tmp_path: Path) -> None:
     np.testing.assert_allclose(lines(shown["GRPO completion length"])["validation"][1], [40.0])
 
 
+def test_a_muon_run_gets_a_panel_of_muons_learning_rate(tmp_path: Path) -> None:
+    muon, adamw = tmp_path / "muon", tmp_path / "adamw"
+    muon.mkdir(), adamw.mkdir()
+    write_jsonl(muon / "metrics.jsonl", [{"step": s, "loss": 5.0, "lr": 3e-3 * s / 4, "lr_muon": 0.02 * s / 4,
+                                          "tokens_seen": 100 * s} for s in range(1, 5)])
+    write_jsonl(adamw / "metrics.jsonl", [{"step": s, "loss": 5.0, "lr": 1e-3, "tokens_seen": 100 * s}
+                                          for s in range(1, 5)])
+    shown = panels(plot_runs([muon]))
+    np.testing.assert_allclose(lines(shown["Muon learning rate (hidden matrices)"])["_train"][1],
+                               [0.005, 0.01, 0.015, 0.02])
+    np.testing.assert_allclose(lines(shown["learning rate"])["_train"][1], [7.5e-4, 1.5e-3, 2.25e-3, 3e-3])
+    assert "Muon learning rate (hidden matrices)" not in panels(plot_runs([adamw]))
+
+
 def test_several_runs_overlay_one_colour_each(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     for run, offset in ((a, 0.0), (b, 1.0)):

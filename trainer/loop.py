@@ -195,7 +195,9 @@ class Trainer:
                                    total_steps=self.total_steps, min_lr_ratio=cfg.min_lr_ratio,
                                    decay_iters=cfg.lr_decay_iters, decay_fraction=cfg.decay_fraction,
                                    decay_start=s.decay_start)
-        lr = cfg.learning_rate * multiplier  # the logged one (--optimizer muon: AdamW's; Muon's scales alike)
+        lrs = {"lr": cfg.learning_rate * multiplier}  # AdamW's, and Muon's where it trains the hidden matrices
+        if self.optimizer.muon is not None:
+            lrs["lr_muon"] = cfg.muon_learning_rate * multiplier
         # One collective for the step's item count (the loss normaliser) and its real tokens (for tokens/s):
         # padding of SFT/DPO batches is not counted as work done.
         tokens = [real_tokens(b) for b in micro_batches]
@@ -206,7 +208,7 @@ class Trainer:
         self.state.tokens_seen += int(counts[1])
         if n_items == 0:  # nothing to learn from: no loss to log, and no update (weight decay would still move weights)
             self.state.empty_steps += 1
-            return {"lr": lr}
+            return lrs
         self.step_flops += sum(n * self.flops_per_token(b["input_ids"].shape[1]) for n, b in zip(tokens, micro_batches))
         # DDP averages gradients over ranks, so multiplying by world_size turns that average into
         # the sum; dividing by the step's total items makes it the mean over every item of the step.
@@ -237,7 +239,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad()
         all_reduce_sum(loss_sum)
-        return {"loss": (loss_sum / n_items).item(), "grad_norm": grad_norm.item(), "lr": lr,
+        return {"loss": (loss_sum / n_items).item(), "grad_norm": grad_norm.item(), **lrs,
                 **self._mean_over_ranks(step_metrics)}
 
     def _mean_over_ranks(self, step_metrics: list[dict[str, torch.Tensor]]) -> dict[str, float]:

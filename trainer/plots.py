@@ -2,7 +2,8 @@
 
 The loop writes it at the end of every run; scripts/plot_metrics.py draws it on demand and overlays several
 runs on one figure. A panel appears when a run logged its metric: loss against steps and against tokens
-seen, the learning rate, DPO's reward margin and accuracy, GRPO's reward, KL and completion length.
+seen, the learning rate (and Muon's, when it trains the hidden matrices), DPO's reward margin and accuracy,
+GRPO's reward, KL and completion length.
 Training values are drawn faint as logged, with a smoothed line over them; validation values are points
 joined by a dashed line. matplotlib's object API with the Agg canvas: no window, and no change to the
 backend of a program that imports this.
@@ -38,6 +39,7 @@ PANELS = (
     Panel("loss", "loss", "val_loss", "loss"),
     Panel("loss against tokens seen", "loss", "val_loss", "loss", x="tokens_seen"),
     Panel("learning rate", "lr", None, "learning rate", smooth=False),
+    Panel("Muon learning rate (hidden matrices)", "lr_muon", None, "learning rate", smooth=False),
     Panel("DPO reward margin", "rewards/margin", "val_rewards/margin", "chosen - rejected reward"),
     Panel("DPO accuracy", "rewards/accuracy", "val_rewards/accuracy", "chosen reward > rejected"),
     Panel("GRPO reward", "reward", "val_reward", "mean reward"),
