@@ -56,8 +56,9 @@ class ModelConfig:
     norm_eps: float = flag(1e-5, "RMSNorm epsilon.")
     # Attention.
     dropout: float = flag(0.0, "Dropout on attention weights and residual branches.")
-    flash_attn: bool = flag(True, "Attention through F.scaled_dot_product_attention (flash kernels on CUDA); "
-                                "off: the explicit math path.")
+    flash_attn: bool = flag(True, "Fused attention kernels: F.scaled_dot_product_attention (flash kernels on CUDA), "
+                                "and on CPUs the lower-triangle causal kernel of model/attention.py; off: the "
+                                "explicit math path.")
     qk_norm: bool = flag(False, "Per-head RMSNorm on queries and keys (Qwen3).")
     tie_word_embeddings: bool = flag(True, "Share the input embedding with the output projection.")
     attention_bias: bool = flag(False, "Bias terms on q/k/v/o projections (Llama's attention_bias).")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import hf
+from .attention import tiled_causal_attention, use_tiled_attention
 from .config import ModelConfig
 
 
@@ -206,6 +207,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.flash_attn = config.flash_attn
+        self.tiled: bool | None = None  # None = auto (model/attention.py use_tiled_attention); True/False forces it
         self.dropout = config.dropout
         qkv_bias = config.qkv_bias or config.attention_bias  # Qwen2: q/k/v only; Llama's attention_bias: all four
         self.q_proj = MatVecLinear(config.dim, self.n_heads * self.head_dim, bias=qkv_bias)
@@ -237,12 +239,17 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v)  # now [B, n_kv_heads, past + T, head_dim]
 
         dropout = self.dropout if self.training else 0.0
+        dtype = _compute_dtype(q)  # autocast's dtype when it is on: what SDPA would cast q, k, v to
         if self.flash_attn and T == 1 and not is_causal and self.n_heads != self.n_kv_heads:
             # Decoding one token: the query heads that share a KV head become that head's query "positions"
             # ([B, n_kv_heads, group, head_dim]); nothing is causal-masked for a single query, so this is the
             # same attention with the GQA broadcast done inside one plain kernel call (faster than enable_gqa).
             group = q.reshape(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
             y = F.scaled_dot_product_attention(group, k, v, attn_mask=mask).reshape(B, self.n_heads, 1, self.head_dim)
+        elif self.flash_attn and is_causal and mask is None and dropout == 0 and (
+                use_tiled_attention(q, dtype) if self.tiled is None else self.tiled):
+            # Causal and unpadded on a CPU: only the lower triangle of the scores is computed (model/attention.py).
+            y = tiled_causal_attention(q.to(dtype), k.to(dtype), v.to(dtype))
         elif self.flash_attn:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
@@ -450,6 +457,12 @@ class Block(nn.Module):
 # ----------------------------------------------------------------------------- the model
 
 
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row of a [B, T] 0/1 mask is real tokens first, then padding (or none)."""
+    mask = attention_mask.bool()
+    return bool(mask[:, 0].all() & (mask[:, :-1] >= mask[:, 1:]).all())
+
+
 class ModelOutput(NamedTuple):
     logits: torch.Tensor  # [B, T, vocab]
     aux_loss: torch.Tensor  # scalar, MoE load-balancing loss already times aux_loss_alpha; 0 when dense or eval
@@ -559,10 +572,12 @@ class Transformer(nn.Module):
     ) -> tuple[torch.Tensor | None, bool]:
         """(boolean mask [B or 1, 1, T, past + T] where True = may attend, is_causal flag).
 
-        No padding and no cache: None + is_causal (SDPA's fastest path). One new token, no padding:
-        it may see everything, so no mask at all. Otherwise an explicit causal & padding mask.
+        No padding and no cache: None + is_causal (the fastest kernels). Right padding only (SFT and DPO
+        batches): the same, since under causal attention a real token never sees a later position, so never
+        padding; what the padding positions compute is never used. One new token, no padding: it may see
+        everything, so no mask at all. Otherwise an explicit causal & padding mask.
         """
-        if attention_mask is None and past == 0:
+        if past == 0 and (attention_mask is None or right_padded(attention_mask)):
             return None, True
         if attention_mask is None and T == 1:
             return None, False

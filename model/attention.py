@@ -1,0 +1,113 @@
+"""Causal attention over the lower triangle only: the model's causal attention on CPUs.
+
+PyTorch's CPU kernel behind F.scaled_dot_product_attention computes every query against every key and masks
+afterwards, so a causal mask saves it nothing, and without AMX its bf16 path runs no faster than fp32
+(bench/RESULTS.md, bench/attention.py). Causal attention needs only the lower triangle of the T x T scores.
+
+Here the queries go in tiles of TILE positions, and a tile meets only the keys up to its own last position:
+(T + TILE) / 2T of the square's work. Per tile, the scores come from a matmul in the input dtype, the softmax
+runs in fp32 (as transformers' eager attention does), and the logsumexp of every row is kept. The backward
+recomputes the probabilities from it tile by tile (the flash-attention backward: Dao et al. 2022, algorithm 2),
+so nothing T x T is stored. Grouped-query heads: the query heads that share a KV head are stacked as the rows
+of one matrix, ordered (position, head), so a tile is a contiguous block of rows, one matmul serves the whole
+group, and dK/dV sum over the group inside it.
+
+The output is written in the [B, T, heads, head_dim] layout that o_proj reads, so the model's transpose and
+reshape after attention copy nothing. Used for causal, unpadded sequences longer than one tile (training,
+validation, a generation's prefill; model/model.py Attention decides), in fp32 or bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TILE = 64  # query positions per tile: smaller tiles skip more of the square but make more, smaller matmuls
+
+
+def use_tiled_attention(q: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether tiled_causal_attention beats SDPA for this causal call: on CPUs, for sequences longer than a tile,
+    except bf16/fp16 on CPUs with AMX, where SDPA's kernel packs its blocks for the AMX tiles and runs several
+    times faster than elsewhere (bench/RESULTS.md: a lower-triangle backward in torch ops was 0.92x SDPA's there)."""
+    if q.device.type != "cpu" or q.shape[-2] <= TILE:
+        return False
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return dtype == torch.float32 or not amx
+
+
+def tiled_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal grouped-query attention, softmax(q k^T / sqrt(head_dim)) v over the lower triangle.
+
+    q: [B, heads, T, head_dim], k and v: [B, kv_heads, T, head_dim], all in the compute dtype. Returns
+    [B, heads, T, head_dim], a view of [B, T, heads, head_dim] memory (so .transpose(1, 2).reshape is free).
+    """
+    return _TiledCausalAttention.apply(q, k, v)
+
+
+def _tiles(T: int) -> list[tuple[int, int]]:
+    """(start, end) of each tile of query positions."""
+    return [(start, min(start + TILE, T)) for start in range(0, T, TILE)]
+
+
+def _future_mask(n: int, rep: int, device: torch.device) -> torch.Tensor:
+    """True where a row of a tile's diagonal block (position i of the tile, one of rep heads) would see a
+    later key of the same tile: [n * rep, n]."""
+    future = torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
+    return future[:, None].expand(n, rep, n).reshape(n * rep, n)
+
+
+def _grouped(x: torch.Tensor, kv_heads: int, scale: float = 1.0) -> torch.Tensor:
+    """[B, heads, T, D] -> [B, kv_heads, T * rep, D] contiguous, rows ordered (position, head of the group),
+    times scale."""
+    B, H, T, D = x.shape
+    grouped = x.transpose(1, 2).reshape(B, T, kv_heads, H // kv_heads, D).transpose(1, 2)
+    if scale != 1.0:
+        grouped = grouped * scale
+    return grouped.reshape(B, kv_heads, T * (H // kv_heads), D)
+
+
+class _TiledCausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        B, H, T, D = q.shape
+        KV = k.shape[1]
+        rep, dtype, scale = H // KV, q.dtype, D ** -0.5
+        qg = _grouped(q, KV, scale)
+        k, v = k.contiguous(), v.contiguous()
+        out = torch.empty(B, T, KV, rep, D, dtype=dtype, device=q.device)  # the model's [B, T, heads, D] layout
+        lse = torch.empty(B, KV, T * rep, 1, dtype=torch.float32, device=q.device)
+        for start, end in _tiles(T):
+            n, rows = end - start, slice(start * rep, end * rep)
+            s = (qg[:, :, rows] @ k[:, :, :end].transpose(-1, -2)).float()  # [B, KV, n * rep, end]
+            s[..., start:end].masked_fill_(_future_mask(n, rep, q.device), float("-inf"))
+            m = s.amax(-1, keepdim=True)
+            p = s.sub_(m).exp_()
+            total = p.sum(-1, keepdim=True)
+            lse[:, :, rows] = m.add_(total.log())
+            o = (p.to(dtype) @ v[:, :, :end]).float().div_(total)  # [B, KV, n * rep, D]
+            out[:, start:end] = o.view(B, KV, n, rep, D).transpose(1, 2)
+        ctx.save_for_backward(qg, k, v, out, lse)
+        ctx.scale = scale
+        return out.view(B, T, H, D).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        qg, k, v, out, lse = ctx.saved_tensors
+        B, T, KV, rep, D = out.shape
+        dtype = qg.dtype
+        dog = _grouped(dout.to(dtype), KV)
+        og = out.transpose(1, 2).reshape(B, KV, T * rep, D)
+        delta = (dog.float() * og.float()).sum(-1, keepdim=True)  # rowsum(dO * O): the softmax backward's term
+        dq = torch.empty(B, T, KV, rep, D, dtype=dtype, device=qg.device)
+        dk = torch.zeros(B, KV, T, D, dtype=torch.float32, device=qg.device)
+        dv = torch.zeros_like(dk)
+        for start, end in _tiles(T):
+            n, rows = end - start, slice(start * rep, end * rep)
+            qi, doi = qg[:, :, rows], dog[:, :, rows]
+            p = (qi @ k[:, :, :end].transpose(-1, -2)).float().sub_(lse[:, :, rows]).exp_()  # the probabilities
+            p[..., start:end].masked_fill_(_future_mask(n, rep, qg.device), 0.0)
+            dv[:, :, :end] += p.to(dtype).transpose(-1, -2) @ doi
+            ds = (doi @ v[:, :, :end].transpose(-1, -2)).float().sub_(delta[:, :, rows]).mul_(p).to(dtype)
+            dq[:, start:end] = (ds @ k[:, :, :end]).view(B, KV, n, rep, D).transpose(1, 2)
+            dk[:, :, :end] += ds.transpose(-1, -2) @ qi  # qi carries the scale already
+        dq = dq.mul_(ctx.scale).view(B, T, KV * rep, D).transpose(1, 2)
+        return dq, dk.to(dtype), dv.to(dtype)
