@@ -19,9 +19,17 @@ validation, a generation's prefill; model/model.py Attention decides), in fp32 o
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 TILE = 64  # query positions per tile: smaller tiles skip more of the square but make more, smaller matmuls
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles, which PyTorch's bf16/fp16 CPU matmul and attention kernels use when present."""
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
 def use_tiled_attention(q: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -30,8 +38,7 @@ def use_tiled_attention(q: torch.Tensor, dtype: torch.dtype) -> bool:
     times faster than elsewhere (bench/RESULTS.md: a lower-triangle backward in torch ops was 0.92x SDPA's there)."""
     if q.device.type != "cpu" or q.shape[-2] <= TILE:
         return False
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return dtype == torch.float32 or not amx
+    return dtype == torch.float32 or not cpu_has_amx()
 
 
 def tiled_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import hf
-from .attention import tiled_causal_attention, use_tiled_attention
+from .attention import cpu_has_amx, tiled_causal_attention, use_tiled_attention
 from .config import ModelConfig
 
 
@@ -70,16 +70,21 @@ class KVCache:
 
 
 class MatVecLinear(nn.Linear):
-    """nn.Linear whose single-row products on CPU (decoding one token of one sequence) run as matrix x vector.
+    """nn.Linear whose single-row products on CPU (decoding one token of one sequence) can run as matrix x vector.
 
-    Decoding at batch 1 reads every weight once per token, so it is bound by memory bandwidth. F.linear on one
-    row goes through the general matmul, whose bf16 kernel streams the weights more slowly than torch.mv's;
-    through torch.mv, bf16 weights (half the bytes of fp32) take correspondingly less time. Same product, same
-    parameters.
+    Decoding at batch 1 reads every weight once per token, so it is bound by memory bandwidth. Which product
+    streams the weights faster depends (bench/RESULTS.md, decode): on CPUs with AMX, F.linear sends a single
+    bf16 row through the AMX matmul kernel, slower than torch.mv; on CPUs without it F.linear is the faster
+    library call. Under torch.compile torch.mv always wins: Inductor writes its own kernel for a matrix x vector
+    product and streams the weights several times faster than either library call, while a one-row F.linear
+    stays a library call. Same product, same parameters.
     """
 
+    matvec = cpu_has_amx()  # class-wide: whether eager single-row CPU products go through torch.mv
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.shape[:-1].numel() == 1 and not torch.is_autocast_enabled("cpu"):
+        if ((self.matvec or torch.compiler.is_compiling()) and x.device.type == "cpu"
+                and x.shape[:-1].numel() == 1 and not torch.is_autocast_enabled("cpu")):
             v = x.reshape(-1)
             y = torch.mv(self.weight, v) if self.bias is None else torch.addmv(self.bias, self.weight, v)
             return y.view(*x.shape[:-1], self.out_features)

@@ -86,7 +86,7 @@ def test_output_is_laid_out_for_o_proj():
     ("meta", TILE + 1, torch.float32, False, False),    # not a CPU (CUDA's SDPA kernels skip masked blocks)
 ])
 def test_which_calls_take_the_tiled_kernel(monkeypatch, device, T, dtype, amx, expected):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(attention, "cpu_has_amx", lambda: amx)
     q = torch.empty(1, 2, T, 8, device=device)
     assert use_tiled_attention(q, dtype) is expected
 

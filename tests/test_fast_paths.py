@@ -1,6 +1,8 @@
 """The optimised code paths compute what the plain ones do (speed itself is measured in bench/, never here)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -239,16 +241,24 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_single_row_matrix_vector_path_equals_f_linear(dtype, bias):
+@pytest.mark.parametrize("matvec", [True, False])  # AMX CPUs' path, others' (MatVecLinear.matvec), whatever this CPU is
+def test_linear_single_row_matrix_vector_path_equals_f_linear(monkeypatch, dtype, bias, matvec):
     from model.model import MatVecLinear
 
+    monkeypatch.setattr(MatVecLinear, "matvec", matvec)
+    real_mv, real_addmv, calls = torch.mv, torch.addmv, []
+    monkeypatch.setattr(torch, "mv", lambda *a: calls.append("mv") or real_mv(*a))
+    monkeypatch.setattr(torch, "addmv", lambda *a: calls.append("addmv") or real_addmv(*a))
     torch.manual_seed(0)
     layer = MatVecLinear(48, 80, bias=bias).to(dtype)
-    for shape in ((1, 1, 48), (1, 48), (2, 1, 48)):  # one row (mv), and more rows (F.linear)
+    for shape in ((1, 1, 48), (1, 48), (2, 1, 48)):  # one row (mv when matvec), and more rows (F.linear)
         x = torch.randn(shape).to(dtype)
         tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), **tol)
-        assert layer(x).shape == (*shape[:-1], 80)
+        calls.clear()
+        y = layer(x)
+        assert calls == (["addmv" if bias else "mv"] if matvec and math.prod(shape[:-1]) == 1 else [])
+        torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), **tol)
+        assert y.shape == (*shape[:-1], 80)
 
 
 @pytest.mark.skipif(not can_compile(torch.device("cpu")), reason="Inductor needs a C++ compiler")
