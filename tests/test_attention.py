@@ -157,7 +157,7 @@ def test_compiled_blocks_run_the_tiled_kernel(monkeypatch):
     from trainer.parallel import compile_blocks
 
     monkeypatch.setattr(attention, "TILE", 8)  # three tiles in a short sequence keep the compilation quick
-    eager, compiled = tiny_model(max_seq_len=32), tiny_model(max_seq_len=32)
+    eager, compiled = tiny_model(max_seq_len=32, n_layers=1), tiny_model(max_seq_len=32, n_layers=1)
     compile_blocks(compiled, torch.device("cpu"))
     x = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(3))
     losses = []
