@@ -81,12 +81,12 @@ def test_a_short_report_measures_its_own_runs(tmp_path, capsys):
     """Two steps of every stage, one seed: the record holds what the runs wrote, and a second report into the
     same folder is refused unless told to overwrite."""
     work, record = tmp_path / "runs", tmp_path / "report.json"
-    argv = ["--seeds", "7", "--train_args", "--max_steps 2", "--limit", "6", "--work_dir", str(work),
+    argv = ["--seeds", "7", "--train_args", "--max_steps 2 --eval_iters 2", "--limit", "6", "--work_dir", str(work),
             "--report", str(record)]
     pr.main(argv)
     report = json.loads(record.read_text())
     run, folder = report["runs"]["7"], work / "seed-7"
-    assert report["stages"] == list(pr.STAGES) and report["train_args"] == "--max_steps 2"
+    assert report["stages"] == list(pr.STAGES) and report["train_args"] == "--max_steps 2 --eval_iters 2"
     for stage in pr.STAGES:
         assert run[stage]["minutes"] > 0
         assert max(r["step"] for r in read_metrics(folder / stage) if "step" in r) == 2
