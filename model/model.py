@@ -13,7 +13,9 @@ in fp32), which tests/test_model.py checks logit for logit against transformers.
 
 from __future__ import annotations
 
+import functools
 import math
+import platform
 from pathlib import Path
 from typing import NamedTuple
 
@@ -69,18 +71,39 @@ class KVCache:
 # ----------------------------------------------------------------------------- building blocks
 
 
-class MatVecLinear(nn.Linear):
-    """nn.Linear whose single-row products on CPU (decoding one token of one sequence) can run as matrix x vector.
+PACK_MIN_WEIGHT = 128 * 128  # smaller weights stay on F.linear: they sit in cache, where its call is cheaper
 
-    Decoding at batch 1 reads every weight once per token, so it is bound by memory bandwidth. Which product
-    streams the weights faster depends (bench/RESULTS.md, decode): on CPUs with AMX, F.linear sends a single
-    bf16 row through the AMX matmul kernel, slower than torch.mv; on CPUs without it F.linear is the faster
-    library call. Under torch.compile torch.mv always wins: Inductor writes its own kernel for a matrix x vector
-    product and streams the weights several times faster than either library call, while a one-row F.linear
-    stays a library call. Same product, same parameters.
+
+@functools.cache
+def can_pack_bf16_weights() -> bool:
+    """Whether bf16 products on this CPU take DecodeLinear's packed weights: x86 CPUs without AMX whose PyTorch has
+    oneDNN's bf16 kernels (measured there; AMX CPUs keep their measured single-row path, see DecodeLinear)."""
+    return (platform.machine().lower() in ("x86_64", "amd64") and not cpu_has_amx()
+            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class DecodeLinear(nn.Linear):
+    """nn.Linear with faster CPU paths for products without gradients, decoding first: same parameters, same numbers.
+
+    Decoding sends a handful of rows (one per sequence) through every weight per token, so it is bound by how fast a
+    product streams its weight from memory and by the fixed cost of each call, and the library's default calls are
+    slow at both on CPU (bench/RESULTS.md, decode):
+    - bf16 without gradients (generation, GRPO's rollouts, validation) on x86 CPUs without AMX: the weight is
+      reordered once into oneDNN's blocked layout and kept (a second copy of the weight, in bf16) until the weight
+      changes; the product runs on it. It is the oneDNN product F.linear runs in bf16, equal bit for bit, without
+      F.linear's reordering of the weight at every call: 1.4-2.3x faster for 1-64 rows, 1.05-1.2x for hundreds or
+      thousands. Layers that read the same input (q/k/v, gate/up: see project) keep one stacked copy and make one
+      call. fp32 stays on F.linear: MKL sums in another order than oneDNN, and fp32 matches transformers exactly.
+      So do weights under PACK_MIN_WEIGHT and modules whose `pack` is False (FSDP's, whose gathered weights are
+      rewritten by collectives that no version counter promises to see).
+    - one row on CPUs with AMX: torch.mv, since F.linear sends the row through the AMX matmul kernel, slower.
+    - one row under torch.compile: torch.mv, for which Inductor writes its own kernel, several times faster than
+      either library call; a one-row F.linear (or the packed product) would stay a library call.
     """
 
     matvec = cpu_has_amx()  # class-wide: whether eager single-row CPU products go through torch.mv
+    pack = can_pack_bf16_weights()  # whether bf16 products without gradients take the packed weight
+    _packed: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None  # (what it was built from, weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if ((self.matvec or torch.compiler.is_compiling()) and x.device.type == "cpu"
@@ -88,7 +111,48 @@ class MatVecLinear(nn.Linear):
             v = x.reshape(-1)
             y = torch.mv(self.weight, v) if self.bias is None else torch.addmv(self.bias, self.weight, v)
             return y.view(*x.shape[:-1], self.out_features)
+        if self.packs(x, self.weight.numel()):
+            return self.packed_product(x)[0]
         return F.linear(x, self.weight, self.bias)
+
+    def packs(self, x: torch.Tensor, weights: int) -> bool:
+        """Whether x's product with this layer's weight (with `weights` elements, with the others stacked on it)
+        runs on the packed copy."""
+        if not self.pack or torch.is_grad_enabled() or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return False
+        if torch.is_autocast_enabled("cpu"):
+            return torch.get_autocast_dtype("cpu") == torch.bfloat16 and weights >= PACK_MIN_WEIGHT
+        return x.dtype == self.weight.dtype == torch.bfloat16 and weights >= PACK_MIN_WEIGHT
+
+    def packed_product(self, x: torch.Tensor, *others: DecodeLinear) -> tuple[torch.Tensor, ...]:
+        """x's products with this layer and the others (which read the same x) in bf16, as one oneDNN call on their
+        stacked weights, packed once and again whenever one changed (an optimizer step or a load bumps a version;
+        a dtype or device move gives new memory); one output per layer."""
+        layers = (self, *others)
+        tensors = [t for layer in layers for t in (layer.weight, layer.bias) if t is not None]
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+        if self._packed is None or self._packed[0] != key:
+            weight = torch.cat([layer.weight.detach() for layer in layers]).to(torch.bfloat16)
+            bias = None if self.bias is None else torch.cat([layer.bias.detach() for layer in layers]).to(torch.bfloat16)
+            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(weight, 1), bias)
+        _, weight, bias = self._packed
+        y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), weight, bias, "none", [], "")
+        return y.split([layer.out_features for layer in layers], dim=-1) if others else (y,)
+
+    def __getstate__(self) -> dict:
+        # The packed copy is an opaque oneDNN tensor, which can be neither copied nor pickled; it is rebuilt on demand.
+        return {**super().__getstate__(), "_packed": None}
+
+
+def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
+    """x through several linear layers that read it (q/k/v; gate/up): one call on their stacked packed weights where
+    DecodeLinear packs (decoding pays per call: that is a third of the calls), else each layer on its own."""
+    first = layers[0]
+    if (isinstance(first, DecodeLinear) and all(type(layer) is DecodeLinear and layer.pack for layer in layers)
+            and len({layer.bias is None for layer in layers}) == 1
+            and first.packs(x, sum(layer.weight.numel() for layer in layers))):
+        return first.packed_product(x, *layers[1:])
+    return tuple(layer(x) for layer in layers)
 
 
 class RMSNorm(nn.Module):
@@ -215,10 +279,10 @@ class Attention(nn.Module):
         self.tiled: bool | None = None  # None = auto (model/attention.py use_tiled_attention); True/False forces it
         self.dropout = config.dropout
         qkv_bias = config.qkv_bias or config.attention_bias  # Qwen2: q/k/v only; Llama's attention_bias: all four
-        self.q_proj = MatVecLinear(config.dim, self.n_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = MatVecLinear(config.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = MatVecLinear(config.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = MatVecLinear(self.n_heads * self.head_dim, config.dim, bias=config.attention_bias)
+        self.q_proj = DecodeLinear(config.dim, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = DecodeLinear(config.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = DecodeLinear(config.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = DecodeLinear(self.n_heads * self.head_dim, config.dim, bias=config.attention_bias)
         # Qwen3: RMSNorm over each head's q and k keeps attention logits bounded (fewer loss spikes).
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
@@ -233,9 +297,10 @@ class Attention(nn.Module):
         kv_cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
@@ -281,12 +346,13 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_proj = MatVecLinear(dim, hidden_dim, bias=bias)
-        self.up_proj = MatVecLinear(dim, hidden_dim, bias=bias)
-        self.down_proj = MatVecLinear(hidden_dim, dim, bias=bias)
+        self.gate_proj = DecodeLinear(dim, hidden_dim, bias=bias)
+        self.up_proj = DecodeLinear(dim, hidden_dim, bias=bias)
+        self.down_proj = DecodeLinear(hidden_dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 CPU_EXPERT_ROWS = 64  # bf16/fp16 on CPU: expert token counts are padded to a multiple of this (MoE.forward)
@@ -309,12 +375,12 @@ class MoE(nn.Module):
         self.n_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
         self.norm_topk_prob, self.seq_aux = config.norm_topk_prob, config.seq_aux
         self.aux_loss_alpha = config.aux_loss_alpha
-        self.gate = MatVecLinear(config.dim, self.n_experts, bias=False)  # the router
+        self.gate = DecodeLinear(config.dim, self.n_experts, bias=False)  # the router
         self.experts = nn.ModuleList(MLP(config.dim, config.moe_hidden_dim) for _ in range(self.n_experts))
         self.shared_experts = (
             MLP(config.dim, config.moe_hidden_dim * config.n_shared_experts) if config.n_shared_experts > 0 else None
         )
-        self.shared_expert_gate = MatVecLinear(config.dim, 1, bias=False) if config.shared_expert_gate else None
+        self.shared_expert_gate = DecodeLinear(config.dim, 1, bias=False) if config.shared_expert_gate else None
         self.grouped_mm: bool | None = None  # None = auto (see _use_grouped_mm)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -485,7 +551,7 @@ class Transformer(nn.Module):
                 norm=RMSNorm(config.dim, config.norm_eps),
             )
         )
-        self.lm_head = MatVecLinear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = DecodeLinear(config.dim, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
         self.dropout = nn.Dropout(config.dropout)
         self.gradient_checkpointing = False  # recompute each block in backward (trainer/parallel.py sets it)

@@ -241,16 +241,16 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("matvec", [True, False])  # AMX CPUs' path, others' (MatVecLinear.matvec), whatever this CPU is
+@pytest.mark.parametrize("matvec", [True, False])  # AMX CPUs' path, others' (DecodeLinear.matvec), whatever this CPU is
 def test_linear_single_row_matrix_vector_path_equals_f_linear(monkeypatch, dtype, bias, matvec):
-    from model.model import MatVecLinear
+    from model.model import DecodeLinear
 
-    monkeypatch.setattr(MatVecLinear, "matvec", matvec)
+    monkeypatch.setattr(DecodeLinear, "matvec", matvec)
     real_mv, real_addmv, calls = torch.mv, torch.addmv, []
     monkeypatch.setattr(torch, "mv", lambda *a: calls.append("mv") or real_mv(*a))
     monkeypatch.setattr(torch, "addmv", lambda *a: calls.append("addmv") or real_addmv(*a))
     torch.manual_seed(0)
-    layer = MatVecLinear(48, 80, bias=bias).to(dtype)
+    layer = DecodeLinear(48, 80, bias=bias).to(dtype)
     for shape in ((1, 1, 48), (1, 48), (2, 1, 48)):  # one row (mv when matvec), and more rows (F.linear)
         x = torch.randn(shape).to(dtype)
         tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
@@ -259,6 +259,149 @@ def test_linear_single_row_matrix_vector_path_equals_f_linear(monkeypatch, dtype
         assert calls == (["addmv" if bias else "mv"] if matvec and math.prod(shape[:-1]) == 1 else [])
         torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), **tol)
         assert y.shape == (*shape[:-1], 80)
+
+
+needs_onednn_bf16 = pytest.mark.skipif(
+    not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    reason="packed weights need PyTorch's oneDNN bf16 kernels (x86)")
+
+
+def spy_packing(monkeypatch) -> list[str]:
+    """Force DecodeLinear's packed path on (whatever this CPU's default) and record every layer that takes it."""
+    from model.model import DecodeLinear
+
+    monkeypatch.setattr(DecodeLinear, "pack", True)
+    monkeypatch.setattr(DecodeLinear, "matvec", False)
+    real, calls = DecodeLinear.packed_product, []
+    monkeypatch.setattr(DecodeLinear, "packed_product", lambda self, x, *others: calls.append(self) or real(self, x, *others))
+    return calls
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_bf16_weights_give_f_linear_bit_for_bit(monkeypatch, bias):
+    """bf16 products without gradients run on the packed weight and equal F.linear exactly, from decoding's one row
+    to a prefill's hundreds, also under autocast from fp32 weights (GRPO's rollouts); fp32, weights under
+    PACK_MIN_WEIGHT, products with gradients and modules with pack False keep F.linear."""
+    from model.model import PACK_MIN_WEIGHT, DecodeLinear
+
+    calls = spy_packing(monkeypatch)
+    torch.manual_seed(0)
+    layer = DecodeLinear(128, 160, bias=bias).to(torch.bfloat16)
+    assert layer.weight.numel() >= PACK_MIN_WEIGHT
+    with torch.no_grad():
+        for shape in ((1, 1, 128), (3, 1, 128), (2, 37, 128), (1, 600, 128)):
+            x = torch.randn(shape).to(torch.bfloat16)
+            calls.clear()
+            y = layer(x)
+            assert calls == [layer] and y.shape == (*shape[:-1], 160)
+            assert torch.equal(y, F.linear(x, layer.weight, layer.bias))
+
+        fp32 = DecodeLinear(128, 160, bias=bias)
+        x = torch.randn(2, 5, 128)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            calls.clear()
+            y = fp32(x)
+            assert calls == [fp32] and y.dtype == torch.bfloat16
+            assert torch.equal(y, F.linear(x, fp32.weight, fp32.bias))
+        calls.clear()
+        off = DecodeLinear(128, 160, bias=bias).to(torch.bfloat16)
+        off.pack = False
+        small = DecodeLinear(64, 64, bias=bias).to(torch.bfloat16)
+        for module, x in ((fp32, torch.randn(1, 128)), (small, torch.randn(1, 64).bfloat16()),
+                          (off, torch.randn(1, 128).bfloat16())):
+            torch.testing.assert_close(module(x), F.linear(x, module.weight, module.bias), atol=0, rtol=0)
+        assert calls == []
+    x = torch.randn(1, 128).to(torch.bfloat16)
+    y = layer(x)  # with gradients: F.linear, whose backward reaches the weight
+    assert calls == [] and y.requires_grad
+    y.float().sum().backward()
+    assert layer.weight.grad is not None
+
+
+@needs_onednn_bf16
+def test_packed_weights_follow_every_change_of_the_weights(monkeypatch):
+    """The packed copy is rebuilt after an optimizer step, a load and a dtype round trip, so a generation between
+    training steps (GRPO) always uses the current weights; a layer holding one still deep-copies and pickles."""
+    import copy
+    import pickle
+
+    from model.model import DecodeLinear
+
+    spy_packing(monkeypatch)
+    torch.manual_seed(0)
+    layer = DecodeLinear(128, 160, bias=True).to(torch.bfloat16)
+    x = torch.randn(3, 128).to(torch.bfloat16)
+
+    def check() -> torch.Tensor:
+        with torch.inference_mode():
+            y = layer(x)
+        assert torch.equal(y, F.linear(x, layer.weight, layer.bias))
+        return y
+
+    before = check()
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    layer(x).float().pow(2).sum().backward()
+    optimizer.step()
+    assert not torch.equal(check(), before)
+    layer.load_state_dict(DecodeLinear(128, 160, bias=True).to(torch.bfloat16).state_dict())
+    check()
+    with torch.no_grad():
+        layer.weight.mul_(0.5)
+    check()
+    layer.float()
+    layer.bfloat16()
+    check()
+    twin = copy.deepcopy(layer)
+    pickle.loads(pickle.dumps(layer))
+    with torch.no_grad():
+        assert torch.equal(twin(x), layer(x))
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_stacked_packed_projections_give_the_same_logits_and_tokens(monkeypatch, qkv_bias):
+    """Without gradients in bf16, q/k/v and gate/up each run as one call on their stacked packed weights (project):
+    a model's logits and greedy tokens are those of F.linear bit for bit, with biases (Qwen2) or without."""
+    from model import Transformer, generate
+    from model.config import ModelConfig
+    from model.model import DecodeLinear
+
+    calls = spy_packing(monkeypatch)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=320, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32,
+                                    max_seq_len=64, qkv_bias=qkv_bias)).to(torch.bfloat16).eval()
+    prompt = torch.randint(3, 320, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        packed_logits = model(prompt).logits
+    packed_tokens = torch.stack(list(generate(model, prompt, 20, temperature=0)), dim=1)
+    names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    assert {names[layer] for layer in calls} == {"q_proj", "o_proj", "gate_proj", "down_proj", "lm_head"}
+    monkeypatch.setattr(DecodeLinear, "pack", False)
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(model(prompt).logits, packed_logits)
+    assert torch.equal(torch.stack(list(generate(model, prompt, 20, temperature=0)), dim=1), packed_tokens)
+    assert calls == []
+
+
+def test_fsdp_modules_keep_f_linear():
+    """Under FSDP2 the gathered weights are rewritten by collectives, which no version counter promises to see: its
+    modules never pack."""
+    from model import Transformer
+    from model.config import ModelConfig
+    from model.model import DecodeLinear
+    from trainer.parallel import shard
+
+    env = distributed.init_distributed("cpu", process_group=True)
+    try:
+        model = Transformer(ModelConfig(vocab_size=320, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32,
+                                        max_seq_len=64))
+        shard(model, env, torch.bfloat16)
+        layers = [m for m in model.modules() if isinstance(m, DecodeLinear)]
+        assert len(layers) == 2 * 7 + 1 and not any(m.pack for m in layers)
+    finally:
+        distributed.destroy()
 
 
 @pytest.mark.skipif(not can_compile(torch.device("cpu")), reason="Inductor needs a C++ compiler")
