@@ -233,9 +233,11 @@ def fit_tail(ids: list[int], budget: int) -> list[int]:
 
 
 def load_model(model_path: Path, base_model_path: str | None = None) -> Transformer:
-    """A model folder as is; an adapter folder as its base model with the adapter merged in (fp32, eval mode)."""
+    """A model folder as is; an adapter folder as its base model with the adapter merged in (fp32). Either in eval
+    mode with frozen weights: nothing trains them, and frozen bf16 weights are what the model packs for fast
+    products on CPUs (model/model.py DecodeLinear)."""
     if not (model_path / ADAPTER_CONFIG).is_file():
-        return Transformer.from_pretrained(model_path).eval()
+        return Transformer.from_pretrained(model_path).eval().requires_grad_(False)
     base = base_model_path or read_adapter_config(model_path).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{model_path / ADAPTER_CONFIG}: no base_model_name_or_path; pass --base_model_path")
@@ -243,7 +245,7 @@ def load_model(model_path: Path, base_model_path: str | None = None) -> Transfor
         model = Transformer.from_pretrained(base)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"base model of the adapter {model_path}: {e}; pass --base_model_path") from None
-    return merge_lora(load_adapter(model, model_path)).eval()
+    return merge_lora(load_adapter(model, model_path)).eval().requires_grad_(False)
 
 
 def read_line(prompt: str) -> str | None:

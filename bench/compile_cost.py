@@ -44,7 +44,8 @@ def decode_child(folder: str, new_tokens: int, compile_: bool) -> None:
     from model import Transformer, generate
     from trainer.distributed import resolve_dtype
 
-    model = Transformer.from_pretrained(folder, dtype=resolve_dtype("auto", torch.device("cpu"))).eval()
+    dtype = resolve_dtype("auto", torch.device("cpu"))
+    model = Transformer.from_pretrained(folder, dtype=dtype).eval().requires_grad_(False)  # as eval_model loads it
     prompt = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
     times, start = [], time.perf_counter()
     for _ in generate(model, prompt, new_tokens, temperature=0, compile=compile_):

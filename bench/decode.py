@@ -55,8 +55,8 @@ def main() -> None:
     config = model_config(args.config)
     with tempfile.TemporaryDirectory() as folder:
         save_weights(config, Path(folder))
-        ours = {dtype: Transformer.from_pretrained(folder, device=device, dtype=dtype).eval()
-                for dtype in {torch.float32, auto}}
+        ours = {dtype: Transformer.from_pretrained(folder, device=device, dtype=dtype).eval().requires_grad_(False)
+                for dtype in {torch.float32, auto}}  # frozen and in eval mode, as eval_model loads a model
         hf = {dtype: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
               for dtype in {torch.float32, auto}}
     for model in hf.values():

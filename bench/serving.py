@@ -145,7 +145,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{args.port}"
     with tempfile.TemporaryDirectory() as folder:
         never_stopping_model(config, tokenizer, Path(folder))
-        model = Transformer.from_pretrained(folder, device=device, dtype=dtype).eval()
+        model = Transformer.from_pretrained(folder, device=device, dtype=dtype).eval().requires_grad_(False)
         log = Path(folder) / "server.log"
         with open(log, "w") as out:
             server = subprocess.Popen(

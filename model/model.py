@@ -88,14 +88,16 @@ class DecodeLinear(nn.Linear):
     Decoding sends a handful of rows (one per sequence) through every weight per token, so it is bound by how fast a
     product streams its weight from memory and by the fixed cost of each call, and the library's default calls are
     slow at both on CPU (bench/RESULTS.md, decode):
-    - bf16 without gradients (generation, GRPO's rollouts, validation) on x86 CPUs without AMX: the weight is
-      reordered once into oneDNN's blocked layout and kept (a second copy of the weight, in bf16) until the weight
-      changes; the product runs on it. It is the oneDNN product F.linear runs in bf16, equal bit for bit, without
-      F.linear's reordering of the weight at every call: 1.7-2.3x faster for 1-8 rows, 1.3-1.5x for 64, 1.05-1.2x
-      for hundreds or thousands. Layers that read the same input (q/k/v, gate/up: see project) keep one stacked copy and make one
-      call. fp32 stays on F.linear: MKL sums in another order than oneDNN, and fp32 matches transformers exactly.
-      So do weights under PACK_MIN_WEIGHT and modules whose `pack` is False (FSDP's, whose gathered weights are
-      rewritten by collectives that no version counter promises to see).
+    - bf16 without gradients, on x86 CPUs without AMX: a frozen weight (requires_grad False: eval_model's and the
+      server's models, DPO's and GRPO's references) is reordered once into oneDNN's blocked layout and kept (a second
+      copy, in bf16) until it changes, and the product runs on it. It is the oneDNN product F.linear runs in bf16,
+      equal bit for bit, without F.linear's reordering of the weight at every call: 1.7-2.3x faster for 1-8 rows,
+      1.3-1.5x for 64, 1.05-1.2x for hundreds or thousands. Layers that read the same input (q/k/v, gate/up: see
+      project) keep one stacked copy and make one call. Trained weights are not packed: an optimizer may rewrite
+      one in place without bumping its version (fused AdamW does), which would leave the copy stale. Nor is fp32
+      (MKL sums in another order than oneDNN, and fp32 matches transformers exactly), a weight under
+      PACK_MIN_WEIGHT, or a module whose `pack` is False (FSDP's: its gathered weights are rewritten by collectives
+      that no version counter promises to see).
     - one row on CPUs with AMX: torch.mv, since F.linear sends the row through the AMX matmul kernel, slower.
     - one row under torch.compile: torch.mv, for which Inductor writes its own kernel, several times faster than
       either library call; a one-row F.linear (or the packed product) would stay a library call.
@@ -118,7 +120,8 @@ class DecodeLinear(nn.Linear):
     def packs(self, x: torch.Tensor, weights: int) -> bool:
         """Whether x's product with this layer's weight (with `weights` elements, with the others stacked on it)
         runs on the packed copy."""
-        if not self.pack or torch.is_grad_enabled() or x.device.type != "cpu" or torch.compiler.is_compiling():
+        if (not self.pack or torch.is_grad_enabled() or x.device.type != "cpu" or torch.compiler.is_compiling()
+                or any(p is not None and p.requires_grad for p in (self.weight, self.bias))):
             return False
         if torch.is_autocast_enabled("cpu"):
             return torch.get_autocast_dtype("cpu") == torch.bfloat16 and weights >= PACK_MIN_WEIGHT
@@ -126,14 +129,15 @@ class DecodeLinear(nn.Linear):
 
     def packed_product(self, x: torch.Tensor, *others: DecodeLinear) -> tuple[torch.Tensor, ...]:
         """x's products with this layer and the others (which read the same x) in bf16, as one oneDNN call on their
-        stacked weights, packed once and again whenever one changed (an optimizer step or a load bumps a version;
-        a dtype or device move gives new memory); one output per layer."""
+        stacked frozen weights, packed once and again whenever one changed (a load or an in-place edit bumps a
+        version; a dtype or device move gives new memory); one output per layer."""
         layers = (self, *others)
         tensors = [t for layer in layers for t in (layer.weight, layer.bias) if t is not None]
         key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
         if self._packed is None or self._packed[0] != key:
             weight = torch.cat([layer.weight.detach() for layer in layers]).to(torch.bfloat16)
-            bias = None if self.bias is None else torch.cat([layer.bias.detach() for layer in layers]).to(torch.bfloat16)
+            biases = None if self.bias is None else [layer.bias.detach() for layer in layers]
+            bias = None if biases is None else torch.cat(biases).to(torch.bfloat16)
             self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(weight, 1), bias)
         _, weight, bias = self._packed
         y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), weight, bias, "none", [], "")
@@ -148,8 +152,8 @@ def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     """x through several linear layers that read it (q/k/v; gate/up): one call on their stacked packed weights where
     DecodeLinear packs (decoding pays per call: that is a third of the calls), else each layer on its own."""
     first, *others = layers
-    if (all(type(layer) is DecodeLinear and layer.pack for layer in layers)  # not LoRA-wrapped, not under FSDP
-            and len({layer.bias is None for layer in layers}) == 1
+    if (all(type(layer) is DecodeLinear and layer.pack and not layer.weight.requires_grad  # frozen, plain, not FSDP's
+            for layer in layers) and len({layer.bias is None for layer in layers}) == 1
             and first.packs(x, sum(layer.weight.numel() for layer in layers))):
         return first.packed_product(x, *others)
     return tuple(layer(x) for layer in layers)

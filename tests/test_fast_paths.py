@@ -273,21 +273,27 @@ def spy_packing(monkeypatch) -> list[str]:
     monkeypatch.setattr(DecodeLinear, "pack", True)
     monkeypatch.setattr(DecodeLinear, "matvec", False)
     real, calls = DecodeLinear.packed_product, []
-    monkeypatch.setattr(DecodeLinear, "packed_product", lambda self, x, *others: calls.append(self) or real(self, x, *others))
+    monkeypatch.setattr(DecodeLinear, "packed_product",
+                        lambda self, x, *others: calls.append(self) or real(self, x, *others))
     return calls
 
 
 @needs_onednn_bf16
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_bf16_weights_give_f_linear_bit_for_bit(monkeypatch, bias):
-    """bf16 products without gradients run on the packed weight and equal F.linear exactly, from decoding's one row
-    to a prefill's hundreds, also under autocast from fp32 weights (GRPO's rollouts); fp32, weights under
-    PACK_MIN_WEIGHT, products with gradients and modules with pack False keep F.linear."""
+    """bf16 products of frozen weights without gradients run on the packed weight and equal F.linear exactly, from
+    decoding's one row to a prefill's hundreds, also under autocast from fp32 weights (DPO's reference); fp32,
+    weights under PACK_MIN_WEIGHT, trainable weights, products with gradients and modules with pack False keep
+    F.linear."""
     from model.model import PACK_MIN_WEIGHT, DecodeLinear
 
     calls = spy_packing(monkeypatch)
     torch.manual_seed(0)
-    layer = DecodeLinear(128, 160, bias=bias).to(torch.bfloat16)
+
+    def frozen(*shape: int, dtype: torch.dtype = torch.bfloat16) -> DecodeLinear:
+        return DecodeLinear(*shape, bias=bias).to(dtype).requires_grad_(False)
+
+    layer = frozen(128, 160)
     assert layer.weight.numel() >= PACK_MIN_WEIGHT
     with torch.no_grad():
         for shape in ((1, 1, 128), (3, 1, 128), (2, 37, 128), (1, 600, 128)):
@@ -297,7 +303,7 @@ def test_packed_bf16_weights_give_f_linear_bit_for_bit(monkeypatch, bias):
             assert calls == [layer] and y.shape == (*shape[:-1], 160)
             assert torch.equal(y, F.linear(x, layer.weight, layer.bias))
 
-        fp32 = DecodeLinear(128, 160, bias=bias)
+        fp32 = frozen(128, 160, dtype=torch.float32)
         x = torch.randn(2, 5, 128)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             calls.clear()
@@ -305,30 +311,32 @@ def test_packed_bf16_weights_give_f_linear_bit_for_bit(monkeypatch, bias):
             assert calls == [fp32] and y.dtype == torch.bfloat16
             assert torch.equal(y, F.linear(x, fp32.weight, fp32.bias))
         calls.clear()
-        off = DecodeLinear(128, 160, bias=bias).to(torch.bfloat16)
+        off = frozen(128, 160)
         off.pack = False
-        small = DecodeLinear(64, 64, bias=bias).to(torch.bfloat16)
-        for module, x in ((fp32, torch.randn(1, 128)), (small, torch.randn(1, 64).bfloat16()),
-                          (off, torch.randn(1, 128).bfloat16())):
+        trainable = DecodeLinear(128, 160, bias=bias).to(torch.bfloat16)
+        for module, x in ((fp32, torch.randn(1, 128)), (frozen(64, 64), torch.randn(1, 64).bfloat16()),
+                          (off, torch.randn(1, 128).bfloat16()), (trainable, torch.randn(1, 128).bfloat16())):
             torch.testing.assert_close(module(x), F.linear(x, module.weight, module.bias), atol=0, rtol=0)
         assert calls == []
-    x = torch.randn(1, 128).to(torch.bfloat16)
-    y = layer(x)  # with gradients: F.linear, whose backward reaches the weight
+    lora_like = frozen(128, 160)  # a frozen layer inside a graph that needs gradients (LoRA's base model)
+    x = torch.randn(1, 128).to(torch.bfloat16).requires_grad_()
+    y = lora_like(x)
     assert calls == [] and y.requires_grad
     y.float().sum().backward()
-    assert layer.weight.grad is not None
+    assert x.grad is not None
 
 
 @needs_onednn_bf16
 def test_packed_weights_follow_every_change_of_the_weights(monkeypatch):
-    """The packed copy is rebuilt after an optimizer step, a load and a dtype round trip, so a generation between
-    training steps (GRPO) always uses the current weights; a layer holding one still deep-copies and pickles."""
+    """A frozen weight's packed copy is rebuilt after a load, an in-place edit and a dtype round trip; a trained
+    weight is never packed, since fused AdamW rewrites it without bumping its version (a generation between steps,
+    as GRPO's, must see the new weights); a layer holding a copy still deep-copies and pickles."""
     import copy
     import pickle
 
     from model.model import DecodeLinear
 
-    spy_packing(monkeypatch)
+    calls = spy_packing(monkeypatch)
     torch.manual_seed(0)
     layer = DecodeLinear(128, 160, bias=True).to(torch.bfloat16)
     x = torch.randn(3, 128).to(torch.bfloat16)
@@ -340,14 +348,21 @@ def test_packed_weights_follow_every_change_of_the_weights(monkeypatch):
         return y
 
     before = check()
-    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    version = layer.weight._version
     layer(x).float().pow(2).sum().backward()
     optimizer.step()
-    assert not torch.equal(check(), before)
+    assert layer.weight._version == version  # what makes packing a trained weight unsafe
+    assert not torch.equal(check(), before) and calls == []
+
+    layer.requires_grad_(False)
+    check()
+    assert calls == [layer]
     layer.load_state_dict(DecodeLinear(128, 160, bias=True).to(torch.bfloat16).state_dict())
     check()
     with torch.no_grad():
         layer.weight.mul_(0.5)
+        layer.bias.add_(1.0)
     check()
     layer.float()
     layer.bfloat16()
@@ -361,8 +376,8 @@ def test_packed_weights_follow_every_change_of_the_weights(monkeypatch):
 @needs_onednn_bf16
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_stacked_packed_projections_give_the_same_logits_and_tokens(monkeypatch, qkv_bias):
-    """Without gradients in bf16, q/k/v and gate/up each run as one call on their stacked packed weights (project):
-    a model's logits and greedy tokens are those of F.linear bit for bit, with biases (Qwen2) or without."""
+    """Frozen, without gradients in bf16, q/k/v and gate/up each run as one call on their stacked packed weights
+    (project): a model's logits and greedy tokens are those of F.linear bit for bit, with biases (Qwen2) or not."""
     from model import Transformer, generate
     from model.config import ModelConfig
     from model.model import DecodeLinear
@@ -370,7 +385,7 @@ def test_stacked_packed_projections_give_the_same_logits_and_tokens(monkeypatch,
     calls = spy_packing(monkeypatch)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=320, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32,
-                                    max_seq_len=64, qkv_bias=qkv_bias)).to(torch.bfloat16).eval()
+                                    max_seq_len=64, qkv_bias=qkv_bias)).to(torch.bfloat16).eval().requires_grad_(False)
     prompt = torch.randint(3, 320, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         packed_logits = model(prompt).logits
