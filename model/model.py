@@ -113,19 +113,9 @@ class DecodeLinear(nn.Linear):
             v = x.reshape(-1)
             y = torch.mv(self.weight, v) if self.bias is None else torch.addmv(self.bias, self.weight, v)
             return y.view(*x.shape[:-1], self.out_features)
-        if self.packs(x, self.weight.numel()):
+        if packs(x, (self,)):
             return self.packed_product(x)[0]
         return F.linear(x, self.weight, self.bias)
-
-    def packs(self, x: torch.Tensor, weights: int) -> bool:
-        """Whether x's product with this layer's weight (with `weights` elements, with the others stacked on it)
-        runs on the packed copy."""
-        if (not self.pack or torch.is_grad_enabled() or x.device.type != "cpu" or torch.compiler.is_compiling()
-                or any(p is not None and p.requires_grad for p in (self.weight, self.bias))):
-            return False
-        if torch.is_autocast_enabled("cpu"):
-            return torch.get_autocast_dtype("cpu") == torch.bfloat16 and weights >= PACK_MIN_WEIGHT
-        return x.dtype == self.weight.dtype == torch.bfloat16 and weights >= PACK_MIN_WEIGHT
 
     def packed_product(self, x: torch.Tensor, *others: DecodeLinear) -> tuple[torch.Tensor, ...]:
         """x's products with this layer and the others (which read the same x) in bf16, as one oneDNN call on their
@@ -136,8 +126,8 @@ class DecodeLinear(nn.Linear):
         key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
         if self._packed is None or self._packed[0] != key:
             weight = torch.cat([layer.weight.detach() for layer in layers]).to(torch.bfloat16)
-            biases = None if self.bias is None else [layer.bias.detach() for layer in layers]
-            bias = None if biases is None else torch.cat(biases).to(torch.bfloat16)
+            bias = (torch.cat([layer.bias.detach() for layer in layers]).to(torch.bfloat16)
+                    if self.bias is not None else None)
             self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(weight, 1), bias)
         _, weight, bias = self._packed
         y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), weight, bias, "none", [], "")
@@ -148,13 +138,25 @@ class DecodeLinear(nn.Linear):
         return {**super().__getstate__(), "_packed": None}
 
 
+def packs(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> bool:
+    """Whether x's products with these layers (which all read x) run as one call on their stacked packed copy:
+    the rules of DecodeLinear's docstring, for one layer or a group."""
+    if (torch.is_grad_enabled() or x.device.type != "cpu" or torch.compiler.is_compiling()
+            or not all(type(layer) is DecodeLinear and layer.pack for layer in layers)  # not LoRA-wrapped, not FSDP's
+            or any(p is not None and p.requires_grad for layer in layers for p in (layer.weight, layer.bias))
+            or len({layer.bias is None for layer in layers}) > 1
+            or sum(layer.weight.numel() for layer in layers) < PACK_MIN_WEIGHT):
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return x.dtype == torch.bfloat16 and all(layer.weight.dtype == torch.bfloat16 for layer in layers)
+
+
 def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     """x through several linear layers that read it (q/k/v; gate/up): one call on their stacked packed weights where
-    DecodeLinear packs (decoding pays per call: that is a third of the calls), else each layer on its own."""
-    first, *others = layers
-    if (all(type(layer) is DecodeLinear and layer.pack and not layer.weight.requires_grad  # frozen, plain, not FSDP's
-            for layer in layers) and len({layer.bias is None for layer in layers}) == 1
-            and first.packs(x, sum(layer.weight.numel() for layer in layers))):
+    they pack (decoding pays per call: that is a third of the calls), else each layer on its own."""
+    if packs(x, layers):
+        first, *others = layers
         return first.packed_product(x, *others)
     return tuple(layer(x) for layer in layers)
 

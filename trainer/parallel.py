@@ -84,7 +84,7 @@ def shard(model: nn.Module, env: DistEnv, dtype: torch.dtype) -> nn.Module:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)  # moves each shard to the mesh's device
     for module in model.modules():
-        if isinstance(module, DecodeLinear):  # its gathered weights change without a version bump: packing would go stale
+        if isinstance(module, DecodeLinear):  # collectives rewrite its gathered weights: a packed copy could go stale
             module.pack = False
     return model
 
