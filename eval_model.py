@@ -235,7 +235,7 @@ def fit_tail(ids: list[int], budget: int) -> list[int]:
 def load_model(model_path: Path, base_model_path: str | None = None) -> Transformer:
     """A model folder as is; an adapter folder as its base model with the adapter merged in (fp32). Either in eval
     mode with frozen weights: nothing trains them, and frozen bf16 weights are what the model packs for fast
-    products on CPUs (model/model.py DecodeLinear)."""
+    products on CPUs (model/model.py CPULinear)."""
     if not (model_path / ADAPTER_CONFIG).is_file():
         return Transformer.from_pretrained(model_path).eval().requires_grad_(False)
     base = base_model_path or read_adapter_config(model_path).get("base_model_name_or_path")

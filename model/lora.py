@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .model import DecodeLinear
+from .model import CPULinear
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -55,10 +55,10 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
-    def merged(self) -> DecodeLinear:
-        """The model's plain DecodeLinear (with its decode paths) computing the same function (up to
+    def merged(self) -> CPULinear:
+        """The model's plain CPULinear (with its decode paths) computing the same function (up to
         rounding): W + scaling * B @ A."""
-        linear = DecodeLinear(self.in_features, self.out_features, bias=self.bias is not None,
+        linear = CPULinear(self.in_features, self.out_features, bias=self.bias is not None,
                               device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
@@ -116,7 +116,7 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear by its merged DecodeLinear (in place); returns the model, now a plain one."""
+    """Replace every LoRALinear by its merged CPULinear (in place); returns the model, now a plain one."""
     for name, layer in lora_layers(model).items():
         parent, child = _parent(model, name)
         setattr(parent, child, layer.merged())

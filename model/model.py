@@ -76,14 +76,52 @@ PACK_MIN_WEIGHT = 128 * 128  # smaller weights stay on F.linear: they sit in cac
 
 @functools.cache
 def can_pack_bf16_weights() -> bool:
-    """Whether bf16 products on this CPU take DecodeLinear's packed weights: x86 CPUs without AMX whose PyTorch has
-    oneDNN's bf16 kernels (measured there; AMX CPUs keep their measured single-row path, see DecodeLinear)."""
+    """Whether bf16 products on this CPU take CPULinear's packed weights: x86 CPUs without AMX whose PyTorch has
+    oneDNN's bf16 kernels (measured there; AMX CPUs keep their measured single-row path, see CPULinear)."""
     return (platform.machine().lower() in ("x86_64", "amd64") and not cpu_has_amx()
             and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-class DecodeLinear(nn.Linear):
-    """nn.Linear with faster CPU paths for products without gradients, decoding first: same parameters, same numbers.
+@functools.cache
+def fp32_products_on_onednn() -> bool:
+    """Whether fp32 products with gradients run on oneDNN instead of MKL, PyTorch's fp32 BLAS: on AMD CPUs with
+    AVX-512, where oneDNN's AVX-512 kernels beat MKL's, which are tuned for Intel's CPUs (measured on Zen 4,
+    bench/RESULTS.md; AMD CPUs without AVX-512 are not measured and keep MKL)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        vendor = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        vendor = platform.processor()
+    return "AuthenticAMD" in vendor and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """x @ weight^T + bias in fp32, the forward and the input's gradient through oneDNN; the weight's gradient (a
+    sum over every row) stays on MKL, faster than oneDNN at that shape."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, "none", [], "")
+        rows = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_weight = rows.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = rows.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+class CPULinear(nn.Linear):
+    """nn.Linear with faster CPU paths, decoding first: same parameters, same numbers (but see fp32 training).
 
     Decoding sends a handful of rows (one per sequence) through every weight per token, so it is bound by how fast a
     product streams its weight from memory and by the fixed cost of each call, and the library's default calls are
@@ -91,20 +129,25 @@ class DecodeLinear(nn.Linear):
     - bf16 without gradients, on x86 CPUs without AMX: a frozen weight (requires_grad False: eval_model's and the
       server's models, DPO's and GRPO's references) is reordered once into oneDNN's blocked layout and kept (a second
       copy, in bf16) until it changes, and the product runs on it. It is the oneDNN product F.linear runs in bf16,
-      equal bit for bit, without F.linear's reordering of the weight at every call: 1.7-2.3x faster for 1-8 rows,
-      1.3-1.5x for 64, 1.05-1.2x for hundreds or thousands. Layers that read the same input (q/k/v, gate/up: see
-      project) keep one stacked copy and make one call. Trained weights are not packed: an optimizer may rewrite
-      one in place without bumping its version (fused AdamW does), which would leave the copy stale. Nor is fp32
-      (MKL sums in another order than oneDNN, and fp32 matches transformers exactly), a weight under
-      PACK_MIN_WEIGHT, or a module whose `pack` is False (FSDP's: its gathered weights are rewritten by collectives
-      that no version counter promises to see).
+      equal bit for bit, without F.linear's reordering of the weight at every call (its gain is largest at a few rows,
+      smaller but still there at thousands). Layers that read the same input (q/k/v, gate/up: see project) keep
+      one stacked copy and make one call. Trained weights are not packed: an optimizer may rewrite one in place
+      without bumping its version (fused AdamW does), which would leave the copy stale. Nor is fp32 (MKL, PyTorch's
+      fp32 BLAS, sums in another order than oneDNN, and fp32 inference matches transformers exactly), a weight
+      under PACK_MIN_WEIGHT, or a module whose `pack` is False (FSDP's: its gathered weights are rewritten by
+      collectives that no version counter promises to see).
     - one row on CPUs with AMX: torch.mv, since F.linear sends the row through the AMX matmul kernel, slower.
     - one row under torch.compile: torch.mv, for which Inductor writes its own kernel, several times faster than
       either library call; a one-row F.linear (or the packed product) would stay a library call.
+    - fp32 with gradients (training without autocast) on AMD CPUs with AVX-512: the forward and the input's gradient
+      run on oneDNN (_OneDNNLinear), faster than MKL there (fp32_products_on_onednn; a whole training step gains,
+      bench/RESULTS.md). Rounded differently from MKL (another order of summation, as between any two BLAS
+      libraries); products without gradients keep MKL's numbers.
     """
 
     matvec = cpu_has_amx()  # class-wide: whether eager single-row CPU products go through torch.mv
     pack = can_pack_bf16_weights()  # whether bf16 products without gradients take the packed weight
+    onednn_fp32 = fp32_products_on_onednn()  # whether fp32 products with gradients run on oneDNN
     _packed: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None  # (what it was built from, weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,14 +158,18 @@ class DecodeLinear(nn.Linear):
             return y.view(*x.shape[:-1], self.out_features)
         if packs(x, (self,)):
             return self.packed_product(x)[0]
+        if (self.onednn_fp32 and torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling()):
+            return _OneDNNLinear.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
-    def packed_product(self, x: torch.Tensor, *others: DecodeLinear) -> tuple[torch.Tensor, ...]:
+    def packed_product(self, x: torch.Tensor, *others: CPULinear) -> tuple[torch.Tensor, ...]:
         """x's products with this layer and the others (which read the same x) in bf16, as one oneDNN call on their
         stacked frozen weights, packed once and again whenever one changed (a load or an in-place edit bumps a
         version; a dtype or device move gives new memory); one output per layer."""
         layers = (self, *others)
-        tensors = [t for layer in layers for t in (layer.weight, layer.bias) if t is not None]
+        tensors = [t for layer in layers for t in layer._parameters.values() if t is not None]  # weight, bias
         key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
         if self._packed is None or self._packed[0] != key:
             weight = torch.cat([layer.weight.detach() for layer in layers]).to(torch.bfloat16)
@@ -140,16 +187,21 @@ class DecodeLinear(nn.Linear):
 
 def packs(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> bool:
     """Whether x's products with these layers (which all read x) run as one call on their stacked packed copy:
-    the rules of DecodeLinear's docstring, for one layer or a group."""
+    the rules of CPULinear's docstring, for one layer or a group."""
     if (torch.is_grad_enabled() or x.device.type != "cpu" or torch.compiler.is_compiling()
-            or not all(type(layer) is DecodeLinear and layer.pack for layer in layers)  # not LoRA-wrapped, not FSDP's
-            or any(p is not None and p.requires_grad for layer in layers for p in (layer.weight, layer.bias))
-            or len({layer.bias is None for layer in layers}) > 1
-            or sum(layer.weight.numel() for layer in layers) < PACK_MIN_WEIGHT):
+            or not all(type(layer) is CPULinear and layer.pack for layer in layers)):  # not LoRA-wrapped, not FSDP's
         return False
-    if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu") == torch.bfloat16
-    return x.dtype == torch.bfloat16 and all(layer.weight.dtype == torch.bfloat16 for layer in layers)
+    autocast = torch.is_autocast_enabled("cpu")
+    if (torch.get_autocast_dtype("cpu") if autocast else x.dtype) != torch.bfloat16:
+        return False
+    # Decoding asks this ~30 times a token, so the parameter dicts are read directly: nn.Module's attribute lookup
+    # of a parameter costs about a microsecond each.
+    weights = [layer._parameters["weight"] for layer in layers]
+    biases = [layer._parameters["bias"] for layer in layers]
+    return (len({b is None for b in biases}) == 1
+            and not any(t.requires_grad for t in weights + biases if t is not None)
+            and (autocast or all(w.dtype == torch.bfloat16 for w in weights))
+            and sum(w.numel() for w in weights) >= PACK_MIN_WEIGHT)
 
 
 def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -164,8 +216,9 @@ def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in fp32 (as HF does) so bf16 training keeps a stable scale.
 
-    F.rms_norm is one fused kernel for x * rsqrt(mean(x^2) + eps), the op-by-op formula of HF's LlamaRMSNorm:
-    one pass over memory instead of five, the same numbers.
+    F.rms_norm computes x * rsqrt(mean(x^2) + eps), the op-by-op formula of HF's LlamaRMSNorm, with the same
+    numbers: on CUDA PyTorch has one fused kernel for it (one pass over memory instead of five); on CPU it runs
+    the same ops one by one.
     """
 
     def __init__(self, dim: int, eps: float) -> None:
@@ -259,18 +312,19 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = inv_freq
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, T] -> cos, signed sin [B, 1, T, head_dim]."""
         if self.inv_freq.device != position_ids.device:
             self.inv_freq = self.inv_freq.to(position_ids.device)
         freqs = position_ids[..., None].float() * self.inv_freq  # [B, T, head_dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: pair (i, i + d/2), as HF
         sin = emb.sin()
         sin[..., : sin.shape[-1] // 2].neg_()
-        return (emb.cos() * self.attention_scaling).to(dtype), (sin * self.attention_scaling).to(dtype)
+        cos, sin = (emb.cos() * self.attention_scaling).to(dtype), (sin * self.attention_scaling).to(dtype)
+        return cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, head_dim]: one head axis, broadcast over the heads
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, T, head_dim]; cos, signed sin: [B, T, head_dim] (RotaryEmbedding)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    """x: [B, heads, T, head_dim]; cos, signed sin: [B, 1, T, head_dim] (RotaryEmbedding)."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
@@ -285,10 +339,10 @@ class Attention(nn.Module):
         self.tiled: bool | None = None  # None = auto (model/attention.py use_tiled_attention); True/False forces it
         self.dropout = config.dropout
         qkv_bias = config.qkv_bias or config.attention_bias  # Qwen2: q/k/v only; Llama's attention_bias: all four
-        self.q_proj = DecodeLinear(config.dim, self.n_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = DecodeLinear(config.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = DecodeLinear(config.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = DecodeLinear(self.n_heads * self.head_dim, config.dim, bias=config.attention_bias)
+        self.q_proj = CPULinear(config.dim, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = CPULinear(config.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = CPULinear(config.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = CPULinear(self.n_heads * self.head_dim, config.dim, bias=config.attention_bias)
         # Qwen3: RMSNorm over each head's q and k keeps attention logits bounded (fewer loss spikes).
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
@@ -352,9 +406,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_proj = DecodeLinear(dim, hidden_dim, bias=bias)
-        self.up_proj = DecodeLinear(dim, hidden_dim, bias=bias)
-        self.down_proj = DecodeLinear(hidden_dim, dim, bias=bias)
+        self.gate_proj = CPULinear(dim, hidden_dim, bias=bias)
+        self.up_proj = CPULinear(dim, hidden_dim, bias=bias)
+        self.down_proj = CPULinear(hidden_dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(x, self.gate_proj, self.up_proj)
@@ -381,12 +435,12 @@ class MoE(nn.Module):
         self.n_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
         self.norm_topk_prob, self.seq_aux = config.norm_topk_prob, config.seq_aux
         self.aux_loss_alpha = config.aux_loss_alpha
-        self.gate = DecodeLinear(config.dim, self.n_experts, bias=False)  # the router
+        self.gate = CPULinear(config.dim, self.n_experts, bias=False)  # the router
         self.experts = nn.ModuleList(MLP(config.dim, config.moe_hidden_dim) for _ in range(self.n_experts))
         self.shared_experts = (
             MLP(config.dim, config.moe_hidden_dim * config.n_shared_experts) if config.n_shared_experts > 0 else None
         )
-        self.shared_expert_gate = DecodeLinear(config.dim, 1, bias=False) if config.shared_expert_gate else None
+        self.shared_expert_gate = CPULinear(config.dim, 1, bias=False) if config.shared_expert_gate else None
         self.grouped_mm: bool | None = None  # None = auto (see _use_grouped_mm)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -510,7 +564,7 @@ class Block(nn.Module):
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MoE(config) if config.use_moe else MLP(config.dim, config.hidden_dim, config.mlp_bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout  # on each sub-layer's output, in training
 
     def forward(
         self,
@@ -521,14 +575,16 @@ class Block(nn.Module):
         is_causal: bool,
         kv_cache: KVCache | None,
         token_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv_cache))
-        h = self.post_attention_layernorm(x)
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the layer's output, its MoE load-balancing loss; None for a dense layer)."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv_cache)
+        x = x + F.dropout(h, self.dropout, self.training)
+        h, aux = self.post_attention_layernorm(x), None
         if isinstance(self.mlp, MoE):
             h, aux = self.mlp(h, token_mask)
         else:
-            h, aux = self.mlp(h), x.new_zeros((), dtype=torch.float32)
-        return x + self.dropout(h), aux
+            h = self.mlp(h)
+        return x + F.dropout(h, self.dropout, self.training), aux
 
 
 # ----------------------------------------------------------------------------- the model
@@ -557,9 +613,9 @@ class Transformer(nn.Module):
                 norm=RMSNorm(config.dim, config.norm_eps),
             )
         )
-        self.lm_head = DecodeLinear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = CPULinear(config.dim, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout  # on the embeddings, in training
         self.gradient_checkpointing = False  # recompute each block in backward (trainer/parallel.py sets it)
         self.generation_config: dict | None = None  # generation_config.json of the folder it was loaded from
         self._init_weights()
@@ -626,7 +682,7 @@ class Transformer(nn.Module):
         mask, is_causal = self._attention_mask(attention_mask, T, past, device)
         token_mask = attention_mask[:, past:] if attention_mask is not None else None
 
-        x = self.dropout(self.model.embed_tokens(input_ids))
+        x = F.dropout(self.model.embed_tokens(input_ids), self.dropout, self.training)
         cos, sin = self.rotary(position_ids, x.dtype)
         aux_loss = torch.zeros((), device=device)
         for layer in self.model.layers:
@@ -635,7 +691,8 @@ class Transformer(nn.Module):
                                           use_reentrant=False)
             else:
                 x, layer_aux = layer(x, cos, sin, mask, is_causal, kv_cache, token_mask)
-            aux_loss = aux_loss + layer_aux  # summed over MoE layers (DeepSeek/MiniMind)
+            if layer_aux is not None:
+                aux_loss = aux_loss + layer_aux  # summed over MoE layers (DeepSeek/MiniMind)
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.model.norm(x)

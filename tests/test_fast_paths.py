@@ -241,16 +241,16 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("matvec", [True, False])  # AMX CPUs' path, others' (DecodeLinear.matvec), whatever this CPU is
+@pytest.mark.parametrize("matvec", [True, False])  # AMX CPUs' path, others' (CPULinear.matvec), whatever this CPU is
 def test_linear_single_row_matrix_vector_path_equals_f_linear(monkeypatch, dtype, bias, matvec):
-    from model.model import DecodeLinear
+    from model.model import CPULinear
 
-    monkeypatch.setattr(DecodeLinear, "matvec", matvec)
+    monkeypatch.setattr(CPULinear, "matvec", matvec)
     real_mv, real_addmv, calls = torch.mv, torch.addmv, []
     monkeypatch.setattr(torch, "mv", lambda *a: calls.append("mv") or real_mv(*a))
     monkeypatch.setattr(torch, "addmv", lambda *a: calls.append("addmv") or real_addmv(*a))
     torch.manual_seed(0)
-    layer = DecodeLinear(48, 80, bias=bias).to(dtype)
+    layer = CPULinear(48, 80, bias=bias).to(dtype)
     for shape in ((1, 1, 48), (1, 48), (2, 1, 48)):  # one row (mv when matvec), and more rows (F.linear)
         x = torch.randn(shape).to(dtype)
         tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
@@ -267,13 +267,13 @@ needs_onednn_bf16 = pytest.mark.skipif(
 
 
 def spy_packing(monkeypatch) -> list[str]:
-    """Force DecodeLinear's packed path on (whatever this CPU's default) and record every layer that takes it."""
-    from model.model import DecodeLinear
+    """Force CPULinear's packed path on (whatever this CPU's default) and record every layer that takes it."""
+    from model.model import CPULinear
 
-    monkeypatch.setattr(DecodeLinear, "pack", True)
-    monkeypatch.setattr(DecodeLinear, "matvec", False)
-    real, calls = DecodeLinear.packed_product, []
-    monkeypatch.setattr(DecodeLinear, "packed_product",
+    monkeypatch.setattr(CPULinear, "pack", True)
+    monkeypatch.setattr(CPULinear, "matvec", False)
+    real, calls = CPULinear.packed_product, []
+    monkeypatch.setattr(CPULinear, "packed_product",
                         lambda self, x, *others: calls.append(self) or real(self, x, *others))
     return calls
 
@@ -285,13 +285,13 @@ def test_packed_bf16_weights_give_f_linear_bit_for_bit(monkeypatch, bias):
     decoding's one row to a prefill's hundreds, also under autocast from fp32 weights (DPO's reference); fp32,
     weights under PACK_MIN_WEIGHT, trainable weights, products with gradients and modules with pack False keep
     F.linear."""
-    from model.model import PACK_MIN_WEIGHT, DecodeLinear
+    from model.model import PACK_MIN_WEIGHT, CPULinear
 
     calls = spy_packing(monkeypatch)
     torch.manual_seed(0)
 
-    def frozen(*shape: int, dtype: torch.dtype = torch.bfloat16) -> DecodeLinear:
-        return DecodeLinear(*shape, bias=bias).to(dtype).requires_grad_(False)
+    def frozen(*shape: int, dtype: torch.dtype = torch.bfloat16) -> CPULinear:
+        return CPULinear(*shape, bias=bias).to(dtype).requires_grad_(False)
 
     layer = frozen(128, 160)
     assert layer.weight.numel() >= PACK_MIN_WEIGHT
@@ -313,7 +313,7 @@ def test_packed_bf16_weights_give_f_linear_bit_for_bit(monkeypatch, bias):
         calls.clear()
         off = frozen(128, 160)
         off.pack = False
-        trainable = DecodeLinear(128, 160, bias=bias).to(torch.bfloat16)
+        trainable = CPULinear(128, 160, bias=bias).to(torch.bfloat16)
         for module, x in ((fp32, torch.randn(1, 128)), (frozen(64, 64), torch.randn(1, 64).bfloat16()),
                           (off, torch.randn(1, 128).bfloat16()), (trainable, torch.randn(1, 128).bfloat16())):
             torch.testing.assert_close(module(x), F.linear(x, module.weight, module.bias), atol=0, rtol=0)
@@ -334,11 +334,11 @@ def test_packed_weights_follow_every_change_of_the_weights(monkeypatch):
     import copy
     import pickle
 
-    from model.model import DecodeLinear
+    from model.model import CPULinear
 
     calls = spy_packing(monkeypatch)
     torch.manual_seed(0)
-    layer = DecodeLinear(128, 160, bias=True).to(torch.bfloat16)
+    layer = CPULinear(128, 160, bias=True).to(torch.bfloat16)
     x = torch.randn(3, 128).to(torch.bfloat16)
 
     def check() -> torch.Tensor:
@@ -358,7 +358,7 @@ def test_packed_weights_follow_every_change_of_the_weights(monkeypatch):
     layer.requires_grad_(False)
     check()
     assert calls == [layer]
-    layer.load_state_dict(DecodeLinear(128, 160, bias=True).to(torch.bfloat16).state_dict())
+    layer.load_state_dict(CPULinear(128, 160, bias=True).to(torch.bfloat16).state_dict())
     check()
     with torch.no_grad():
         layer.weight.mul_(0.5)
@@ -380,7 +380,7 @@ def test_stacked_packed_projections_give_the_same_logits_and_tokens(monkeypatch,
     (project): a model's logits and greedy tokens are those of F.linear bit for bit, with biases (Qwen2) or not."""
     from model import Transformer, generate
     from model.config import ModelConfig
-    from model.model import DecodeLinear
+    from model.model import CPULinear
 
     calls = spy_packing(monkeypatch)
     torch.manual_seed(0)
@@ -392,7 +392,7 @@ def test_stacked_packed_projections_give_the_same_logits_and_tokens(monkeypatch,
     packed_tokens = torch.stack(list(generate(model, prompt, 20, temperature=0)), dim=1)
     names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
     assert {names[layer] for layer in calls} == {"q_proj", "o_proj", "gate_proj", "down_proj", "lm_head"}
-    monkeypatch.setattr(DecodeLinear, "pack", False)
+    monkeypatch.setattr(CPULinear, "pack", False)
     calls.clear()
     with torch.no_grad():
         assert torch.equal(model(prompt).logits, packed_logits)
@@ -400,12 +400,49 @@ def test_stacked_packed_projections_give_the_same_logits_and_tokens(monkeypatch,
     assert calls == []
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs PyTorch's oneDNN (x86)")
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp32_products_with_gradients_on_onednn_give_f_linears_values_and_gradients(monkeypatch, bias):
+    """With onednn_fp32 on (AMD CPUs with AVX-512), an fp32 product with gradients runs through oneDNN: its output
+    and the gradients of x, weight and bias are F.linear's up to fp32 rounding, also for a frozen weight (LoRA's base
+    layers) and a gradient that is not contiguous; without gradients, under autocast and in bf16 it is not used."""
+    from model.model import CPULinear
+
+    monkeypatch.setattr(CPULinear, "onednn_fp32", True)
+    torch.manual_seed(0)
+    layer = CPULinear(96, 160, bias=bias)
+    params = [p for p in (layer.weight, layer.bias) if p is not None]
+    x = torch.randn(3, 37, 96, requires_grad=True)
+    grad = torch.randn(3, 160, 37).transpose(1, 2)  # as the gradient flowing back through a transpose is
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "_OneDNNLinearBackward"
+    expected = F.linear(x, layer.weight, layer.bias)
+    tol = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, expected, **tol)
+    for got, want in zip(torch.autograd.grad(y, [x, *params], grad), torch.autograd.grad(expected, [x, *params], grad)):
+        torch.testing.assert_close(got, want, **tol)
+
+    layer.requires_grad_(False)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "_OneDNNLinearBackward"
+    torch.testing.assert_close(torch.autograd.grad(y, x, grad)[0], grad @ layer.weight, **tol)
+    layer.requires_grad_(True)
+
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and type(y.grad_fn).__name__ != "_OneDNNLinearBackward"
+    y = layer.to(torch.bfloat16)(x.detach().bfloat16().requires_grad_())
+    assert type(y.grad_fn).__name__ != "_OneDNNLinearBackward"
+
+
 def test_fsdp_modules_keep_f_linear():
     """Under FSDP2 the gathered weights are rewritten by collectives, which no version counter promises to see: its
     modules never pack."""
     from model import Transformer
     from model.config import ModelConfig
-    from model.model import DecodeLinear
+    from model.model import CPULinear
     from trainer.parallel import shard
 
     env = distributed.init_distributed("cpu", process_group=True)
@@ -413,7 +450,7 @@ def test_fsdp_modules_keep_f_linear():
         model = Transformer(ModelConfig(vocab_size=320, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32,
                                         max_seq_len=64))
         shard(model, env, torch.bfloat16)
-        layers = [m for m in model.modules() if isinstance(m, DecodeLinear)]
+        layers = [m for m in model.modules() if isinstance(m, CPULinear)]
         assert len(layers) == 2 * 7 + 1 and not any(m.pack for m in layers)
     finally:
         distributed.destroy()

@@ -26,7 +26,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model.model import DecodeLinear
+from model.model import CPULinear
 from trainer.distributed import DistEnv
 
 
@@ -84,7 +84,7 @@ def shard(model: nn.Module, env: DistEnv, dtype: torch.dtype) -> nn.Module:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)  # moves each shard to the mesh's device
     for module in model.modules():
-        if isinstance(module, DecodeLinear):  # collectives rewrite its gathered weights: a packed copy could go stale
+        if isinstance(module, CPULinear):  # collectives rewrite its gathered weights: a packed copy could go stale
             module.pack = False
     return model
 
