@@ -59,7 +59,7 @@ class LoRALinear(nn.Module):
         """The model's plain CPULinear (with its decode paths) computing the same function (up to
         rounding): W + scaling * B @ A."""
         linear = CPULinear(self.in_features, self.out_features, bias=self.bias is not None,
-                              device=self.weight.device, dtype=self.weight.dtype)
+                           device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
             linear.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))

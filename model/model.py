@@ -112,11 +112,12 @@ class _OneDNNLinear(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, "none", [], "")
-        rows = grad.reshape(-1, grad.shape[-1])
-        if ctx.needs_input_grad[1]:
-            grad_weight = rows.t() @ x.reshape(-1, x.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = rows.sum(0)
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            rows = grad.reshape(-1, grad.shape[-1])  # a copy when grad is not contiguous: only when needed
+            if ctx.needs_input_grad[1]:
+                grad_weight = rows.t() @ x.reshape(-1, x.shape[-1])
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = rows.sum(0)
         return grad_x, grad_weight, grad_bias
 
 
