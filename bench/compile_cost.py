@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """When does --compile pay? Its one-off cost against what it saves per step, for training and for decoding.
 
-Training: `train.py --mode pretrain` (default recipe, or --train_args) for --steps steps, three times: eager,
-then --compile with an empty Inductor cache (a first run on a machine), then --compile again with that cache
+Training: `train.py --mode pretrain` (default recipe, or --train_args) for --steps steps, three times: eager
+(--compile off), then --compile on with an empty Inductor cache (a first run on a machine), then again with that cache
 (every later run of the same shapes). Step time is the loop's own (median logged window after the first); the
 one-off cost is what the compiled run spent beyond its steps, less what the eager run spent beyond its steps
 (imports, data, export), and break-even is the number of steps whose saving repays it.
@@ -82,7 +82,8 @@ def main() -> None:
         tmp = Path(tmp)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "inductor-train")  # train.py's children inherit it
         train = {name: train_run(tmp / name, args.steps, flags + extra) for name, extra in
-                 (("eager", []), ("compiled, empty cache", ["--compile"]), ("compiled, warm cache", ["--compile"]))}
+                 (("eager", ["--compile", "off"]), ("compiled, empty cache", ["--compile", "on"]),
+                                      ("compiled, warm cache", ["--compile", "on"]))}
         folder = tmp / "model"
         save_weights(model_config("S"), folder)
         decode = {name: decode_run(folder, args.new_tokens, compile_, tmp / "inductor-decode") for name, compile_ in

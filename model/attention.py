@@ -19,17 +19,18 @@ validation, a generation's prefill; model/model.py Attention decides), in fp32 o
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 TILE = 64  # query positions per tile: smaller tiles skip more of the square but make more, smaller matmuls
 
 
-@functools.cache
+# Read once at import: a plain value, which torch.compile reads as a constant (a cached function it would trace).
+_AMX = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles, which PyTorch's bf16/fp16 CPU matmul and attention kernels use when present."""
-    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return _AMX
 
 
 def use_tiled_attention(q: torch.Tensor, dtype: torch.dtype) -> bool:

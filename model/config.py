@@ -31,8 +31,9 @@ from typing import Any
 
 def flag(default: Any, help: str, **metadata: Any) -> Any:
     """A dataclass field that is also one of train.py's --flags, with its help string. Other keywords go to
-    argparse (choices=, nargs=, ...), except cli=False: a field with no flag, and aliases=("--other_name",): more
-    names of the same flag (another project's), declared here, beside the flag they stand for."""
+    argparse (choices=, nargs=, type=, ...), except cli=False: a field with no flag, aliases=("--other_name",): more
+    names of the same flag (another project's), declared here, beside the flag they stand for, and negation=value:
+    what --no-flag sets, for a str switch (a bool field has --no-flag anyway)."""
     return field(default=default, metadata={"help": help, **metadata})
 
 

@@ -1,12 +1,15 @@
-"""Learning-rate schedules (cosine, warmup-stable-decay) and a run that ends on a time budget with its schedule
-complete. The budget is driven by a fake clock: every training step takes exactly one second of it."""
+"""Learning-rate schedules (cosine, warmup-stable-decay), a run that ends on a time budget with its schedule
+complete, and --compile auto, which compiles a run whose steps to come repay it. Time is a fake clock: every
+training step takes exactly one second of it (or as many as a test says)."""
 from __future__ import annotations
+
+import json
 
 import pytest
 
 import train
 from conftest import read_metrics, train_args
-from trainer import loop
+from trainer import loop, parallel
 from trainer.schedule import lr_multiplier, parse_duration
 
 
@@ -35,15 +38,20 @@ def test_cosine_is_unchanged_by_the_new_schedule():
     assert all(a > b for a, b in zip(lrs[2:10], lrs[3:10]))
 
 
-class FakeClock:
-    """loop.clock that moves only when a training step runs: one second per step; the process started 5 s ago."""
+class Killed(BaseException):
+    pass
 
-    def __init__(self, monkeypatch):
+
+class FakeClock:
+    """loop.clock that moves only when a training step runs: one second per step (or `seconds`); the process started
+    5 s ago."""
+
+    def __init__(self, monkeypatch, seconds: float = 1.0):
         self.now = 100.0
         real_step = loop.Trainer._train_step
 
         def step(trainer, batches):
-            self.now += 1.0
+            self.now += seconds
             return real_step(trainer, batches)
 
         monkeypatch.setattr(loop, "clock", lambda: self.now)
@@ -76,9 +84,6 @@ def test_a_time_budget_resumes_its_decided_length(corpus, tmp_path, monkeypatch)
     train.main(train_args(corpus, straight, *common))
     out = tmp_path / "run"
 
-    class Killed(BaseException):
-        pass
-
     real_step = loop.Trainer._train_step
 
     def dying(trainer, batches):
@@ -107,3 +112,51 @@ def test_bad_schedule_flags(corpus, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit):
         train.main(train_args(corpus, tmp_path / "x", *flags))
     assert message in capsys.readouterr().err
+
+
+@pytest.fixture
+def compiles(monkeypatch):
+    """The models parallel.compile_blocks was given (it compiles nothing here: that is tested in test_fast_paths.py)."""
+    calls = []
+    monkeypatch.setattr(parallel, "can_compile", lambda device: True)
+    monkeypatch.setattr(parallel, "compile_blocks", lambda model, device: calls.append(model) or model)
+    return calls
+
+
+def test_compile_auto_compiles_once_the_first_steps_say_the_rest_repays_it(corpus, tmp_path, monkeypatch, compiles,
+                                                                          capsys):
+    """Pretraining's default: 10 eager steps timed (a minute each here), then 30 minutes of steps to come, whose
+    saving beats the one-off cost: the blocks are compiled, in place, once; and a resume compiles them again at its
+    start, for the same numerics as the run it continues."""
+    FakeClock(monkeypatch, seconds=60.0)
+    common = ("--max_steps", "40", "--eval_interval", "0", "--eval_iters", "1", "--save_interval_steps", "20")
+    out = tmp_path / "run"
+    real_step = loop.Trainer._train_step
+
+    def dying(trainer, batches):
+        if trainer.state.step == 25:
+            raise Killed
+        return real_step(trainer, batches)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop.Trainer, "_train_step", dying)
+        with pytest.raises(Killed):
+            train.main(train_args(corpus, out, *common))
+    assert len(compiles) == 1 and type(compiles[0]).__name__ == "Transformer"  # the model itself, not a wrapper
+    assert ("--compile auto: about 30 minutes of steps to come at 60.00 s a step: compiling each block during the "
+            "next step") in capsys.readouterr().out
+    assert json.loads((out / "checkpoints" / "step_000020" / "trainer_state.json").read_text())["compiled"] is True
+
+    assert train.main(train_args(corpus, out, *common, "--resume"))["step"] == 40
+    assert len(compiles) == 2
+    assert "--compile auto: the run resumed had compiled its blocks; compiling them again" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags", [["--max_steps", "18"], ["--max_steps", "40", "--compile", "off"],
+                                   ["--time_budget", "20m"]])
+def test_compile_auto_leaves_eager_what_would_not_repay_it(corpus, tmp_path, monkeypatch, compiles, capsys, flags):
+    """8 minutes of steps to come, or --compile off, or a budget whose remaining ~10 minutes at a minute a step save
+    less than compiling costs: no compilation, and nothing said about it."""
+    FakeClock(monkeypatch, seconds=60.0)
+    train.main(train_args(corpus, tmp_path / "run", *flags, "--eval_interval", "0", "--eval_iters", "1"))
+    assert compiles == [] and "--compile auto" not in capsys.readouterr().out

@@ -327,6 +327,23 @@ def test_save_interval_is_save_interval_steps(corpus, tmp_path):
     assert action.dest == "save_interval_steps" and action.option_strings == ["--save_interval_steps", "--save_interval"]
 
 
+@pytest.mark.parametrize("flags, value", [
+    ([], "auto"), (["--compile"], "on"), (["--no-compile"], "off"), (["--compile", "off"], "off"),
+    (["--compile=true"], "on"), (["--compile=False"], "off"), (["--compile", "auto"], "auto"),
+])
+def test_compile_is_a_three_way_switch_that_still_takes_the_boolean_forms(corpus, tmp_path, flags, value):
+    """--compile was a boolean: the bare flag, --no-compile and the --flag=true/false of sweep tools keep working."""
+    assert train.parse_config(train_args(corpus, tmp_path / "x") + flags)[1].compile == value
+
+
+def test_compile_auto_is_only_pretrainings_default(base_model, tmp_path, capsys):
+    sft = ["--mode", "sft", "--init_from", str(base_model), "--out_dir", str(tmp_path / "x")]
+    assert train.parse_config(sft)[1].compile == "off"  # fine-tuning batches vary in length: a graph per length
+    with pytest.raises(SystemExit):
+        train.parse_config(sft + ["--compile", "sometimes"])
+    assert "argument --compile: expected auto, on or off, got 'sometimes'" in capsys.readouterr().err
+
+
 def test_mode_test_names_what_to_use_instead(capsys):
     with pytest.raises(SystemExit) as exc:
         train.main(["--mode", "test"])

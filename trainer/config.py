@@ -22,8 +22,26 @@ from trainer.errors import UsageError
 from trainer.schedule import SCHEDULES, parse_duration
 
 
-
 OPTIMIZERS = ("adamw", "muon")
+SWITCH = ("auto", "on", "off")  # the values of --compile
+
+
+def parse_bool(text: str) -> bool:
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
+def parse_switch(text: str) -> str:
+    """auto, on or off; a boolean (true/false, the form sweep tools write, or 1/0, yes/no) means on or off."""
+    word = text.lower()
+    if word in SWITCH:
+        return word
+    try:
+        return "on" if parse_bool(word) else "off"
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}") from None
 
 
 @dataclass
@@ -84,8 +102,11 @@ class TrainConfig:
                       "are sharded (torch.distributed.checkpoint); best/ and final/ are consolidated HF folders.")
     grad_checkpointing: bool = flag(False, "Activation checkpointing: keep only each block's input and recompute "
                                     "the block in backward (about 1/3 more compute for far less activation memory).")
-    compile: bool = flag(False, "torch.compile each block: faster steps after a one-off compile of tens of seconds "
-                         "(on GPU; on CPU too, with a C++ compiler; bench/RESULTS.md has the figures).")
+    compile: str = flag("off", "torch.compile each block: faster steps after a one-off wait to compile (a minute or "
+                        "more on a CPU, where it needs a C++ compiler). on (also the bare flag), off, or auto: time "
+                        "the first steps eagerly, then compile if the steps still to come are long enough to repay it "
+                        "(pretraining's default; README, Speed).", choices=SWITCH, type=parse_switch, nargs="?",
+                        const="on", negation="off", metavar="auto|on|off")
     peak_tflops: float = flag(0.0, "Peak TFLOP/s that the logged MFU is relative to; 0 = the datasheet figure of a "
                               "known GPU for --dtype, else a matmul measured at startup.")
     seed: int = flag(1337, "Seed for initialisation, data order and dropout.")
@@ -216,13 +237,6 @@ def _flag_type(tp: Any) -> Any:
     return args[0] if args else tp
 
 
-def parse_bool(text: str) -> bool:
-    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return value
-
-
 def _declared_fields(cls: type) -> list[tuple[type, dataclasses.Field]]:
     """(the class that first declares it, field) for each field of dataclass `cls`, in field order.
 
@@ -269,7 +283,11 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, only: tup
                                metavar="true|false", help=f"{help_} Off: --no-{f.name}.")
             group.add_argument(f"--no-{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
         else:
-            group.add_argument(f"--{f.name}", *aliases, type=tp, default=default, help=help_, **meta)
+            negation = meta.pop("negation", None)  # the value --no-flag sets, for a switch that is more than a bool
+            group.add_argument(f"--{f.name}", *aliases, **{"type": tp, **meta}, default=default, help=help_)
+            if negation is not None:
+                group.add_argument(f"--no-{f.name}", dest=f.name, action="store_const", const=negation,
+                                   help=argparse.SUPPRESS)
 
 
 def parsed_fields(cls: type, ns: argparse.Namespace, only: tuple[str, ...] | None = None) -> dict[str, Any]:

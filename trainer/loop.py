@@ -21,6 +21,7 @@ import contextlib
 import gc
 import math
 import shutil
+import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -74,6 +75,7 @@ class TrainState:
     planned_steps: int | None = None  # the run's length a --time_budget decided, once it did
     decay_start: int | None = None    # ... and the step its wsd decay started at
     planned_for: str = ""        # the --time_budget that decided them
+    compiled: bool = False       # the blocks run compiled (--compile on, or auto decided): auto resumes compiled
 
 
 # Fields every checkpoint this train.py wrote has; the others have defaults (added later, absent from older ones).
@@ -101,7 +103,7 @@ class Trainer:
         self.template = parallel.meta_copy(model) if cfg.fsdp and env.is_main else None
         self.raw_model = model  # the module itself (sharded in place by FSDP); self.model is what runs the step
         self.model = parallel.parallelize(model, env, fsdp=cfg.fsdp, dtype=self.dtype,
-                                          grad_checkpointing=cfg.grad_checkpointing, compile=cfg.compile)
+                                          grad_checkpointing=cfg.grad_checkpointing, compile=cfg.compile == "on")
         # Under FSDP its MixedPrecisionPolicy casts the parameters to self.dtype instead of autocast.
         self.autocast = torch.autocast(env.device.type, dtype=self.dtype,
                                        enabled=self.dtype != torch.float32 and not cfg.fsdp)
@@ -135,6 +137,8 @@ class Trainer:
         self.said_no_validation = False
         self.elapsed_before = 0.0  # seconds of the processes before a resume
         self.step_seconds: float | None = None  # recent seconds per optimizer step
+        self.eager_steps: list[float] | None = [] if cfg.compile == "auto" else None  # timed until auto decides
+        self.compile_step = 0  # the step that compiled the blocks (its time is no measure of the rate)
         self.eval_seconds: float | None = None  # the last evaluation's, and the last checkpoint's, duration
         self.save_seconds = 0.0
         self.resumed_from: Path | None = None
@@ -392,6 +396,10 @@ class Trainer:
             log.message(f"resumed from step {s.step} (epoch {s.epoch}, row {s.epoch_offset})")
         for note in notes:
             log.message(note)
+        if cfg.compile == "on":
+            s.compiled = True
+        elif self.eager_steps is not None and s.compiled:  # resumed: the same numerics as the run before
+            self._compile_blocks(log, "--compile auto: the run resumed had compiled its blocks; compiling them again")
         self.raw_model.train()
         try:
             with StopOnSignal() as stop:
@@ -445,9 +453,12 @@ class Trainer:
                 raise TrainingError(f"out of memory at step {s.step + 1}. Reduce memory with {_MEMORY_FLAGS}; "
                                     f"--resume continues from the last checkpoint.") from None
             s.step += 1
-            self.step_seconds = clock() - t_step if self.step_seconds is None else (
-                0.9 * self.step_seconds + 0.1 * (clock() - t_step))  # the recent rate, for the time budget
-            if self.budget is not None and s.planned_steps is None:
+            seconds = clock() - t_step
+            if s.step != self.compile_step:  # the recent rate, for the time budget and --compile auto
+                self.step_seconds = seconds if self.step_seconds is None else 0.9 * self.step_seconds + 0.1 * seconds
+            if self.eager_steps is not None:
+                self._auto_compile(log, seconds)
+            if self.budget is not None and s.planned_steps is None and self.step_seconds is not None:
                 self._plan_length(log)
             done = self._ended()
             if s.step % cfg.log_interval == 0 or done:
@@ -481,6 +492,35 @@ class Trainer:
             if saved is not None or evaluates:  # restart the tokens/s clock: it measures training, not the pauses
                 t_last, tokens_last, self.step_flops = time.perf_counter(), s.tokens_seen, 0.0
         return 0
+
+    def _auto_compile(self, log: MetricsLogger, seconds: float) -> None:
+        """--compile auto: once AUTO_COMPILE_AFTER steps are timed, compile the blocks if the steps still to come are
+        long enough to repay it (trainer/parallel.py compile_pays). Decided once, from the ranks' mean step time, so
+        that every rank decides alike."""
+        self.eager_steps.append(seconds)
+        if len(self.eager_steps) < parallel.AUTO_COMPILE_AFTER:
+            return
+        rate = torch.tensor(statistics.median(self.eager_steps[1:]), dtype=torch.float64, device=self.env.device)
+        self.eager_steps = None
+        all_reduce_sum(rate)
+        step_seconds = rate.item() / self.env.world_size
+        s = self.state
+        left = min(t for t in ((self.total_steps - s.step) * step_seconds if self.total_steps is not None else None,
+                               self.budget - self._elapsed() if self.budget is not None else None) if t is not None)
+        if not parallel.compile_pays(left):
+            return
+        said = f"--compile auto: about {left / 60:.0f} minutes of steps to come at {step_seconds:.2f} s a step"
+        if not parallel.can_compile(self.env.device):
+            log.message(f"{said}, but torch.compile needs a C++ compiler (g++ or clang++) on {self.env.device.type}: "
+                        f"the run stays eager")
+            return
+        self._compile_blocks(log, f"{said}: compiling each block during the next step (a one-off wait) repays "
+                                  f"itself within the run. --compile off keeps a run eager")
+
+    def _compile_blocks(self, log: MetricsLogger, message: str) -> None:
+        parallel.compile_blocks(self.raw_model, self.env.device)
+        self.state.compiled, self.compile_step, self.eager_steps = True, self.state.step + 1, None
+        log.message(message)
 
     def _plan_length(self, log: MetricsLogger) -> None:
         """With --time_budget: once its stable part is spent, fix the run's length (and so wsd's decay) to what the

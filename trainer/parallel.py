@@ -56,6 +56,20 @@ def can_compile(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+# What --compile auto expects of compiling the blocks (bench/compile_cost.py on the default pretraining recipe, a
+# 2-core CPU; bench/RESULTS.md): the one-off cost of a first compilation, about the highest recorded, and the share
+# of each later step it saves, a little under the recorded runs' median. Unmeasured on GPUs, which compile in
+# similar time and usually gain more: there the rule errs towards eager.
+COMPILE_COST_S = 90.0
+COMPILE_SAVING = 0.10
+AUTO_COMPILE_AFTER = 10  # eager steps timed before --compile auto decides (the first, with its warm-up, not counted)
+
+
+def compile_pays(seconds_left: float) -> bool:
+    """Whether compiling now repays its one-off cost within the run: `seconds_left` of eager steps to come."""
+    return seconds_left * COMPILE_SAVING > COMPILE_COST_S
+
+
 def compile_blocks(model: nn.Module, device: torch.device) -> nn.Module:
     """torch.compile each decoder block in place (torchtitan's way); eager, with a warning, where this device
     cannot compile.
@@ -66,6 +80,8 @@ def compile_blocks(model: nn.Module, device: torch.device) -> nn.Module:
     and 9% in fp32 (bench/RESULTS.md). All blocks run the same code, so one graph is compiled (~15-40 s on 2
     CPU cores the first time, seconds once Inductor's on-disk cache has it) and reused by every layer. Compiling in
     place keeps parameter names, so checkpoints, DDP/FSDP, LoRA and activation checkpointing see the same modules.
+    torch.compile traces a block at its next call, so compiling mid-run (--compile auto) is the same as before the
+    DDP/FSDP wrapping.
     """
     if not can_compile(device):
         warnings.warn(f"torch.compile needs a C++ compiler on {device.type} (g++ or clang++); training runs eager")

@@ -25,6 +25,8 @@ class PretrainConfig(TrainConfig):
     # every learning rate and batch tried, with AdamW's share (embeddings, lm_head, norms) at 3e-3.
     optimizer: str = "muon"
     learning_rate: float = 3e-3
+    # Pretraining rows are all one length, so compiling makes one graph; the other modes' batches vary in length.
+    compile: str = "auto"
 
     preset: str = flag("small", "Model size preset; the model flags below override single fields of it.",
                        choices=tuple(PRESETS))
