@@ -160,3 +160,25 @@ def test_compile_auto_leaves_eager_what_would_not_repay_it(corpus, tmp_path, mon
     FakeClock(monkeypatch, seconds=60.0)
     train.main(train_args(corpus, tmp_path / "run", *flags, "--eval_interval", "0", "--eval_iters", "1"))
     assert compiles == [] and "--compile auto" not in capsys.readouterr().out
+
+
+def test_the_step_that_compiles_is_no_measure_of_a_time_budgets_rate(corpus, tmp_path, monkeypatch, compiles,
+                                                                      capsys):
+    """--compile on: the first step also compiles (30 s more here). The budget counts that time, but the steps after
+    run at a second each, and the run's length is planned at that rate, not at one bent by the compiling step."""
+    clock = FakeClock(monkeypatch)
+    real_step = loop.Trainer._train_step
+
+    def compiling_first(trainer, batches):
+        clock.now += 30.0 if trainer.state.step == 0 else 0.0
+        return real_step(trainer, batches)
+
+    monkeypatch.setattr(loop.Trainer, "_train_step", compiling_first)
+    result = train.main(train_args(corpus, tmp_path / "run", "--time_budget", "60s", "--compile", "on",
+                                   "--eval_interval", "0", "--eval_iters", "1", "--warmup_iters", "3"))
+    assert len(compiles) == 1
+    # 5 s of start-up, 31 s for the first step, 1 s for each after: 48 s are spent by step 13, and the 12 s left,
+    # less the final evaluation's third of a step, hold 11 more steps.
+    said = capsys.readouterr().out
+    assert "48s spent by step 13; the learning rate decays from here to the run's end at step 24" in said
+    assert result["step"] == 24

@@ -396,8 +396,8 @@ class Trainer:
             log.message(f"resumed from step {s.step} (epoch {s.epoch}, row {s.epoch_offset})")
         for note in notes:
             log.message(note)
-        if cfg.compile == "on":
-            s.compiled = True
+        if cfg.compile == "on":  # its first step compiles: no measure of the rate either
+            s.compiled, self.compile_step = True, s.step + 1
         elif self.eager_steps is not None and s.compiled:  # resumed: the same numerics as the run before
             self._compile_blocks(log, "--compile auto: the run resumed had compiled its blocks; compiling them again")
         self.raw_model.train()
