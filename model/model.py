@@ -82,7 +82,6 @@ def can_pack_bf16_weights() -> bool:
             and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-@functools.cache
 def fp32_products_on_onednn() -> bool:
     """Whether fp32 products with gradients run on oneDNN instead of MKL, PyTorch's fp32 BLAS: on AMD CPUs with
     AVX-512, where oneDNN's AVX-512 kernels beat MKL's, which are tuned for Intel's CPUs (measured on Zen 4,

@@ -177,8 +177,8 @@ def test_the_step_that_compiles_is_no_measure_of_a_time_budgets_rate(corpus, tmp
     result = train.main(train_args(corpus, tmp_path / "run", "--time_budget", "60s", "--compile", "on",
                                    "--eval_interval", "0", "--eval_iters", "1", "--warmup_iters", "3"))
     assert len(compiles) == 1
-    # 5 s of start-up, 31 s for the first step, 1 s for each after: 48 s are spent by step 13, and the 12 s left,
-    # less the final evaluation's third of a step, hold 11 more steps.
+    # On the fake clock: start-up, the longer first step, then a second a step, reach 80% of the budget at step 13;
+    # the rest, less the final evaluation's third of a step, holds 11 more steps.
     said = capsys.readouterr().out
     assert "48s spent by step 13; the learning rate decays from here to the run's end at step 24" in said
     assert result["step"] == 24

@@ -504,9 +504,10 @@ class Trainer:
         self.eager_steps = None
         all_reduce_sum(rate)
         step_seconds = rate.item() / self.env.world_size
-        s = self.state
-        left = min(t for t in ((self.total_steps - s.step) * step_seconds if self.total_steps is not None else None,
-                               self.budget - self._elapsed() if self.budget is not None else None) if t is not None)
+        ends = [self.budget - self._elapsed()] if self.budget is not None else []
+        if self.total_steps is not None:
+            ends.append((self.total_steps - self.state.step) * step_seconds)
+        left = min(ends)  # seconds of steps to come: a time budget's rest, the planned steps', or the sooner
         if not parallel.compile_pays(left):
             return
         said = f"--compile auto: about {left / 60:.0f} minutes of steps to come at {step_seconds:.2f} s a step"
