@@ -32,6 +32,7 @@ from trainer.config import TrainConfig, add_dataclass_flags, parsed_fields
 from trainer.distributed import destroy, init_distributed, resolve_dtype
 from trainer.errors import TrainingError, UsageError
 from trainer.loop import Trainer
+from trainer.memory import keep_freed_memory
 from trainer.modes import MODES, Components, Mode, Run
 from trainer.rundir import owned_out_dir
 
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None, adjust: Callable[[Components], None] | N
     benchmark feeds GRPO fixed completions that way: bench/peers.py)."""
     mode, cfg, model_cfg, tokenizer = parse_config(argv)
     env = init_distributed(cfg.device, process_group=cfg.fsdp)
+    if env.device.type == "cpu":
+        keep_freed_memory()  # each step reuses the last one's memory instead of faulting in fresh pages
     run = Run(cfg, env, resolve_dtype(cfg.dtype, env.device), tokenizer, model_cfg, mode.seq_len(cfg, model_cfg))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     try:

@@ -7,7 +7,8 @@ compilation happens in the untimed warm-up steps):
                  default, foreach) in --dtype: what a user would write
   hf_fused       the same with AdamW(fused=True): separates the optimizer's share of our gain
   ours           our Transformer, CausalLMObjective (chunked fp32 cross-entropy) and Optimizers (fused
-                 AdamW): the trainer's step, in --dtype
+                 AdamW): the trainer's step, in --dtype, with malloc set to keep freed memory on CPU as train.py
+                 sets it (trainer/memory.py)
   ours_compiled  ours with the trainer's --compile (trainer/parallel.py: each block through torch.compile)
   recipe         ours in the trainer's default dtype (--dtype auto: bfloat16 on CPUs/GPUs with native bf16), with
                  AdamW like the peers
@@ -44,6 +45,7 @@ from common import (HelpFormatter, CONFIGS, load_after, machine_line, model_conf
 from model import Transformer
 from trainer.distributed import DistEnv, resolve_device, resolve_dtype
 from trainer.flops import peak_flops
+from trainer.memory import keep_freed_memory
 from trainer.parallel import parallelize
 
 IMPLS = ("minimind", "hf", "hf_fused", "ours", "ours_compiled", "recipe", "recipe_muon", "compiled", "hf_recipe")
@@ -69,6 +71,8 @@ def make_step(args: argparse.Namespace) -> tuple[Callable[[], None], torch.devic
     if args.impl == "minimind":
         return minimind_step(args, device)
     if not args.impl.startswith("hf"):
+        if device.type == "cpu":
+            keep_freed_memory()  # as train.py does
         model = Transformer.from_pretrained(args.weights).train()
         model = parallelize(model, DistEnv(0, 1, device), fsdp=False, dtype=dtype, grad_checkpointing=False,
                             compile=args.impl.endswith("compiled"))
