@@ -72,13 +72,17 @@ class KVCache:
 
 
 PACK_MIN_WEIGHT = 128 * 128  # smaller weights stay on F.linear: they sit in cache, where its call is cheaper
+# On CPUs with AMX, oneDNN runs a packed weight through another kernel from a few dozen rows on, which sums in another
+# order than F.linear's (one output in ~10^4 differs by a rounding) and gains little or loses at thousands of rows
+# (bench/RESULTS.md): there only decoding's few rows take the packed weight.
+PACK_MAX_ROWS_AMX = 16
 
 
 @functools.cache
 def can_pack_bf16_weights() -> bool:
-    """Whether bf16 products on this CPU take CPULinear's packed weights: x86 CPUs without AMX whose PyTorch has
-    oneDNN's bf16 kernels (measured there; AMX CPUs keep their measured single-row path, see CPULinear)."""
-    return (platform.machine().lower() in ("x86_64", "amd64") and not cpu_has_amx()
+    """Whether bf16 products on this CPU take CPULinear's packed weights: x86 CPUs whose PyTorch has oneDNN's bf16
+    kernels (measured with and without AMX)."""
+    return (platform.machine().lower() in ("x86_64", "amd64")
             and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
@@ -126,17 +130,18 @@ class CPULinear(nn.Linear):
     Decoding sends a handful of rows (one per sequence) through every weight per token, so it is bound by how fast a
     product streams its weight from memory and by the fixed cost of each call, and the library's default calls are
     slow at both on CPU (bench/RESULTS.md, decode):
-    - bf16 without gradients, on x86 CPUs without AMX: a frozen weight (requires_grad False: eval_model's and the
-      server's models, DPO's and GRPO's references) is reordered once into oneDNN's blocked layout and kept (a second
-      copy, in bf16) until it changes, and the product runs on it. It is the oneDNN product F.linear runs in bf16,
-      equal bit for bit, without F.linear's reordering of the weight at every call (its gain is largest at a few rows,
-      smaller but still there at thousands). Layers that read the same input (q/k/v, gate/up: see project) keep
-      one stacked copy and make one call. Trained weights are not packed: an optimizer may rewrite one in place
-      without bumping its version (fused AdamW does), which would leave the copy stale. Nor is fp32 (MKL, PyTorch's
-      fp32 BLAS, sums in another order than oneDNN, and fp32 inference matches transformers exactly), a weight
-      under PACK_MIN_WEIGHT, or a module whose `pack` is False (FSDP's: its gathered weights are rewritten by
-      collectives that no version counter promises to see).
-    - one row on CPUs with AMX: torch.mv, since F.linear sends the row through the AMX matmul kernel, slower.
+    - bf16 without gradients, on x86 CPUs: a frozen weight (requires_grad False: eval_model's and the server's
+      models, DPO's and GRPO's references) is reordered once into oneDNN's blocked layout and kept (a second copy, in
+      bf16) until it changes, and the product runs on it. It is the oneDNN product F.linear runs in bf16, equal bit
+      for bit, without F.linear's reordering of the weight at every call (its gain is largest at a few rows, smaller
+      but still there at thousands; on CPUs with AMX only up to PACK_MAX_ROWS_AMX rows, see there). Layers that read
+      the same input (q/k/v, gate/up: see project) keep one stacked copy and make one call. Trained weights are not
+      packed: an optimizer may rewrite one in place without bumping its version (fused AdamW does), which would leave
+      the copy stale. Nor is fp32 (MKL, PyTorch's fp32 BLAS, sums in another order than oneDNN, and fp32 inference
+      matches transformers exactly), a weight under PACK_MIN_WEIGHT, or a module whose `pack` is False (FSDP's: its
+      gathered weights are rewritten by collectives that no version counter promises to see).
+    - any other single row on CPUs with AMX: torch.mv, since F.linear sends the row through the AMX matmul kernel,
+      slower.
     - one row under torch.compile: torch.mv, for which Inductor writes its own kernel, several times faster than
       either library call; a one-row F.linear (or the packed product) would stay a library call.
     - fp32 with gradients (training without autocast) on AMD CPUs with AVX-512: the forward and the input's gradient
@@ -147,17 +152,18 @@ class CPULinear(nn.Linear):
 
     matvec = cpu_has_amx()  # class-wide: whether eager single-row CPU products go through torch.mv
     pack = can_pack_bf16_weights()  # whether bf16 products without gradients take the packed weight
+    pack_max_rows = PACK_MAX_ROWS_AMX if cpu_has_amx() else None  # the most rows a packed product takes (None: any)
     onednn_fp32 = fp32_products_on_onednn()  # whether fp32 products with gradients run on oneDNN
     _packed: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None  # (what it was built from, weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if packs(x, (self,)):
+            return self.packed_product(x)[0]
         if ((self.matvec or torch.compiler.is_compiling()) and x.device.type == "cpu"
                 and x.shape[:-1].numel() == 1 and not torch.is_autocast_enabled("cpu")):
             v = x.reshape(-1)
             y = torch.mv(self.weight, v) if self.bias is None else torch.addmv(self.bias, self.weight, v)
             return y.view(*x.shape[:-1], self.out_features)
-        if packs(x, (self,)):
-            return self.packed_product(x)[0]
         if (self.onednn_fp32 and torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
                 and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
                 and not torch.compiler.is_compiling()):
@@ -190,6 +196,8 @@ def packs(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> bool:
     the rules of CPULinear's docstring, for one layer or a group."""
     if (torch.is_grad_enabled() or x.device.type != "cpu" or torch.compiler.is_compiling()
             or not all(type(layer) is CPULinear and layer.pack for layer in layers)):  # not LoRA-wrapped, not FSDP's
+        return False
+    if CPULinear.pack_max_rows is not None and x.shape[:-1].numel() > CPULinear.pack_max_rows:
         return False
     autocast = torch.is_autocast_enabled("cpu")
     if (torch.get_autocast_dtype("cpu") if autocast else x.dtype) != torch.bfloat16:

@@ -271,6 +271,7 @@ def spy_packing(monkeypatch) -> list[str]:
     from model.model import CPULinear
 
     monkeypatch.setattr(CPULinear, "pack", True)
+    monkeypatch.setattr(CPULinear, "pack_max_rows", None)
     monkeypatch.setattr(CPULinear, "matvec", False)
     real, calls = CPULinear.packed_product, []
     monkeypatch.setattr(CPULinear, "packed_product",
@@ -324,6 +325,27 @@ def test_packed_bf16_weights_give_f_linear_bit_for_bit(monkeypatch, bias):
     assert calls == [] and y.requires_grad
     y.float().sum().backward()
     assert x.grad is not None
+
+
+@needs_onednn_bf16
+def test_amx_cpus_pack_only_decoding_rows(monkeypatch):
+    """Where pack_max_rows is set (CPUs with AMX, whose oneDNN changes kernels for a packed weight at a few dozen
+    rows), products of up to that many rows take the packed weight and larger ones F.linear, alone or stacked."""
+    from model.model import PACK_MAX_ROWS_AMX, CPULinear, project
+
+    calls = spy_packing(monkeypatch)
+    monkeypatch.setattr(CPULinear, "pack_max_rows", PACK_MAX_ROWS_AMX)
+    torch.manual_seed(0)
+    q, k = (CPULinear(128, 160, bias=False).to(torch.bfloat16).requires_grad_(False) for _ in range(2))
+    with torch.no_grad():
+        for rows, packed in ((1, True), (PACK_MAX_ROWS_AMX, True), (PACK_MAX_ROWS_AMX + 1, False), (600, False)):
+            x = torch.randn(1, rows, 128).to(torch.bfloat16)
+            calls.clear()
+            y, = project(x, q)
+            ys = project(x, q, k)
+            assert calls == ([q, q] if packed else [])
+            assert torch.equal(y, F.linear(x, q.weight)), rows
+            assert torch.equal(ys[1], F.linear(x, k.weight)), rows
 
 
 @needs_onednn_bf16
