@@ -13,7 +13,6 @@ in fp32), which tests/test_model.py checks logit for logit against transformers.
 
 from __future__ import annotations
 
-import functools
 import math
 import platform
 from pathlib import Path
@@ -78,7 +77,6 @@ PACK_MIN_WEIGHT = 128 * 128  # smaller weights stay on F.linear: they sit in cac
 PACK_MAX_ROWS_AMX = 16
 
 
-@functools.cache
 def can_pack_bf16_weights() -> bool:
     """Whether bf16 products on this CPU take CPULinear's packed weights: x86 CPUs whose PyTorch has oneDNN's bf16
     kernels (measured with and without AMX)."""
