@@ -152,7 +152,8 @@ class CPULinear(nn.Linear):
     pack = can_pack_bf16_weights()  # whether bf16 products without gradients take the packed weight
     pack_max_rows = PACK_MAX_ROWS_AMX if cpu_has_amx() else None  # the most rows a packed product takes (None: any)
     onednn_fp32 = fp32_products_on_onednn()  # whether fp32 products with gradients run on oneDNN
-    _packed: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None  # (what it was built from, weight, bias)
+    _packed: tuple[tuple, torch.Tensor, torch.Tensor | None, list[int]] | None = None  # (what it was built from,
+    # weight, bias, out_features of each stacked layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if packs(x, (self,)):
@@ -179,10 +180,12 @@ class CPULinear(nn.Linear):
             weight = torch.cat([layer.weight.detach() for layer in layers]).to(torch.bfloat16)
             bias = (torch.cat([layer.bias.detach() for layer in layers]).to(torch.bfloat16)
                     if self.bias is not None else None)
-            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(weight, 1), bias)
-        _, weight, bias = self._packed
+            sizes = [layer.out_features for layer in layers]
+            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(weight, 1), bias, sizes)
+        _, weight, bias, sizes = self._packed
         y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), weight, bias, "none", [], "")
-        return y.split([layer.out_features for layer in layers], dim=-1) if others else (y,)
+        # split_with_sizes: Tensor.split's Python wrapper costs more than the split itself at a few rows
+        return y.split_with_sizes(sizes, dim=-1) if others else (y,)
 
     def __getstate__(self) -> dict:
         # The packed copy is an opaque oneDNN tensor, which can be neither copied nor pickled; it is rebuilt on demand.
@@ -192,22 +195,25 @@ class CPULinear(nn.Linear):
 def packs(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> bool:
     """Whether x's products with these layers (which all read x) run as one call on their stacked packed copy:
     the rules of CPULinear's docstring, for one layer or a group."""
-    if (torch.is_grad_enabled() or x.device.type != "cpu" or torch.compiler.is_compiling()
-            or not all(type(layer) is CPULinear and layer.pack for layer in layers)):  # not LoRA-wrapped, not FSDP's
+    if torch.is_grad_enabled() or x.device.type != "cpu" or torch.compiler.is_compiling():
         return False
     if CPULinear.pack_max_rows is not None and x.shape[:-1].numel() > CPULinear.pack_max_rows:
         return False
     autocast = torch.is_autocast_enabled("cpu")
     if (torch.get_autocast_dtype("cpu") if autocast else x.dtype) != torch.bfloat16:
         return False
-    # Decoding asks this ~30 times a token, so the parameter dicts are read directly: nn.Module's attribute lookup
-    # of a parameter costs about a microsecond each.
-    weights = [layer._parameters["weight"] for layer in layers]
-    biases = [layer._parameters["bias"] for layer in layers]
-    return (len({b is None for b in biases}) == 1
-            and not any(t.requires_grad for t in weights + biases if t is not None)
-            and (autocast or all(w.dtype == torch.bfloat16 for w in weights))
-            and sum(w.numel() for w in weights) >= PACK_MIN_WEIGHT)
+    # Decoding asks this ~30 times a token: one plain loop, and the parameter dicts read directly (nn.Module's
+    # attribute lookup of a parameter costs about a microsecond each).
+    biased, size = layers[0]._parameters["bias"] is not None, 0
+    for layer in layers:
+        if type(layer) is not CPULinear or not layer.pack:  # not LoRA-wrapped, not FSDP's
+            return False
+        weight, bias = layer._parameters["weight"], layer._parameters["bias"]
+        if (weight.requires_grad or (bias is not None) != biased or (biased and bias.requires_grad)
+                or not (autocast or weight.dtype == torch.bfloat16)):
+            return False
+        size += weight.numel()
+    return size >= PACK_MIN_WEIGHT
 
 
 def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -561,6 +567,12 @@ def load_balancing_loss(
     return n_experts * (f * P).sum(-1).mean()
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout, not called where it is the identity (inference, p = 0): decoding would call it 2 x layers + 1
+    times a token for nothing."""
+    return F.dropout(x, p, training) if training and p > 0 else x
+
+
 class Block(nn.Module):
     """Pre-norm decoder layer (norm before each sub-layer keeps the residual stream an identity path)."""
 
@@ -584,13 +596,13 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the layer's output, its MoE load-balancing loss; None for a dense layer)."""
         h = self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv_cache)
-        x = x + F.dropout(h, self.dropout, self.training)
+        x = x + dropout(h, self.dropout, self.training)
         h, aux = self.post_attention_layernorm(x), None
         if isinstance(self.mlp, MoE):
             h, aux = self.mlp(h, token_mask)
         else:
             h = self.mlp(h)
-        return x + F.dropout(h, self.dropout, self.training), aux
+        return x + dropout(h, self.dropout, self.training), aux
 
 
 # ----------------------------------------------------------------------------- the model
@@ -688,7 +700,7 @@ class Transformer(nn.Module):
         mask, is_causal = self._attention_mask(attention_mask, T, past, device)
         token_mask = attention_mask[:, past:] if attention_mask is not None else None
 
-        x = F.dropout(self.model.embed_tokens(input_ids), self.dropout, self.training)
+        x = dropout(self.model.embed_tokens(input_ids), self.dropout, self.training)
         cos, sin = self.rotary(position_ids, x.dtype)
         aux_loss = torch.zeros((), device=device)
         for layer in self.model.layers:
