@@ -32,11 +32,32 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 5)
 """
 
 
-def faults_per_step(how: str) -> int:
-    proc = subprocess.run([sys.executable, "-c", CHURN, how], cwd=ROOT, capture_output=True, text=True, timeout=120,
+# A block above 32 MB (the most that glibc's mmap threshold can be raised to), such as a step's logits or their
+# gradient: printed, whether it lies in the heap, where a freed block is kept for reuse, or in a mapping of its own.
+BIG_BLOCK = """
+import sys, torch
+from trainer.memory import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+block = torch.ones(64 << 18)  # 64 MB
+address = block.data_ptr()
+for line in open("/proc/self/maps"):  # start-end perms offset device inode [name]
+    fields = line.split()
+    start, end = (int(a, 16) for a in fields[0].split("-"))
+    if start <= address < end:
+        print(fields[-1] == "[heap]")
+"""
+
+
+def run(code: str, how: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", code, how], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
-    return int(proc.stdout.split()[-1])
+    return proc.stdout.split()[-1]
+
+
+def faults_per_step(how: str) -> int:
+    return int(run(CHURN, how))
 
 
 def huge_pages_always() -> bool:
@@ -53,6 +74,12 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
     pages = sum(SIZES_MB) * 256
     assert default > pages // 8  # glibc's defaults hand much of each step's memory back to the kernel
     assert kept < default // 10
+
+
+@pytest.mark.skipif(not memory.is_glibc() or not Path("/proc/self/maps").exists(), reason="glibc's malloc, Linux")
+def test_blocks_above_glibcs_mmap_threshold_ceiling_come_from_the_heap():
+    assert run(BIG_BLOCK, "default") == "False"  # by default a mapping of its own, unmapped the moment it is freed
+    assert run(BIG_BLOCK, "keep") == "True"
 
 
 def test_other_c_libraries_are_left_alone(monkeypatch):

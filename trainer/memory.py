@@ -7,8 +7,9 @@ mapping), so the next step's blocks are fresh pages again, and the kernel zero-f
 touch: tens of thousands of page faults a step for a small model (bench/RESULTS.md). jemalloc and tcmalloc, the
 allocators PyTorch's CPU performance guide recommends preloading, keep freed memory by design; glibc does when told
 to. Two of its settings suffice:
-  M_MMAP_THRESHOLD 32 MB: blocks up to 32 MB (glibc's own ceiling for its adaptive threshold) come from the heap,
-      where a freed block is reused, rather than from a mapping of their own, which is returned at once;
+  M_MMAP_MAX 0: every block comes from the heap, where a freed block is reused, and none from a mapping of its own,
+      which is returned at once (raising M_MMAP_THRESHOLD instead stops at glibc's ceiling of 32 MB, below the
+      logits and their gradient in a step of the benchmarks' config S: 52 MB each);
   M_TOP_PAD 512 MB: the heap grows and shrinks in 512 MB of slack, so a step's freed memory stays for the next.
 The process's peak memory is what the step needs either way: malloc keeps at most the slack beyond it.
 """
@@ -17,8 +18,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-M_TOP_PAD, M_MMAP_THRESHOLD = -2, -3  # mallopt's parameter numbers (glibc's malloc.h)
-MMAP_THRESHOLD = 32 << 20
+M_TOP_PAD, M_MMAP_MAX = -2, -4  # mallopt's parameter numbers (glibc's malloc.h)
 TOP_PAD = 512 << 20
 
 
@@ -35,4 +35,4 @@ def keep_freed_memory() -> bool:
     if not is_glibc():
         return False
     libc = ctypes.CDLL("libc.so.6")
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TOP_PAD, TOP_PAD))
+    return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TOP_PAD, TOP_PAD))
