@@ -115,8 +115,10 @@ def test_bad_schedule_flags(corpus, tmp_path, capsys, flags, message):
 
 
 @pytest.fixture
-def compiles(monkeypatch):
-    """The models parallel.compile_blocks was given (it compiles nothing here: that is tested in test_fast_paths.py)."""
+def compiles(monkeypatch, tmp_path):
+    """The models parallel.compile_blocks was given (it compiles nothing here: that is tested in test_fast_paths.py),
+    with an Inductor cache folder of the test's own."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     calls = []
     monkeypatch.setattr(parallel, "can_compile", lambda device: True)
     monkeypatch.setattr(parallel, "compile_blocks", lambda model, device: calls.append(model) or model)
@@ -160,6 +162,26 @@ def test_compile_auto_leaves_eager_what_would_not_repay_it(corpus, tmp_path, mon
     FakeClock(monkeypatch, seconds=60.0)
     train.main(train_args(corpus, tmp_path / "run", *flags, "--eval_interval", "0", "--eval_iters", "1"))
     assert compiles == [] and "--compile auto" not in capsys.readouterr().out
+
+
+def test_compile_auto_compiles_shorter_runs_where_an_earlier_run_compiled_such_blocks(corpus, tmp_path, monkeypatch,
+                                                                                      compiles, capsys):
+    """About 7 minutes of steps to come save less than a first compilation costs, but more than compiling again
+    from Inductor's cache: once a run of the same shape has compiled (--compile on here), such a run compiles too.
+    Another shape (more rows a micro-batch) has nothing in the cache, and stays eager."""
+    FakeClock(monkeypatch, seconds=20.0)
+    run = ("--max_steps", "30", "--eval_interval", "0", "--eval_iters", "1", "--batch_size", "2")
+    train.main(train_args(corpus, tmp_path / "first", *run))
+    assert compiles == []
+    train.main(train_args(corpus, tmp_path / "compiled", *run, "--compile", "on", "--max_steps", "2"))
+    assert len(compiles) == 1
+    capsys.readouterr()
+    train.main(train_args(corpus, tmp_path / "again", *run))
+    assert len(compiles) == 2
+    assert ("--compile auto: about 7 minutes of steps to come at 20.00 s a step: compiling each block during the next "
+            "step (a wait of seconds: an earlier run here compiled blocks like these") in capsys.readouterr().out
+    train.main(train_args(corpus, tmp_path / "wider", *run, "--batch_size", "3"))
+    assert len(compiles) == 2
 
 
 def test_the_step_that_compiles_is_no_measure_of_a_time_budgets_rate(corpus, tmp_path, monkeypatch, compiles,

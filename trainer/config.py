@@ -104,8 +104,9 @@ class TrainConfig:
                                     "the block in backward (about 1/3 more compute for far less activation memory).")
     compile: str = flag("off", "torch.compile each block: faster steps after a one-off wait to compile (a minute or "
                         "more on a CPU, where it needs a C++ compiler). on (also the bare flag), off, or auto: time "
-                        "the first steps eagerly, then compile if the steps still to come are long enough to repay it "
-                        "(pretraining's default; README, Speed).", choices=SWITCH, type=parse_switch, nargs="?",
+                        "the first steps eagerly, then compile if the steps still to come are long enough to repay it, "
+                        "sooner where an earlier run here compiled blocks of the same shape (Inductor's cache has "
+                        "them) (pretraining's default; README, Speed).", choices=SWITCH, type=parse_switch, nargs="?",
                         const="on", negation="off", metavar="auto|on|off")
     peak_tflops: float = flag(0.0, "Peak TFLOP/s that the logged MFU is relative to; 0 = the datasheet figure of a "
                               "known GPU for --dtype, else a matmul measured at startup.")

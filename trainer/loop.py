@@ -102,6 +102,9 @@ class Trainer:
         # FSDP: rank 0 keeps the model's shape (no storage) to gather the full model into for best/ and final/.
         self.template = parallel.meta_copy(model) if cfg.fsdp and env.is_main else None
         self.raw_model = model  # the module itself (sharded in place by FSDP); self.model is what runs the step
+        # What its compiled blocks' kernels depend on (for --compile auto's guess at what compiling costs).
+        self.signature = parallel.blocks_signature(model, env, self.dtype, cfg.batch_size, cfg.grad_checkpointing,
+                                                   cfg.fsdp)
         self.model = parallel.parallelize(model, env, fsdp=cfg.fsdp, dtype=self.dtype,
                                           grad_checkpointing=cfg.grad_checkpointing, compile=cfg.compile == "on")
         # Under FSDP its MixedPrecisionPolicy casts the parameters to self.dtype instead of autocast.
@@ -456,6 +459,8 @@ class Trainer:
             seconds = clock() - t_step
             if s.step != self.compile_step:  # the recent rate, for the time budget and --compile auto
                 self.step_seconds = seconds if self.step_seconds is None else 0.9 * self.step_seconds + 0.1 * seconds
+            elif parallel.can_compile(self.env.device):  # the step that compiled: Inductor's cache has the kernels
+                parallel.remember_compiled(self.signature)
             if self.eager_steps is not None:
                 self._auto_compile(log, seconds)
             if self.budget is not None and s.planned_steps is None and self.step_seconds is not None:
@@ -500,23 +505,27 @@ class Trainer:
         self.eager_steps.append(seconds)
         if len(self.eager_steps) < parallel.AUTO_COMPILE_AFTER:
             return
-        rate = torch.tensor(statistics.median(self.eager_steps[1:]), dtype=torch.float64, device=self.env.device)
+        # Summed over the ranks: the step time, and how many of them have compiled such blocks before.
+        seen = torch.tensor([statistics.median(self.eager_steps[1:]), parallel.compiled_before(self.signature)],
+                            dtype=torch.float64, device=self.env.device)
         self.eager_steps = None
-        all_reduce_sum(rate)
-        step_seconds = rate.item() / self.env.world_size
+        all_reduce_sum(seen)
+        step_seconds, cached = seen[0].item() / self.env.world_size, seen[1].item() == self.env.world_size
         ends = [self.budget - self._elapsed()] if self.budget is not None else []
         if self.total_steps is not None:
             ends.append((self.total_steps - self.state.step) * step_seconds)
         left = min(ends)  # seconds of steps to come: a time budget's rest, the planned steps', or the sooner
-        if not parallel.compile_pays(left):
+        if not parallel.compile_pays(left, cached):
             return
         said = f"--compile auto: about {left / 60:.0f} minutes of steps to come at {step_seconds:.2f} s a step"
         if not parallel.can_compile(self.env.device):
             log.message(f"{said}, but torch.compile needs a C++ compiler (g++ or clang++) on {self.env.device.type}: "
                         f"the run stays eager")
             return
-        self._compile_blocks(log, f"{said}: compiling each block during the next step (a one-off wait) repays "
-                                  f"itself within the run. --compile off keeps a run eager")
+        wait = ("a wait of seconds: an earlier run here compiled blocks like these, and Inductor's cache has them"
+                if cached else "a one-off wait")
+        self._compile_blocks(log, f"{said}: compiling each block during the next step ({wait}) repays itself "
+                                  f"within the run. --compile off keeps a run eager")
 
     def _compile_blocks(self, log: MetricsLogger, message: str) -> None:
         parallel.compile_blocks(self.raw_model, self.env.device)

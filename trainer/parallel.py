@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import shutil
 import warnings
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -57,17 +61,54 @@ def can_compile(device: torch.device) -> bool:
 
 
 # What --compile auto expects of compiling the blocks (bench/compile_cost.py on the default pretraining recipe, a
-# 2-core CPU; bench/RESULTS.md): the one-off cost of a first compilation, about the highest recorded, and the share
-# of each later step it saves, a little under the recorded runs' median. Unmeasured on GPUs, which compile in
-# similar time and usually gain more: there the rule errs towards eager.
+# 2-core CPU; bench/RESULTS.md): the one-off cost of a first compilation, about the highest recorded; the cost when
+# Inductor's on-disk cache already holds these blocks' kernels from an earlier run on this machine (recorded 5-8 s:
+# tracing the block again, no C++ compiler), about twice the highest recorded; and the share of each later step it
+# saves, a little under the recorded runs' median. Unmeasured on GPUs, which compile in similar time and usually
+# gain more: there the rule errs towards eager.
 COMPILE_COST_S = 90.0
+COMPILE_COST_CACHED_S = 15.0
 COMPILE_SAVING = 0.10
 AUTO_COMPILE_AFTER = 10  # eager steps timed before --compile auto decides (the first, with its warm-up, not counted)
 
 
-def compile_pays(seconds_left: float) -> bool:
-    """Whether compiling now repays its one-off cost within the run: `seconds_left` of eager steps to come."""
-    return seconds_left * COMPILE_SAVING > COMPILE_COST_S
+def compile_pays(seconds_left: float, cached: bool = False) -> bool:
+    """Whether compiling now repays its one-off cost within the run: `seconds_left` of eager steps to come; `cached`:
+    blocks like these were compiled on this machine before (compiled_before)."""
+    return seconds_left * COMPILE_SAVING > (COMPILE_COST_CACHED_S if cached else COMPILE_COST_S)
+
+
+def blocks_signature(model: nn.Module, env: DistEnv, dtype: torch.dtype, rows: int, grad_checkpointing: bool,
+                     fsdp: bool) -> str:
+    """A digest of what the graphs of compiled blocks depend on: torch's version, the device, the model's config
+    and its blocks' modules (LoRA's included), the rows of a micro-batch, the autocast dtype, activation
+    checkpointing, FSDP and the number of processes. Runs that share it reuse each other's compiled kernels."""
+    what = {"torch": torch.__version__, "device": env.device.type, "processes": env.world_size,
+            "model": asdict(model.config), "block": repr(model.model.layers[0]), "rows": rows, "dtype": str(dtype),
+            "grad_checkpointing": grad_checkpointing, "fsdp": fsdp}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _marker(signature: str) -> Path:
+    """Kept in Inductor's cache folder (TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_$USER), beside the
+    kernels it vouches for, so it goes when they go."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir()) / "zero2llm" / f"blocks-{signature}"
+
+
+def compiled_before(signature: str) -> bool:
+    """Whether blocks of this signature were compiled here before (remember_compiled)."""
+    return _marker(signature).exists()
+
+
+def remember_compiled(signature: str) -> None:
+    """Note that blocks of this signature ran compiled: a later --compile auto run of the same shape may count on
+    Inductor's cache. A folder that cannot be written only costs that knowledge."""
+    with contextlib.suppress(OSError):
+        marker = _marker(signature)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
 
 
 def compile_blocks(model: nn.Module, device: torch.device) -> nn.Module:
