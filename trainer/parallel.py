@@ -99,7 +99,10 @@ def _marker(signature: str) -> Path:
 
 def compiled_before(signature: str) -> bool:
     """Whether blocks of this signature were compiled here before (remember_compiled)."""
-    return _marker(signature).exists()
+    try:
+        return _marker(signature).exists()
+    except OSError:  # no cache folder to be had (a read-only /tmp): then nothing was compiled into one either
+        return False
 
 
 def remember_compiled(signature: str) -> None:
