@@ -184,7 +184,7 @@ class CPULinear(nn.Linear):
             self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(weight, 1), bias, sizes)
         _, weight, bias, sizes = self._packed
         y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), weight, bias, "none", [], "")
-        # split_with_sizes: Tensor.split's Python wrapper costs more than the split itself at a few rows
+        # split_with_sizes, not Tensor.split: no Python wrapper in front of the C++ call (decoding pays per call)
         return y.split_with_sizes(sizes, dim=-1) if others else (y,)
 
     def __getstate__(self) -> dict:
@@ -202,8 +202,8 @@ def packs(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> bool:
     autocast = torch.is_autocast_enabled("cpu")
     if (torch.get_autocast_dtype("cpu") if autocast else x.dtype) != torch.bfloat16:
         return False
-    # Decoding asks this ~30 times a token: one plain loop, and the parameter dicts read directly (nn.Module's
-    # attribute lookup of a parameter costs about a microsecond each).
+    # Decoding asks this for every product of every token: one plain loop, and the parameter dicts read directly
+    # (nn.Module's attribute lookup of a parameter is slow by comparison; bench/RESULTS.md, decode).
     biased, size = layers[0]._parameters["bias"] is not None, 0
     for layer in layers:
         if type(layer) is not CPULinear or not layer.pack:  # not LoRA-wrapped, not FSDP's

@@ -62,8 +62,8 @@ def can_compile(device: torch.device) -> bool:
 
 # What --compile auto expects of compiling the blocks (bench/compile_cost.py on the default pretraining recipe, a
 # 2-core CPU; bench/RESULTS.md): the one-off cost of a first compilation, about the highest recorded; the cost when
-# Inductor's on-disk cache already holds these blocks' kernels from an earlier run on this machine (recorded 5-8 s:
-# tracing the block again, no C++ compiler), about twice the highest recorded; and the share of each later step it
+# Inductor's on-disk cache already holds these blocks' kernels from an earlier run on this machine (tracing the block
+# again, no C++ compiler), about twice the highest recorded; and the share of each later step it
 # saves, a little under the recorded runs' median. Unmeasured on GPUs, which compile in similar time and usually
 # gain more: there the rule errs towards eager.
 COMPILE_COST_S = 90.0
