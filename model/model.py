@@ -204,7 +204,8 @@ def packs(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> bool:
         return False
     # Decoding asks this for every product of every token: one plain loop, and the parameter dicts read directly
     # (nn.Module's attribute lookup of a parameter is slow by comparison; bench/RESULTS.md, decode).
-    biased, size = layers[0]._parameters["bias"] is not None, 0
+    # .get: a LoRA-wrapped layer keeps no parameters of its own, and is refused in the loop
+    biased, size = layers[0]._parameters.get("bias") is not None, 0
     for layer in layers:
         if type(layer) is not CPULinear or not layer.pack:  # not LoRA-wrapped, not FSDP's
             return False

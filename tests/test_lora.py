@@ -171,3 +171,21 @@ def test_lora_user_errors(sft_files, base_model, lora_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(lora_args(sft_files, lora_run / "final", tmp_path / "y"))
     assert "holds a LoRA adapter, not a full model: use its merged/ folder" in capsys.readouterr().err
+
+
+def test_a_lora_wrapped_projection_is_refused_the_packed_product(monkeypatch):
+    """Decoding asks packs() of q/k/v together; a LoRA-wrapped q_proj holds no weight or bias of its own, and must
+    take its own forward (on CPUs without AMX any number of rows reaches this check: validation, eval)."""
+    from model.model import CPULinear, packs
+
+    monkeypatch.setattr(CPULinear, "pack", True)
+    monkeypatch.setattr(CPULinear, "pack_max_rows", None)
+    from model import ModelConfig
+
+    model = Transformer(ModelConfig(vocab_size=64, dim=128, n_layers=1, n_heads=4, n_kv_heads=2, max_seq_len=16))
+    apply_lora(model, rank=4, alpha=8, targets="q_proj")
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, 3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert not packs(x, (attn.q_proj, attn.k_proj, attn.v_proj))
+        model.to(torch.bfloat16)(torch.randint(0, 64, (1, 3)))
