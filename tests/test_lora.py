@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 
 import train
 from conftest import check_resume_is_exact, sft_args, train_losses
-from model import Transformer
+from model import ModelConfig, Transformer
 from model.config import config_from_preset
+from model.model import CPULinear, packs
 from model.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, count_parameters, load_adapter, lora_layers,
                         merge_lora, save_adapter)
 from trainer.config import UsageError
@@ -176,12 +177,8 @@ def test_lora_user_errors(sft_files, base_model, lora_run, tmp_path, capsys):
 def test_a_lora_wrapped_projection_is_refused_the_packed_product(monkeypatch):
     """Decoding asks packs() of q/k/v together; a LoRA-wrapped q_proj holds no weight or bias of its own, and must
     take its own forward (on CPUs without AMX any number of rows reaches this check: validation, eval)."""
-    from model.model import CPULinear, packs
-
     monkeypatch.setattr(CPULinear, "pack", True)
     monkeypatch.setattr(CPULinear, "pack_max_rows", None)
-    from model import ModelConfig
-
     model = Transformer(ModelConfig(vocab_size=64, dim=128, n_layers=1, n_heads=4, n_kv_heads=2, max_seq_len=16))
     apply_lora(model, rank=4, alpha=8, targets="q_proj")
     attn = model.model.layers[0].self_attn
