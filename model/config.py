@@ -355,6 +355,9 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwe
 PRESETS: dict[str, dict[str, Any]] = {
     # Unit tests: milliseconds per forward on a laptop CPU.
     "tiny": dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=64),
+    # small made narrower and shallower for short CPU runs (~2.8M): fewer FLOPs a step, so a fixed wall time gives
+    # it more steps, which won every model-shape search at 2-10 minute budgets (bench/RESULTS.md).
+    "mini": dict(dim=192, n_layers=4, n_heads=8, n_kv_heads=2, max_seq_len=256),
     # CPU default: trains visibly in minutes (~5.9M params).
     "small": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=2, max_seq_len=256),
     # MiniMind2-Small-sized (~26M).

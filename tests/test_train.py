@@ -195,7 +195,7 @@ def test_default_data_missing_outside_the_repository_says_where_to_run(tmp_path,
 # The defaults each mode had before its flags moved into its own config (trainer/modes/): they must not drift.
 _FINETUNE = {"tokenizer_path": "", "optimizer": "adamw", "warmup_iters": 20, "eval_interval": 100, "eval_iters": 0}
 MODE_DEFAULTS = {
-    "pretrain": {"out_dir": "out/pretrain", "data_path": "dataset/pretrain.jsonl", "preset": "small",
+    "pretrain": {"out_dir": "out/pretrain", "data_path": "dataset/pretrain.jsonl", "preset": "auto",
                  "val_data_path": "dataset/pretrain_val.jsonl", "optimizer": "muon", "learning_rate": 3e-3,
                  "warmup_iters": 30},
     "sft": {**_FINETUNE, "out_dir": "out/sft", "data_path": "dataset/sft.jsonl",
@@ -309,6 +309,25 @@ def test_zer02llm_pretrain_commands_parse_as_typed(corpus, tmp_path, command, ca
         assert cfg.save_interval_steps == 1000
     if "--ddp" in flags:
         assert "--ddp without torchrun: one process" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, shape, source", [
+    ([], (256, 6), "small preset"),  # the quick start's one epoch
+    (["--time_budget", "2m"], (192, 4), "mini preset, --preset auto's choice for a --time_budget of 10 minutes or less"),
+    (["--time_budget", "10m"], (192, 4), "mini preset, --preset auto's choice for a --time_budget of 10 minutes or less"),
+    (["--time_budget", "20m"], (256, 6), "small preset, --preset auto's choice for a --time_budget over 10 minutes"),
+    (["--time_budget", "2m", "--preset", "small"], (256, 6), "small preset"),  # a preset asked for is kept
+    (["--time_budget", "2m", "--n_layers", "6"], (192, 6), None),  # a model flag overrides one field of mini
+])
+def test_preset_auto_takes_the_short_budgets_shape(corpus, tmp_path, flags, shape, source):
+    """--preset auto (the default): mini, which won the model-shape searches at 2-10 minute budgets, under such a
+    --time_budget; small otherwise."""
+    mode, cfg, model_cfg, _ = train.parse_config(["--data_path", str(corpus["train"]), "--val_data_path",
+                                                  str(corpus["val"]), "--out_dir", str(tmp_path / "out"), *flags])
+    assert (model_cfg.dim, model_cfg.n_layers) == shape
+    assert (model_cfg.n_heads, model_cfg.n_kv_heads, model_cfg.max_seq_len) == (8, 2, 256)
+    if source:
+        assert mode.source(cfg) == source
 
 
 def test_zer02llm_sft_command_says_the_shape_comes_from_init_from(base_model, tmp_path, capsys):

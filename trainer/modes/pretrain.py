@@ -15,6 +15,7 @@ from trainer.config import TrainConfig, UsageError, flag
 from trainer.distributed import barrier
 from trainer.modes.base import Components, Mode, Run, hf_export, train_and_val
 from trainer.objectives import CausalLMObjective
+from trainer.schedule import parse_duration
 
 
 @dataclass
@@ -28,11 +29,23 @@ class PretrainConfig(TrainConfig):
     # Pretraining rows are all one length, so compiling makes one graph; the other modes' batches vary in length.
     compile: str = "auto"
 
-    preset: str = flag("small", "Model size preset; the model flags below override single fields of it.",
-                       choices=tuple(PRESETS))
+    preset: str = flag("auto", "Model size preset; the model flags below override single fields of it. auto: mini "
+                       "for a --time_budget of up to 10 minutes (the shape that won the model-shape searches at 2, 5 "
+                       "and 10 minutes: it takes more steps), else small.", choices=("auto", *PRESETS))
     bin_dtype: str = flag("", "How the ids of a .bin token file without its .json sidecar are stored (uint16 or "
                           "uint32, as it was written); such a file is refused without it. Files from data.py "
                           "prepare have a sidecar.", choices=("", "uint16", "uint32"), metavar="uint16|uint32")
+
+
+SHORT_BUDGET = 600  # seconds: --preset auto's mini is for a --time_budget up to this (the longest budget searched)
+
+
+def preset_of(cfg: PretrainConfig) -> str:
+    """The preset a run builds: --preset, where auto is mini under a short --time_budget (bench/RESULTS.md: it won
+    the model-shape searches at 2, 5 and 10 minutes by taking more steps), else small."""
+    if cfg.preset != "auto":
+        return cfg.preset
+    return "mini" if cfg.time_budget and parse_duration(cfg.time_budget) <= SHORT_BUDGET else "small"
 
 
 def check_fits_in_memory(model_cfg: ModelConfig, on_cpu: bool) -> None:
@@ -60,7 +73,7 @@ class Pretrain(Mode):
         overrides.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
         try:
-            model_cfg = config_from_preset(cfg.preset, **overrides)
+            model_cfg = config_from_preset(preset_of(cfg), **overrides)
         except ValueError as e:
             raise UsageError(str(e)) from None
         if model_cfg.vocab_size < len(tokenizer):
@@ -77,7 +90,11 @@ class Pretrain(Mode):
         return None
 
     def source(self, cfg: PretrainConfig) -> str:
-        return f"{cfg.preset} preset"
+        preset = preset_of(cfg)
+        if cfg.preset == "auto" and cfg.time_budget:
+            budget = f"of {SHORT_BUDGET // 60} minutes or less" if preset == "mini" else f"over {SHORT_BUDGET // 60} minutes"
+            return f"{preset} preset, --preset auto's choice for a --time_budget {budget}"
+        return f"{preset} preset"
 
     def build(self, run: Run) -> Components:
         skip, bin_dtype = run.cfg.skip_bad_records, run.cfg.bin_dtype or None
