@@ -330,6 +330,26 @@ def test_preset_auto_takes_the_short_budgets_shape(corpus, tmp_path, flags, shap
         assert mode.source(cfg) == source
 
 
+def test_a_resumed_run_keeps_the_preset_auto_gave_its_first_start(corpus, tmp_path):
+    """A 2-minute run (mini) resumed with a 20-minute budget (which would start small) resumes mini; a run begun
+    with an explicit preset keeps that one."""
+    out = tmp_path / "run"
+    common = ["--data_path", str(corpus["train"]), "--val_data_path", str(corpus["val"]), "--out_dir", str(out),
+              "--max_seq_len", "32", "--batch_size", "2", "--device", "cpu", "--dtype", "float32", "--eval_iters", "1",
+              "--warmup_iters", "1", "--log_interval", "1"]
+    train.main(common + ["--time_budget", "2m", "--max_steps", "1", "--save_interval_steps", "1"])
+    mode, cfg, model_cfg, _ = train.parse_config(common + ["--resume", "auto", "--time_budget", "20m"])
+    assert (model_cfg.dim, model_cfg.n_layers) == (192, 4)
+    assert mode.source(cfg) == "mini preset, the model the resumed run began with (--preset auto)"
+    assert train.main(common + ["--resume", "auto", "--time_budget", "20m", "--max_steps", "2"])["step"] == 2
+
+    state = ckpt.latest_checkpoint(out) / "trainer_state.json"
+    began = json.loads(state.read_text())
+    began["config"]["preset"] = "small"  # as a run from before --preset auto recorded its default
+    state.write_text(json.dumps(began))
+    assert train.parse_config(common + ["--resume", str(state.parent), "--time_budget", "2m"])[2].n_layers == 6
+
+
 def test_zer02llm_sft_command_says_the_shape_comes_from_init_from(base_model, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_config(["--mode", "sft", "--init_from", str(base_model), "--batch_size", "16", "--dim", "512",

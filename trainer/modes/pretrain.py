@@ -11,6 +11,7 @@ import torch
 from data import PackedDataset, collate, pretrain_bin, read_sidecar
 from model import ModelConfig, Transformer
 from model.config import PRESETS, config_from_preset
+from trainer.checkpoint import read_state, resume_path
 from trainer.config import TrainConfig, UsageError, flag
 from trainer.distributed import barrier
 from trainer.modes.base import Components, Mode, Run, hf_export, train_and_val
@@ -42,10 +43,18 @@ SHORT_BUDGET = 600  # seconds: --preset auto's mini is for a --time_budget up to
 
 def preset_of(cfg: PretrainConfig) -> str:
     """The preset a run builds: --preset, where auto is mini under a short --time_budget (bench/RESULTS.md: it won
-    the model-shape searches at 2, 5 and 10 minutes by taking more steps), else small."""
+    the model-shape searches at 2, 5 and 10 minutes by taking more steps), else small. A resumed run builds the
+    model it began with: auto decides by the preset and budget of its first start (a resume may change the budget)."""
     if cfg.preset != "auto":
         return cfg.preset
-    return "mini" if cfg.time_budget and parse_duration(cfg.time_budget) <= SHORT_BUDGET else "small"
+    budget = cfg.time_budget
+    checkpoint = resume_path(cfg.resume, cfg.out_dir)
+    if checkpoint is not None:
+        began = read_state(checkpoint).get("config", {})
+        if began.get("preset", "auto") != "auto":
+            return began["preset"]
+        budget = began.get("time_budget", budget)
+    return "mini" if budget and parse_duration(budget) <= SHORT_BUDGET else "small"
 
 
 def check_fits_in_memory(model_cfg: ModelConfig, on_cpu: bool) -> None:
@@ -91,6 +100,8 @@ class Pretrain(Mode):
 
     def source(self, cfg: PretrainConfig) -> str:
         preset = preset_of(cfg)
+        if cfg.preset == "auto" and cfg.resume:
+            return f"{preset} preset, the model the resumed run began with (--preset auto)"
         if cfg.preset == "auto" and cfg.time_budget:
             budget = f"of {SHORT_BUDGET // 60} minutes or less" if preset == "mini" else f"over {SHORT_BUDGET // 60} minutes"
             return f"{preset} preset, --preset auto's choice for a --time_budget {budget}"
