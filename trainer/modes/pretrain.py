@@ -19,6 +19,9 @@ from trainer.objectives import CausalLMObjective
 from trainer.schedule import parse_duration
 
 
+SHORT_BUDGET = 600  # seconds: --preset auto's mini is for a --time_budget up to this (the longest budget searched)
+
+
 @dataclass
 class PretrainConfig(TrainConfig):
     flag_group = "pretraining"
@@ -31,14 +34,12 @@ class PretrainConfig(TrainConfig):
     compile: str = "auto"
 
     preset: str = flag("auto", "Model size preset; the model flags below override single fields of it. auto: mini "
-                       "for a --time_budget of up to 10 minutes (the shape that won the model-shape searches at 2, 5 "
-                       "and 10 minutes: it takes more steps), else small.", choices=("auto", *PRESETS))
+                       f"for a --time_budget of up to {SHORT_BUDGET // 60} minutes (the shape that won the model-shape "
+                       "searches at 2, 5 and 10 minutes: it takes more steps), else small.",
+                       choices=("auto", *PRESETS))
     bin_dtype: str = flag("", "How the ids of a .bin token file without its .json sidecar are stored (uint16 or "
                           "uint32, as it was written); such a file is refused without it. Files from data.py "
                           "prepare have a sidecar.", choices=("", "uint16", "uint32"), metavar="uint16|uint32")
-
-
-SHORT_BUDGET = 600  # seconds: --preset auto's mini is for a --time_budget up to this (the longest budget searched)
 
 
 def preset_of(cfg: PretrainConfig) -> str:
@@ -103,7 +104,8 @@ class Pretrain(Mode):
         if cfg.preset == "auto" and cfg.resume:
             return f"{preset} preset, the model the resumed run began with (--preset auto)"
         if cfg.preset == "auto" and cfg.time_budget:
-            budget = f"of {SHORT_BUDGET // 60} minutes or less" if preset == "mini" else f"over {SHORT_BUDGET // 60} minutes"
+            minutes = SHORT_BUDGET // 60
+            budget = f"of {minutes} minutes or less" if preset == "mini" else f"over {minutes} minutes"
             return f"{preset} preset, --preset auto's choice for a --time_budget {budget}"
         return f"{preset} preset"
 
