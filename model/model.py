@@ -171,8 +171,16 @@ class CPULinear(nn.Linear):
 
     def packed_product(self, x: torch.Tensor, *others: CPULinear) -> tuple[torch.Tensor, ...]:
         """x's products with this layer and the others (which read the same x) in bf16, as one oneDNN call on their
-        stacked frozen weights, packed once and again whenever one changed (a load or an in-place edit bumps a
-        version; a dtype or device move gives new memory); one output per layer."""
+        stacked frozen weights (packed); one output per layer."""
+        weight, bias, sizes = self.packed(*others)
+        y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), weight, bias, "none", [], "")
+        # split_with_sizes, not Tensor.split: no Python wrapper in front of the C++ call (decoding pays per call)
+        return y.split_with_sizes(sizes, dim=-1) if others else (y,)
+
+    def packed(self, *others: CPULinear) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+        """(weight, bias, out_features of each layer): this layer's and the others' weights stacked in bf16 and
+        reordered into oneDNN's layout, for torch.ops.mkldnn._linear_pointwise; packed once, and again whenever one
+        changed (a load or an in-place edit bumps a version; a dtype or device move gives new memory)."""
         layers = (self, *others)
         tensors = [t for layer in layers for t in layer._parameters.values() if t is not None]  # weight, bias
         key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
@@ -182,10 +190,7 @@ class CPULinear(nn.Linear):
                     if self.bias is not None else None)
             sizes = [layer.out_features for layer in layers]
             self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(weight, 1), bias, sizes)
-        _, weight, bias, sizes = self._packed
-        y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), weight, bias, "none", [], "")
-        # split_with_sizes, not Tensor.split: no Python wrapper in front of the C++ call (decoding pays per call)
-        return y.split_with_sizes(sizes, dim=-1) if others else (y,)
+        return self._packed[1:]
 
     def __getstate__(self) -> dict:
         # The packed copy is an opaque oneDNN tensor, which can be neither copied nor pickled; it is rebuilt on demand.

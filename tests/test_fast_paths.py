@@ -422,6 +422,96 @@ def test_stacked_packed_projections_give_the_same_logits_and_tokens(monkeypatch,
     assert calls == []
 
 
+def frozen_bf16_model(**overrides):
+    """A small model as eval_model loads one (bf16, eval mode, frozen), its norm weights moved off 1 so that a norm
+    whose weight were left out or applied in another order would show."""
+    from model import Transformer
+    from model.config import ModelConfig
+
+    torch.manual_seed(0)
+    config = dict(vocab_size=320, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=64)
+    model = Transformer(ModelConfig(**{**config, **overrides}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model.to(torch.bfloat16).eval().requires_grad_(False)
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("overrides", [
+    {}, dict(n_kv_heads=4), dict(qkv_bias=True), dict(attention_bias=True, mlp_bias=True), dict(head_dim=48),
+    dict(tie_word_embeddings=False, rope_scaling={"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}),
+], ids=["gqa", "mha", "qkv_bias", "all_biases", "head_dim", "untied_yarn"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cpu_decode_step_equals_the_models_one_token_forward_bit_for_bit(monkeypatch, overrides, batch):
+    """model/decode.py's written-out step gives Transformer.forward's logits for one new token a row exactly, and
+    writes the same keys and values into the cache, step after step, for every kind of model it takes."""
+    from model import KVCache
+    from model.decode import CPUDecodeStep
+
+    spy_packing(monkeypatch)  # the packed products on, whatever this CPU's default
+    model = frozen_bf16_model(**overrides)
+    prompt = torch.randint(3, 320, (batch, 6), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(3, 320, (10, batch), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        step = CPUDecodeStep.build(model, batch)
+        assert step is not None
+        forward, written = (KVCache(model.config, batch, 20, dtype=torch.bfloat16) for _ in range(2))
+        for cache in (forward, written):
+            model(prompt, kv_cache=cache)
+        for token in tokens:
+            expected = model(token[:, None], kv_cache=forward).logits[:, -1]
+            assert torch.equal(step(token, written), expected)
+        assert written.length == forward.length == 16
+        for layer in range(model.config.n_layers):
+            assert torch.equal(written.k[layer], forward.k[layer]) and torch.equal(written.v[layer], forward.v[layer])
+
+
+@needs_onednn_bf16
+def test_generate_decodes_through_the_cpu_step_where_it_applies(monkeypatch):
+    """generate() takes the written-out step for unpadded rows of a frozen bf16 model, with the tokens the model's
+    forward gives; a padded batch, --compile, and every model the step does not take decode through the forward."""
+    from model import generate
+    from model.decode import CPUDecodeStep
+    from model.model import CPULinear
+
+    spy_packing(monkeypatch)
+    real_call, steps = CPUDecodeStep.__call__, []
+    monkeypatch.setattr(CPUDecodeStep, "__call__", lambda self, *a: steps.append(1) or real_call(self, *a))
+    model = frozen_bf16_model()
+    prompt = torch.randint(3, 320, (2, 7), generator=torch.Generator().manual_seed(1))
+
+    def tokens(m=model, **kwargs) -> torch.Tensor:
+        steps.clear()
+        return torch.stack(list(generate(m, prompt, 12, temperature=0, **kwargs)), dim=1)
+
+    fast = tokens()
+    assert len(steps) == 11  # every token after the prefill's
+    padded = tokens(attention_mask=torch.ones_like(prompt))
+    assert steps == [] and torch.equal(padded, fast)
+    real_build = CPUDecodeStep.build
+    monkeypatch.setattr(CPUDecodeStep, "build", lambda *a: None)
+    assert torch.equal(tokens(), fast)
+    monkeypatch.setattr(CPUDecodeStep, "build", real_build)
+
+    with torch.inference_mode():
+        assert CPUDecodeStep.build(model, 2) is not None
+        for refused in (frozen_bf16_model(use_moe=True), frozen_bf16_model(qk_norm=True),
+                        frozen_bf16_model(flash_attn=False), frozen_bf16_model().float(), frozen_bf16_model().train()):
+            assert CPUDecodeStep.build(refused, 2) is None
+        trainable = frozen_bf16_model()
+        trainable.model.layers[1].mlp.down_proj.weight.requires_grad_(True)  # GRPO's policy: weights that change
+        assert CPUDecodeStep.build(trainable, 2) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert CPUDecodeStep.build(model, 2) is None
+        monkeypatch.setattr(CPULinear, "pack_max_rows", 2)  # a CPU with AMX: packed products of at most 2 rows
+        assert CPUDecodeStep.build(model, 3) is None and CPUDecodeStep.build(model, 2) is not None
+        monkeypatch.setattr(CPULinear, "pack", False)  # a CPU without oneDNN's bf16 kernels
+        assert CPUDecodeStep.build(model, 1) is None
+    assert torch.equal(tokens(), fast) and steps == []
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs PyTorch's oneDNN (x86)")
 @pytest.mark.parametrize("bias", [False, True])
 def test_fp32_products_with_gradients_on_onednn_give_f_linears_values_and_gradients(monkeypatch, bias):
