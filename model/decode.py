@@ -1,5 +1,5 @@
-"""One new token through the whole model on a CPU, in as few torch calls as its arithmetic needs: generate()'s
-decode step wherever it applies.
+"""One new token a row through the whole model on a CPU, in as few torch calls as its arithmetic needs: the decode
+step of generate() and of the server's engine (model/engine.py) wherever it applies.
 
 At a few rows a token, a CPU decode step streams every weight from memory through four matrix-vector products a
 layer, with about twenty small ops a layer between them. Each small op costs far more than its arithmetic: Python
@@ -13,9 +13,9 @@ two cache writes, one SDPA call and the SwiGLU (bench/RESULTS.md, decode, has th
 The arithmetic is Transformer.forward's op for op: the same packed weights (CPULinear.packed) through the same
 oneDNN call, the same elementwise ops rounded to bf16 in the same order, so logits and tokens are the same bit for
 bit (tests/test_fast_paths.py). It applies where every product takes the packed weights (a frozen bf16 model on an x86
-CPU with oneDNN's bf16 kernels, no LoRA wrapper, no autocast: eval_model's and pipeline_check's models), to dense
-SwiGLU layers with SDPA attention and no q/k norm, in eval mode, and to batches without padding (every row at the
-same position). Anything else decodes through Transformer.forward.
+CPU with oneDNN's bf16 kernels, no LoRA wrapper, no autocast: the models of eval_model, its server and
+pipeline_check), to dense SwiGLU layers with SDPA attention and no q/k norm, in eval mode; rows may be left-padded
+or each at its own position, as the forward allows. Anything else decodes through Transformer.forward.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .model import KVCache, Transformer, apply_rope, packs
+from .model import KVCache, Transformer, apply_rope, default_positions, packs
 
 _product = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
 
@@ -67,20 +67,26 @@ class CPUDecodeStep:
                 return None
         return cls(model) if packs(x, (model.lm_head,)) else None
 
-    def __call__(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        H, KV, D, pos = self.heads, self.kv_heads, self.head_dim, cache.length
+    def __call__(self, token: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """token [B]; cache, attention_mask [B, cache.length + 1] and position_ids [B, 1] as Transformer.forward
+        takes them for one new token a row (a KVCache or model/engine.py's RowKVCache, padding, own positions)."""
+        H, KV, D, past = self.heads, self.kv_heads, self.head_dim, cache.length
         B = token.shape[0]
+        if position_ids is None:
+            position_ids = default_positions(attention_mask, B, 1, past, token.device)
+        # The forward's own mask ([B, 1, 1, past + 1], broadcast over each KV head's query rows), or none unpadded.
+        mask = None if attention_mask is None else Transformer._attention_mask(attention_mask.bool(), 1, past,
+                                                                              token.device)[0]
         x = self.embed[token]  # [B, dim]
-        cos, sin = self.rotary(torch.full((B, 1), pos, device=token.device), x.dtype)
+        cos, sin = self.rotary(position_ids, x.dtype)
         cos, sin = cos.view(B, 1, D), sin.view(B, 1, D)  # broadcast over the heads of [B, heads, D]
         for i, (norm1, qkv, o, norm2, gate_up, down) in enumerate(self.layers):
             h = _product(_rms_norm(x, norm1, self.eps), *qkv, "none", [], "")  # [B, (H + 2 KV) * D]: q, k, v
             qk = apply_rope(h[:, :(H + KV) * D].view(B, H + KV, D), cos, sin)  # q's heads and k's at once
-            cache.k[i][:, :, pos] = qk[:, H:]
-            cache.v[i][:, :, pos] = h[:, (H + KV) * D:].view(B, KV, D)
+            k, v = cache.update(i, qk[:, H:, None], h[:, (H + KV) * D:].view(B, KV, 1, D))
             # The query heads that share a KV head as that head's query rows (Attention's one-token path).
-            q = qk[:, :H].view(B, KV, H // KV, D)
-            y = F.scaled_dot_product_attention(q, cache.k[i][:, :, :pos + 1], cache.v[i][:, :, :pos + 1])
+            y = F.scaled_dot_product_attention(qk[:, :H].view(B, KV, H // KV, D), k, v, attn_mask=mask)
             x = x + _product(y.view(B, H * D), *o, "none", [], "")
             h = _product(_rms_norm(x, norm2, self.eps), *gate_up, "none", [], "")
             x = x + _product(F.silu(h[:, :self.hidden]) * h[:, self.hidden:], *down, "none", [], "")

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ModelConfig
+from .decode import CPUDecodeStep
 from .generate import apply_repetition_penalty, sample_next_token
 from .model import Transformer
 
@@ -136,6 +137,8 @@ class Engine:
         self.device = param.device
         self.cache = RowKVCache(model.config, max_batch_size, max_len or model.config.max_seq_len, param.device,
                                 param.dtype)
+        with torch.inference_mode():  # a frozen bf16 model on a CPU: the decode step written out (model/decode.py)
+            self.fast_step = CPUDecodeStep.build(model, max_batch_size)
         self.running: list[Request] = []  # running[i] owns cache row i
         self._waiting: deque[Request] = deque()
         self._cancelled: set[Request] = set()
@@ -240,8 +243,12 @@ class Engine:
         positions = torch.tensor(self.cache.lengths[:n], device=self.device)[:, None]  # [n, 1]: each row's next
         columns = torch.arange(self.cache.length + 1, device=self.device)
         mask = columns[None, :] <= positions  # [n, length + 1]: row b sees its own columns 0..lengths[b]
-        tokens = torch.tensor([[r.tokens[-1]] for r in self.running], device=self.device)
-        logits = self.model(tokens, attention_mask=mask, position_ids=positions, kv_cache=self.cache).logits[:, -1]
+        tokens = torch.tensor([r.tokens[-1] for r in self.running], device=self.device)
+        if self.fast_step is not None:
+            logits = self.fast_step(tokens, self.cache, attention_mask=mask, position_ids=positions)
+        else:
+            logits = self.model(tokens[:, None], attention_mask=mask, position_ids=positions,
+                                kv_cache=self.cache).logits[:, -1]
         self._emit(list(self.running), logits)
 
     def _emit(self, requests: list[Request], logits: torch.Tensor) -> None:

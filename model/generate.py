@@ -127,8 +127,8 @@ def generate(
     mask = full_mask[:, :T] if full_mask is not None else None
     logits = model(input_ids, attention_mask=mask, kv_cache=cache, logits_to_keep=1).logits[:, -1]
     step_model = torch.compile(model, dynamic=True) if compile else model  # the prefill stays eager
-    # Unpadded rows of a frozen bf16 model on a CPU: the same step written out (model/decode.py), far fewer calls.
-    fast_step = None if compile or full_mask is not None else CPUDecodeStep.build(model, B)
+    # A frozen bf16 model on a CPU: the same step written out (model/decode.py), with far fewer calls.
+    fast_step = None if compile else CPUDecodeStep.build(model, B)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         if seen is not None:
@@ -142,10 +142,10 @@ def generate(
             return
         if seen is not None:
             seen[torch.arange(B, device=device), token] = True
+        mask = full_mask[:, : cache.length + 1] if full_mask is not None else None
         if fast_step is not None:
-            logits = fast_step(token, cache)
+            logits = fast_step(token, cache, attention_mask=mask)
         else:
-            mask = full_mask[:, : cache.length + 1] if full_mask is not None else None
             logits = step_model(token[:, None], attention_mask=mask, kv_cache=cache).logits[:, -1]
 
 

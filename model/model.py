@@ -620,6 +620,15 @@ def right_padded(attention_mask: torch.Tensor) -> bool:
     return bool(mask[:, 0].all() & (mask[:, :-1] >= mask[:, 1:]).all())
 
 
+def default_positions(attention_mask: torch.Tensor | None, B: int, T: int, past: int,
+                      device: torch.device) -> torch.Tensor:
+    """[B, T] positions of T new tokens after `past` cached ones: counting real tokens only where attention_mask
+    ([B, past + T], 1 = real) is given, so a left-padded row sees the positions of its unpadded sequence."""
+    if attention_mask is not None:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+    return torch.arange(past, past + T, device=device).expand(B, T)
+
+
 class ModelOutput(NamedTuple):
     logits: torch.Tensor  # [B, T, vocab]
     aux_loss: torch.Tensor  # scalar, MoE load-balancing loss already times aux_loss_alpha; 0 when dense or eval
@@ -699,10 +708,7 @@ class Transformer(nn.Module):
                 )
             attention_mask = attention_mask.bool()
         if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            else:
-                position_ids = torch.arange(past, past + T, device=device).expand(B, T)
+            position_ids = default_positions(attention_mask, B, T, past, device)
         mask, is_causal = self._attention_mask(attention_mask, T, past, device)
         token_mask = attention_mask[:, past:] if attention_mask is not None else None
 

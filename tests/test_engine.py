@@ -206,3 +206,31 @@ def test_a_prompt_that_does_not_fit_is_refused_on_submit() -> None:
     with pytest.raises(ValueError, match="at least one prompt token"):
         engine.submit(Request([], 5))
     engine.submit(Request(prompt(90, seed=0), 6))  # exactly fills a row
+
+
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                    reason="the written-out CPU decode step needs PyTorch's oneDNN bf16 kernels (x86)")
+def test_a_frozen_bf16_model_serves_through_the_cpu_decode_step_with_the_forwards_tokens(monkeypatch) -> None:
+    """A frozen bf16 model (eval_model --serve's) decodes through model/decode.py's step, each row at its own
+    position and seeing only its own columns; requests joining and leaving get the tokens the model's forward
+    gives them."""
+    from model.decode import CPUDecodeStep
+    from model.model import CPULinear
+
+    monkeypatch.setattr(CPULinear, "pack", True)  # the packed products, whatever this CPU's default
+    monkeypatch.setattr(CPULinear, "pack_max_rows", None)
+    real_call, calls = CPUDecodeStep.__call__, []
+    monkeypatch.setattr(CPUDecodeStep, "__call__", lambda self, *a, **k: calls.append(1) or real_call(self, *a, **k))
+    model = build(dim=128).to(torch.bfloat16).requires_grad_(False)
+    spec = [(5, 30), (17, 12), (2, 25), (40, 9), (9, 33), (23, 20)]  # (prompt length, max_new_tokens)
+
+    def served() -> list[list[int]]:
+        reqs = [Request(prompt(n, seed=i), new) for i, (n, new) in enumerate(spec)]
+        Engine(model, max_batch_size=3).run(reqs)
+        return [r.tokens for r in reqs]
+
+    fast = served()
+    assert len(calls) > 30 and all(len(tokens) == new for tokens, (_, new) in zip(fast, spec))
+    calls.clear()
+    monkeypatch.setattr(CPUDecodeStep, "build", lambda *a: None)
+    assert served() == fast and calls == []

@@ -443,10 +443,11 @@ def frozen_bf16_model(**overrides):
     {}, dict(n_kv_heads=4), dict(qkv_bias=True), dict(attention_bias=True, mlp_bias=True), dict(head_dim=48),
     dict(tie_word_embeddings=False, rope_scaling={"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}),
 ], ids=["gqa", "mha", "qkv_bias", "all_biases", "head_dim", "untied_yarn"])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_cpu_decode_step_equals_the_models_one_token_forward_bit_for_bit(monkeypatch, overrides, batch):
+@pytest.mark.parametrize("batch, padded", [(1, False), (3, False), (3, True)], ids=["one_row", "rows", "left_padded"])
+def test_cpu_decode_step_equals_the_models_one_token_forward_bit_for_bit(monkeypatch, overrides, batch, padded):
     """model/decode.py's written-out step gives Transformer.forward's logits for one new token a row exactly, and
-    writes the same keys and values into the cache, step after step, for every kind of model it takes."""
+    writes the same keys and values into the cache, step after step, for every kind of model it takes, with
+    left-padded rows too."""
     from model import KVCache
     from model.decode import CPUDecodeStep
 
@@ -454,15 +455,19 @@ def test_cpu_decode_step_equals_the_models_one_token_forward_bit_for_bit(monkeyp
     model = frozen_bf16_model(**overrides)
     prompt = torch.randint(3, 320, (batch, 6), generator=torch.Generator().manual_seed(1))
     tokens = torch.randint(3, 320, (10, batch), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(batch, 16, dtype=torch.long)
+    if padded:
+        mask[1, :3] = mask[2, :1] = 0
     with torch.inference_mode():
         step = CPUDecodeStep.build(model, batch)
         assert step is not None
         forward, written = (KVCache(model.config, batch, 20, dtype=torch.bfloat16) for _ in range(2))
         for cache in (forward, written):
-            model(prompt, kv_cache=cache)
+            model(prompt, attention_mask=mask[:, :6] if padded else None, kv_cache=cache)
         for token in tokens:
-            expected = model(token[:, None], kv_cache=forward).logits[:, -1]
-            assert torch.equal(step(token, written), expected)
+            seen = mask[:, :forward.length + 1] if padded else None
+            expected = model(token[:, None], attention_mask=seen, kv_cache=forward).logits[:, -1]
+            assert torch.equal(step(token, written, attention_mask=seen), expected)
         assert written.length == forward.length == 16
         for layer in range(model.config.n_layers):
             assert torch.equal(written.k[layer], forward.k[layer]) and torch.equal(written.v[layer], forward.v[layer])
@@ -470,15 +475,15 @@ def test_cpu_decode_step_equals_the_models_one_token_forward_bit_for_bit(monkeyp
 
 @needs_onednn_bf16
 def test_generate_decodes_through_the_cpu_step_where_it_applies(monkeypatch):
-    """generate() takes the written-out step for unpadded rows of a frozen bf16 model, with the tokens the model's
-    forward gives; a padded batch, --compile, and every model the step does not take decode through the forward."""
+    """generate() takes the written-out step for a frozen bf16 model, with the tokens the model's forward gives,
+    padded rows too; --compile, and every model the step does not take, decode through the forward."""
     from model import generate
     from model.decode import CPUDecodeStep
     from model.model import CPULinear
 
     spy_packing(monkeypatch)
     real_call, steps = CPUDecodeStep.__call__, []
-    monkeypatch.setattr(CPUDecodeStep, "__call__", lambda self, *a: steps.append(1) or real_call(self, *a))
+    monkeypatch.setattr(CPUDecodeStep, "__call__", lambda self, *a, **k: steps.append(1) or real_call(self, *a, **k))
     model = frozen_bf16_model()
     prompt = torch.randint(3, 320, (2, 7), generator=torch.Generator().manual_seed(1))
 
@@ -486,13 +491,13 @@ def test_generate_decodes_through_the_cpu_step_where_it_applies(monkeypatch):
         steps.clear()
         return torch.stack(list(generate(m, prompt, 12, temperature=0, **kwargs)), dim=1)
 
-    fast = tokens()
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0
+    fast, padded = tokens(), tokens(attention_mask=mask)
     assert len(steps) == 11  # every token after the prefill's
-    padded = tokens(attention_mask=torch.ones_like(prompt))
-    assert steps == [] and torch.equal(padded, fast)
     real_build = CPUDecodeStep.build
     monkeypatch.setattr(CPUDecodeStep, "build", lambda *a: None)
-    assert torch.equal(tokens(), fast)
+    assert torch.equal(tokens(), fast) and torch.equal(tokens(attention_mask=mask), padded) and steps == []
     monkeypatch.setattr(CPUDecodeStep, "build", real_build)
 
     with torch.inference_mode():
