@@ -137,7 +137,9 @@ class Engine:
         self.device = param.device
         self.cache = RowKVCache(model.config, max_batch_size, max_len or model.config.max_seq_len, param.device,
                                 param.dtype)
-        with torch.inference_mode():  # a frozen bf16 model on a CPU: the decode step written out (model/decode.py)
+        # A frozen bf16 model on a CPU: the decode step written out (model/decode.py), its packed weights taken now
+        # (a server's weights never change).
+        with torch.inference_mode():
             self.fast_step = CPUDecodeStep.build(model, max_batch_size)
         self.running: list[Request] = []  # running[i] owns cache row i
         self._waiting: deque[Request] = deque()
