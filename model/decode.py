@@ -13,8 +13,8 @@ two cache writes, one SDPA call and the SwiGLU (bench/RESULTS.md, decode, has th
 The arithmetic is Transformer.forward's op for op: the same packed weights (CPULinear.packed) through the same
 oneDNN call, the same elementwise ops rounded to bf16 in the same order, so logits and tokens are the same bit for
 bit (tests/test_fast_paths.py). It applies where every product takes the packed weights (a frozen bf16 model on an x86
-CPU with oneDNN's bf16 kernels, no LoRA wrapper, no autocast: the models of eval_model, its server and
-pipeline_check), to dense SwiGLU layers with SDPA attention and no q/k norm, in eval mode; rows may be left-padded
+CPU with oneDNN's bf16 kernels, no LoRA wrapper, no autocast: eval_model's and its server's models in the
+default dtype), to dense SwiGLU layers with SDPA attention and no q/k norm, in eval mode; rows may be left-padded
 or each at its own position, as the forward allows. Anything else decodes through Transformer.forward.
 """
 

@@ -22,6 +22,7 @@ but what the report holds, so the README's figures are never typed by hand.
 
     python scripts/pipeline_report.py --update_readme      # 3 seeds of all five stages: ~70 min on 2 CPU cores
     python scripts/pipeline_report.py --seeds 1337 --stages pretrain,sft --work_dir /tmp/report
+    python scripts/pipeline_report.py --seeds 1337 --stage_args "pretrain=--preset mini" --work_dir /tmp/mini
 """
 from __future__ import annotations
 
@@ -234,6 +235,10 @@ def main(argv: list[str] | None = None) -> None:
                    "with --update_readme put it in README.md)")
     p.add_argument("--train_args", default="", help="extra train.py flags for every stage (e.g. \"--max_steps 2\" "
                    "for a dry run); not with --update_readme, whose table is of the defaults")
+    p.add_argument("--stage_args", action="append", default=[], metavar="STAGE=FLAGS",
+                   help="extra train.py flags for one stage, after --train_args (e.g. \"pretrain=--preset mini\": the "
+                   "fine-tuning modes refuse pretraining's model-shape flags, so --train_args cannot carry them); "
+                   "repeat for more stages; not with --update_readme")
     p.add_argument("--limit", type=int, default=0, help="score only the first N held-out chats/prompts (0 = all); "
                    "not with --update_readme")
     args = p.parse_args(argv)
@@ -246,8 +251,15 @@ def main(argv: list[str] | None = None) -> None:
     if unknown or orphans:
         p.error(f"--stages: {', '.join(unknown)} unknown (choose from {', '.join(STAGES)})" if unknown else
                 f"--stages: {', '.join(orphans)} start from {', '.join(STAGES[s][1] for s in orphans)}: add it")
-    if args.update_readme and (args.train_args or args.limit):
-        p.error("--update_readme shows the default flags on the whole held-out data: drop --train_args and --limit")
+    stage_args = {}
+    for given in args.stage_args:
+        stage, _, flags = given.partition("=")
+        if stage not in STAGES or not flags:
+            p.error(f"--stage_args {given}: give STAGE=FLAGS, STAGE one of {', '.join(STAGES)}")
+        stage_args[stage] = f"{stage_args[stage]} {flags}" if stage in stage_args else flags
+    if args.update_readme and (args.train_args or stage_args or args.limit):
+        p.error("--update_readme shows the default flags on the whole held-out data: drop --train_args, --stage_args "
+                "and --limit")
     if args.render:
         show(json.loads(Path(args.report).read_text()), args)
         return
@@ -261,15 +273,17 @@ def main(argv: list[str] | None = None) -> None:
         if folder.exists():  # only with --overwrite (checked above)
             shutil.rmtree(folder)
         seen: dict = {}
-        runs[str(seed)] = {stage: measure(stage, folder, train(stage, seed, folder,
-                                                                shlex.split(args.train_args)), args.limit, seen)
+        runs[str(seed)] = {stage: measure(stage, folder, train(stage, seed, folder, shlex.split(args.train_args)
+                                                                + shlex.split(stage_args.get(stage, ""))),
+                                          args.limit, seen)
                            for stage in ordered}
     import torch
 
     from bench.common import cpu_name
 
     report = {"seeds": seeds, "stages": ordered, "commit": commit(),
-              "date": datetime.date.today().isoformat(), "train_args": args.train_args, "limit": args.limit,
+              "date": datetime.date.today().isoformat(), "train_args": args.train_args, "stage_args": stage_args,
+              "limit": args.limit,
               "machine": f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "runs": runs}
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
@@ -282,9 +296,9 @@ def show(report: dict, args: argparse.Namespace) -> None:
     table = render(report)
     print(table)
     if args.update_readme:
-        if report["train_args"] or report["limit"]:
-            raise SystemExit(f"pipeline_report.py: error: {args.report} was run with --train_args/--limit; README.md "
-                             f"shows the default flags on the whole held-out data")
+        if report["train_args"] or report.get("stage_args") or report["limit"]:
+            raise SystemExit(f"pipeline_report.py: error: {args.report} was run with --train_args/--stage_args/--limit; "
+                             f"README.md shows the default flags on the whole held-out data")
         update_readme(README, table)
         print(f"README.md's table updated from {args.report}", file=sys.stderr)
 

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from conftest import ROOT, read_metrics
+from model.config import config_from_preset
 from scripts import pipeline_report as pr
 
 
@@ -69,7 +70,10 @@ def test_update_readme_replaces_only_the_table(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--stages", "pretrain,lora"], "lora start from sft: add it"),
     (["--stages", "pretrain,rlhf"], "rlhf unknown"),
-    (["--update_readme", "--train_args", "--max_steps 2"], "drop --train_args and --limit"),
+    (["--update_readme", "--train_args", "--max_steps 2"], "drop --train_args, --stage_args and --limit"),
+    (["--update_readme", "--stage_args", "pretrain=--preset mini"], "drop --train_args, --stage_args and --limit"),
+    (["--stage_args", "pretrain"], "--stage_args pretrain: give STAGE=FLAGS"),
+    (["--stage_args", "rlhf=--beta 1"], "--stage_args rlhf=--beta 1: give STAGE=FLAGS, STAGE one of pretrain"),
 ])
 def test_bad_arguments_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -78,15 +82,21 @@ def test_bad_arguments_are_one_line(argv, message, capsys):
 
 
 def test_a_short_report_measures_its_own_runs(tmp_path, capsys):
-    """Two steps of every stage, one seed: the record holds what the runs wrote, and a second report into the
-    same folder is refused unless told to overwrite."""
+    """Two steps of every stage, one seed, pretraining's model the mini preset (a flag the fine-tuning modes
+    refuse): the record holds what the runs wrote, and a second report into the same folder is refused unless told
+    to overwrite."""
     work, record = tmp_path / "runs", tmp_path / "report.json"
-    argv = ["--seeds", "7", "--train_args", "--max_steps 2 --eval_iters 2", "--limit", "6", "--work_dir", str(work),
-            "--report", str(record)]
+    argv = ["--seeds", "7", "--train_args", "--max_steps 2 --eval_iters 2", "--stage_args", "pretrain=--preset mini",
+            "--limit", "6", "--work_dir", str(work), "--report", str(record)]
     pr.main(argv)
     report = json.loads(record.read_text())
     run, folder = report["runs"]["7"], work / "seed-7"
     assert report["stages"] == list(pr.STAGES) and report["train_args"] == "--max_steps 2 --eval_iters 2"
+    assert report["stage_args"] == {"pretrain": "--preset mini"}
+    mini = config_from_preset("mini")
+    for model in ("pretrain/final", "sft/final", "lora/final/merged", "dpo/final", "grpo/final"):  # all mini
+        config = json.loads((folder / model / "config.json").read_text())
+        assert (config["hidden_size"], config["num_hidden_layers"]) == (mini.dim, mini.n_layers), model
     for stage in pr.STAGES:
         assert run[stage]["minutes"] > 0
         assert max(r["step"] for r in read_metrics(folder / stage) if "step" in r) == 2
@@ -101,7 +111,7 @@ def test_a_short_report_measures_its_own_runs(tmp_path, capsys):
     assert run["grpo"]["reward"] == pytest.approx([sum(rewards) / len(rewards)] * 2)  # 2 steps: both windows
     assert run["grpo"]["prompts"] == 6 and not run["grpo"]["passed"]  # two steps teach nothing
     assert pr.render(report) in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="was run with --train_args/--limit"):  # README.md shows defaults only
+    with pytest.raises(SystemExit, match="was run with --train_args/--stage_args/--limit"):  # README.md shows defaults only
         pr.main(["--render", "--report", str(record), "--update_readme"])
 
     with pytest.raises(SystemExit):
