@@ -35,7 +35,8 @@ from data import DataError, load_tokenizer, render_prompt, stop_token_ids
 from model import Transformer, generate
 from model.generate import DEFAULT_MAX_NEW_TOKENS, answer_budget, decode_stream
 from model.lora import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
-from trainer.config import parse_bool
+from trainer import other_flags
+from trainer.config import ArgumentParser, parse_bool
 from trainer.distributed import resolve_device, resolve_dtype
 
 REPO_TOKENIZER = Path(__file__).resolve().parent / "tokenizer"
@@ -53,8 +54,8 @@ def eval_mode(text: str) -> str:
     return MODEL_MODES.get(text, text)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="eval_model.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", default=None, help="model folder (config.json + model.safetensors), or a LoRA "
                    "adapter folder (adapter_config.json + adapter_model.safetensors); default with --mode chat: "
                    f"{DEFAULT_MODEL['chat']}, with --mode complete: {DEFAULT_MODEL['complete']}")
@@ -97,7 +98,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default: none required)")
     s.add_argument("--max_batch_size", type=int, default=None, help=f"requests decoded together (default: "
                    f"{DEFAULT_BATCH}); more wait their turn. The KV cache holds this many rows of the model's context")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    args, unknown = p.parse_known_args(argv)
+    if unknown:  # another project's flags (MiniMind's eval_llm.py): one line each saying what to write here
+        flags = other_flags.given(unknown) or p.error(f"unrecognized arguments: {' '.join(unknown)}")
+        p.error("\n".join(other_flags.answer(flag, value, other_flags.EVAL) or f"unrecognized argument {flag}"
+                          for flag, value in flags))
     if args.serve:
         for flag, given, why in (
             ("prompt", args.prompt is not None, "clients send their own prompts"),

@@ -28,7 +28,8 @@ import torch
 from data import DataError, load_tokenizer
 from model import ModelConfig
 from trainer.checkpoint import CheckpointError, resume_path
-from trainer.config import TrainConfig, add_dataclass_flags, parsed_fields
+from trainer import other_flags
+from trainer.config import ArgumentParser, TrainConfig, add_dataclass_flags, parsed_fields
 from trainer.distributed import destroy, init_distributed, resolve_dtype
 from trainer.errors import TrainingError, UsageError
 from trainer.loop import Trainer
@@ -59,8 +60,9 @@ def build_parser(mode: str = "pretrain") -> argparse.ArgumentParser:
     the launcher flags of other projects' commands."""
     spec = MODES[mode]
     # allow_abbrev=False: a typo such as --warmup must fail, not silently set --warmup_iters.
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="train.py", description=__doc__, allow_abbrev=False,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            help_command=f"python train.py --mode {mode} --help")
     add_dataclass_flags(parser, spec.Config, choices={"mode": tuple(MODES)})
     if spec.model_flags != ():
         add_dataclass_flags(parser, ModelConfig, only=spec.model_flags, override_only=True,
@@ -86,15 +88,40 @@ def apply_launch_flags(args: argparse.Namespace) -> None:
 
 
 def refuse_unknown(parser: argparse.ArgumentParser, mode: Mode, unknown: list[str], args: argparse.Namespace) -> None:
-    """A flag this mode lacks: say whose it is (another mode's) rather than argparse's "unrecognized"."""
-    flag = next((a.split("=", 1)[0] for a in unknown if a.startswith("--")), None)
-    if flag is not None:
-        parser.error(mode.refused_flag(flag, args) or foreign_flag(flag, mode.name))
-    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    """Flags this mode lacks, each answered in one line rather than argparse's "unrecognized": another mode's flag
+    (whose it is), or another project's name (what to write here: trainer/other_flags.py)."""
+    flags = other_flags.given(unknown)
+    if not flags:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    parser.error("\n".join(refusal(flag, value, parser, mode, args) for flag, value in flags))
+
+
+def refusal(flag: str, value: str | None, parser: argparse.ArgumentParser, mode: Mode,
+            args: argparse.Namespace) -> str:
+    """The one line that answers `flag` (given `value`), a flag this mode's parser lacks."""
+    def has(name: str) -> bool:
+        return name in parser._option_string_actions
+
+    def elsewhere(name: str) -> str:
+        return mode.refused_flag(name, args) or foreign_flag(name, mode.name)
+
+    if said := mode.refused_flag(flag, args):
+        return said
+    # Another project's name, unless it is also another mode's own flag and its rename is not one of this mode's
+    # (TRL's DPO --beta is --dpo_beta in --mode dpo; elsewhere --beta is --mode grpo's, TRL's GRPO --beta).
+    renamed = other_flags.TRAIN.get(flag, ("", ""))[1]
+    if has(renamed) or not modes_with(flag):
+        if said := other_flags.answer(flag, value, other_flags.TRAIN, has, elsewhere):
+            return said
+    return foreign_flag(flag, mode.name)
+
+
+def modes_with(flag: str) -> list[str]:
+    return [name for name in MODES if flag in build_parser(name)._option_string_actions]
 
 
 def foreign_flag(flag: str, mode: str) -> str:
-    owners = [name for name in MODES if flag in build_parser(name)._option_string_actions]
+    owners = modes_with(flag)
     if not owners:
         return f"unrecognized argument {flag} (python train.py --mode {mode} --help lists the flags)"
     return f"{flag} is for {' and '.join(f'--mode {m}' for m in owners)}, not --mode {mode} (drop it)"

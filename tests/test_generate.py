@@ -389,7 +389,7 @@ def test_a_stopped_answer_stays_in_the_conversation(endless_model: Path, monkeyp
     assert first_reply["content"] and first_reply["content"] in capsys.readouterr().out  # 5 tokens' worth
 
 
-# ----------------------------------------------------------------------------- Zer02LLM's eval_model flags
+# ------------------------------------------------------------------ Zer02LLM's and MiniMind's eval_model flags
 
 
 def test_model_mode_is_mode_with_zer02llms_values(model_dir: Path, capsys) -> None:
@@ -411,6 +411,27 @@ def test_model_mode_is_mode_with_zer02llms_values(model_dir: Path, capsys) -> No
     with pytest.raises(SystemExit):
         eval_model.parse_args(["--model_mode", "2"])
     assert "invalid choice: '2'" in capsys.readouterr().err
+
+
+def test_minimind_eval_flags_are_answered_with_what_to_write_here(capsys) -> None:
+    """MiniMind's eval_llm.py command: one line per flag, after a one-line usage."""
+    import eval_model
+
+    with pytest.raises(SystemExit) as exc:
+        eval_model.parse_args(["--load_from", "model", "--weight", "full_sft", "--hidden_size", "512", "--historys",
+                               "2", "--bogus"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "usage: eval_model.py [flags]; python eval_model.py --help lists them",
+        "eval_model.py: error: --load_from is MiniMind's: use --model_path FOLDER, a model folder as train.py writes "
+        "it (config.json + model.safetensors)",
+        "eval_model.py: error: --weight is MiniMind's: name the model's folder with --model_path (out/pretrain/final, "
+        "out/sft/final, ...)",
+        "eval_model.py: error: --hidden_size is MiniMind's: the shape comes from the model folder's config.json: "
+        "drop it",
+        "eval_model.py: error: --historys is MiniMind's: a chat keeps its earlier turns (the oldest dropped only to fit "
+        "the model's context); --prompt answers one prompt on its own",
+        "eval_model.py: error: unrecognized argument --bogus"]
 
 
 def test_stream_false_prints_the_whole_answer_at_once(tok, capsys) -> None:

@@ -4,16 +4,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import eval_model
 import train
 from conftest import ROOT, check_resume_is_exact, read_metrics, train_args, train_losses
 from data import DataError
 from trainer import checkpoint as ckpt
+from trainer import other_flags
 from trainer.config import UsageError
 from trainer.modes import MODES
 from trainer.sampler import ResumableBatchSampler
@@ -173,6 +176,58 @@ def test_bad_flags_fail_before_any_work(corpus, tmp_path, capsys, flags, message
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("argv, errors", [
+    (["--hidden_size", "256", "--num_hidden_layers=2"],  # MiniMind's train_pretrain.py
+     ["--hidden_size is MiniMind's name: use --dim 256", "--num_hidden_layers is MiniMind's name: use --n_layers 2"]),
+    (["--mode", "sft", "--per_device_train_batch_size", "4", "--gradient_checkpointing", "--output_dir", "o"],
+     ["--per_device_train_batch_size is TRL's and transformers' name: use --batch_size 4",
+      "--gradient_checkpointing is TRL's and transformers' name: use --grad_checkpointing",
+      "--output_dir is TRL's and transformers' name: use --out_dir o"]),
+    # TRL's DPO --beta and --loss_type are --mode grpo's own flags (TRL's GRPO ones): in dpo they are renamed,
+    # elsewhere they are grpo's
+    (["--mode", "dpo", "--beta", "0.1", "--loss_type", "ipo"],
+     ["--beta is TRL's and MiniMind's DPO name: use --dpo_beta 0.1",
+      "--loss_type is TRL's DPO name: use --dpo_loss ipo"]),
+    (["--beta", "0.1"], ["--beta is for --mode grpo, not --mode pretrain (drop it)"]),
+    # renamed to a flag of another mode, or of none: why it is not this mode's
+    (["--model_name_or_path", "m"], ["--model_name_or_path is TRL's name for --init_from; --init_from is for the "
+                                     "fine-tuning modes"]),
+    (["--mode", "sft", "--hidden_size", "64"], ["--hidden_size is MiniMind's name for --dim; --dim: --mode sft takes "
+                                                "the architecture from --init_from"]),
+    (["--mode", "lora", "--lora_r", "8", "--use_peft"],
+     ["--lora_r is TRL's name: use --lora_rank 8", "--use_peft is TRL's: LoRA is a mode of its own: --mode lora"]),
+    # no flag here means the same: a sentence
+    (["--mode", "grpo", "--max_gen_len", "64", "--bf16"],
+     ["--max_gen_len is MiniMind's name: use --max_completion_length 64", "--bf16 is TRL's and transformers': "
+      "--dtype bfloat16"]),
+    (["--lerning_rate", "1e-3", "--save_weight", "pretrain"],
+     ["unrecognized argument --lerning_rate", "--save_weight is MiniMind's: the model is saved as a Hugging Face "
+      "folder"]),
+])
+def test_other_projects_flags_are_answered_with_what_to_write_here(capsys, argv, errors):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_config(argv)
+    assert exc.value.code == 2
+    usage, *lines = capsys.readouterr().err.splitlines()
+    mode = argv[1] if argv[0] == "--mode" else "pretrain"
+    assert usage == f"usage: train.py [flags]; python train.py --mode {mode} --help lists them"  # not 50 lines of it
+    assert len(lines) == len(errors)  # one line per flag, each with what to write here
+    for line, error in zip(lines, errors):
+        assert line.startswith(f"train.py: error: {error}")
+
+
+def test_other_projects_names_point_at_flags_that_exist():
+    """A rename of our flags, or a flag that the other names' table mentions, fails this when it goes stale."""
+    parsers = {mode: train.build_parser(mode)._option_string_actions for mode in MODES}
+    ours = set().union(*parsers.values()) | {"--nproc_per_node"}  # torchrun's, in the advice on --deepspeed
+    for name, (_, use) in other_flags.TRAIN.items():
+        assert set(re.findall(r"--[a-z_]+", use)) <= ours, name
+        assert not all(name in flags for flags in parsers.values()), f"{name} is every mode's flag: never answered"
+    evals = eval_model.build_parser()._option_string_actions
+    for name, (_, use) in other_flags.EVAL.items():
+        assert set(re.findall(r"--[a-z_]+", use)) <= set(evals) and name not in evals, name
 
 
 @pytest.mark.parametrize("device, message", [("tpu", "--device tpu: not a device name"),
@@ -354,7 +409,9 @@ def test_zer02llm_sft_command_says_the_shape_comes_from_init_from(base_model, tm
     with pytest.raises(SystemExit):
         train.parse_config(["--mode", "sft", "--init_from", str(base_model), "--batch_size", "16", "--dim", "512",
                             "--n_layers", "8", "--max_seq_len", "512", "--save_interval", "1000", "--save_best_only"])
-    assert ("--dim: --mode sft takes the architecture from --init_from" in capsys.readouterr().err.splitlines()[-1])
+    errors = capsys.readouterr().err.splitlines()[1:]  # after the usage line, one line per flag it cannot take
+    assert [e.split(" (")[0] for e in errors] == [f"train.py: error: --{flag}: --mode sft takes the architecture from "
+                                                  "--init_from" for flag in ("dim", "n_layers")]
 
 
 def test_save_interval_is_save_interval_steps(corpus, tmp_path):

@@ -26,6 +26,20 @@ OPTIMIZERS = ("adamw", "muon")
 SWITCH = ("auto", "on", "off")  # the values of --compile
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are two lines: a short usage naming the command that lists the flags, then
+    the error. argparse's own usage spells out every flag (fifty lines for train.py), burying the error under it."""
+
+    def __init__(self, *args: Any, help_command: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help_command = help_command or f"python {self.prog} --help"
+
+    def error(self, message: str) -> typing.NoReturn:
+        """Exit with status 2 after the short usage and the error, one line for each of the message's lines."""
+        errors = "".join(f"{self.prog}: error: {line}\n" for line in message.split("\n"))
+        self.exit(2, f"usage: {self.prog} [flags]; {self.help_command} lists them\n{errors}")
+
+
 def parse_bool(text: str) -> bool:
     value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
     if value is None:

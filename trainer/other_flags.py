@@ -1,0 +1,126 @@
+"""Other projects' names for train.py's and eval_model.py's flags.
+
+A command line brought from MiniMind's scripts (trainer/train_*.py, eval_llm.py) or from TRL / transformers'
+TrainingArguments is answered, before any work starts, with one line per such flag saying what to write here. A
+name that means exactly what a flag here means, values included, is an alias declared on that flag instead
+(`aliases=`, model/config.py's `flag`) and simply works.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+MINIMIND, TRL, HF, HF_CONFIG = "MiniMind's", "TRL's", "TRL's and transformers'", "transformers' config"
+
+# flag -> (whose name it is, what to use here): a flag of ours (the value given is carried over, "use --dim 512"),
+# or a sentence where no flag here means the same.
+TRAIN: dict[str, tuple[str, str]] = {
+    # MiniMind's trainer/train_*.py
+    "--hidden_size": (MINIMIND, "--dim"),
+    "--num_hidden_layers": (MINIMIND, "--n_layers"),
+    "--save_dir": (MINIMIND, "--out_dir"),
+    "--save_weight": (MINIMIND, "the model is saved as a Hugging Face folder, final/ (and best/) in --out_dir: name "
+                                "the run with --out_dir"),
+    "--from_weight": (MINIMIND, "the fine-tuning modes start from a model folder, --init_from (sft's default: "
+                                "out/pretrain/final); pretraining starts from random weights"),
+    "--from_resume": (MINIMIND, "--resume continues from --out_dir's newest checkpoint"),
+    "--lora_name": (MINIMIND, "the adapter is saved in --out_dir: name it with --out_dir"),
+    "--max_gen_len": (MINIMIND, "--max_completion_length"),
+    "--reasoning": (MINIMIND, "start from the model you mean with --init_from (the reasoning model's folder or the "
+                              "SFT model's)"),
+    # transformers' config.json names of the model flags
+    "--num_attention_heads": (HF_CONFIG, "--n_heads"),
+    "--num_key_value_heads": (HF_CONFIG, "--n_kv_heads"),
+    "--intermediate_size": (HF_CONFIG, "--hidden_dim"),
+    # transformers' TrainingArguments (which TRL's configs extend), and TRL's own
+    "--output_dir": (HF, "--out_dir"),
+    "--model_name_or_path": (TRL, "--init_from"),
+    "--dataset_name": (TRL, "--data_path takes local files (.jsonl, .txt or .bin, a folder, a glob): save the "
+                            "dataset as .jsonl and point --data_path at it"),
+    "--per_device_train_batch_size": (HF, "--batch_size"),
+    "--per_device_eval_batch_size": (HF, "validation runs at --batch_size too: drop it"),
+    "--gradient_accumulation_steps": (HF, "--accumulation_steps"),
+    "--num_train_epochs": (HF, "--epochs"),
+    "--max_grad_norm": (HF, "--grad_clip"),
+    "--adam_beta1": (HF, "--beta1"),
+    "--adam_beta2": (HF, "--beta2"),
+    "--warmup_steps": (HF, "--warmup_iters"),
+    "--warmup_ratio": (HF, "the warmup is counted in steps: --warmup_iters N"),
+    "--lr_scheduler_type": (HF, "--lr_schedule cosine or wsd"),
+    "--logging_steps": (HF, "--log_interval"),
+    "--logging_strategy": (HF, "metrics are logged every --log_interval steps"),
+    "--save_steps": (HF, "--save_interval_steps"),
+    "--save_strategy": (HF, "checkpoints are saved every --save_interval_steps steps (0 = only at the end)"),
+    "--save_total_limit": (HF, "--keep_checkpoint_max"),
+    "--eval_steps": (HF, "--eval_interval"),
+    "--eval_strategy": (HF, "validation runs every --eval_interval steps (0 = only at the end)"),
+    "--evaluation_strategy": (HF, "validation runs every --eval_interval steps (0 = only at the end)"),
+    "--resume_from_checkpoint": (HF, "--resume"),
+    "--bf16": (HF, "--dtype bfloat16 (the default --dtype auto picks it where the hardware has bf16)"),
+    "--fp16": (HF, "--dtype float16"),
+    "--torch_dtype": (TRL, "--dtype"),
+    "--gradient_checkpointing": (HF, "--grad_checkpointing"),
+    "--report_to": (HF, "--use_wandb logs to wandb (metrics.jsonl and curves.png are written either way)"),
+    "--run_name": (HF, "--wandb_run_name"),
+    "--max_length": (TRL, "--max_seq_len"),
+    "--max_seq_length": (TRL, "--max_seq_len"),
+    "--max_prompt_length": (TRL, "a prompt may take what --max_seq_len leaves (in grpo, --max_seq_len minus "
+                                 "--max_completion_length): there is no separate limit"),
+    "--packing": (TRL, "pretraining packs its rows always, and SFT batches rows of similar length: drop it"),
+    "--use_peft": (TRL, "LoRA is a mode of its own: --mode lora, with --lora_rank, --lora_alpha, ..."),
+    "--lora_r": (TRL, "--lora_rank"),
+    "--beta": ("TRL's and MiniMind's DPO", "--dpo_beta"),  # --mode grpo's --beta is TRL's GRPO one, the same
+    "--loss_type": ("TRL's DPO", "--dpo_loss"),  # --mode grpo's --loss_type is TRL's GRPO one, the same
+    "--label_smoothing": ("TRL's DPO", "--dpo_label_smoothing"),
+    "--precompute_ref_log_probs": (TRL, "--precompute_ref_logps"),
+    "--use_vllm": (TRL, "rollouts are sampled by the policy itself, in the training process: drop it"),
+    "--deepspeed": (HF, "a model too large for one GPU is sharded with FSDP2: torchrun --nproc_per_node=N "
+                         "train.py ... --fsdp"),
+}
+
+# MiniMind's eval_llm.py
+EVAL: dict[str, tuple[str, str]] = {
+    "--load_from": (MINIMIND, "use --model_path FOLDER, a model folder as train.py writes it (config.json + "
+                              "model.safetensors)"),
+    "--weight": (MINIMIND, "name the model's folder with --model_path (out/pretrain/final, out/sft/final, ...)"),
+    "--save_dir": (MINIMIND, "name the model's folder with --model_path (out/pretrain/final, out/sft/final, ...)"),
+    "--lora_weight": (MINIMIND, "pass the adapter's folder as --model_path (out/lora/final): its base model is "
+                                "loaded and the adapter merged into it"),
+    "--hidden_size": (MINIMIND, "the shape comes from the model folder's config.json: drop it"),
+    "--num_hidden_layers": (MINIMIND, "the shape comes from the model folder's config.json: drop it"),
+    "--use_moe": (MINIMIND, "the shape comes from the model folder's config.json: drop it"),
+    "--inference_rope_scaling": (MINIMIND, "RoPE scaling is the model's own (rope_scaling in its config.json)"),
+    "--historys": (MINIMIND, "a chat keeps its earlier turns (the oldest dropped only to fit the model's "
+                             "context); --prompt answers one prompt on its own"),
+    "--show_speed": (MINIMIND, "python bench/decode.py measures decoding speed"),
+    "--open_thinking": (MINIMIND, "the prompt is the chat template's as it is (no thinking switch): drop it"),
+}
+
+
+def given(unknown: list[str]) -> list[tuple[str, str | None]]:
+    """The flags among argparse's unknown arguments, each with the value written after it (or after "="), if any."""
+    flags = []
+    for i, arg in enumerate(unknown):
+        if not arg.startswith("--"):
+            continue
+        name, eq, value = arg.partition("=")
+        if not eq:
+            following = unknown[i + 1] if i + 1 < len(unknown) else ""
+            value = following if following and not following.startswith("--") else None
+        flags.append((name, value))
+    return flags
+
+
+def answer(flag: str, value: str | None, table: dict[str, tuple[str, str]],
+           has: Callable[[str], bool] = lambda name: False, elsewhere: Callable[[str], str] = str) -> str | None:
+    """What to write here instead of another project's `flag` (None: not in `table`).
+
+    `has(ours)`: whether this parser has the flag `flag` is renamed to; `elsewhere(ours)`: why not (another mode's
+    flag), when it lacks it."""
+    if flag not in table:
+        return None
+    whose, use = table[flag]
+    if not (use.startswith("--") and " " not in use):  # no flag here means the same: a sentence
+        return f"{flag} is {whose}: {use}"
+    if has(use):
+        return f"{flag} is {whose} name: use {use}{'' if value is None else ' ' + value}"
+    return f"{flag} is {whose} name for {use}; {elsewhere(use)}"
