@@ -240,3 +240,19 @@ def test_the_flag_tables_list_what_each_modes_help_lists() -> None:
         shown = {s for a in parser._actions if a.help != argparse.SUPPRESS for s in a.option_strings
                  if s.startswith("--") and s != "--help"}
         assert listed == shown, (mode, "missing in README:", shown - listed, "not a flag:", listed - shown)
+
+
+def test_the_readmes_transcripts_of_refused_flags_are_what_train_py_prints(capsys) -> None:
+    """The README shows what a command with other projects' flags prints (a plain block: a transcript, not run as a
+    step): it must be what train.py prints now, line for line."""
+    import train
+
+    transcripts = [b for b in readme_blocks(README.read_text())
+                   if b.lang == "" and b.code.startswith("$ python train.py")]
+    assert transcripts, "the README's section on other projects' flags shows no transcript"
+    for block in transcripts:
+        command, *printed = block.code.splitlines()
+        with pytest.raises(SystemExit) as exc:
+            train.parse_config(shlex.split(command)[3:])  # after "$ python train.py"
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.splitlines() == printed, f"README.md:{block.line}"
