@@ -1,5 +1,5 @@
 """The data command line: `python data.py prepare --input corpus.jsonl --tokenizer tokenizer --output corpus.bin`
-tokenizes .jsonl/.txt documents into a .bin token file (+ .json sidecar) for pretraining.
+tokenizes .jsonl/.parquet/.txt documents into a .bin token file (+ .json sidecar) for pretraining.
 
 The code lives in the data/ package next to this script; `import data` finds that package, never this file
 (a folder wins over a module of the same name).
@@ -15,8 +15,10 @@ from data import DataError, load_tokenizer, prepare_pretrain, summary
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Zero2LLM data tools.")
     sub = parser.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="tokenize .jsonl/.txt documents into a flat .bin token file for pretraining")
-    prep.add_argument("--input", nargs="+", required=True, help=".jsonl ({'text': ...} per line) or .txt files")
+    prep = sub.add_parser("prepare", help="tokenize .jsonl/.parquet/.txt documents into a flat .bin token file for "
+                          "pretraining")
+    prep.add_argument("--input", nargs="+", required=True,
+                      help=".jsonl ({'text': ...} per line), .parquet (a 'text' column) or .txt files")
     prep.add_argument("--tokenizer", default="tokenizer", help="tokenizer folder (default: tokenizer)")
     prep.add_argument("--output", required=True, help="output .bin path (a .json sidecar is written next to it)")
     prep.add_argument("--skip_bad_records", action="store_true",

@@ -43,11 +43,11 @@ def train(out_dir: Path, dtype: str, *flags: str) -> tuple[float, list[dict]]:
 @torch.no_grad()
 def bits_per_byte(model_dir: Path, seq_len: int = 256) -> float:
     """Bits per UTF-8 byte of the held-out text under the model (fp32, CPU)."""
-    from data import iter_jsonl_texts, load_tokenizer, pretrain_bin, read_sidecar
+    from data import iter_record_texts, load_tokenizer, pretrain_bin, read_sidecar
 
     tok = load_tokenizer(model_dir)
     model = Transformer.from_pretrained(model_dir).eval()
-    n_bytes = sum(len(text.encode("utf-8")) for _, text in iter_jsonl_texts(VAL))
+    n_bytes = sum(len(text.encode("utf-8")) for _, text in iter_record_texts(VAL))
     bin_path = pretrain_bin(VAL, tok)
     stream = torch.from_numpy(np.fromfile(bin_path, dtype=read_sidecar(bin_path)["dtype"]).astype(np.int64))
     nats = 0.0

@@ -21,10 +21,10 @@ from .chat import (CHAT_ROLES, GENERATION_BLOCK, apply_template, assistant_spans
 from .finetune import (DPO_FORMATS, GRPO_FORMAT, IGNORE_INDEX, SFT_FORMATS, ChatDataset, DPODataset, GRPODataset,
                        SFTDataset, SFTExample, collate, conversation, dpo_pair, grpo_prompt, implicit_prompt, left_pad,
                        pad_collate, pair_collate, prompt_collate, sft_example, shifted_example)
-from .pretrain import (SIDECAR_FORMAT, PackedDataset, check_bin, iter_jsonl_pieces, iter_txt_pieces, prepare_pretrain,
+from .pretrain import (SIDECAR_FORMAT, PackedDataset, check_bin, iter_record_pieces, iter_txt_pieces, prepare_pretrain,
                        pretrain_bin, read_sidecar, split_train_val, summary, token_dtype, tokenizer_fingerprint)
-from .records import (BadRecord, BadRecords, DataError, check_text, data_files, describe_files, iter_jsonl_objects,
-                      iter_jsonl_texts, iter_lines)
+from .records import (BadRecord, BadRecords, DataError, check_text, data_files, describe_files, iter_records,
+                      iter_record_texts, iter_lines)
 from .rows import RowsDataset
 from .tokenizer import load_tokenizer, pad_token_id, stop_token_ids
 
@@ -34,10 +34,10 @@ __all__ = [
     "DPO_FORMATS", "GRPO_FORMAT", "IGNORE_INDEX", "SFT_FORMATS", "ChatDataset", "DPODataset", "GRPODataset",
     "SFTDataset", "SFTExample", "collate", "conversation", "dpo_pair", "grpo_prompt", "implicit_prompt", "left_pad",
     "pad_collate", "pair_collate", "prompt_collate", "sft_example", "shifted_example",
-    "SIDECAR_FORMAT", "PackedDataset", "check_bin", "iter_jsonl_pieces", "iter_txt_pieces", "prepare_pretrain",
+    "SIDECAR_FORMAT", "PackedDataset", "check_bin", "iter_record_pieces", "iter_txt_pieces", "prepare_pretrain",
     "pretrain_bin", "read_sidecar", "split_train_val", "summary", "token_dtype", "tokenizer_fingerprint",
-    "BadRecord", "BadRecords", "DataError", "check_text", "data_files", "describe_files", "iter_jsonl_objects",
-    "iter_jsonl_texts", "iter_lines",
+    "BadRecord", "BadRecords", "DataError", "check_text", "data_files", "describe_files", "iter_records",
+    "iter_record_texts", "iter_lines",
     "RowsDataset",
     "load_tokenizer", "pad_token_id", "stop_token_ids",
 ]

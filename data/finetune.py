@@ -19,7 +19,8 @@ import torch
 
 from .chat import (Message, chat_messages, chat_tokenizer, last_reply_mask, render_chat, render_prompt,
                    unused_fields, with_tools)
-from .records import BadRecord, BadRecords, DataError, check_text, data_files, describe_files, iter_jsonl_objects
+from .records import (PARQUET, BadRecord, BadRecords, DataError, check_text, data_files, describe_files,
+                      iter_records)
 from .rows import RowsDataset
 
 IGNORE_INDEX = -100
@@ -69,7 +70,7 @@ class UnusedFields:
 
 
 class ChatDataset(RowsDataset):
-    """The base of the datasets read from .jsonl files of chats: one row per good line.
+    """The base of the datasets read from .jsonl (or .parquet) files of chats: one row per good line.
 
     `path` is a --data_path: a file, a folder, a glob or several files (data_files), read in that order. A bad
     line raises a DataError naming it; with skip_bad_records it is skipped and counted per reason
@@ -83,9 +84,9 @@ class ChatDataset(RowsDataset):
     def _open(self, path: DataPath, tokenizer, mode: str):
         """The files of `path` (self.paths) and the tokenizer, checked before anything is read."""
         try:
-            self.paths = data_files(path, (".jsonl",))
+            self.paths = data_files(path, (".jsonl", PARQUET))
         except DataError as e:
-            raise DataError(f"{e}; {mode} reads .jsonl files") from None
+            raise DataError(f"{e}; {mode} reads .jsonl and .parquet files") from None
         self.path, self.source = self.paths[0], describe_files(self.paths)
         self.unused = UnusedFields()
         return chat_tokenizer(tokenizer, self.paths, mode)
@@ -97,11 +98,12 @@ class ChatDataset(RowsDataset):
         bad = BadRecords(skip=skip_bad_records)
         self.n_rows = 0
         for path in self.paths:
-            for line_no, record in iter_jsonl_objects(path, self.EXPECTED, parse, bad):
+            for line_no, record in iter_records(path, self.EXPECTED, parse, bad):
                 self.n_rows += 1
                 yield path, line_no, record
         if not self.n_rows:
-            raise DataError(f"{self.source}: no {self.ROW_NOUN} (expected one JSON object per line: {self.EXPECTED})")
+            raise DataError(f"{self.source}: no {self.ROW_NOUN} (expected one JSON object per line, or row: "
+                            f"{self.EXPECTED})")
         self.bad_skipped = dict(sum((Counter(bad.skipped(p)) for p in self.paths), Counter()).most_common())
         self.bad_report = "\n".join(r for r in map(bad.report, self.paths) if r) or None
 

@@ -7,6 +7,7 @@ plus a .json sidecar; training reads it through np.memmap, so corpora larger tha
 
 Input formats:
   .jsonl  one JSON object per line, {"text": "..."}: one document per line (blank lines are skipped).
+  .parquet  a "text" column (a Hugging Face dataset's files): one document per row, read a batch at a time.
   .txt    plain UTF-8 text. Documents are separated by a line holding exactly <|endoftext|> (the tokenizer's
           eos token); a file without such a line is one document. Read line by line, never whole.
 Every document is followed by eos in the token stream. Empty documents are skipped and counted.
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .records import BadRecords, DataError, data_files, iter_jsonl_texts, iter_lines
+from .records import PARQUET, BadRecords, DataError, data_files, iter_lines, iter_record_texts, source_bytes
 from .rows import RowsDataset
 
 SIDECAR_FORMAT = "zero2llm-tokens-v1"
@@ -93,10 +94,10 @@ def iter_txt_pieces(path: str | Path, doc_separator: str, stats: dict | None = N
         yield None
 
 
-def iter_jsonl_pieces(path: str | Path, stats: dict | None = None, bad: BadRecords | None = None
+def iter_record_pieces(path: str | Path, stats: dict | None = None, bad: BadRecords | None = None
                       ) -> Iterator[str | None]:
-    """iter_jsonl_texts as pieces (None ends a document), empty documents skipped and counted."""
-    for _, text in iter_jsonl_texts(path, bad):
+    """iter_record_texts as pieces (None ends a document), empty documents skipped and counted."""
+    for _, text in iter_record_texts(path, bad):
         if text.strip():
             yield text
             yield None
@@ -168,11 +169,12 @@ def _source_stamp(path: Path) -> dict:
 
 def prepare_pretrain(src_paths: str | Path | Sequence[str | Path], tokenizer, out_path: str | Path,
                      show_progress: bool = True, skip_bad_records: bool = False) -> Path:
-    """Tokenize .jsonl/.txt documents into a flat token file `out_path` (+ `out_path`.json sidecar).
+    """Tokenize .jsonl/.parquet/.txt documents into a flat token file `out_path` (+ `out_path`.json sidecar).
 
-    Streams: text is read line by line and tokenized CHUNK_BYTES at a time, so memory stays flat for any
-    corpus size. Documents are joined with eos. The file is written under a temporary name and renamed,
-    and the sidecar comes last, so an interrupted run never leaves a .bin that looks complete.
+    Streams: text is read line by line (a .parquet file a batch of rows at a time) and tokenized CHUNK_BYTES at
+    a time, so memory stays flat for any corpus size. Documents are joined with eos. The file is written under a
+    temporary name and renamed, and the sidecar comes last, so an interrupted run never leaves a .bin that looks
+    complete.
     A bad line raises a DataError naming it; with skip_bad_records it is skipped, and the counts per reason
     are printed (one stderr line per file) and recorded in the sidecar.
     """
@@ -180,8 +182,9 @@ def prepare_pretrain(src_paths: str | Path | Sequence[str | Path], tokenizer, ou
     for p in paths:
         if not p.is_file():
             raise DataError(f"{p}: no such data file")
-        if p.suffix not in (".jsonl", ".txt"):
-            raise DataError(f"{p}: unsupported extension {p.suffix!r}; use .jsonl ({{\"text\": ...}} per line) or .txt")
+        if p.suffix not in (".jsonl", PARQUET, ".txt"):
+            raise DataError(f"{p}: unsupported extension {p.suffix!r}; use .jsonl ({{\"text\": ...}} per line), "
+                            f".parquet (a \"text\" column) or .txt")
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos_token; documents could not be separated")
     dtype = token_dtype(len(tokenizer))
@@ -255,7 +258,7 @@ def _write_tokens(paths: list[Path], tokenizer, dtype: np.dtype, out_path: Path,
     backend, eos_id = tokenizer.backend_tokenizer, tokenizer.eos_token_id
     n_tokens = n_docs = 0
     stats = {"n_empty": 0}
-    with open(out_path, "wb") as out, tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True,
+    with open(out_path, "wb") as out, tqdm(total=sum(source_bytes(p) for p in paths), unit="B", unit_scale=True,
                                           desc=f"tokenizing -> {out_path.stem}", disable=not show_progress) as bar:
 
         def flush(pieces: list[str | None]) -> None:
@@ -275,8 +278,8 @@ def _write_tokens(paths: list[Path], tokenizer, dtype: np.dtype, out_path: Path,
                 n_tokens += len(chunk)
 
         for path in paths:
-            if path.suffix == ".jsonl":
-                stream = iter_jsonl_pieces(path, stats, bad)
+            if path.suffix in (".jsonl", PARQUET):
+                stream = iter_record_pieces(path, stats, bad)
             else:
                 stream = iter_txt_pieces(path, tokenizer.eos_token, stats, bad)
             pieces: list[str | None] = []
@@ -291,13 +294,13 @@ def _write_tokens(paths: list[Path], tokenizer, dtype: np.dtype, out_path: Path,
                     done += size
                     pieces, size = [], 0
             flush(pieces)
-            bar.update(max(0, path.stat().st_size - done))
+            bar.update(max(0, source_bytes(path) - done))
     return n_tokens, n_docs, stats["n_empty"]
 
 
 def pretrain_bin(path: str | Path | Sequence[str | Path], tokenizer, cache_dir: str | Path | None = None,
                  show_progress: bool = True, skip_bad_records: bool = False, bin_dtype: str | None = None) -> Path:
-    """A token file for `path`: a .bin as-is (checked), or .jsonl/.txt files prepared once and cached.
+    """A token file for `path`: a .bin as-is (checked), or .jsonl/.parquet/.txt files prepared once and cached.
 
     `path` is a --data_path: a file, a folder, a glob, or several files (data.data_files), prepared together in
     that order into one token file. A .bin must come alone; without its sidecar it is read as `bin_dtype`
@@ -307,7 +310,7 @@ def pretrain_bin(path: str | Path | Sequence[str | Path], tokenizer, cache_dir: 
     with bad lines skipped is never used by a strict run (which fails on the first bad line), nor vice versa.
     Cache files go to `cache_dir` (default: a `.cache` folder next to the first source).
     """
-    paths = data_files(path, (".jsonl", ".txt", ".bin"))
+    paths = data_files(path, (".jsonl", PARQUET, ".txt", ".bin"))
     bins = [p for p in paths if p.suffix == ".bin"]
     if bins and len(paths) > 1:
         raise DataError(f"{bins[0]}: a prepared token file among {len(paths)} data files; train on it alone, or "

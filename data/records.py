@@ -1,8 +1,9 @@
 """Reading records from users' data files, and what to do with a defective one.
 
-A defective record (a line that is not UTF-8, not JSON, lacks a field, ...) raises one DataError naming the
-file and line; with skip_bad_records (train.py --skip_bad_records) it is skipped and counted per reason
-instead (see BadRecords, the one policy every line reader takes).
+Records are the lines of .jsonl files (one JSON object each) or the rows of .parquet files (a Hugging Face
+dataset's files). A defective record (a line that is not UTF-8, not JSON, lacks a field, ...) raises one
+DataError naming the file and line (or row); with skip_bad_records (train.py --skip_bad_records) it is
+skipped and counted per reason instead (see BadRecords, the one policy every line reader takes).
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ import glob
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+PARQUET = ".parquet"  # a dataset's rows as the Hugging Face Hub serves them (read with pyarrow)
+
+
+def record_at(path: str | Path, number: int) -> str:
+    """How a message names a record: "line 12" of a text file, "row 12" of a .parquet file."""
+    return f"{'row' if Path(path).suffix == PARQUET else 'line'} {number}"
 
 
 class DataError(ValueError):
@@ -22,7 +30,7 @@ class BadRecord(DataError):
     """One defective record (line) of a data file: `reason` is its short category, for the skip counts."""
 
     def __init__(self, path: str | Path, line_no: int, detail: str, reason: str):
-        super().__init__(f"{path} line {line_no}: {detail}")
+        super().__init__(f"{path} {record_at(path, line_no)}: {detail}")
         self.path, self.line_no, self.detail, self.reason = Path(path), line_no, detail, reason
 
 
@@ -66,7 +74,8 @@ class BadRecords:
             first = self.first[str(path)]
             n = sum(counts.values())
             raise DataError(f"{path}: {'its only record is' if n == 1 else f'all {n:,} records are'} bad "
-                            f"({_reasons(counts)}), nothing to train on; line {first.line_no}: {first.detail}")
+                            f"({_reasons(counts)}), nothing to train on; {record_at(path, first.line_no)}: "
+                            f"{first.detail}")
 
 
 def _reasons(counts: dict[str, int]) -> str:
@@ -157,18 +166,17 @@ def _json_object(line: str, path: Path, line_no: int, expected: str) -> dict:
     return row
 
 
-def iter_jsonl_objects(path: str | Path, expected: str, parse: Callable[[dict, Path, int], object] | None = None,
-                       bad: BadRecords | None = None) -> Iterator[tuple[int, object]]:
-    """(line number, record) of each non-blank line: the JSON object, or what `parse(row, path, line_no)` makes
-    of it. The one reader of JSONL records: every defect (not UTF-8, not a JSON object, or a BadRecord from
-    `parse`) goes to `bad`, which raises it (default) or skips and counts it; `expected` describes the format."""
+def iter_records(path: str | Path, expected: str, parse: Callable[[dict, Path, int], object] | None = None,
+                 bad: BadRecords | None = None) -> Iterator[tuple[int, object]]:
+    """(line number, record) of each non-blank line of a .jsonl file, or (row number, record) of each row of a
+    .parquet file: the object, or what `parse(row, path, line_no)` makes of it. The one reader of records: every
+    defect (not UTF-8, not a JSON object, or a BadRecord from `parse`) goes to `bad`, which raises it (default) or
+    skips and counts it; `expected` describes the format."""
     path, bad = Path(path), bad if bad is not None else BadRecords()
+    rows = parquet_rows(path) if path.suffix == PARQUET else jsonl_rows(path, expected, bad)
     n_good = 0
-    for line_no, line in iter_lines(path, bad):
-        if not line.strip():
-            continue
+    for line_no, row in rows:
         try:
-            row = _json_object(line, path, line_no, expected)
             record = parse(row, path, line_no) if parse is not None else row
         except BadRecord as e:
             bad(e)
@@ -176,6 +184,58 @@ def iter_jsonl_objects(path: str | Path, expected: str, parse: Callable[[dict, P
         n_good += 1
         yield line_no, record
     bad.finish(path, n_good)
+
+
+def jsonl_rows(path: Path, expected: str, bad: BadRecords) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line; a line that is not a JSON object goes to `bad`."""
+    for line_no, line in iter_lines(path, bad):
+        if not line.strip():
+            continue
+        try:
+            yield line_no, _json_object(line, path, line_no, expected)
+        except BadRecord as e:
+            bad(e)
+
+
+def parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """(row number, row) of a .parquet file (what the Hugging Face Hub serves datasets as), read a batch of rows
+    at a time. Arrow gives every row every column, and every object in a column of them every field any of them
+    has, None where it had none (an Alpaca row in a file of chats: "conversations" None; a message without
+    "tool_calls" among messages with them); those are dropped, so that a row reads as the object it was made from."""
+    row_no, file = 0, parquet_file(path)
+    try:
+        for batch in file.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                row_no += 1
+                yield row_no, _without_nulls(row)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowIOError and ArrowInvalid: a damaged file
+        raise DataError(f"{path}: not a readable Parquet file after row {row_no} ({e})") from None
+
+
+def source_bytes(path: Path) -> int:
+    """How much text a file holds, for progress bars: its size, or a .parquet file's uncompressed size."""
+    if path.suffix != PARQUET:
+        return path.stat().st_size
+    meta = parquet_file(path).metadata
+    return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+
+
+def parquet_file(path: Path) -> Any:
+    """The pyarrow.parquet.ParquetFile of `path`; a file that is not Parquet is a DataError naming it."""
+    import pyarrow.parquet as pq  # here: only a .parquet file needs pyarrow
+
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def _text_field(row: dict, path: Path, line_no: int) -> str:
@@ -188,7 +248,7 @@ def _text_field(row: dict, path: Path, line_no: int) -> str:
     return check_text(text, path, line_no)
 
 
-def iter_jsonl_texts(path: str | Path, bad: BadRecords | None = None) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each {"text": ...} line. A defect raises ONE DataError naming the line (or is
-    skipped and counted, see BadRecords)."""
-    yield from iter_jsonl_objects(path, '{"text": ...}', _text_field, bad)
+def iter_record_texts(path: str | Path, bad: BadRecords | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each {"text": ...} line (or row of a .parquet file). A defect raises ONE DataError
+    naming the line (or is skipped and counted, see BadRecords)."""
+    yield from iter_records(path, '{"text": ...}', _text_field, bad)

@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import (GRPODataset, SFTDataset, iter_jsonl_objects, left_pad, pad_collate, pad_token_id,  # noqa: E402
+from data import (GRPODataset, SFTDataset, iter_records, left_pad, pad_collate, pad_token_id,  # noqa: E402
                   sft_example, stop_token_ids)
 from eval_model import encode_chat, load_model, model_tokenizer  # noqa: E402
 from model.generate import generate_answers  # noqa: E402
@@ -54,7 +54,7 @@ ARITHMETIC = re.compile(r"\d+( [-+*] \d+)+ = \d+\.")
 def prompts_and_references(path: Path) -> list[tuple[list[dict[str, str]], str]]:
     """(messages before the first assistant reply, that reply) for each conversation."""
     pairs = []
-    for line_no, row in iter_jsonl_objects(path, "(an SFT conversation)"):
+    for line_no, row in iter_records(path, "(an SFT conversation)"):
         messages = sft_example(row, path, line_no).messages
         i = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
         pairs.append((messages[:i], messages[i]["content"]))

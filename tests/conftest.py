@@ -75,6 +75,16 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def write_parquet(path: Path, rows: list[dict], row_group_size: int = 2) -> Path:
+    """The rows as a .parquet file, as a Hugging Face dataset's (small row groups: several batches to read)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))  # every row's (from_pylist takes the first's)
+    pq.write_table(pa.table({c: [row.get(c) for row in rows] for c in columns}), path, row_group_size=row_group_size)
+    return path
+
+
 @pytest.fixture(scope="module")
 def sft_files(tmp_path_factory) -> dict[str, Path]:
     """A small mix of the shipped chats and Alpaca rows (train) and held-out chats (val)."""

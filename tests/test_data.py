@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import data
-from conftest import ROOT
+from conftest import ROOT, write_parquet
 from data import DataError, PackedDataset
 
 DOCS = ["To be, or not to be, that is the question:", "What is 12 + 7?\n12 + 7 = 19.",
@@ -129,6 +129,30 @@ def test_uint32_when_vocab_exceeds_uint16(tok, tmp_path):
         PackedDataset(raw, 9, dtype="uint32", vocab_size=65_536)
     with pytest.raises(DataError, match="no sidecar raw.json says how its token ids are stored; pass --bin_dtype"):
         PackedDataset(raw, 9, vocab_size=70_000)  # no guess from the vocabulary: uint32 read as uint16 is garbage
+
+
+def test_a_parquet_text_column_prepares_as_its_jsonl_does(tok, tmp_path):
+    """A Hugging Face dataset's .parquet files (the Hub's format; other columns ignored), from a --data_path
+    folder: the tokens of the same documents as .jsonl."""
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    write_parquet(folder / "train-00000.parquet", [{"text": d, "id": i} for i, d in enumerate(DOCS[:7])])
+    write_parquet(folder / "train-00001.parquet", [{"text": d, "id": i} for i, d in enumerate(DOCS[7:])])
+    out = data.pretrain_bin(folder, tok, cache_dir=tmp_path / "cache", show_progress=False)
+    assert read_bin(out).tolist() == expected_tokens(tok, DOCS)
+
+
+def test_a_bad_parquet_row_or_file_is_named(tok, tmp_path, capsys):
+    rows = write_parquet(tmp_path / "rows.parquet", [{"text": "fine"}, {"text": None}, {"text": "also fine"}])
+    with pytest.raises(DataError, match=r"rows.parquet row 2: missing field 'text'"):
+        data.prepare_pretrain(rows, tok, tmp_path / "a.bin", show_progress=False)
+    out = data.prepare_pretrain(rows, tok, tmp_path / "a.bin", show_progress=False, skip_bad_records=True)
+    assert read_bin(out).tolist() == expected_tokens(tok, ["fine", "also fine"])
+    assert "rows.parquet: skipped 1 bad record" in capsys.readouterr().err
+    fake = tmp_path / "fake.parquet"
+    fake.write_text('{"text": "a JSON line, not Parquet"}\n')
+    with pytest.raises(DataError, match="fake.parquet: not a readable Parquet file"):
+        data.prepare_pretrain(fake, tok, tmp_path / "b.bin", show_progress=False)
 
 
 def test_dataset_pickles_without_the_token_array(tok, tmp_path):
@@ -290,7 +314,7 @@ def test_bad_jsonl_names_file_and_line(tok, tmp_path, line, message):
 def test_utf8_bom_is_accepted(tok, tmp_path):
     src = tmp_path / "bom.jsonl"
     src.write_bytes(b'\xef\xbb\xbf{"text": "hello"}\n')
-    assert list(data.iter_jsonl_texts(src)) == [(1, "hello")]
+    assert list(data.iter_record_texts(src)) == [(1, "hello")]
 
 
 def test_bad_inputs(tok, tmp_path):
@@ -322,7 +346,7 @@ def test_any_line_loads_or_raises_data_error(tmp_path, line):
     src = tmp_path / "h.jsonl"
     src.write_bytes(line.replace(b"\n", b" ") + b"\n")
     try:
-        texts = list(data.iter_jsonl_texts(src))
+        texts = list(data.iter_record_texts(src))
     except DataError as e:
         assert str(e).startswith(f"{src} line 1: ")
     else:
@@ -370,10 +394,10 @@ def test_pad_collate_right_pads():
 
 def test_shipped_pretrain_files_are_valid():
     for name in ["pretrain.jsonl", "pretrain_val.jsonl"]:
-        texts = [t for _, t in data.iter_jsonl_texts(ROOT / "dataset" / name)]
+        texts = [t for _, t in data.iter_record_texts(ROOT / "dataset" / name)]
         assert texts and all(t.strip() for t in texts)
-    train = set(t for _, t in data.iter_jsonl_texts(ROOT / "dataset" / "pretrain.jsonl"))
-    assert not train & set(t for _, t in data.iter_jsonl_texts(ROOT / "dataset" / "pretrain_val.jsonl"))
+    train = set(t for _, t in data.iter_record_texts(ROOT / "dataset" / "pretrain.jsonl"))
+    assert not train & set(t for _, t in data.iter_record_texts(ROOT / "dataset" / "pretrain_val.jsonl"))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -513,7 +537,7 @@ def test_any_lines_with_skipping_load_or_fail_only_when_all_are_bad(tmp_path, ro
     src.write_bytes(b"".join(r.replace(b"\n", b" ").replace(b"\r", b" ") + b"\n" for r in rows))
     bad = data.BadRecords(skip=True)
     try:
-        texts = list(data.iter_jsonl_texts(src, bad))
+        texts = list(data.iter_record_texts(src, bad))
     except DataError as e:
         assert re.match(rf"{re.escape(str(src))}: (all \d+ records are|its only record is) bad", str(e))
     else:

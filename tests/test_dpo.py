@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train
-from conftest import CONVERSATION, ROOT, read_metrics, train_losses, write_jsonl
+from conftest import CONVERSATION, ROOT, read_metrics, train_losses, write_jsonl, write_parquet
 from data import IGNORE_INDEX, DataError, DPODataset, pair_collate
 from trainer.objectives import DPOObjective, dpo_loss, sequence_logps
 
@@ -106,6 +106,18 @@ def test_both_formats_render_the_same_tokens(tok, tmp_path):
         {"chosen": [user("Hi"), assistant("Hello!")], "rejected": [user("Hi"), assistant("Go away.")]},
         {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}]), tok, 512)
     assert all(torch.equal(simple[0][k], simple[1][k]) for k in simple[0])
+
+
+def test_a_parquet_file_reads_as_its_jsonl(tok, tmp_path):
+    """TRL's preference datasets come as .parquet files: the same pairs as from .jsonl."""
+    prompt = CONVERSATION[:-1]
+    rows = [{"prompt": prompt, "chosen": [assistant(f"19 + 3 = {22 + i}.")], "rejected": [assistant("No.")]}
+            for i in range(5)]
+    jsonl = DPODataset(write_jsonl(tmp_path / "p.jsonl", rows), tok, 512)
+    parquet = DPODataset(write_parquet(tmp_path / "p.parquet", rows), tok, 512)
+    assert len(jsonl) == len(parquet) == 5
+    for i in range(5):
+        assert all(torch.equal(jsonl[i][k], parquet[i][k]) for k in jsonl[i])
 
 
 def test_labels_are_the_final_reply_only(tok, tmp_path):

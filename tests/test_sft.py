@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import train
-from conftest import CONVERSATION, ROOT, check_resume_is_exact, read_metrics, sft_args, train_losses, write_jsonl
+from conftest import (CONVERSATION, ROOT, check_resume_is_exact, read_metrics, sft_args, train_losses, write_jsonl,
+                      write_parquet)
 from data import IGNORE_INDEX, DataError, SFTDataset, pad_collate
 from trainer.sampler import ResumableBatchSampler
 
@@ -380,6 +382,23 @@ def expected_row(tok, segments: list[tuple[str, bool]]) -> tuple[list[int], list
 
 def one_row(tok, tmp_path, line: dict, max_seq_len: int = 1024, name: str = "one.jsonl") -> SFTDataset:
     return SFTDataset(write_jsonl(tmp_path / name, [line]), tok, max_seq_len)
+
+
+def test_a_parquet_file_reads_as_its_jsonl(tok, tmp_path, sft_files, base_model):
+    """A Hugging Face dataset's .parquet file gives the rows its .jsonl gives. Arrow gives every row every column
+    and every message every field any message has, None where it had none; those are dropped, or an Alpaca row
+    among chats would read as a chat without messages (the training file here mixes the two)."""
+    rows = [MINIMIND_TOOL_LINE, {"conversations": CONVERSATION}]
+    jsonl = SFTDataset(write_jsonl(tmp_path / "a.jsonl", rows), tok, 1024)
+    parquet = SFTDataset(write_parquet(tmp_path / "a.parquet", rows), tok, 1024)
+    assert len(jsonl) == len(parquet) == 2
+    for i in range(2):
+        assert all(torch.equal(jsonl[i][k], parquet[i][k]) for k in jsonl[i])
+    chats = [json.loads(line) for line in Path(sft_files["train"]).read_text().splitlines()]
+    out = tmp_path / "run"
+    train.main(sft_args({"train": write_parquet(tmp_path / "train.parquet", chats, 256), "val": sft_files["val"]},
+                        base_model, out, "--max_steps", "2", "--eval_interval", "0"))
+    assert (out / "final" / "model.safetensors").is_file()
 
 
 def tools_prompt(system: str) -> str:

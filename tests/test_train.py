@@ -150,7 +150,7 @@ def test_bfloat16_autocast_on_cpu_trains(corpus, tmp_path, capsys):
     (["--n_heads", "4", "--n_kv_heads", "3"], "multiple of n_kv_heads"),
     (["--data_path", "nope.jsonl"], "--data_path nope.jsonl: no such file"),
     (["--val_data_path", str(ROOT / "tokenizer")],
-     f"--val_data_path {ROOT / 'tokenizer'}: a folder without .jsonl or .txt or .bin files"),
+     f"--val_data_path {ROOT / 'tokenizer'}: a folder without .jsonl or .parquet or .txt or .bin files"),
     (["--preset", "huge"], "--preset: invalid choice: 'huge'"),
     (["--num_experts_per_tok", "5", "--use_moe", "--n_routed_experts", "4"], "num_experts_per_tok"),
     (["--resume"], "--resume: no complete checkpoint"),

@@ -62,12 +62,13 @@ def parse_switch(text: str) -> str:
 class TrainConfig:
     """Flags shared by every mode: the run, its data, length, optimisation, evaluation, checkpoints and scale."""
     flag_group = "training (every mode)"
-    data_suffixes: ClassVar[tuple[str, ...]] = (".jsonl", ".txt", ".bin")  # what a --data_path folder's files are
+    data_suffixes: ClassVar[tuple[str, ...]] = (".jsonl", ".parquet", ".txt", ".bin")  # a --data_path folder's files
 
     mode: str = flag("pretrain", "Training mode; `--mode X --help` lists that mode's flags and defaults.")
     out_dir: str = flag("out/pretrain", "Run folder: checkpoints/, best/, final/, metrics.jsonl.")
     data_path: str = flag("dataset/pretrain.jsonl", "Training data (each mode defaults to its shipped sample). "
-                          "Pretraining: .jsonl ({\"text\": ...}), .txt, or a prepared .bin token file. Several: a "
+                          "Pretraining: .jsonl ({\"text\": ...}), .parquet, .txt, or a prepared .bin token file; the "
+                          "other modes: .jsonl or .parquet (a Hugging Face dataset's files). Several: a "
                           "folder (its data files, sorted by name), a glob ('shards/*.jsonl', sorted by name) or "
                           "comma-separated files (in the order given), all read in that order.")
     val_data_path: str = flag("dataset/pretrain_val.jsonl", "Held-out data for validation (each mode defaults to its "

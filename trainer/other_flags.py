@@ -34,8 +34,8 @@ TRAIN: dict[str, tuple[str, str]] = {
     # transformers' TrainingArguments (which TRL's configs extend), and TRL's own
     "--output_dir": (HF, "--out_dir"),
     "--model_name_or_path": (TRL, "--init_from"),
-    "--dataset_name": (TRL, "--data_path takes local files (.jsonl, .txt or .bin, a folder, a glob): save the "
-                            "dataset as .jsonl and point --data_path at it"),
+    "--dataset_name": (TRL, "--data_path takes local files: a downloaded dataset's folder of .parquet files, "
+                            ".jsonl files, a glob"),
     "--per_device_train_batch_size": (HF, "--batch_size"),
     "--per_device_eval_batch_size": (HF, "validation runs at --batch_size too: drop it"),
     "--gradient_accumulation_steps": (HF, "--accumulation_steps"),

@@ -23,7 +23,7 @@ from trainer.modes.base import Mode, Run, train_and_val
 class FinetuneConfig(TrainConfig):
     flag_group = "fine-tuning (the modes that start from --init_from)"
     previous_stage: ClassVar[str] = "sft"  # the stage whose final/ the default --init_from is
-    data_suffixes: ClassVar[tuple[str, ...]] = (".jsonl",)
+    data_suffixes: ClassVar[tuple[str, ...]] = (".jsonl", ".parquet")
 
     # Shared flags with other defaults: the tokenizer is the --init_from folder's, and validation sets are small.
     tokenizer_path: str = ""
