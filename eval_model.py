@@ -105,9 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     args, unknown = p.parse_known_args(argv)
     if unknown:  # another project's flags (MiniMind's eval_llm.py): one line each saying what to write here
-        flags = other_flags.given(unknown) or p.error(f"unrecognized arguments: {' '.join(unknown)}")
-        p.error("\n".join(other_flags.answer(flag, value, other_flags.EVAL) or f"unrecognized argument {flag}"
-                          for flag, value in flags))
+        other_flags.refuse(p, unknown, lambda flag, value: other_flags.answer(flag, value, other_flags.EVAL)
+                           or f"unrecognized argument {flag}")
     if args.serve:
         for flag, given, why in (
             ("prompt", args.prompt is not None, "clients send their own prompts"),

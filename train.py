@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -87,15 +88,6 @@ def apply_launch_flags(args: argparse.Namespace) -> None:
               "... (DDP is then implied, --ddp is not needed)", file=sys.stderr)
 
 
-def refuse_unknown(parser: argparse.ArgumentParser, mode: Mode, unknown: list[str], args: argparse.Namespace) -> None:
-    """Flags this mode lacks, each answered in one line rather than argparse's "unrecognized": another mode's flag
-    (whose it is), or another project's name (what to write here: trainer/other_flags.py)."""
-    flags = other_flags.given(unknown)
-    if not flags:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    parser.error("\n".join(refusal(flag, value, parser, mode, args) for flag, value in flags))
-
-
 def refusal(flag: str, value: str | None, parser: argparse.ArgumentParser, mode: Mode,
             args: argparse.Namespace) -> str:
     """The one line that answers `flag` (given `value`), a flag this mode's parser lacks."""
@@ -117,7 +109,13 @@ def refusal(flag: str, value: str | None, parser: argparse.ArgumentParser, mode:
 
 
 def modes_with(flag: str) -> list[str]:
-    return [name for name in MODES if flag in build_parser(name)._option_string_actions]
+    return [name for name in MODES if flag in mode_flags(name)]
+
+
+@functools.cache
+def mode_flags(mode: str) -> frozenset[str]:
+    """Every option string of `mode`'s parser, built once however many refused flags ask."""
+    return frozenset(build_parser(mode)._option_string_actions)
 
 
 def foreign_flag(flag: str, mode: str) -> str:
@@ -137,7 +135,9 @@ def parse_config(argv: list[str] | None) -> tuple[Mode, TrainConfig, ModelConfig
     args, unknown = parser.parse_known_args(argv)
     mode = MODES[args.mode]
     if unknown:
-        refuse_unknown(parser, mode, unknown, args)
+        # Flags this mode lacks, each answered in one line rather than argparse's "unrecognized": another mode's
+        # flag (whose it is), or another project's name (what to write here: trainer/other_flags.py).
+        other_flags.refuse(parser, unknown, lambda flag, value: refusal(flag, value, parser, mode, args))
     apply_launch_flags(args)
     cfg = mode.Config(**parsed_fields(mode.Config, args))
     try:

@@ -258,7 +258,8 @@ def _write_tokens(paths: list[Path], tokenizer, dtype: np.dtype, out_path: Path,
     backend, eos_id = tokenizer.backend_tokenizer, tokenizer.eos_token_id
     n_tokens = n_docs = 0
     stats = {"n_empty": 0}
-    with open(out_path, "wb") as out, tqdm(total=sum(source_bytes(p) for p in paths), unit="B", unit_scale=True,
+    sizes = {p: source_bytes(p) for p in paths}  # for the progress bar (a .parquet file: its uncompressed size)
+    with open(out_path, "wb") as out, tqdm(total=sum(sizes.values()), unit="B", unit_scale=True,
                                           desc=f"tokenizing -> {out_path.stem}", disable=not show_progress) as bar:
 
         def flush(pieces: list[str | None]) -> None:
@@ -294,7 +295,7 @@ def _write_tokens(paths: list[Path], tokenizer, dtype: np.dtype, out_path: Path,
                     done += size
                     pieces, size = [], 0
             flush(pieces)
-            bar.update(max(0, source_bytes(path) - done))
+            bar.update(max(0, sizes[path] - done))
     return n_tokens, n_docs, stats["n_empty"]
 
 

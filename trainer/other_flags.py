@@ -7,7 +7,9 @@ name that means exactly what a flag here means, values included, is an alias dec
 """
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
+from typing import NoReturn
 
 MINIMIND, TRL, HF, HF_CONFIG = "MiniMind's", "TRL's", "TRL's and transformers'", "transformers' config"
 
@@ -94,6 +96,15 @@ EVAL: dict[str, tuple[str, str]] = {
     "--show_speed": (MINIMIND, "python bench/decode.py measures decoding speed"),
     "--open_thinking": (MINIMIND, "the prompt is the chat template's as it is (no thinking switch): drop it"),
 }
+
+
+def refuse(parser: argparse.ArgumentParser, unknown: list[str], answer_one: Callable[[str, str | None], str]
+           ) -> NoReturn:
+    """Stop on argparse's unknown arguments: one line per flag among them, `answer_one(flag, value)`."""
+    flags = given(unknown)
+    if not flags:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    parser.error("\n".join(answer_one(flag, value) for flag, value in flags))
 
 
 def given(unknown: list[str]) -> list[tuple[str, str | None]]:
