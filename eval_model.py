@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import socket
 import sys
 from collections.abc import Iterable, Iterator
@@ -357,12 +358,16 @@ def serve_http(args: argparse.Namespace, sock: socket.socket, model: Transformer
 
 def cli() -> None:
     """`python eval_model.py`: Ctrl-C while loading or during a one-shot answer exits quietly (130, the shell's
-    code for SIGINT), not with a traceback."""
+    code for SIGINT), not with a traceback; so does a reader that stops reading (`... | head`)."""
     try:
         main()
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        # The reader is gone: what is still buffered for stdout cannot be written either (Python's documented way).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # the shell's code for SIGPIPE
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +164,20 @@ def test_eval_model_one_shot_completion(model_dir: Path) -> None:
     r = run_eval("--model_path", str(model_dir), "--prompt", "hi", "--max_new_tokens", "5", "--device", "cpu", "--seed", "0")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("hi")
+
+
+def test_a_reader_that_stops_reading_ends_eval_model_quietly(model_dir: Path) -> None:
+    """`eval_model.py ... | head`: the reader gone before the answer is written (its end of the pipe closed
+    first) ends the run with the shell's code for SIGPIPE, without a traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = subprocess.run([sys.executable, str(ROOT / "eval_model.py"), "--model_path", str(model_dir), "--prompt",
+                            "hi", "--max_new_tokens", "5", "--device", "cpu"], stdout=write, stderr=subprocess.PIPE,
+                           text=True, timeout=120, cwd=ROOT)
+    finally:
+        os.close(write)
+    assert r.returncode == 141 and "Traceback" not in r.stderr, r.stderr
 
 
 def test_eval_model_interactive_chat(model_dir: Path, monkeypatch, capsys) -> None:
