@@ -5,12 +5,16 @@ afterwards, so a causal mask saves it nothing, and without AMX its bf16 path run
 (bench/RESULTS.md, bench/attention.py). Causal attention needs only the lower triangle of the T x T scores.
 
 Here the queries go in tiles of TILE positions, and a tile meets only the keys up to its own last position:
-(T + TILE) / 2T of the square's work. Per tile, the scores come from a matmul in the input dtype, the softmax
-runs in fp32 (as transformers' eager attention does), and the logsumexp of every row is kept. The backward
-recomputes the probabilities from it tile by tile (the flash-attention backward: Dao et al. 2022, algorithm 2),
-so nothing T x T is stored. Grouped-query heads: the query heads that share a KV head are stacked as the rows
-of one matrix, ordered (position, head), so a tile is a contiguous block of rows, one matmul serves the whole
-group, and dK/dV sum over the group inside it.
+(T + TILE) / 2T of the square's work. Per tile, the scores come from a matmul in the input dtype and PyTorch's fused
+softmax kernel turns them into probabilities in one call (in bf16 it reads bf16, computes in fp32 and writes bf16:
+as in transformers' eager attention, the probabilities are rounded to bf16 before the product with V). The backward
+recomputes each tile's probabilities the same way and takes their gradient with the fused softmax backward kernel
+(the flash-attention backward's order, Dao et al. 2022, algorithm 2), so nothing T x T is stored, not even a
+logsumexp. Written as separate elementwise ops instead, the softmax's casts between bf16 and fp32 and its passes
+over each score tile took nearly as long as the tile's matmuls (bench/RESULTS.md). Grouped-query heads: the query
+heads that share a KV head are stacked as the rows of one matrix, ordered (position, head), so a tile is a
+contiguous block of rows, one matmul serves the whole group, and dK/dV sum over the group inside it. Every product
+is a batched matmul over [batch x KV heads, rows, head_dim] views, with no copy before it.
 
 The output is written in the [B, T, heads, head_dim] layout that o_proj reads, so the model's transpose and
 reshape after attention copy nothing. Used for causal, unpadded sequences longer than one tile (training,
@@ -63,14 +67,19 @@ def _future_mask(n: int, rep: int, device: torch.device) -> torch.Tensor:
     return future[:, None].expand(n, rep, n).reshape(n * rep, n)
 
 
-def _grouped(x: torch.Tensor, kv_heads: int, scale: float = 1.0) -> torch.Tensor:
-    """[B, heads, T, D] -> [B, kv_heads, T * rep, D] contiguous, rows ordered (position, head of the group),
-    times scale."""
+def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, heads, T, D] -> [B * kv_heads, T * rep, D] contiguous, rows ordered (position, head of the group)."""
     B, H, T, D = x.shape
     grouped = x.transpose(1, 2).reshape(B, T, kv_heads, H // kv_heads, D).transpose(1, 2)
-    if scale != 1.0:
-        grouped = grouped * scale
-    return grouped.reshape(B, kv_heads, T * (H // kv_heads), D)
+    return grouped.reshape(B * kv_heads, T * (H // kv_heads), D)
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, start: int, end: int, rep: int) -> torch.Tensor:
+    """softmax(q k^T) of one tile (query positions start..end, rows q, already scaled) over keys 0..end, with the
+    tile's own later positions masked: [B * kv_heads, (end - start) * rep, end] in q's dtype."""
+    s = torch.bmm(q, k[:, :end].transpose(1, 2))
+    s[..., start:end].masked_fill_(_future_mask(end - start, rep, q.device), float("-inf"))
+    return torch.softmax(s, -1)
 
 
 class _TiledCausalAttention(torch.autograd.Function):
@@ -78,44 +87,35 @@ class _TiledCausalAttention(torch.autograd.Function):
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         B, H, T, D = q.shape
         KV = k.shape[1]
-        rep, dtype, scale = H // KV, q.dtype, D ** -0.5
-        qg = _grouped(q, KV, scale)
-        k, v = k.contiguous(), v.contiguous()
-        out = torch.empty(B, T, KV, rep, D, dtype=dtype, device=q.device)  # the model's [B, T, heads, D] layout
-        lse = torch.empty(B, KV, T * rep, 1, dtype=torch.float32, device=q.device)
+        rep, scale = H // KV, D ** -0.5
+        qg = _grouped(q * scale, KV)
+        k, v = k.reshape(B * KV, T, D), v.reshape(B * KV, T, D)
+        out = torch.empty(B, T, KV, rep * D, dtype=q.dtype, device=q.device)  # the model's [B, T, heads, D] layout
         for start, end in _tiles(T):
-            n, rows = end - start, slice(start * rep, end * rep)
-            s = (qg[:, :, rows] @ k[:, :, :end].transpose(-1, -2)).float()  # [B, KV, n * rep, end]
-            s[..., start:end].masked_fill_(_future_mask(n, rep, q.device), float("-inf"))
-            m = s.amax(-1, keepdim=True)
-            p = s.sub_(m).exp_()
-            total = p.sum(-1, keepdim=True)
-            lse[:, :, rows] = m.add_(total.log())
-            o = (p.to(dtype) @ v[:, :, :end]).float().div_(total)  # [B, KV, n * rep, D]
-            out[:, start:end] = o.view(B, KV, n, rep, D).transpose(1, 2)
-        ctx.save_for_backward(qg, k, v, out, lse)
-        ctx.scale = scale
+            rows = slice(start * rep, end * rep)
+            o = torch.bmm(_probabilities(qg[:, rows], k, start, end, rep), v[:, :end])  # [B * KV, n * rep, D]
+            out[:, start:end] = o.view(B, KV, end - start, rep * D).transpose(1, 2)
+        ctx.save_for_backward(qg, k, v)
+        ctx.scale, ctx.shape = scale, (B, H, T, D)
         return out.view(B, T, H, D).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        qg, k, v, out, lse = ctx.saved_tensors
-        B, T, KV, rep, D = out.shape
-        dtype = qg.dtype
+        qg, k, v = ctx.saved_tensors
+        B, H, T, D = ctx.shape
+        KV = k.shape[0] // B
+        rep, dtype = H // KV, qg.dtype
         dog = _grouped(dout.to(dtype), KV)
-        og = out.transpose(1, 2).reshape(B, KV, T * rep, D)
-        delta = (dog.float() * og.float()).sum(-1, keepdim=True)  # rowsum(dO * O): the softmax backward's term
-        dq = torch.empty(B, T, KV, rep, D, dtype=dtype, device=qg.device)
-        dk = torch.zeros(B, KV, T, D, dtype=torch.float32, device=qg.device)
+        dq = torch.empty(B, T, KV, rep * D, dtype=dtype, device=qg.device)
+        dk = torch.zeros(B * KV, T, D, dtype=torch.float32, device=qg.device)  # summed over tiles in fp32
         dv = torch.zeros_like(dk)
         for start, end in _tiles(T):
-            n, rows = end - start, slice(start * rep, end * rep)
-            qi, doi = qg[:, :, rows], dog[:, :, rows]
-            p = (qi @ k[:, :, :end].transpose(-1, -2)).float().sub_(lse[:, :, rows]).exp_()  # the probabilities
-            p[..., start:end].masked_fill_(_future_mask(n, rep, qg.device), 0.0)
-            dv[:, :, :end] += p.to(dtype).transpose(-1, -2) @ doi
-            ds = (doi @ v[:, :, :end].transpose(-1, -2)).float().sub_(delta[:, :, rows]).mul_(p).to(dtype)
-            dq[:, start:end] = (ds @ k[:, :, :end]).view(B, KV, n, rep, D).transpose(1, 2)
-            dk[:, :, :end] += ds.transpose(-1, -2) @ qi  # qi carries the scale already
-        dq = dq.mul_(ctx.scale).view(B, T, KV * rep, D).transpose(1, 2)
-        return dq, dk.to(dtype), dv.to(dtype)
+            rows = slice(start * rep, end * rep)
+            qi, doi = qg[:, rows], dog[:, rows]
+            p = _probabilities(qi, k, start, end, rep)
+            dv[:, :end] += torch.bmm(p.transpose(1, 2), doi)
+            ds = torch._softmax_backward_data(torch.bmm(doi, v[:, :end].transpose(1, 2)), p, -1, dtype)
+            dq[:, start:end] = torch.bmm(ds, k[:, :end]).view(B, KV, end - start, rep * D).transpose(1, 2)
+            dk[:, :end] += torch.bmm(ds.transpose(1, 2), qi)  # qi carries the scale already
+        dq = dq.mul_(ctx.scale).view(B, T, H, D).transpose(1, 2)
+        return dq, dk.to(dtype).view(B, KV, T, D), dv.to(dtype).view(B, KV, T, D)

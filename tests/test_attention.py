@@ -45,9 +45,9 @@ def test_tiled_attention_equals_causal_sdpa_in_fp32(heads, kv_heads, T, D):
 
 
 def test_tiled_attention_in_bf16_is_as_close_to_exact_as_sdpa():
-    """bf16 rounds the scores before the fp32 softmax (as transformers' eager attention does): the output may
-    differ from exact attention a little more than SDPA's (which keeps fp32 scores), the gradients no more than
-    SDPA's do (dK and dV are summed in fp32 here)."""
+    """bf16 rounds the scores before the fp32 softmax and the probabilities after it (as transformers' eager
+    attention does): the output may differ from exact attention a little more than SDPA's (which keeps fp32
+    scores), the gradients no more than SDPA's do (dK and dV are summed in fp32 here)."""
     g = torch.Generator().manual_seed(0)
     q, dout = (model_layout(2, 4, 3 * TILE + 9, 32, torch.bfloat16, g) for _ in range(2))
     k, v = (model_layout(2, 2, 3 * TILE + 9, 32, torch.bfloat16, g) for _ in range(2))
