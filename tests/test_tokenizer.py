@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import CONVERSATION, ROOT, TOKENIZER
+from conftest import CONVERSATION, ROOT, TOKENIZER, write_jsonl, write_parquet
 
 spec = importlib.util.spec_from_file_location("train_tokenizer", TOKENIZER / "train_tokenizer.py")
 train_tokenizer = importlib.util.module_from_spec(spec)
@@ -212,3 +212,30 @@ def test_train_tokenizer_takes_txt(tmp_path):
     bad = subprocess.run([sys.executable, str(TOKENIZER / "train_tokenizer.py"), "--data", str(tmp_path / "x.csv")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "x.csv: no such file" in bad.stderr.splitlines()[-1]
+
+
+def test_train_tokenizer_takes_a_datasets_parquet_files(tmp_path):
+    """A Hugging Face dataset's .parquet rows give the texts, and so the tokenizer, of the same rows as .jsonl
+    lines: documents, chats (fields a message lacks come back from Arrow as None: skipped) and TRL preference
+    pairs, in one file. A line that is not JSON and a file that is not Parquet each get one line naming them."""
+    lines = [ROOT / "dataset" / f for f in ("pretrain.jsonl", "sft.jsonl", "dpo_trl.jsonl")]
+    rows = [json.loads(line) for path in lines for line in path.read_text(encoding="utf-8").splitlines()[:60]]
+    rows.insert(70, {"conversations": TOOL_CHAT})  # fields only some messages have: reasoning, tool calls
+    jsonl, parquet = write_jsonl(tmp_path / "rows.jsonl", rows), write_parquet(tmp_path / "rows.parquet", rows, 50)
+    texts = list(train_tokenizer.corpus_texts([parquet]))
+    assert texts == list(train_tokenizer.corpus_texts([jsonl])) and len(texts) > 180
+    runs = {}
+    for path in (jsonl, parquet):
+        out = tmp_path / path.suffix[1:]
+        done = subprocess.run([sys.executable, str(TOKENIZER / "train_tokenizer.py"), "--data", str(path),
+                               "--vocab_size", "400", "--out_dir", str(out)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        runs[path.suffix] = (out / "tokenizer.json").read_bytes()
+    assert runs[".parquet"] == runs[".jsonl"]
+    for name, content, expected in (("bad.jsonl", '{"text": "a"}\n\n{"text": \n', "bad.jsonl line 3: not a JSON object"),
+                                    ("fake.parquet", "not parquet", "fake.parquet: not a readable Parquet file")):
+        (tmp_path / name).write_text(content)
+        bad = subprocess.run([sys.executable, str(TOKENIZER / "train_tokenizer.py"), "--data", str(tmp_path / name),
+                              "--out_dir", str(tmp_path / "never")], capture_output=True, text=True)
+        assert bad.returncode == 1 and expected in bad.stderr.strip().splitlines()[-1], bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "never").exists()

@@ -7,8 +7,8 @@ Byte-level: every string encodes (no unknown token) and decode(encode(x)) == x.
 Digits are split one per token so arithmetic is written digit by digit (a tiny model learns
 "12 + 7 = 19." far better than with merged, arbitrary number chunks).
 Trained on dataset/pretrain.jsonl plus the message texts of the chat data, so both prose and
-chat answers tokenize compactly (--data takes other .jsonl files, and plain .txt). Same inputs ->
-byte-identical files.
+chat answers tokenize compactly (--data takes other .jsonl files, a Hugging Face dataset's .parquet files, and
+plain .txt). Same inputs -> byte-identical files.
 
 Token ids:  0 <|endoftext|>  end of a pretraining document, and the padding token
             1 <|im_start|>   2 <|im_end|>   ChatML turn markers (special: stripped by skip_special_tokens)
@@ -99,24 +99,45 @@ def _message_texts(value: Any) -> Iterator[str]:
                     yield m[key]
 
 
+def _rows(path: Path) -> Iterator[dict]:
+    """The objects of a .jsonl file's lines, or a .parquet file's rows (read with pyarrow, a batch at a time); a
+    line that is not a JSON object, or a file that is not Parquet, ends the run with one line naming it."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # here: only a .parquet file needs pyarrow
+
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+                yield from batch.to_pylist()
+        except (OSError, ValueError) as e:  # pyarrow's ArrowIOError and ArrowInvalid
+            raise SystemExit(f"train_tokenizer.py: error: {path}: not a readable Parquet file ({e})") from None
+        return
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    row = e
+                if not isinstance(row, dict):
+                    raise SystemExit(f"train_tokenizer.py: error: {path} line {line_no}: not a JSON object")
+                yield row
+
+
 def corpus_texts(paths: Iterable[Path]) -> Iterator[str]:
-    """Texts of .jsonl files ({"text"} documents and the messages of chat data of any mode, MiniMind's and TRL's
-    field names) and of .txt files (line by line; the <|endoftext|> lines that separate documents are left out,
-    as the token is added, not learned)."""
+    """Texts of .jsonl and .parquet files ({"text"} documents and the messages of chat data of any mode, MiniMind's
+    and TRL's field names) and of .txt files (line by line; the <|endoftext|> lines that separate documents are left
+    out, as the token is added, not learned). A field a Parquet row lacks reads as None (Arrow gives every row every
+    column): skipped, as a missing one."""
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if path.suffix == ".txt":
-                    if line.rstrip("\r\n") != SPECIAL_TOKENS[0]:
-                        yield line
-                    continue
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if "text" in row:
-                    yield row["text"]
-                for key in ("conversations", "messages", "chosen", "rejected", "prompt", "completion"):
-                    yield from _message_texts(row.get(key))
+        if path.suffix == ".txt":
+            with open(path, encoding="utf-8") as f:
+                yield from (line for line in f if line.rstrip("\r\n") != SPECIAL_TOKENS[0])
+            continue
+        for row in _rows(path):
+            if isinstance(row.get("text"), str):
+                yield row["text"]
+            for key in ("conversations", "messages", "chosen", "rejected", "prompt", "completion"):
+                yield from _message_texts(row.get(key))
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 6400) -> Tokenizer:
@@ -168,14 +189,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", default=[str(ROOT / "dataset" / f) for f in
                                                   ("pretrain.jsonl", "sft.jsonl", "dpo.jsonl", "grpo.jsonl")],
-                   help=".jsonl files ({'text'} documents and/or chat messages) or .txt files (plain text) to train on")
+                   help=".jsonl or .parquet files ({'text'} documents and/or chat messages) or .txt files (plain "
+                        "text) to train on")
     p.add_argument("--vocab_size", type=int, default=6400, help="vocabulary size including the 9 added tokens")
     p.add_argument("--out_dir", default=str(ROOT / "tokenizer"), help="folder to write the tokenizer files to")
     args = p.parse_args()
     paths = [Path(d) for d in args.data]
     for path in paths:
-        if not path.is_file() or path.suffix not in (".jsonl", ".txt"):
-            p.error(f"--data {path}: " + ("no such file" if not path.is_file() else "not a .jsonl or .txt file"))
+        if not path.is_file() or path.suffix not in (".jsonl", ".parquet", ".txt"):
+            p.error(f"--data {path}: " + ("no such file" if not path.is_file() else "not a .jsonl, .parquet or .txt file"))
     tok = build_tokenizer(corpus_texts(paths), args.vocab_size)
     save(tok, Path(args.out_dir))
 
