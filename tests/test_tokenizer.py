@@ -239,3 +239,39 @@ def test_train_tokenizer_takes_a_datasets_parquet_files(tmp_path):
                               "--out_dir", str(tmp_path / "never")], capture_output=True, text=True)
         assert bad.returncode == 1 and expected in bad.stderr.strip().splitlines()[-1], bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "never").exists()
+
+
+def run_train_tokenizer(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TOKENIZER / "train_tokenizer.py"), *args], capture_output=True, text=True)
+
+
+def test_train_tokenizer_replaces_a_tokenizer_only_when_told(tmp_path):
+    """Models and tokenized data need the tokenizer they were made with: a folder that holds one (the shipped
+    tokenizer/ is the default --out_dir) is left as it is, with one line saying what to pass, unless --overwrite.
+    Other data is refused before training; the default run, which reproduces the shipped files, writes them where
+    they are the same and is refused where they differ."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join((ROOT / "dataset" / "pretrain.jsonl").read_text(encoding="utf-8").splitlines(True)[:100]),
+                      encoding="utf-8")
+    out = tmp_path / "tok"
+    assert run_train_tokenizer("--data", str(corpus), "--vocab_size", "300", "--out_dir", str(out)).returncode == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = run_train_tokenizer("--data", str(corpus), "--vocab_size", "320", "--out_dir", str(out))
+    assert again.returncode == 2 and {p.name: p.read_bytes() for p in out.iterdir()} == first
+    assert again.stderr.strip().splitlines()[-1] == (
+        f"train_tokenizer.py: error: --out_dir {out} already holds a tokenizer (tokenizer.json), which models and "
+        "tokenized data made with it need as it is; pass --overwrite to replace it, or choose another --out_dir")
+    replaced = run_train_tokenizer("--data", str(corpus), "--vocab_size", "320", "--out_dir", str(out), "--overwrite")
+    assert replaced.returncode == 0 and len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]) == 316
+
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    for name in train_tokenizer.FILES:
+        (shipped / name).write_bytes((TOKENIZER / name).read_bytes())
+    assert run_train_tokenizer("--out_dir", str(shipped)).returncode == 0  # the same bytes: nothing to refuse
+    assert all((shipped / name).read_bytes() == (TOKENIZER / name).read_bytes() for name in train_tokenizer.FILES)
+    edited = (TOKENIZER / "tokenizer_config.json").read_text().replace('"padding_side": "right"', '"padding_side": "left"')
+    (shipped / "tokenizer_config.json").write_text(edited)
+    differs = run_train_tokenizer("--out_dir", str(shipped))
+    assert differs.returncode == 2 and "already holds a different tokenizer" in differs.stderr.splitlines()[-1]
+    assert (shipped / "tokenizer_config.json").read_text() == edited

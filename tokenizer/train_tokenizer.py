@@ -1,7 +1,10 @@
 """Train the shipped byte-level BPE tokenizer and write a folder transformers loads as-is.
 
-    python tokenizer/train_tokenizer.py                    # -> tokenizer/ (vocab 6400)
+    python tokenizer/train_tokenizer.py                    # -> tokenizer/ (vocab 6400), the same bytes as shipped
     python tokenizer/train_tokenizer.py --vocab_size 8000 --out_dir my_tok
+
+A folder that holds a different tokenizer (the shipped tokenizer/, by default) is replaced only with --overwrite:
+models and tokenized data need the tokenizer they were made with.
 
 Byte-level: every string encodes (no unknown token) and decode(encode(x)) == x.
 Digits are split one per token so arithmetic is written digit by digit (a tiny model learns
@@ -37,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 THINK_TOKENS = ["<think>", "</think>"]
 TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # what save writes
 MODEL_MAX_LENGTH = 32768  # a tokenizer limit only (silences length warnings); the model's is max_seq_len
 
 # The generation block of an assistant turn: reasoning, reply, tool calls and <|im_end|> (what SFT trains).
@@ -164,7 +168,12 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 6400) -> Tokenizer:
 def save(tok: Tokenizer, out_dir: Path) -> None:
     """tokenizer.json + tokenizer_config.json + special_tokens_map.json, stable byte for byte."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out_dir / "tokenizer.json"), pretty=True)
+    for name, content in tokenizer_files(tok).items():
+        (out_dir / name).write_bytes(content)
+
+
+def tokenizer_files(tok: Tokenizer) -> dict[str, bytes]:
+    """The bytes of each file save writes."""
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
@@ -181,8 +190,9 @@ def save(tok: Tokenizer, out_dir: Path) -> None:
     }
     special = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
                "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}
-    for name, obj in [("tokenizer_config.json", config), ("special_tokens_map.json", special)]:
-        (out_dir / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {"tokenizer.json": tok.to_str(pretty=True).encode("utf-8"),
+            **{name: (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+               for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", special))}}
 
 
 def main() -> None:
@@ -193,13 +203,31 @@ def main() -> None:
                         "text) to train on")
     p.add_argument("--vocab_size", type=int, default=6400, help="vocabulary size including the 9 added tokens")
     p.add_argument("--out_dir", default=str(ROOT / "tokenizer"), help="folder to write the tokenizer files to")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different tokenizer already in --out_dir (the shipped one, by default)")
     args = p.parse_args()
-    paths = [Path(d) for d in args.data]
+    paths, out_dir = [Path(d) for d in args.data], Path(args.out_dir)
     for path in paths:
         if not path.is_file() or path.suffix not in (".jsonl", ".parquet", ".txt"):
-            p.error(f"--data {path}: " + ("no such file" if not path.is_file() else "not a .jsonl, .parquet or .txt file"))
+            p.error(f"--data {path}: " + ("no such file" if not path.is_file()
+                                          else "not a .jsonl, .parquet or .txt file"))
+
+    # Models and tokenized data made with a tokenizer need it as it is, so one is replaced only when asked. Other
+    # data or another size make other files: refused before training; the default run, which reproduces the
+    # shipped files, is checked once they are made.
+    def refuse(what: str) -> None:
+        p.error(f"--out_dir {out_dir} already holds {what}, which models and tokenized data made with it need as it "
+                f"is; pass --overwrite to replace it, or choose another --out_dir")
+
+    held = [name for name in FILES if (out_dir / name).exists()]
+    defaults = [p.get_default("data"), p.get_default("vocab_size")]
+    if held and not args.overwrite and [args.data, args.vocab_size] != defaults:
+        refuse(f"a tokenizer ({held[0]})")
     tok = build_tokenizer(corpus_texts(paths), args.vocab_size)
-    save(tok, Path(args.out_dir))
+    files = tokenizer_files(tok)
+    if not args.overwrite and any((out_dir / name).read_bytes() != files[name] for name in held):
+        refuse("a different tokenizer")
+    save(tok, out_dir)
 
 
 if __name__ == "__main__":
