@@ -3,7 +3,8 @@
 
 Runs one implementation of bench/train_throughput.py (same model, data and step) in this process: after
 --warmup untimed steps, one profiled step. The table groups the self time of every profiled event into
-matrix multiplies, attention (SDPA's fused kernels, forward and backward), the optimizer, and everything else
+weight products, attention (SDPA's fused kernels, or the CPU's lower-triangle kernel of model/attention.py: its
+batched products, softmax and softmax gradient, forward and backward), the optimizer, and everything else
 (elementwise, casts, copies, reductions, and with --compile the fused kernels Inductor generated); the
 largest single events follow. Read it next to train_throughput's MFU:
 what is not a matmul or attention is where fusion (--compile) or a better kernel can still win.
@@ -22,9 +23,10 @@ from torch.profiler import ProfilerActivity, profile
 from common import HelpFormatter, CONFIGS, machine_line, model_config, report, save_weights
 from train_throughput import IMPLS, LABELS, make_step
 
-GROUPS = {  # kind of work -> substrings of aten operator names
-    "matrix multiplies": ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm"),
-    "attention (SDPA kernels)": ("scaled_dot_product",),
+GROUPS = {  # kind of work -> substrings of aten operator names (the model's only batched products are attention's)
+    "attention (SDPA, or the lower-triangle kernel)": ("scaled_dot_product", "aten::bmm", "aten::_softmax",
+                                                       "TiledCausalAttention"),
+    "weight products": ("aten::mm", "aten::addmm", "aten::_grouped_mm"),
     "optimizer (fused AdamW)": ("aten::_fused_adamw",),
 }
 
