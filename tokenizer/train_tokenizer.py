@@ -120,8 +120,8 @@ def _rows(path: Path) -> Iterator[dict]:
             if line.strip():
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    row = e
+                except json.JSONDecodeError:
+                    row = None
                 if not isinstance(row, dict):
                     raise SystemExit(f"train_tokenizer.py: error: {path} line {line_no}: not a JSON object")
                 yield row
