@@ -217,7 +217,8 @@ def test_train_tokenizer_takes_txt(tmp_path):
 def test_train_tokenizer_takes_a_datasets_parquet_files(tmp_path):
     """A Hugging Face dataset's .parquet rows give the texts, and so the tokenizer, of the same rows as .jsonl
     lines: documents, chats (fields a message lacks come back from Arrow as None: skipped) and TRL preference
-    pairs, in one file. A line that is not JSON and a file that is not Parquet each get one line naming them."""
+    pairs, in one file. A line that is not JSON or not UTF-8, and a file that is not Parquet, each get one line
+    naming them."""
     lines = [ROOT / "dataset" / f for f in ("pretrain.jsonl", "sft.jsonl", "dpo_trl.jsonl")]
     rows = [json.loads(line) for path in lines for line in path.read_text(encoding="utf-8").splitlines()[:60]]
     rows.insert(70, {"conversations": TOOL_CHAT})  # fields only some messages have: reasoning, tool calls
@@ -232,9 +233,11 @@ def test_train_tokenizer_takes_a_datasets_parquet_files(tmp_path):
         assert done.returncode == 0, done.stderr
         runs[path.suffix] = (out / "tokenizer.json").read_bytes()
     assert runs[".parquet"] == runs[".jsonl"]
-    for name, content, expected in (("bad.jsonl", '{"text": "a"}\n\n{"text": \n', "bad.jsonl line 3: not a JSON object"),
-                                    ("fake.parquet", "not parquet", "fake.parquet: not a readable Parquet file")):
-        (tmp_path / name).write_text(content)
+    for name, content, expected in (
+            ("bad.jsonl", b'{"text": "a"}\n\n{"text": \n', "bad.jsonl line 3: not a JSON object"),
+            ("latin1.txt", "a\ncaf\u00e9\n".encode("latin-1"), "latin1.txt line 2: not UTF-8 text"),
+            ("fake.parquet", b"not parquet", "fake.parquet: not a readable Parquet file")):
+        (tmp_path / name).write_bytes(content)
         bad = subprocess.run([sys.executable, str(TOKENIZER / "train_tokenizer.py"), "--data", str(tmp_path / name),
                               "--out_dir", str(tmp_path / "never")], capture_output=True, text=True)
         assert bad.returncode == 1 and expected in bad.stderr.strip().splitlines()[-1], bad.stderr
@@ -242,7 +245,8 @@ def test_train_tokenizer_takes_a_datasets_parquet_files(tmp_path):
 
 
 def run_train_tokenizer(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOKENIZER / "train_tokenizer.py"), *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, str(TOKENIZER / "train_tokenizer.py"), *args], capture_output=True,
+                          text=True)
 
 
 def test_train_tokenizer_replaces_a_tokenizer_only_when_told(tmp_path):
@@ -270,7 +274,8 @@ def test_train_tokenizer_replaces_a_tokenizer_only_when_told(tmp_path):
         (shipped / name).write_bytes((TOKENIZER / name).read_bytes())
     assert run_train_tokenizer("--out_dir", str(shipped)).returncode == 0  # the same bytes: nothing to refuse
     assert all((shipped / name).read_bytes() == (TOKENIZER / name).read_bytes() for name in train_tokenizer.FILES)
-    edited = (TOKENIZER / "tokenizer_config.json").read_text().replace('"padding_side": "right"', '"padding_side": "left"')
+    edited = (TOKENIZER / "tokenizer_config.json").read_text().replace('"padding_side": "right"',
+                                                                      '"padding_side": "left"')
     (shipped / "tokenizer_config.json").write_text(edited)
     differs = run_train_tokenizer("--out_dir", str(shipped))
     assert differs.returncode == 2 and "already holds a different tokenizer" in differs.stderr.splitlines()[-1]

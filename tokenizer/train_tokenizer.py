@@ -103,6 +103,16 @@ def _message_texts(value: Any) -> Iterator[str]:
                     yield m[key]
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text file; a line that is not UTF-8 ends the run with one line naming it."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                yield line_no, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise SystemExit(f"train_tokenizer.py: error: {path} line {line_no}: not UTF-8 text") from None
+
+
 def _rows(path: Path) -> Iterator[dict]:
     """The objects of a .jsonl file's lines, or a .parquet file's rows (read with pyarrow, a batch at a time); a
     line that is not a JSON object, or a file that is not Parquet, ends the run with one line naming it."""
@@ -115,16 +125,15 @@ def _rows(path: Path) -> Iterator[dict]:
         except (OSError, ValueError) as e:  # pyarrow's ArrowIOError and ArrowInvalid
             raise SystemExit(f"train_tokenizer.py: error: {path}: not a readable Parquet file ({e})") from None
         return
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    row = None
-                if not isinstance(row, dict):
-                    raise SystemExit(f"train_tokenizer.py: error: {path} line {line_no}: not a JSON object")
-                yield row
+    for line_no, line in _lines(path):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict):
+                raise SystemExit(f"train_tokenizer.py: error: {path} line {line_no}: not a JSON object")
+            yield row
 
 
 def corpus_texts(paths: Iterable[Path]) -> Iterator[str]:
@@ -134,8 +143,7 @@ def corpus_texts(paths: Iterable[Path]) -> Iterator[str]:
     column): skipped, as a missing one."""
     for path in paths:
         if path.suffix == ".txt":
-            with open(path, encoding="utf-8") as f:
-                yield from (line for line in f if line.rstrip("\r\n") != SPECIAL_TOKENS[0])
+            yield from (line for _, line in _lines(path) if line.rstrip("\r\n") != SPECIAL_TOKENS[0])
             continue
         for row in _rows(path):
             if isinstance(row.get("text"), str):
