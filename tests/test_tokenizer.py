@@ -234,8 +234,8 @@ def test_train_tokenizer_takes_a_datasets_parquet_files(tmp_path):
         runs[path.suffix] = (out / "tokenizer.json").read_bytes()
     assert runs[".parquet"] == runs[".jsonl"]
     for name, content, expected in (
-            ("bad.jsonl", b'{"text": "a"}\n\n{"text": \n', "bad.jsonl line 3: not a JSON object"),
-            ("latin1.txt", "a\ncaf\u00e9\n".encode("latin-1"), "latin1.txt line 2: not UTF-8 text"),
+            ("bad.jsonl", b'{"text": "a"}\n\n{"text": \n', "bad.jsonl line 3: malformed JSON"),
+            ("latin1.txt", "a\ncaf\u00e9\n".encode("latin-1"), "latin1.txt line 2: not valid UTF-8"),
             ("fake.parquet", b"not parquet", "fake.parquet: not a readable Parquet file")):
         (tmp_path / name).write_bytes(content)
         bad = subprocess.run([sys.executable, str(TOKENIZER / "train_tokenizer.py"), "--data", str(tmp_path / name),

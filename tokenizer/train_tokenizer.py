@@ -31,12 +31,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from data.records import BadRecords, DataError, iter_lines, iter_records  # noqa: E402
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 THINK_TOKENS = ["<think>", "</think>"]
 TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
@@ -103,49 +107,16 @@ def _message_texts(value: Any) -> Iterator[str]:
                     yield m[key]
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line) of a text file; a line that is not UTF-8 ends the run with one line naming it."""
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            try:
-                yield line_no, raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise SystemExit(f"train_tokenizer.py: error: {path} line {line_no}: not UTF-8 text") from None
-
-
-def _rows(path: Path) -> Iterator[dict]:
-    """The objects of a .jsonl file's lines, or a .parquet file's rows (read with pyarrow, a batch at a time); a
-    line that is not a JSON object, or a file that is not Parquet, ends the run with one line naming it."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq  # here: only a .parquet file needs pyarrow
-
-        try:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-                yield from batch.to_pylist()
-        except (OSError, ValueError) as e:  # pyarrow's ArrowIOError and ArrowInvalid
-            raise SystemExit(f"train_tokenizer.py: error: {path}: not a readable Parquet file ({e})") from None
-        return
-    for line_no, line in _lines(path):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if not isinstance(row, dict):
-                raise SystemExit(f"train_tokenizer.py: error: {path} line {line_no}: not a JSON object")
-            yield row
-
-
 def corpus_texts(paths: Iterable[Path]) -> Iterator[str]:
     """Texts of .jsonl and .parquet files ({"text"} documents and the messages of chat data of any mode, MiniMind's
     and TRL's field names) and of .txt files (line by line; the <|endoftext|> lines that separate documents are left
-    out, as the token is added, not learned). A field a Parquet row lacks reads as None (Arrow gives every row every
-    column): skipped, as a missing one."""
+    out, as the token is added, not learned). Read as training reads them (data/records.py): a line that is not UTF-8
+    or not a JSON object, or a file that is not Parquet, is a DataError naming it."""
     for path in paths:
         if path.suffix == ".txt":
-            yield from (line for _, line in _lines(path) if line.rstrip("\r\n") != SPECIAL_TOKENS[0])
+            yield from (line for _, line in iter_lines(path, BadRecords()) if line.rstrip("\r\n") != SPECIAL_TOKENS[0])
             continue
-        for row in _rows(path):
+        for _, row in iter_records(path, "(a {'text'} document or chat messages)"):
             if isinstance(row.get("text"), str):
                 yield row["text"]
             for key in ("conversations", "messages", "chosen", "rejected", "prompt", "completion"):
@@ -175,8 +146,12 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 6400) -> Tokenizer:
 
 def save(tok: Tokenizer, out_dir: Path) -> None:
     """tokenizer.json + tokenizer_config.json + special_tokens_map.json, stable byte for byte."""
+    write_files(tokenizer_files(tok), out_dir)
+
+
+def write_files(files: dict[str, bytes], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, content in tokenizer_files(tok).items():
+    for name, content in files.items():
         (out_dir / name).write_bytes(content)
 
 
@@ -231,11 +206,13 @@ def main() -> None:
     defaults = [p.get_default("data"), p.get_default("vocab_size")]
     if held and not args.overwrite and [args.data, args.vocab_size] != defaults:
         refuse(f"a tokenizer ({held[0]})")
-    tok = build_tokenizer(corpus_texts(paths), args.vocab_size)
-    files = tokenizer_files(tok)
+    try:
+        files = tokenizer_files(build_tokenizer(corpus_texts(paths), args.vocab_size))
+    except DataError as e:
+        raise SystemExit(f"train_tokenizer.py: error: {e}") from None
     if not args.overwrite and any((out_dir / name).read_bytes() != files[name] for name in held):
         refuse("a different tokenizer")
-    save(tok, out_dir)
+    write_files(files, out_dir)
 
 
 if __name__ == "__main__":
