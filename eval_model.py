@@ -140,14 +140,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def model_tokenizer(model_path: Path):
-    """The model folder's tokenizer if it has one, else the repo's shipped tokenizer/."""
+def model_tokenizer(model_path: Path, model: Transformer):
+    """The model folder's tokenizer if it has one, else the repo's shipped tokenizer/ (said on stderr); refused when
+    it has ids the model has no embedding for (another model's tokenizer)."""
     for folder in (model_path, REPO_TOKENIZER):
         if any((folder / f).is_file() for f in TOKENIZER_FILES):
             try:
-                return load_tokenizer(folder)
+                tokenizer = load_tokenizer(folder)
             except DataError as e:
                 raise SystemExit(f"error: {e}") from None
+            if len(tokenizer) > model.config.vocab_size:
+                raise SystemExit(f"error: the tokenizer in {folder} has {len(tokenizer):,} tokens but the model in "
+                                 f"{model_path} only {model.config.vocab_size:,}: it is another model's; copy the tokenizer the "
+                                 "model was trained with into its folder")
+            if folder != model_path:
+                print(f"[{model_path} has no tokenizer: using {folder}]", file=sys.stderr)
+            return tokenizer
     raise SystemExit(
         f"error: no tokenizer found: neither {model_path} nor {REPO_TOKENIZER} has {' or '.join(TOKENIZER_FILES)}; "
         "copy the training tokenizer into the model folder"
@@ -247,6 +255,9 @@ def load_model(model_path: Path, base_model_path: str | None = None) -> Transfor
     mode with frozen weights: nothing trains them, and frozen bf16 weights are what the model packs for fast
     products on CPUs (model/model.py CPULinear)."""
     if not (model_path / ADAPTER_CONFIG).is_file():
+        if not (model_path / "config.json").is_file() and (model_path / "final").is_dir():
+            raise FileNotFoundError(f"{model_path} is a training run's folder: its model is {model_path / 'final'} "
+                                    "(or best/); pass that as --model_path")
         return Transformer.from_pretrained(model_path).eval().requires_grad_(False)
     base = base_model_path or read_adapter_config(model_path).get("base_model_name_or_path")
     if not base:
@@ -287,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         max_new_tokens, note = answer_budget(model.config.max_seq_len, args.max_new_tokens)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {'--' if str(e).startswith('max_new_tokens') else ''}{e}") from None
-    tokenizer = model_tokenizer(model_path)
+    tokenizer = model_tokenizer(model_path, model)
     stop = stop_token_ids(tokenizer, model.config.eos_token_id, model.generation_config)
     if args.shape_flags:
         c = model.config

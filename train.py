@@ -103,7 +103,7 @@ def refusal(flag: str, value: str | None, parser: argparse.ArgumentParser, mode:
     # (TRL's DPO --beta is --dpo_beta in --mode dpo; elsewhere --beta is --mode grpo's, TRL's GRPO --beta).
     renamed = other_flags.TRAIN.get(flag, ("", ""))[1]
     if has(renamed) or not modes_with(flag):
-        if said := other_flags.answer(flag, value, other_flags.TRAIN, has, elsewhere):
+        if said := other_flags.answer(flag, value, other_flags.TRAIN, parser._option_string_actions.get, elsewhere):
             return said
     return foreign_flag(flag, mode.name)
 
@@ -173,9 +173,13 @@ def main(argv: list[str] | None = None, adjust: Callable[[Components], None] | N
             if adjust is not None:
                 adjust(parts)
             if env.is_main:
+                val = parts.val_data
+                held_out = ("no validation" if val is None else f"{len(val):,} validation rows ("
+                            + (cfg.val_data_path if cfg.val_data_path else f"--val_fraction {cfg.val_fraction:g}")
+                            + ")")
                 print(f"{cfg.mode}: {parts.model.num_params() / 1e6:.2f}M parameters ({mode.source(cfg)}), "
-                      f"{len(parts.train_data):,} training rows, {env.world_size} process(es) on {env.device}, "
-                      f"{str(run.dtype).removeprefix('torch.')} (--dtype {cfg.dtype})", file=sys.stderr)
+                      f"{len(parts.train_data):,} training rows, {held_out}, {env.world_size} process(es) on "
+                      f"{env.device}, {str(run.dtype).removeprefix('torch.')} (--dtype {cfg.dtype})", file=sys.stderr)
             return Trainer(run, parts).fit()
     finally:
         destroy()

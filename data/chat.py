@@ -30,13 +30,15 @@ STRUCTURAL_FIELDS = ("tools", "tool_calls")
 Message = dict[str, Any]
 
 
-def chat_tokenizer(tokenizer, paths: list[Path], mode: str):
-    """The tokenizer for chat data files, after checking the files exist and the tokenizer can render chats."""
+def chat_tokenizer(tokenizer, paths: list[Path], mode: str, needs_template: bool = True):
+    """The tokenizer for chat data files, after checking the files exist and (`needs_template`) that the tokenizer
+    can render chats."""
     for path in paths:
         if not Path(path).is_file():
             raise DataError(f"{path}: no such data file")
-    if not tokenizer.chat_template:
-        raise DataError(f"the tokenizer ({tokenizer.name_or_path}) has no chat_template; {mode} needs one")
+    if needs_template and not tokenizer.chat_template:
+        raise DataError(f"the tokenizer ({tokenizer.name_or_path}) has no chat_template; {mode} needs one "
+                        "(--tokenizer_path: a tokenizer folder with one)")
     return tokenizer
 
 

@@ -81,7 +81,7 @@ class ChatDataset(RowsDataset):
     EXPECTED: str  # the line formats read, for the error messages
     ROW_NOUN: str  # what a row is ("conversations"), for the error on a file without any
 
-    def _open(self, path: DataPath, tokenizer, mode: str):
+    def _open(self, path: DataPath, tokenizer, mode: str, needs_template: bool = True):
         """The files of `path` (self.paths) and the tokenizer, checked before anything is read."""
         try:
             self.paths = data_files(path, (".jsonl", PARQUET))
@@ -89,7 +89,7 @@ class ChatDataset(RowsDataset):
             raise DataError(f"{e}; {mode} reads .jsonl and .parquet files") from None
         self.path, self.source = self.paths[0], describe_files(self.paths)
         self.unused = UnusedFields()
-        return chat_tokenizer(tokenizer, self.paths, mode)
+        return chat_tokenizer(tokenizer, self.paths, mode, needs_template)
 
     def _read(self, parse: Callable[[dict, Path, int], object], skip_bad_records: bool
               ) -> Iterator[tuple[Path, int, object]]:
@@ -240,7 +240,7 @@ class SFTDataset(ChatDataset):
     EXPECTED, ROW_NOUN = SFT_FORMATS, "conversations"
 
     def __init__(self, path: DataPath, tokenizer, max_seq_len: int, skip_bad_records: bool = False):
-        tokenizer = self._open(path, tokenizer, "SFT")
+        tokenizer = self._open(path, tokenizer, "SFT", needs_template=False)  # {"text"} lines need none
         self.max_seq_len = max_seq_len
         tokens: list[np.ndarray] = []
         trained: list[np.ndarray] = []
@@ -254,6 +254,10 @@ class SFTDataset(ChatDataset):
                 mask = np.ones(len(ids), dtype=bool)
                 self._note_unused(tokenizer, file, line_no, ex.unused, [])
             else:
+                if not tokenizer.chat_template:
+                    raise DataError(f"{file} line {line_no}: a conversation, and the tokenizer "
+                                    f"({tokenizer.name_or_path}) has no chat_template to render it: pass "
+                                    "--tokenizer_path, a tokenizer folder with one, or train on {\"text\": ...} lines")
                 ids, mask = render_chat(tokenizer, ex.messages, file, line_no, train_from=ex.train_from)
                 self._note_unused(tokenizer, file, line_no, ex.unused, [ex.messages])
             if len(ids) > max_seq_len + 1:
@@ -271,6 +275,16 @@ class SFTDataset(ChatDataset):
         i = self._row(i)
         a, b = self.offsets[i], self.offsets[i + 1]
         return shifted_example(self.tokens[a:b], self.trained[a:b])
+
+    def check_trainable(self) -> None:
+        """DataError when no row of this view has a token to train on (every reply cut off by max_seq_len): as
+        training data, every step would be empty and the run would end with the model unchanged."""
+        rows = range(self.n_rows) if self.rows is None else self.rows
+        if not any(self.trained[self.offsets[r] + 1:self.offsets[r + 1]].any() for r in rows):
+            why = (f"{self.n_truncated_untrained:,} of {self.n_rows:,} conversations lost their replies to the cut at "
+                   f"max_seq_len {self.max_seq_len}: raise --max_seq_len or shorten the prompts"
+                   if self.n_truncated_untrained else "the replies are empty")
+            raise DataError(f"{self.source}: no assistant token to train on; {why}")
 
     @property
     def n_trained_tokens(self) -> int:

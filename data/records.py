@@ -173,6 +173,10 @@ def iter_records(path: str | Path, expected: str, parse: Callable[[dict, Path, i
     defect (not UTF-8, not a JSON object, or a BadRecord from `parse`) goes to `bad`, which raises it (default) or
     skips and counts it; `expected` describes the format."""
     path, bad = Path(path), bad if bad is not None else BadRecords()
+    if path.suffix.lower() in (".csv", ".tsv"):
+        raise DataError(f"{path}: a {path.suffix[1:].upper()} file; data files are JSON Lines (.jsonl, one object "
+                        "per line) or .parquet: convert it, e.g. with pandas: read_csv(...)"
+                        ".to_json('data.jsonl', orient='records', lines=True, force_ascii=False)")
     rows = parquet_rows(path) if path.suffix == PARQUET else jsonl_rows(path, expected, bad)
     n_good = 0
     for line_no, row in rows:
@@ -187,14 +191,32 @@ def iter_records(path: str | Path, expected: str, parse: Callable[[dict, Path, i
 
 
 def jsonl_rows(path: Path, expected: str, bad: BadRecords) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of each non-blank line; a line that is not a JSON object goes to `bad`."""
+    """(line number, object) of each non-blank line; a line that is not a JSON object goes to `bad`. A file that
+    is one JSON array (as Alpaca's alpaca_data.json), not JSON Lines, is a DataError saying how to convert it."""
+    first = True
     for line_no, line in iter_lines(path, bad):
         if not line.strip():
             continue
         try:
             yield line_no, _json_object(line, path, line_no, expected)
         except BadRecord as e:
+            if first and _json_array_file(path):
+                out = path.with_name(path.stem + (".lines" if path.suffix == ".jsonl" else "") + ".jsonl")
+                raise DataError(f"{path} line {line_no}: the file is a JSON array ([...]); data files are JSON Lines, "
+                                f"one object per line: convert it with python -c \"import json, sys; "
+                                f"[print(json.dumps(r, ensure_ascii=False)) for r in json.load(open(sys.argv[1]))]\" "
+                                f"{path} > {out}") from None
             bad(e)
+        first = False
+
+
+def _json_array_file(path: Path) -> bool:
+    """Whether the file's text starts with "[" and ends with "]", as one JSON array does (read at both ends only)."""
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+        f.seek(max(0, f.seek(0, 2) - 64))
+        tail = f.read().rstrip()
+    return head.startswith(b"[") and tail.endswith(b"]")
 
 
 def parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:

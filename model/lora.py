@@ -93,6 +93,9 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     targets = parse_targets(targets)
     if not targets:
         raise ValueError("no LoRA target modules given")
+    if targets == ["all-linear"]:  # PEFT's shorthand: every linear layer but the output layer
+        targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                          if isinstance(m, nn.Linear) and name != "lm_head"})
     model.requires_grad_(False)
     wrapped = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and _is_target(name, targets)]
     unmatched = [t for t in targets if not any(_is_target(name, [t]) for name in wrapped)]

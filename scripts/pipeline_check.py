@@ -93,7 +93,8 @@ def reply_loss(model, tokenizer, data_path: Path, batch_size: int) -> float:
 
 def evaluate(model_path: Path, data_path: Path, pairs: list[tuple[list[dict[str, str]], str]],
              max_new_tokens: int, batch_size: int) -> dict[str, float]:
-    model, tokenizer = load_model(model_path), model_tokenizer(model_path)
+    model = load_model(model_path)
+    tokenizer = model_tokenizer(model_path, model)
     answers = answer_all(model, tokenizer, [encode_chat(tokenizer, m) for m, _ in pairs], max_new_tokens, batch_size)
     arithmetic = [(a, ref) for (a, _), (_, ref) in zip(answers, pairs) if ARITHMETIC.fullmatch(ref.split("\n")[-1])]
     return {
@@ -110,7 +111,8 @@ def evaluate(model_path: Path, data_path: Path, pairs: list[tuple[list[dict[str,
 
 def evaluate_grpo(model_path: Path, data_path: Path, limit: int, max_new_tokens: int, batch_size: int
                   ) -> dict[str, float]:
-    model, tokenizer = load_model(model_path), model_tokenizer(model_path)
+    model = load_model(model_path)
+    tokenizer = model_tokenizer(model_path, model)
     data = GRPODataset(data_path, tokenizer, model.config.max_seq_len, max_completion_length=max_new_tokens)
     rows = range(min(limit or len(data), len(data)))
     answers = answer_all(model, tokenizer, [data.prompt_ids[i] for i in rows], max_new_tokens, batch_size)

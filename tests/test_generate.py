@@ -203,6 +203,29 @@ def test_eval_model_missing_folder_is_one_clear_error(tmp_path: Path) -> None:
         eval_model.main(["--model_path", str(tmp_path / "missing"), "--prompt", "hi"])
 
 
+def test_eval_model_names_the_model_of_a_run_folder_and_refuses_another_models_tokenizer(model_dir, tmp_path, capsys):
+    """A run folder (out/sft) is not a model: the error names its final/. A model folder without a tokenizer borrows
+    the repo's (said on stderr), but not one with ids past the model's embeddings, which would index out of range."""
+    import shutil
+
+    import eval_model
+
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run / "final")
+    with pytest.raises(SystemExit, match=rf"{run} is a training run's folder: its model is {run / 'final'}"):
+        eval_model.main(["--model_path", str(run), "--prompt", "hi"])
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        shutil.copy(model_dir / name, bare)
+    with pytest.raises(SystemExit, match=rf"the tokenizer in {eval_model.REPO_TOKENIZER} has 6,400 tokens but the "
+                                         rf"model in {bare} only {V:,}: it is another model's"):
+        eval_model.main(["--model_path", str(bare), "--prompt", "hi"])
+    build(vocab_size=6400, n_layers=1).save_pretrained(bare)
+    eval_model.main(["--model_path", str(bare), "--prompt", "hi", "--max_new_tokens", "2"])
+    assert f"[{bare} has no tokenizer: using {eval_model.REPO_TOKENIZER}]" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--repetition_penalty", "0"], "--repetition_penalty 0.0: must be > 0"),
     (["--temperature", "-1"], "--temperature -1.0: must be >= 0"),
@@ -262,7 +285,7 @@ def test_chat_encoding_has_generation_prompt(tmp_path: Path) -> None:
 def test_chat_history_keeps_to_the_context_dropping_the_oldest_exchanges(model_dir: Path) -> None:
     import eval_model
 
-    tokenizer = eval_model.model_tokenizer(model_dir)
+    tokenizer = eval_model.model_tokenizer(model_dir, eval_model.load_model(model_dir))
     messages = [{"role": "system", "content": "be brief"}]
     for i in range(6):
         messages += [{"role": "user", "content": f"hello world {i}"}, {"role": "assistant", "content": "hi there"}]

@@ -56,6 +56,12 @@ def test_apply_lora_freezes_the_base_and_trains_only_adapters():
     assert "model.layers.0.self_attn.q_proj.weight" in model.state_dict()
     with pytest.raises(ValueError, match="qproj match no linear layer; this model has: down_proj, gate_proj"):
         apply_lora(tiny_model(), rank=4, alpha=8, targets="qproj")
+    # PEFT's "all-linear": every linear layer but the output layer; for this model, the seven projections.
+    assert apply_lora(tiny_model(), rank=4, alpha=8, targets="all-linear") == wrapped
+    moe = Transformer(config_from_preset("tiny", use_moe=True, n_routed_experts=2, num_experts_per_tok=1))
+    names = apply_lora(moe, rank=4, alpha=8, targets="all-linear")
+    assert "model.layers.0.mlp.gate" in names and "model.layers.0.mlp.experts.1.down_proj" in names
+    assert "lm_head" not in names and not moe.lm_head.weight.requires_grad
 
 
 def test_merged_and_unmerged_models_give_the_same_logits():

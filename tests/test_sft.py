@@ -65,7 +65,7 @@ def test_alpaca_is_the_same_as_the_equivalent_chat(tok, tmp_path):
     assert len(SFTDataset(ROOT / "dataset" / "sft_alpaca.jsonl", tok, 512)) == 51
 
 
-def test_long_conversations_are_truncated_and_counted_never_dropped(tok, tmp_path, sft_files):
+def test_long_conversations_are_truncated_and_counted_never_dropped(tok, tmp_path, sft_files, base_model):
     data = SFTDataset(sft_files["train"], tok, max_seq_len=24)
     n_lines = len(sft_files["train"].read_text().splitlines())
     assert len(data) == n_lines
@@ -75,9 +75,19 @@ def test_long_conversations_are_truncated_and_counted_never_dropped(tok, tmp_pat
     assert f"{data.n_truncated} truncated at max_seq_len 24" in data.summary()
     # A conversation cut before its first reply keeps no label; it is counted as such.
     long_prompt = {"conversations": [{"role": "user", "content": "word " * 40}, {"role": "assistant", "content": "ok"}]}
-    cut = SFTDataset(write_jsonl(tmp_path / "long.jsonl", [long_prompt]), tok, max_seq_len=16)
+    short = {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
+    cut = SFTDataset(write_jsonl(tmp_path / "long.jsonl", [long_prompt, short]), tok, max_seq_len=16)
     assert cut.n_truncated == cut.n_truncated_untrained == 1
-    assert (cut[0]["labels"] == IGNORE_INDEX).all()
+    assert (cut[0]["labels"] == IGNORE_INDEX).all() and (cut[1]["labels"] != IGNORE_INDEX).any()
+    # When no conversation keeps a reply, every step would be empty and the run would end with the model unchanged.
+    cut.check_trainable()
+    with pytest.raises(DataError, match=r"no assistant token to train on; 1 of 2 conversations lost their replies "
+                                        r"to the cut at max_seq_len 16: raise --max_seq_len"):
+        cut.subset([0]).check_trainable()
+    all_long = write_jsonl(tmp_path / "all_long.jsonl", [long_prompt] * 8)
+    with pytest.raises(DataError, match=r"all_long.jsonl: no assistant token to train on; 8 of 8 conversations"):
+        train.main(sft_args({**sft_files, "train": all_long}, base_model, tmp_path / "run", "--max_seq_len", "16"))
+    assert not (tmp_path / "run" / "final").exists()
 
 
 @pytest.mark.parametrize("line, message", [
@@ -114,6 +124,28 @@ def test_bad_lines_name_the_file_and_line(tok, tmp_path, line, message):
 
 
 # ----------------------------------------------------------------------------- batching
+
+
+def test_a_json_array_or_csv_file_says_how_to_make_json_lines(tok, tmp_path):
+    """Alpaca's alpaca_data.json is one pretty-printed JSON array, not JSON Lines: the error says so, and the command
+    it gives converts the file into one that trains."""
+    import shlex
+    import subprocess
+    import sys
+
+    rows = [{"instruction": "Say hi.", "input": "", "output": "Hi!"}, {"instruction": "Add 2 and 3.", "input": "",
+                                                                       "output": "5"}]
+    array = tmp_path / "alpaca_data.json"
+    array.write_text(json.dumps(rows, indent=4))
+    with pytest.raises(DataError, match=r"alpaca_data.json line 1: the file is a JSON array") as e:
+        SFTDataset(array, tok, 512)
+    command = str(e.value).split("convert it with ", 1)[1].replace("python ", f"{shlex.quote(sys.executable)} ", 1)
+    subprocess.run(command, shell=True, check=True)
+    converted = SFTDataset(tmp_path / "alpaca_data.jsonl", tok, 512)
+    assert converted.formats["alpaca"] == 2
+    (tmp_path / "chats.csv").write_text("instruction,output\nSay hi.,Hi!\n")
+    with pytest.raises(DataError, match=r"chats.csv: a CSV file; data files are JSON Lines"):
+        SFTDataset(tmp_path / "chats.csv", tok, 512)
 
 
 def padding_fraction(lengths: torch.Tensor, batches: Iterable[list[int]]) -> float:
@@ -159,7 +191,7 @@ def test_pad_collate_right_pads_with_ignored_labels(tok, sft_files):
 # ----------------------------------------------------------------------------- train.py --mode sft
 
 
-def test_sft_run_loss_falls_and_exports_a_chat_model(sft_files, base_model, tmp_path, capsys):
+def test_sft_run_loss_falls_and_exports_a_chat_model(tok, sft_files, base_model, tmp_path, capsys):
     import eval_model
 
     out = tmp_path / "sft"
@@ -173,6 +205,13 @@ def test_sft_run_loss_falls_and_exports_a_chat_model(sft_files, base_model, tmp_
     assert len(vals) == 2 and vals[1] < vals[0] and result["val_loss"] == vals[1]
     final = out / "final"
     assert json.loads((final / "zero2llm.json").read_text())["chat"] is True
+    # transformers' generate stops only at generation_config's eos ids: a chat model's end of turn is among them.
+    from transformers import GenerationConfig
+    eos = GenerationConfig.from_pretrained(final).eos_token_id
+    assert sorted(eos) == sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")})
+    # A checkpoint is a model folder too, with the run's tokenizer (not the repo's, which eval_model would borrow).
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(out / "checkpoints" / "step_000040").get_vocab() == tok.get_vocab()
     assert json.loads((final / "config.json").read_text())["hidden_size"] == 64  # the --init_from architecture
     assert eval_model.resolve_mode("auto", final) == "chat"
     eval_model.main(["--model_path", str(final), "--prompt", "What is 2 + 3?", "--max_new_tokens", "4",
@@ -491,6 +530,16 @@ def test_text_lines_train_every_token(tok, tmp_path):
     tokens = tok.encode(text) + [tok.eos_token_id]
     assert data.formats["text"] == 1
     assert data[0]["input_ids"].tolist() == tokens[:-1] and data[0]["labels"].tolist() == tokens[1:]
+    # A base model's tokenizer without a chat template trains on text lines; a conversation needs the template.
+    from transformers import AutoTokenizer
+    tok.save_pretrained(tmp_path / "base_tok")
+    plain = AutoTokenizer.from_pretrained(tmp_path / "base_tok")
+    plain.chat_template = None
+    assert one_row(plain, tmp_path, {"text": text})[0]["labels"].tolist() == tokens[1:]
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"text": text}, {"conversations": CONVERSATION[1:3]}])
+    with pytest.raises(DataError, match=r"chats.jsonl line 2: a conversation, and the tokenizer .* has no "
+                                        r"chat_template to render it"):
+        SFTDataset(chats, plain, 512)
 
 
 def test_unused_fields_are_reported_once_per_file(tok, tmp_path):
@@ -574,7 +623,7 @@ def test_an_older_export_still_loads_and_fine_tunes(base_model, sft_files, tmp_p
     import eval_model
 
     older = older_export(base_model, tmp_path / "older")
-    loaded = eval_model.model_tokenizer(older)
+    loaded = eval_model.model_tokenizer(older, eval_model.load_model(older))
     assert "<tool_call>" not in loaded.get_vocab() and loaded.chat_template == OLDER_TEMPLATE
     train.main(sft_args(sft_files, older, tmp_path / "out", "--max_steps", "1"))
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()

@@ -191,6 +191,18 @@ def test_bad_flags_fail_before_any_work(corpus, tmp_path, capsys, flags, message
      ["--beta is TRL's and MiniMind's DPO name: use --dpo_beta 0.1",
       "--loss_type is TRL's DPO name: use --dpo_loss ipo"]),
     (["--beta", "0.1"], ["--beta is for --mode grpo, not --mode pretrain (drop it)"]),
+    # a value the renamed flag would refuse: what it takes, not a second error after following the advice
+    (["--mode", "dpo", "--loss_type", "hinge", "--num_train_epochs", "0.5"],
+     ["--loss_type is TRL's DPO name for --dpo_loss, which takes sigmoid or ipo: hinge is not one",
+      "--num_train_epochs is TRL's and transformers' name for --epochs, which takes a whole number: 0.5 is not one"]),
+    # TRL's GRPO batch counts completions, ours prompts
+    (["--mode", "grpo", "--per_device_train_batch_size", "16"],
+     ["--per_device_train_batch_size is TRL's count of completions per device; --batch_size counts prompts, each "
+      "sampled --num_generations (8) times: use --batch_size COMPLETIONS / 8"]),
+    # TRL's space-separated lists
+    (["--mode", "lora", "--lora_target_modules", "q_proj", "v_proj"],
+     ["unrecognized arguments: v_proj (a flag takes one value: quote a value with spaces, and join a list with "
+      "commas"]),
     # renamed to a flag of another mode, or of none: why it is not this mode's
     (["--model_name_or_path", "m"], ["--model_name_or_path is TRL's name for --init_from; --init_from is for the "
                                      "fine-tuning modes"]),

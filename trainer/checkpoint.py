@@ -83,7 +83,8 @@ def resume_path(resume: str, out_dir: str | Path) -> Path | None:
                                   f"--resume, or pass a checkpoint folder")
         return path
     if not Path(resume).is_dir():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint folder")
+        raise CheckpointError(f"--resume {resume}: no such checkpoint folder (--resume alone, or --resume auto, "
+                              f"continues from --out_dir's newest checkpoint)")
     return Path(resume)
 
 
@@ -122,9 +123,10 @@ def _rng_state() -> dict[str, Any]:
 
 def save_checkpoint(out_dir: str | Path, step: int, env: DistEnv, *, model: torch.nn.Module,
                     optimizer: Optimizers, scaler: Any, trainer_state: dict[str, Any],
-                    rank_files: dict[str, Any] | None = None) -> Path:
+                    rank_files: dict[str, Any] | None = None, tokenizer: Any = None) -> Path:
     """Write a complete checkpoint atomically. Called by every rank (each saves its RNG, and each object of
-    `rank_files` as <name>_<rank>.pt: state that differs per rank, such as GRPO's rollouts mid-group)."""
+    `rank_files` as <name>_<rank>.pt: state that differs per rank, such as GRPO's rollouts mid-group). Unsharded,
+    it is also a Hugging Face model folder with its `tokenizer`, which eval_model.py and transformers load as is."""
     root = checkpoint_dir(out_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
@@ -145,6 +147,8 @@ def save_checkpoint(out_dir: str | Path, step: int, env: DistEnv, *, model: torc
                 (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
             else:
                 model.save_pretrained(tmp)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
             _fsync_write_json(tmp / STATE_FILE, trainer_state)

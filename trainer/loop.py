@@ -95,7 +95,7 @@ class Trainer:
         cfg, env, model = run.cfg, run.env, parts.model
         self.cfg, self.env, self.objective = cfg, env, parts.objective
         self.train_data, self.val_data, self.collate_fn = parts.train_data, parts.val_data, parts.collate_fn
-        self.export = parts.export
+        self.export, self.tokenizer = parts.export, run.tokenizer  # checkpoints carry the tokenizer too
         train_data = parts.train_data
         self.out_dir = Path(cfg.out_dir)
         self.dtype = run.dtype
@@ -329,7 +329,8 @@ class Trainer:
         path = ckpt.save_checkpoint(self.out_dir, self.state.step, self.env, model=self.raw_model,
                                     optimizer=self.optimizer, scaler=self.scaler,
                                     trainer_state=self._trainer_state(eval_pending),
-                                    rank_files={"rollouts": self.prepared} if self._mid_group() else None)
+                                    rank_files={"rollouts": self.prepared} if self._mid_group() else None,
+                                    tokenizer=self.tokenizer)
         if self.env.is_main:
             ckpt.rotate_checkpoints(self.out_dir, self.cfg.keep_checkpoint_max)
         return path

@@ -94,6 +94,7 @@ EVAL: dict[str, tuple[str, str]] = {
     "--historys": (MINIMIND, "a chat keeps its earlier turns (the oldest dropped only to fit the model's "
                              "context); --prompt answers one prompt on its own"),
     "--show_speed": (MINIMIND, "python bench/decode.py measures decoding speed"),
+    "--model_name_or_path": (TRL, "use --model_path FOLDER, a local model folder (config.json + model.safetensors)"),
     "--open_thinking": (MINIMIND, "the prompt is the chat template's as it is (no thinking switch): drop it"),
 }
 
@@ -102,8 +103,9 @@ def refuse(parser: argparse.ArgumentParser, unknown: list[str], answer_one: Call
            ) -> NoReturn:
     """Stop on argparse's unknown arguments: one line per flag among them, `answer_one(flag, value)`."""
     flags = given(unknown)
-    if not flags:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if not flags:  # words after a flag's value: a value with spaces not quoted, or a list written TRL's way
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (a flag takes one value: quote a value with "
+                     "spaces, and join a list with commas, a,b)")
     parser.error("\n".join(answer_one(flag, value) for flag, value in flags))
 
 
@@ -122,16 +124,32 @@ def given(unknown: list[str]) -> list[tuple[str, str | None]]:
 
 
 def answer(flag: str, value: str | None, table: dict[str, tuple[str, str]],
-           has: Callable[[str], bool] = lambda name: False, elsewhere: Callable[[str], str] = str) -> str | None:
+           action: Callable[[str], argparse.Action | None] = lambda name: None,
+           elsewhere: Callable[[str], str] = str) -> str | None:
     """What to write here instead of another project's `flag` (None: not in `table`).
 
-    `has(ours)`: whether this parser has the flag `flag` is renamed to; `elsewhere(ours)`: why not (another mode's
-    flag), when it lacks it."""
+    `action(ours)`: this parser's action for the flag `flag` is renamed to, None when it lacks it; `elsewhere(ours)`:
+    why it lacks it (another mode's flag)."""
     if flag not in table:
         return None
     whose, use = table[flag]
     if not (use.startswith("--") and " " not in use):  # no flag here means the same: a sentence
         return f"{flag} is {whose}: {use}"
-    if has(use):
-        return f"{flag} is {whose} name: use {use}{'' if value is None else ' ' + value}"
-    return f"{flag} is {whose} name for {use}; {elsewhere(use)}"
+    ours = action(use)
+    if ours is None:
+        return f"{flag} is {whose} name for {use}; {elsewhere(use)}"
+    if value is not None and (takes := _refuses(ours, value)):  # e.g. TRL's fractional epochs, or its hinge loss
+        return f"{flag} is {whose} name for {use}, which takes {takes}: {value} is not one"
+    return f"{flag} is {whose} name: use {use}{'' if value is None else ' ' + value}"
+
+
+def _refuses(action: argparse.Action, value: str) -> str | None:
+    """What `action` takes, when it would refuse `value` (its choices, or its int or float type); else None."""
+    if action.choices is not None and value not in [str(c) for c in action.choices]:
+        return " or ".join(map(str, action.choices))
+    if action.type in (int, float):
+        try:
+            action.type(value)
+        except ValueError:
+            return "a whole number" if action.type is int else "a number"
+    return None

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from data import RowsDataset, pad_token_id, split_train_val
+from data import RowsDataset, pad_token_id, split_train_val, stop_token_ids
 from model import ModelConfig
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv
@@ -87,9 +87,20 @@ def train_and_val(run: Run, load: Callable[[str], RowsDataset]) -> tuple[RowsDat
 
 def hf_export(tokenizer: Any) -> Export:
     """best/ and final/ as Hugging Face folders: weights + config (transformers loads them as they are), the
-    tokenizer, and zero2llm.json (the run's summary; its "chat" tells eval_model.py how to talk to the model)."""
+    tokenizer, and zero2llm.json (the run's summary; its "chat" tells eval_model.py how to talk to the model).
+
+    A chat model's generation_config.json lists every token that ends its turn (<|im_end|> besides the
+    tokenizer's eos), as chat releases do: transformers' generate stops only at the ids listed there. A list the
+    model came with (an imported chat model's) is kept as it is."""
     def export(model: torch.nn.Module, folder: Path, info: dict[str, Any]) -> None:
+        chat = info["mode"] != "pretrain" and bool(tokenizer.chat_template)  # not: SFT of a base model on text
+        gen = model.generation_config or {}
+        if chat and not isinstance(gen.get("eos_token_id"), list):
+            eos = gen.get("eos_token_id", model.config.eos_token_id)
+            stops = stop_token_ids(tokenizer, model.config.eos_token_id, gen)
+            first = [eos] if isinstance(eos, int) else []  # the model's own eos stays first, as it was
+            model.generation_config = {**gen, "eos_token_id": first + [i for i in stops if i != eos]}
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        (folder / "zero2llm.json").write_text(json.dumps({**info, "chat": info["mode"] != "pretrain"}, indent=2))
+        (folder / "zero2llm.json").write_text(json.dumps({**info, "chat": chat}, indent=2))
     return export

@@ -1,6 +1,7 @@
 """--mode grpo: reinforcement learning from rewards on the model's own sampled answers (trainer/grpo.py)."""
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from dataclasses import dataclass
@@ -108,6 +109,13 @@ class GRPOConfig(FinetuneConfig):
 class GRPO(FinetuneMode):
     name = "grpo"
     Config = GRPOConfig
+
+    def refused_flag(self, flag: str, args: argparse.Namespace) -> str | None:
+        if flag == "--per_device_train_batch_size":  # TRL counts completions; here a batch is of prompts
+            return (f"{flag} is TRL's count of completions per device; --batch_size counts prompts, each sampled "
+                    f"--num_generations ({args.num_generations}) times: use --batch_size COMPLETIONS / "
+                    f"{args.num_generations}")
+        return super().refused_flag(flag, args)
 
     def model_config(self, cfg: GRPOConfig, overrides: dict[str, Any], tokenizer: Any) -> ModelConfig:
         model_cfg = super().model_config(cfg, overrides, tokenizer)

@@ -34,7 +34,8 @@ class LoRAConfig(SFTConfig):
     lora_dropout: float = flag(0.05, "Dropout on the input of LoRA's A.")
     lora_target_modules: str = flag("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                                     "Comma-separated linear layers that get LoRA (default: all attention and MLP "
-                                    "projections).")
+                                    "projections), or all-linear: every linear layer but lm_head (with MoE, the "
+                                    "router too), as in PEFT.")
     merge: bool = flag(False, "Also export the adapter merged into the base, a full model, to best/merged/ and "
                        "final/merged/.")
 

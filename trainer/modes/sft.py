@@ -31,5 +31,6 @@ class SFT(FinetuneMode):
         """The --init_from model on conversations: batches of similar-length rows (the sampler groups by the
         dataset's lengths), right-padded."""
         train, val = read_chat_data(run, SFTDataset)
+        train.check_trainable()  # (validation rows without a reply only leave the run without a metric)
         return Components(load_init_model(run), CausalLMObjective(), train, val, pad_collate(run.pad_id),
                           hf_export(run.tokenizer))
