@@ -180,6 +180,12 @@ def main(argv: list[str] | None = None, adjust: Callable[[Components], None] | N
                 print(f"{cfg.mode}: {parts.model.num_params() / 1e6:.2f}M parameters ({mode.source(cfg)}), "
                       f"{len(parts.train_data):,} training rows, {held_out}, {env.world_size} process(es) on "
                       f"{env.device}, {str(run.dtype).removeprefix('torch.')} (--dtype {cfg.dtype})", file=sys.stderr)
+                if cfg.mode == "pretrain" and model_cfg.hf_model_type is None:  # said now, not at from_pretrained
+                    shape = (f"--dim {model_cfg.dim} is not a multiple of --n_heads {model_cfg.n_heads}"
+                             if model_cfg.dim % model_cfg.n_heads else "see the README's table of architectures")
+                    print(f"pretrain: transformers has no class for this shape ({shape}): the model is saved with "
+                          f"model_type \"zero2llm\", which eval_model.py and model.Transformer load, transformers "
+                          "does not", file=sys.stderr)
             return Trainer(run, parts).fit()
     finally:
         destroy()

@@ -1,7 +1,7 @@
 """The HTTP side of `eval_model.py --serve`: OpenAI's API over the batching engine, and a chat page.
 
     GET  /                       the chat page (serve/page.html: one file, nothing fetched from elsewhere)
-    GET  /v1/models              the one model served
+    GET  /v1/models              the one model served (and /v1/models/{its id})
     POST /v1/chat/completions    messages, rendered with the model's chat template
     POST /v1/completions         a plain prompt, continued
 
@@ -239,10 +239,18 @@ def build_app(engine: Engine, tokenizer, stop_ids: list[int], model_id: str, def
     async def chat_page() -> HTMLResponse:
         return HTMLResponse(page)
 
+    card = {"id": model_id, "object": "model", "created": created, "owned_by": "zero2llm"}
+
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                            "owned_by": "zero2llm"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(check_key)])
+    async def model(name: str) -> dict[str, Any]:
+        if name != model_id:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {model_id!r}", param="model",
+                           code="model_not_found")
+        return card
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(request: Request) -> Response:

@@ -45,6 +45,19 @@ class RequestBody(Strict):
     seed: int | None = Field(None, ge=0, lt=2**63)
     n: Literal[1] = 1  # one answer per request
     user: str | None = None  # an end-user id for the caller's records; not used here
+    # OpenAI's fields for what this server does not do: their neutral values are accepted (some clients send them
+    # on every request), any other is refused by name.
+    presence_penalty: float | int = 0
+    frequency_penalty: float | int = 0
+    logit_bias: dict[str, float | int] | None = None
+    logprobs: bool | int | None = None  # chat: a bool; completions: how many, 0 = none
+
+    @field_validator("presence_penalty", "frequency_penalty", "logit_bias", "logprobs")
+    @classmethod
+    def _neutral(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("is not supported by this server: leave it out (or at its default, 0 / null / false)")
+        return value
 
     @field_validator("stop")
     @classmethod

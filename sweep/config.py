@@ -39,7 +39,10 @@ def load_config(path: str | Path, mode: str | None = None) -> dict[str, Any]:
         with open(path) as f:
             config = yaml.safe_load(f)
     except OSError as e:
-        raise SweepConfigError(f"{path}: cannot read it ({e.strerror})") from None
+        shipped = sorted((Path(__file__).resolve().parent.parent / "sweep_configs").glob("*.yaml"))
+        hint = (f"; the shipped sweeps are sweep_configs/<name>.yaml ({', '.join(p.stem for p in shipped)})"
+                if not path.exists() else "")
+        raise SweepConfigError(f"{path}: cannot read it ({e.strerror}){hint}") from None
     except yaml.YAMLError as e:
         raise SweepConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(config, dict):

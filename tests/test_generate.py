@@ -457,7 +457,7 @@ def test_minimind_eval_flags_are_answered_with_what_to_write_here(capsys) -> Non
 
     with pytest.raises(SystemExit) as exc:
         eval_model.parse_args(["--load_from", "model", "--weight", "full_sft", "--hidden_size", "512", "--historys",
-                               "2", "--bogus"])
+                               "2", "--max_seq_len", "512", "--bogus"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
         "usage: eval_model.py [flags]; python eval_model.py --help lists them",
@@ -469,6 +469,7 @@ def test_minimind_eval_flags_are_answered_with_what_to_write_here(capsys) -> Non
         "drop it",
         "eval_model.py: error: --historys is MiniMind's: a chat keeps its earlier turns (the oldest dropped only to fit "
         "the model's context); --prompt answers one prompt on its own",
+        "eval_model.py: error: --max_seq_len is MiniMind's name: use --max_new_tokens 512",
         "eval_model.py: error: unrecognized argument --bogus"]
 
 

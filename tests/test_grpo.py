@@ -586,6 +586,13 @@ def test_accuracy_without_answers_is_left_out_with_one_line(grpo_files, base_mod
                                      for r in records)
     with pytest.raises(UsageError, match="no reward left to score the completions"):
         train.main(grpo_args(files, base_model, tmp_path / "none", "--max_steps", "1", "--reward_funcs", "accuracy"))
+    # TRL's math datasets name the reference "solution": the line says what to rename.
+    files = {**grpo_files, "train": write_jsonl(tmp_path / "trl.jsonl", [{"prompt": "What is 2 + 2?",
+                                                                          "solution": "4"}] * 8)}
+    capsys.readouterr()
+    train.main(grpo_args(files, base_model, tmp_path / "trl", "--max_steps", "1", "--eval_interval", "0"))
+    assert "has no 'answer' field (its 'solution' is TRL's field: rename it 'answer' where it holds the final " \
+        "answer), so accuracy scores nothing" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [

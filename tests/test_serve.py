@@ -136,6 +136,19 @@ def endless(tok) -> Iterator[Served]:
 
 def test_models_lists_the_one_model(server: Served) -> None:
     assert [m.id for m in server.client().models.list().data] == ["tiny"]
+    assert server.client().models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError, match="the model 'gpt-4o' does not exist; this server serves 'tiny'"):
+        server.client().models.retrieve("gpt-4o")
+
+
+def test_openai_fields_at_their_neutral_values_are_accepted(server: Served, tok) -> None:
+    """Clients that send OpenAI's penalties, logit_bias and logprobs at their defaults get the plain answer."""
+    reply = server.client().chat.completions.create(
+        model="tiny", messages=SYSTEM_AND_QUESTION, temperature=0, max_tokens=8, presence_penalty=0,
+        frequency_penalty=0.0, logit_bias={}, logprobs=False)
+    assert reply.choices[0].message.content == server.greedy(render_prompt(tok, SYSTEM_AND_QUESTION)[1], 8)[0]
+    reply = server.client().completions.create(model="tiny", prompt="hello", temperature=0, max_tokens=4, logprobs=0)
+    assert reply.choices[0].text == server.greedy(eval_model.encode_completion(tok, "hello"), 4)[0]
 
 
 def test_chat_completion_is_the_greedy_answer_with_its_usage(server: Served, tok) -> None:
@@ -279,7 +292,9 @@ GOOD_CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     ("chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role", "messages.0.role: "),
     ("chat/completions", {"messages": []}, "messages", "messages: List should have at least 1 item"),
     ("chat/completions", {**GOOD_CHAT, "frequency_penalty": 0.5}, "frequency_penalty",
-     "unrecognized request argument: frequency_penalty"),
+     "frequency_penalty: Value error, is not supported by this server"),
+    ("chat/completions", {**GOOD_CHAT, "best_of": 2}, "best_of", "unrecognized request argument: best_of"),
+    ("completions", {"prompt": "hi", "logprobs": 5}, "logprobs", "logprobs: Value error, is not supported"),
     ("chat/completions", {**GOOD_CHAT, "n": 2}, "n", "n: Input should be 1"),
     ("chat/completions", {**GOOD_CHAT, "max_tokens": 1000}, "max_tokens",
      "-token conversation exceed the model's 128-token context; ask for at most"),

@@ -280,3 +280,35 @@ def test_train_tokenizer_replaces_a_tokenizer_only_when_told(tmp_path):
     differs = run_train_tokenizer("--out_dir", str(shipped))
     assert differs.returncode == 2 and "already holds a different tokenizer" in differs.stderr.splitlines()[-1]
     assert (shipped / "tokenizer_config.json").read_text() == edited
+
+
+def test_train_tokenizer_reads_folders_and_lists_and_answers_sentencepieces_flags(tmp_path):
+    """--data takes what train.py's --data_path takes (a folder, a comma-separated list); a size the data cannot
+    fill is said, one below the bytes and added tokens refused; SentencePiece's flags get what to write here."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = (ROOT / "dataset" / "pretrain.jsonl").read_text(encoding="utf-8").splitlines(True)
+    (corpus / "a.jsonl").write_text("".join(lines[:60]), encoding="utf-8")
+    (corpus / "b.jsonl").write_text("".join(lines[60:120]), encoding="utf-8")
+    (corpus / "notes.md").write_text("not data")
+    by_folder, by_list = tmp_path / "folder", tmp_path / "list"
+    for data, out in ((str(corpus), by_folder), (f"{corpus / 'a.jsonl'},{corpus / 'b.jsonl'}", by_list)):
+        assert run_train_tokenizer("--data", data, "--vocab_size", "400", "--out_dir", str(out)).returncode == 0
+    assert (by_folder / "tokenizer.json").read_bytes() == (by_list / "tokenizer.json").read_bytes()
+
+    small = tmp_path / "small.txt"
+    small.write_text("hello world\n")
+    short = run_train_tokenizer("--data", str(small), "--vocab_size", "300", "--out_dir", str(tmp_path / "s"))
+    size = len(json.loads((tmp_path / "s" / "tokenizer.json").read_text())["model"]["vocab"]) + 4  # + tool tokens
+    assert short.returncode == 0 and size < 300
+    assert f"the vocabulary is {size}, not 300; add text for a larger one" in short.stderr
+    tiny = run_train_tokenizer("--data", str(small), "--vocab_size", "5", "--out_dir", str(tmp_path / "t"))
+    assert tiny.returncode == 2 and "--vocab_size 5: must be at least 265" in tiny.stderr.splitlines()[-1]
+    assert not (tmp_path / "t").exists()
+
+    spm = run_train_tokenizer("--corpus_path", str(small), "--model_type", "unigram", "--output_path_prefix", "x")
+    assert spm.returncode == 2 and spm.stderr.splitlines()[-3:] == [
+        f"train_tokenizer.py: error: --corpus_path is SentencePiece's name: use --data {small}",
+        "--model_type is SentencePiece's: the tokenizer is byte-level BPE (every text encodes, no unknown token): "
+        "drop it",
+        "--output_path_prefix is SentencePiece's: --out_dir, a folder (tokenizer.json, tokenizer_config.json, ...)"]

@@ -146,6 +146,18 @@ def test_bfloat16_autocast_on_cpu_trains(corpus, tmp_path, capsys):
     assert "1 process(es) on cpu, bfloat16 (--dtype bfloat16)" in capsys.readouterr().err  # the run says its dtype
 
 
+def test_the_start_line_names_the_validation_data_and_a_shape_transformers_lacks(corpus, tmp_path, capsys):
+    train.main(train_args(corpus, tmp_path / "a", "--max_steps", "1", "--n_heads", "6", "--n_kv_heads", "2"))
+    err = capsys.readouterr().err
+    assert f"validation rows ({corpus['val']})" in err
+    assert ("transformers has no class for this shape (--dim 64 is not a multiple of --n_heads 6): the model is "
+            "saved with model_type \"zero2llm\"") in err
+    assert json.loads((tmp_path / "a" / "final" / "config.json").read_text())["model_type"] == "zero2llm"
+    train.main(train_args(corpus, tmp_path / "b", "--max_steps", "1", "--val_data_path", ""))
+    err = capsys.readouterr().err
+    assert "validation rows (--val_fraction 0.02)" in err and "transformers has no class" not in err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--n_heads", "4", "--n_kv_heads", "3"], "multiple of n_kv_heads"),
     (["--data_path", "nope.jsonl"], "--data_path nope.jsonl: no such file"),

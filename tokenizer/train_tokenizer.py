@@ -40,10 +40,14 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data.records import BadRecords, DataError, iter_lines, iter_records  # noqa: E402
+from data.records import BadRecords, DataError, data_files, iter_lines, iter_records  # noqa: E402
+from trainer import other_flags  # noqa: E402
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 THINK_TOKENS = ["<think>", "</think>"]
 TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS + THINK_TOKENS + TOOL_TOKENS)  # every byte, the added tokens, no merge yet
+SUFFIXES = (".jsonl", ".parquet", ".txt")
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # what save writes
 MODEL_MAX_LENGTH = 32768  # a tokenizer limit only (silences length warnings); the model's is max_seq_len
 
@@ -183,17 +187,28 @@ def main() -> None:
     p.add_argument("--data", nargs="+", default=[str(ROOT / "dataset" / f) for f in
                                                   ("pretrain.jsonl", "sft.jsonl", "dpo.jsonl", "grpo.jsonl")],
                    help=".jsonl or .parquet files ({'text'} documents and/or chat messages) or .txt files (plain "
-                        "text) to train on")
-    p.add_argument("--vocab_size", type=int, default=6400, help="vocabulary size including the 9 added tokens")
+                        "text) to train on; as train.py's --data_path, each may be a folder (its files of those "
+                        "kinds), a glob or a comma-separated list")
+    p.add_argument("--vocab_size", type=int, default=6400,
+                   help=f"vocabulary size including the 9 added tokens (at least {MIN_VOCAB}: the 256 bytes and them)")
     p.add_argument("--out_dir", default=str(ROOT / "tokenizer"), help="folder to write the tokenizer files to")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a different tokenizer already in --out_dir (the shipped one, by default)")
-    args = p.parse_args()
-    paths, out_dir = [Path(d) for d in args.data], Path(args.out_dir)
+    args, unknown = p.parse_known_args()
+    if unknown:  # another tool's flags (SentencePiece's): one line each saying what to write here
+        other_flags.refuse(p, unknown, lambda flag, value: other_flags.answer(
+            flag, value, other_flags.TOKENIZER, p._option_string_actions.get) or f"unrecognized argument {flag}")
+    if args.vocab_size < MIN_VOCAB:
+        p.error(f"--vocab_size {args.vocab_size}: must be at least {MIN_VOCAB} (the 256 bytes and the "
+                f"{MIN_VOCAB - 256} added tokens)")
+    try:
+        paths = [path for spec in args.data for path in data_files(spec, SUFFIXES)]
+    except DataError as e:
+        p.error(f"--data {e}")
+    out_dir = Path(args.out_dir)
     for path in paths:
-        if not path.is_file() or path.suffix not in (".jsonl", ".parquet", ".txt"):
-            p.error(f"--data {path}: " + ("no such file" if not path.is_file()
-                                          else "not a .jsonl, .parquet or .txt file"))
+        if path.suffix not in SUFFIXES:
+            p.error(f"--data {path}: not a .jsonl, .parquet or .txt file")
 
     # Models and tokenized data made with a tokenizer need it as it is, so one is replaced only when asked. Other
     # data or another size make other files: refused before training; the default run, which reproduces the
@@ -207,9 +222,13 @@ def main() -> None:
     if held and not args.overwrite and [args.data, args.vocab_size] != defaults:
         refuse(f"a tokenizer ({held[0]})")
     try:
-        files = tokenizer_files(build_tokenizer(corpus_texts(paths), args.vocab_size))
+        tok = build_tokenizer(corpus_texts(paths), args.vocab_size)
     except DataError as e:
         raise SystemExit(f"train_tokenizer.py: error: {e}") from None
+    if tok.get_vocab_size() < args.vocab_size:  # BPE ran out of pairs to merge: too little text for the size
+        print(f"train_tokenizer.py: the data holds only {tok.get_vocab_size() - MIN_VOCAB:,} merges: the vocabulary "
+              f"is {tok.get_vocab_size():,}, not {args.vocab_size:,}; add text for a larger one", file=sys.stderr)
+    files = tokenizer_files(tok)
     if not args.overwrite and any((out_dir / name).read_bytes() != files[name] for name in held):
         refuse("a different tokenizer")
     write_files(files, out_dir)

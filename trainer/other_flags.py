@@ -1,4 +1,4 @@
-"""Other projects' names for train.py's and eval_model.py's flags.
+"""Other projects' names for train.py's, eval_model.py's and tokenizer/train_tokenizer.py's flags.
 
 A command line brought from MiniMind's scripts (trainer/train_*.py, eval_llm.py) or from TRL / transformers'
 TrainingArguments is answered, before any work starts, with one line per such flag saying what to write here. A
@@ -29,6 +29,7 @@ TRAIN: dict[str, tuple[str, str]] = {
     "--max_gen_len": (MINIMIND, "--max_completion_length"),
     "--reasoning": (MINIMIND, "start from the model you mean with --init_from (the reasoning model's folder or the "
                               "SFT model's)"),
+    "--scoring_func": ("DeepSeek-MoE's", "the router scores the experts with a softmax, the only scoring here: drop it"),
     # transformers' config.json names of the model flags
     "--num_attention_heads": (HF_CONFIG, "--n_heads"),
     "--num_key_value_heads": (HF_CONFIG, "--n_kv_heads"),
@@ -94,8 +95,23 @@ EVAL: dict[str, tuple[str, str]] = {
     "--historys": (MINIMIND, "a chat keeps its earlier turns (the oldest dropped only to fit the model's "
                              "context); --prompt answers one prompt on its own"),
     "--show_speed": (MINIMIND, "python bench/decode.py measures decoding speed"),
+    "--out_dir": (MINIMIND, "name the model's folder with --model_path (out/pretrain/final, out/sft/final, ...)"),
+    "--history_cnt": (MINIMIND, "a chat keeps its earlier turns (the oldest dropped only to fit the model's "
+                                "context): drop it"),
+    "--max_seq_len": (MINIMIND, "--max_new_tokens"),
     "--model_name_or_path": (TRL, "use --model_path FOLDER, a local model folder (config.json + model.safetensors)"),
     "--open_thinking": (MINIMIND, "the prompt is the chat template's as it is (no thinking switch): drop it"),
+}
+
+# SentencePiece's spm_train, and the tokenizer scripts built on it
+SPM = "SentencePiece's"
+TOKENIZER: dict[str, tuple[str, str]] = {
+    "--input": (SPM, "--data"),
+    "--corpus_path": (SPM, "--data"),
+    "--model_prefix": (SPM, "--out_dir, a folder (tokenizer.json, tokenizer_config.json, ...)"),
+    "--output_path_prefix": (SPM, "--out_dir, a folder (tokenizer.json, tokenizer_config.json, ...)"),
+    "--model_type": (SPM, "the tokenizer is byte-level BPE (every text encodes, no unknown token): drop it"),
+    "--character_coverage": (SPM, "byte-level BPE covers every character: drop it"),
 }
 
 

@@ -143,8 +143,10 @@ class GRPO(FinetuneMode):
         if "accuracy" in (name for name, _ in funcs) and not train.has_answers:
             # MiniMind's RLAIF lines have none: say so once, rather than a NaN accuracy at every step.
             if run.env.is_main:
-                print(f"--reward_funcs accuracy: {cfg.data_path} has no 'answer' field, so accuracy scores nothing "
-                      f"and is left out; the other rewards score the completions", file=sys.stderr)
+                trl = (" (its 'solution' is TRL's field: rename it 'answer' where it holds the final answer)"
+                       if "solution" in train.column_names else "")
+                print(f"--reward_funcs accuracy: {cfg.data_path} has no 'answer' field{trl}, so accuracy scores "
+                      f"nothing and is left out; the other rewards score the completions", file=sys.stderr)
             kept = [i for i, (name, _) in enumerate(funcs) if name != "accuracy"]
             funcs, weights = [funcs[i] for i in kept], [weights[i] for i in kept]
         if not funcs:
