@@ -3,7 +3,7 @@
     GET  /                       the chat page (serve/page.html: one file, nothing fetched from elsewhere)
     GET  /v1/models              the one model served (and /v1/models/{its id})
     POST /v1/chat/completions    messages, rendered with the model's chat template
-    POST /v1/completions         a plain prompt, continued
+    POST /v1/completions         a plain prompt (text, or token ids), continued
 
 Each request becomes one model/engine.py Request; the engine's thread runs every request in one decode loop
 and hands the tokens to the event loop, where they become text (whole characters, stop strings cut) and are
@@ -266,8 +266,12 @@ def build_app(engine: Engine, tokenizer, stop_ids: list[int], model_id: str, def
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(request: Request) -> Response:
         body = parse_body(await request.body(), CompletionRequest)
-        return await respond(request, body, start(body, encode_completion(tokenizer, body.prompt), "prompt"),
-                             chat=False)
+        prompt = body.text_or_ids()
+        if isinstance(prompt, str):
+            prompt = encode_completion(tokenizer, prompt)
+        elif not all(0 <= i < engine.model.config.vocab_size for i in prompt):
+            raise ApiError(400, f"prompt: token ids must be in [0, {engine.model.config.vocab_size})", param="prompt")
+        return await respond(request, body, start(body, prompt, "prompt"), chat=False)
 
     return app
 

@@ -98,7 +98,24 @@ class ChatRequest(RequestBody):
 
 
 class CompletionRequest(RequestBody):
-    prompt: str
+    # OpenAI's forms of one prompt: a text, a list of one text, or token ids (evaluation harnesses send those)
+    prompt: str | list[str] | list[int]
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, prompt: Any) -> Any:
+        texts = isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)
+        ids = isinstance(prompt, list) and all(isinstance(p, int) and not isinstance(p, bool) for p in prompt)
+        if not (isinstance(prompt, str) or (prompt and (texts or ids))):
+            raise ValueError("must be a string, a list of one string, or a non-empty list of token ids")
+        if texts and len(prompt) > 1:
+            raise ValueError("takes one prompt per request: send the others as requests of their own (concurrent "
+                             "requests share the batch)")
+        return prompt
+
+    def text_or_ids(self) -> str | list[int]:
+        """The prompt's text, or its token ids."""
+        return self.prompt[0] if isinstance(self.prompt, list) and isinstance(self.prompt[0], str) else self.prompt
 
     def answer_tokens(self) -> int | None:
         return self.max_tokens

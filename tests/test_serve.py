@@ -151,6 +151,15 @@ def test_openai_fields_at_their_neutral_values_are_accepted(server: Served, tok)
     assert reply.choices[0].text == server.greedy(eval_model.encode_completion(tok, "hello"), 4)[0]
 
 
+def test_a_completion_prompt_may_be_a_list_of_one_text_or_token_ids(server: Served, tok) -> None:
+    """OpenAI's other forms of a prompt, as evaluation harnesses send them: the same answer as the text's."""
+    ids = eval_model.encode_completion(tok, "Once upon a time")
+    text = server.greedy(ids, 6)[0]
+    for prompt in (["Once upon a time"], ids):
+        reply = server.client().completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=6)
+        assert reply.choices[0].text == text and server.submitted[-1].prompt == ids
+
+
 def test_chat_completion_is_the_greedy_answer_with_its_usage(server: Served, tok) -> None:
     reply = server.client().chat.completions.create(model="anything", messages=SYSTEM_AND_QUESTION, temperature=0,
                                                     max_tokens=20)
@@ -301,7 +310,10 @@ GOOD_CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     ("completions", {"prompt": "hello " * 200}, "prompt",
      "tokens and the model's context is 128: no room is left for an answer; shorten the prompt"),
     ("completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop", "stop takes up to 4"),
-    ("completions", {"prompt": 42}, "prompt", "prompt: Input should be a valid string"),
+    ("completions", {"prompt": 42}, "prompt", "prompt: Value error, must be a string, a list of one string, or a "
+                                              "non-empty list of token ids"),
+    ("completions", {"prompt": ["a", "b"]}, "prompt", "prompt: Value error, takes one prompt per request"),
+    ("completions", {"prompt": [5, 10**6]}, "prompt", "prompt: token ids must be in [0, "),
     ("completions", {"max_tokens": 3}, "prompt", "prompt: Field required"),
     ("completions", b'{"prompt": "caf\xe9 au lait"}', None, "the request body is not UTF-8: byte 0xe9 at position 15"),
     ("completions", b'{"prompt": "\\ud800"}', None, "unpaired surrogate escape"),
