@@ -151,8 +151,8 @@ def model_tokenizer(model_path: Path, model: Transformer):
                 raise SystemExit(f"error: {e}") from None
             if len(tokenizer) > model.config.vocab_size:
                 raise SystemExit(f"error: the tokenizer in {folder} has {len(tokenizer):,} tokens but the model in "
-                                 f"{model_path} only {model.config.vocab_size:,}: it is another model's; copy the tokenizer the "
-                                 "model was trained with into its folder")
+                                 f"{model_path} only {model.config.vocab_size:,}: it is another model's; copy the "
+                                 "tokenizer the model was trained with into its folder")
             if folder != model_path:
                 print(f"[{model_path} has no tokenizer: using {folder}]", file=sys.stderr)
             return tokenizer

@@ -29,7 +29,8 @@ TRAIN: dict[str, tuple[str, str]] = {
     "--max_gen_len": (MINIMIND, "--max_completion_length"),
     "--reasoning": (MINIMIND, "start from the model you mean with --init_from (the reasoning model's folder or the "
                               "SFT model's)"),
-    "--scoring_func": ("DeepSeek-MoE's", "the router scores the experts with a softmax, the only scoring here: drop it"),
+    "--scoring_func": ("DeepSeek-MoE's", "the router scores the experts with a softmax, the only scoring here: "
+                                         "drop it"),
     # transformers' config.json names of the model flags
     "--num_attention_heads": (HF_CONFIG, "--n_heads"),
     "--num_key_value_heads": (HF_CONFIG, "--n_kv_heads"),
