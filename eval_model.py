@@ -106,8 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     args, unknown = p.parse_known_args(argv)
     if unknown:  # another project's flags (MiniMind's eval_llm.py): one line each saying what to write here
-        other_flags.refuse(p, unknown, lambda flag, value: other_flags.answer(
-            flag, value, other_flags.EVAL, p._option_string_actions.get) or f"unrecognized argument {flag}")
+        other_flags.refuse_unknown(p, unknown, other_flags.EVAL)
     if args.serve:
         for flag, given, why in (
             ("prompt", args.prompt is not None, "clients send their own prompts"),

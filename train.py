@@ -91,8 +91,7 @@ def apply_launch_flags(args: argparse.Namespace) -> None:
 def refusal(flag: str, value: str | None, parser: argparse.ArgumentParser, mode: Mode,
             args: argparse.Namespace) -> str:
     """The one line that answers `flag` (given `value`), a flag this mode's parser lacks."""
-    def has(name: str) -> bool:
-        return name in parser._option_string_actions
+    action = parser._option_string_actions.get
 
     def elsewhere(name: str) -> str:
         return mode.refused_flag(name, args) or foreign_flag(name, mode.name)
@@ -102,8 +101,8 @@ def refusal(flag: str, value: str | None, parser: argparse.ArgumentParser, mode:
     # Another project's name, unless it is also another mode's own flag and its rename is not one of this mode's
     # (TRL's DPO --beta is --dpo_beta in --mode dpo; elsewhere --beta is --mode grpo's, TRL's GRPO --beta).
     renamed = other_flags.TRAIN.get(flag, ("", ""))[1]
-    if has(renamed) or not modes_with(flag):
-        if said := other_flags.answer(flag, value, other_flags.TRAIN, parser._option_string_actions.get, elsewhere):
+    if action(renamed) is not None or not modes_with(flag):
+        if said := other_flags.answer(flag, value, other_flags.TRAIN, action, elsewhere):
             return said
     return foreign_flag(flag, mode.name)
 

@@ -196,8 +196,7 @@ def main() -> None:
                    help="replace a different tokenizer already in --out_dir (the shipped one, by default)")
     args, unknown = p.parse_known_args()
     if unknown:  # another tool's flags (SentencePiece's): one line each saying what to write here
-        other_flags.refuse(p, unknown, lambda flag, value: other_flags.answer(
-            flag, value, other_flags.TOKENIZER, p._option_string_actions.get) or f"unrecognized argument {flag}")
+        other_flags.refuse_unknown(p, unknown, other_flags.TOKENIZER)
     if args.vocab_size < MIN_VOCAB:
         p.error(f"--vocab_size {args.vocab_size}: must be at least {MIN_VOCAB} (the 256 bytes and the "
                 f"{MIN_VOCAB - 256} added tokens)")

@@ -126,6 +126,13 @@ def refuse(parser: argparse.ArgumentParser, unknown: list[str], answer_one: Call
     parser.error("\n".join(answer_one(flag, value) for flag, value in flags))
 
 
+def refuse_unknown(parser: argparse.ArgumentParser, unknown: list[str], table: dict[str, tuple[str, str]]
+                   ) -> NoReturn:
+    """refuse() for a script with one set of flags: each of `table`'s flags answered, any other unrecognized."""
+    refuse(parser, unknown, lambda flag, value: answer(flag, value, table, parser._option_string_actions.get)
+           or f"unrecognized argument {flag}")
+
+
 def given(unknown: list[str]) -> list[tuple[str, str | None]]:
     """The flags among argparse's unknown arguments, each with the value written after it (or after "="), if any."""
     flags = []
