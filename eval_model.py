@@ -48,10 +48,16 @@ SERVE_ONLY = ("host", "port", "api_key", "max_batch_size")
 # final model each talks to when --model_path is not given.
 MODEL_MODES = {"0": "complete", "pretrain": "complete", "1": "chat", "sft": "chat"}
 DEFAULT_MODEL = {"complete": "out/pretrain/final", "chat": "out/sft/final"}
+# MiniMind's other --model_mode values pick a model, which --model_path names here.
+MODEL_MODE_MODELS = {"2": "its RLHF model: --model_path out/dpo/final", "3": "its reasoning model: --model_path "
+                     "with that model's folder", "4": "its RLAIF model: --model_path out/grpo/final"}
 
 
 def eval_mode(text: str) -> str:
     """A --mode value, or one of --model_mode's (MODEL_MODES) as the --mode it means."""
+    if text in MODEL_MODE_MODELS:
+        raise argparse.ArgumentTypeError(f"{text} is MiniMind's choice of {MODEL_MODE_MODELS[text]} (with --mode "
+                                         "auto, the default, a chat model is chatted with)")
     return MODEL_MODES.get(text, text)
 
 

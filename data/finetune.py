@@ -505,13 +505,13 @@ class GRPODataset(ChatDataset):
     max_completion_length tokens (the completion must fit after it) is a bad record: it stops the run naming
     the line, or is skipped and counted with skip_bad_records. Cutting it would drop either the system prompt
     or the question. `lengths` (prompt tokens per row) lets the sampler batch similar lengths (less left
-    padding).
+    padding). `room` names, for that error, the settings the prompt's limit comes from.
     """
 
     EXPECTED, ROW_NOUN = GRPO_FORMAT, "prompts"
 
     def __init__(self, path: DataPath, tokenizer, max_seq_len: int, skip_bad_records: bool = False,
-                 max_completion_length: int = 0):
+                 max_completion_length: int = 0, room: str = "--max_seq_len minus --max_completion_length"):
         tokenizer = self._open(path, tokenizer, "GRPO")
         self.max_prompt_len = max_prompt_len = max_seq_len - max_completion_length
         self.prompt_ids: list[list[int]] = []
@@ -524,7 +524,7 @@ class GRPODataset(ChatDataset):
             text, ids = render_prompt(tokenizer, messages)
             if len(ids) > max_prompt_len:
                 raise BadRecord(path, line_no, f"the prompt has {len(ids)} tokens; at most {max_prompt_len} fit "
-                                f"(--max_seq_len minus --max_completion_length)", "prompt too long")
+                                f"({room})", "prompt too long")
             return messages, columns, text, ids
 
         for file, line_no, (messages, columns, text, ids) in self._read(parse, skip_bad_records):

@@ -113,7 +113,9 @@ def evaluate_grpo(model_path: Path, data_path: Path, limit: int, max_new_tokens:
                   ) -> dict[str, float]:
     model = load_model(model_path)
     tokenizer = model_tokenizer(model_path, model)
-    data = GRPODataset(data_path, tokenizer, model.config.max_seq_len, max_completion_length=max_new_tokens)
+    seq_len = model.config.max_seq_len
+    data = GRPODataset(data_path, tokenizer, seq_len, max_completion_length=max_new_tokens,
+                       room=f"the model's max_seq_len {seq_len} minus --max_new_tokens {max_new_tokens}")
     rows = range(min(limit or len(data), len(data)))
     answers = answer_all(model, tokenizer, [data.prompt_ids[i] for i in rows], max_new_tokens, batch_size)
     texts = [a for a, _ in answers]

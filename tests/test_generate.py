@@ -446,9 +446,12 @@ def test_model_mode_is_mode_with_zer02llms_values(model_dir: Path, capsys) -> No
     assert outputs["--mode complete"].startswith("hi") and outputs["--mode chat"] != outputs["--mode complete"]
     assert eval_model.parse_args(["--model_mode", "1"]).model_path == "out/sft/final"
     assert eval_model.parse_args(["--model_mode", "0"]).model_path == "out/pretrain/final"
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit):  # MiniMind's other values name a model: said so, with the folder to name
         eval_model.parse_args(["--model_mode", "2"])
-    assert "invalid choice: '2'" in capsys.readouterr().err
+    assert "2 is MiniMind's choice of its RLHF model: --model_path out/dpo/final" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_model.parse_args(["--model_mode", "7"])
+    assert "invalid choice: '7'" in capsys.readouterr().err
 
 
 def test_minimind_eval_flags_are_answered_with_what_to_write_here(capsys) -> None:

@@ -645,3 +645,7 @@ def test_pipeline_check_fails_when_grpo_changed_nothing(grpo_files, base_model, 
     assert code == 1 and "FAIL" in err
     assert results["before"] == results["after"] and results["after"]["prompts"] == 8
     assert results["wrong_to_right"] == results["right_to_wrong"] == 0
+    seq_len = json.loads((base_model / "config.json").read_text())["max_position_embeddings"]
+    with pytest.raises(SystemExit, match=f"the model's max_seq_len {seq_len} minus --max_new_tokens {seq_len - 4}"):
+        pipeline_check.main(["--task", "grpo", "--before", str(base_model), "--after", str(base_model),
+                             "--data", str(grpo_files["val"]), "--max_new_tokens", str(seq_len - 4)])
