@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 
-from data import DataError, load_tokenizer, prepare_pretrain, summary
+from data import DataError, data_files, load_tokenizer, prepare_pretrain, summary
+
+SOURCE_SUFFIXES = (".jsonl", ".parquet", ".txt")  # the documents prepare tokenizes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,14 +20,17 @@ def main(argv: list[str] | None = None) -> None:
     prep = sub.add_parser("prepare", help="tokenize .jsonl/.parquet/.txt documents into a flat .bin token file for "
                           "pretraining")
     prep.add_argument("--input", nargs="+", required=True,
-                      help=".jsonl ({'text': ...} per line), .parquet (a 'text' column) or .txt files")
-    prep.add_argument("--tokenizer", default="tokenizer", help="tokenizer folder (default: tokenizer)")
+                      help=".jsonl ({'text': ...} per line), .parquet (a 'text' column) or .txt files; as train.py's "
+                      "--data_path, each may be a folder (its such files, sorted by name), a glob or a comma list")
+    prep.add_argument("--tokenizer", "--tokenizer_path", default="tokenizer",
+                      help="tokenizer folder (default: tokenizer); --tokenizer_path is the same flag (train.py's name)")
     prep.add_argument("--output", required=True, help="output .bin path (a .json sidecar is written next to it)")
     prep.add_argument("--skip_bad_records", action="store_true",
                       help="skip malformed lines (counted per reason) instead of stopping at the first one")
     args = parser.parse_args(argv)
     try:
-        out = prepare_pretrain(args.input, load_tokenizer(args.tokenizer), args.output,
+        inputs = [f for spec in args.input for f in data_files(spec, SOURCE_SUFFIXES)]
+        out = prepare_pretrain(list(dict.fromkeys(inputs)), load_tokenizer(args.tokenizer), args.output,
                                skip_bad_records=args.skip_bad_records)
     except DataError as e:
         parser.exit(1, f"error: {e}\n")

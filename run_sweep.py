@@ -32,6 +32,7 @@ from sweep.offline import open_offline_sweep, run_offline
 from sweep.online import run_online
 from sweep.results import write_results
 from sweep.trials import chosen_gpus
+from trainer import other_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        other_flags.refuse_unknown(parser, unknown, {})
     try:
         args.gpus = chosen_gpus(args.gpu) if args.gpu else None
     except ValueError as e:

@@ -173,9 +173,9 @@ def main(argv: list[str] | None = None, adjust: Callable[[Components], None] | N
                 adjust(parts)
             if env.is_main:
                 val = parts.val_data
-                held_out = ("no validation" if val is None else f"{len(val):,} validation rows ("
-                            + (cfg.val_data_path if cfg.val_data_path else f"--val_fraction {cfg.val_fraction:g}")
-                            + ")")
+                carved = f"--val_fraction {cfg.val_fraction:g} of the training data"
+                held_out = ("no validation" if val is None
+                            else f"{len(val):,} validation rows ({cfg.val_data_path or carved})")
                 print(f"{cfg.mode}: {parts.model.num_params() / 1e6:.2f}M parameters ({mode.source(cfg)}), "
                       f"{len(parts.train_data):,} training rows, {held_out}, {env.world_size} process(es) on "
                       f"{env.device}, {str(run.dtype).removeprefix('torch.')} (--dtype {cfg.dtype})", file=sys.stderr)

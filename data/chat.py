@@ -20,6 +20,8 @@ import numpy as np
 from .records import BadRecord, DataError, check_text
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT's messages ({"from": "human" | "gpt" | "system", "value": ...}: Belle, LLaMA-Factory, axolotl) as ours
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")  # a chat template's assistant-token marks
 # Optional fields this module checks and normalises; empty or null values count as absent.
 MESSAGE_FIELDS = {"tools": "system", "tool_calls": "assistant", "reasoning_content": "assistant"}
@@ -87,12 +89,19 @@ def tool_calls(value: object, where: str, path: Path, line_no: int) -> list[dict
 def chat_messages(conv: object, field: str, path: Path, line_no: int) -> list[Message]:
     """A checked list of messages (the value of `field` of one line): known roles, string contents, a system
     message only first, and the tool-calling and reasoning fields in the shapes templates take. The one check of
-    every chat format (SFT, DPO, GRPO prompts)."""
+    every chat format (SFT, DPO, GRPO prompts). ShareGPT's messages ({"from", "value"}) are read as ours."""
     if not isinstance(conv, list) or not conv:
         raise BadRecord(path, line_no, f"'{field}' must be a non-empty list of {{\"role\", \"content\"}} messages",
                         f"bad '{field}'")
     messages = []
     for i, m in enumerate(conv, start=1):
+        if isinstance(m, dict) and "role" not in m and "from" in m and "value" in m:  # ShareGPT's
+            sender = m["from"]
+            if not isinstance(sender, str) or sender not in SHAREGPT_ROLES:
+                raise BadRecord(path, line_no, f"message {i} is from {sender!r}; ShareGPT messages here are from "
+                                f"{', '.join(SHAREGPT_ROLES)}", "unknown role")
+            m = {"role": SHAREGPT_ROLES[sender], "content": m["value"],
+                 **{k: v for k, v in m.items() if k not in ("from", "value")}}
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise BadRecord(path, line_no, f"message {i} must be an object {{\"role\": \"...\", \"content\": "
                             f"\"...\"}} with string values", "malformed message")

@@ -26,8 +26,9 @@ from .rows import RowsDataset
 IGNORE_INDEX = -100
 DataPath = str | Path | Sequence[str | Path]  # a --data_path: a file, a folder, a glob, or several (data_files)
 
-SFT_FORMATS = ('{"conversations": [messages]} (MiniMind) or {"messages": [messages]} (TRL), messages {"role", '
-               '"content"} with optional tools, tool_calls, reasoning_content and "tool" results; {"prompt": str | '
+SFT_FORMATS = ('{"conversations": [messages]} (MiniMind, ShareGPT) or {"messages": [messages]} (TRL), messages '
+               '{"role", "content"} (or ShareGPT\'s {"from": "human" | "gpt" | "system", "value"}) with optional '
+               'tools, tool_calls, reasoning_content and "tool" results; {"prompt": str | '
                '[messages], "completion": str | [messages]} (TRL prompt-completion: loss on the completion only); '
                '{"text": ...} (language modelling: every token trained); or {"instruction": ..., "input": ..., '
                '"output": ...} (Alpaca)')
@@ -222,6 +223,11 @@ def sft_example(row: dict, path: Path, line_no: int) -> SFTExample:
         turns = [{"role": "user", "content": user}, {"role": "assistant", "content": fields["output"]}]
         return SFTExample("alpaca", system + turns,
                           unused=_other_fields(row, {"instruction", "input", "output", "system"}))
+    label = next((k for k in row if k.lower() in ("label", "labels")), None)
+    if label is not None:  # a classifier's line (LLM_training's spam data): no task here trains a class head
+        raise BadRecord(path, line_no, f"a classification line ({', '.join(sorted(row)[:5])}): SFT trains replies, "
+                        f"not a class head; write it as {{\"prompt\": <the text>, \"completion\": <its {label}, as "
+                        f"a word>}} to train the model to answer with the class", "classification line")
     raise BadRecord(path, line_no, f"expected {SFT_FORMATS}; got keys {sorted(row)[:5]}", "unknown format")
 
 
@@ -296,8 +302,9 @@ class SFTDataset(ChatDataset):
         cut = (f"{self.n_truncated:,} truncated at max_seq_len {self.max_seq_len}"
                + (f" ({self.n_truncated_untrained:,} of them with no assistant token left)"
                   if self.n_truncated_untrained else ""))
+        trained = "assistant" + (", and every token of the text lines" if self.formats.get("text") else "")
         return (f"{self.source}: {self.n_rows:,} conversations ({_format_counts(self.formats)}), "
-                f"{len(self.tokens):,} tokens, {self.n_trained_tokens:,} trained (assistant); {cut}")
+                f"{len(self.tokens):,} tokens, {self.n_trained_tokens:,} trained ({trained}); {cut}")
 
 
 # ----------------------------------------------------------------------------- DPO preference pairs
@@ -318,6 +325,13 @@ def implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:n].rstrip(), chosen[n:].lstrip(), rejected[n:].lstrip()
 
 
+def _repeats(side: object, prompt: list) -> bool:
+    """Whether a DPO side (a list of messages) begins with the prompt's messages, the same roles and contents."""
+    def turns(messages: list) -> list:
+        return [(m.get("role"), m.get("content")) if isinstance(m, dict) else m for m in messages]
+    return isinstance(side, list) and len(side) > len(prompt) and turns(side[:len(prompt)]) == turns(prompt)
+
+
 def dpo_pair(row: dict, path: Path, line_no: int) -> tuple[list[Message], list[Message], str, tuple[str, ...]]:
     """(chosen conversation, rejected conversation, format, the line's unused fields) of one DPO line; the format
     is detected per line.
@@ -325,7 +339,8 @@ def dpo_pair(row: dict, path: Path, line_no: int) -> tuple[list[Message], list[M
     MiniMind: two full conversations that end with an assistant reply and share everything before it.
     TRL: a prompt (a string = one user message, or messages) and each side's completion (a string or a list
     of assistant messages) appended to it; without a prompt, two plain strings whose shared beginning is the
-    prompt (implicit_prompt). Both conversations go through the SFT checks.
+    prompt (implicit_prompt); sides that repeat the prompt before their replies are whole conversations (the
+    prompt is not added twice). Both conversations go through the SFT checks.
     """
     if "completion" in row and "label" in row:
         raise BadRecord(path, line_no, f"{KTO_HINT}; --mode dpo trains pairs: put a desirable and an undesirable "
@@ -352,6 +367,8 @@ def dpo_pair(row: dict, path: Path, line_no: int) -> tuple[list[Message], list[M
             prompt = [{"role": "user", "content": prompt}]
         if not isinstance(prompt, list) or not prompt:
             raise BadRecord(path, line_no, "'prompt' must be a string or a non-empty list of messages", "bad 'prompt'")
+        if _repeats(chosen, prompt) and _repeats(rejected, prompt):
+            prompt = []  # each side is the whole conversation, its prompt included (hh-rlhf in TRL's layout)
     sides = []
     for side, value in (("chosen", chosen), ("rejected", rejected)):
         if fmt == "trl" and isinstance(value, str):

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .records import PARQUET, BadRecords, DataError, data_files, iter_lines, iter_record_texts, source_bytes
+from .records import PARQUET, BadRecords, DataError, arrow_hint, data_files, iter_lines, iter_record_texts, source_bytes
 from .rows import RowsDataset
 
 SIDECAR_FORMAT = "zero2llm-tokens-v1"
@@ -182,6 +182,8 @@ def prepare_pretrain(src_paths: str | Path | Sequence[str | Path], tokenizer, ou
     for p in paths:
         if not p.is_file():
             raise DataError(f"{p}: no such data file")
+        if p.suffix == ".arrow":
+            raise DataError(arrow_hint(p.parent))
         if p.suffix not in (".jsonl", PARQUET, ".txt"):
             raise DataError(f"{p}: unsupported extension {p.suffix!r}; use .jsonl ({{\"text\": ...}} per line), "
                             f".parquet (a \"text\" column) or .txt")
@@ -313,9 +315,14 @@ def pretrain_bin(path: str | Path | Sequence[str | Path], tokenizer, cache_dir: 
     """
     paths = data_files(path, (".jsonl", PARQUET, ".txt", ".bin"))
     bins = [p for p in paths if p.suffix == ".bin"]
+    if bins and len(bins) == len(paths) > 1:  # shards of one token stream (written by another project)
+        raise DataError(f"{len(bins)} token files ({bins[0].name}, ...): training reads one; join them in order "
+                        f"(cat {' '.join(str(b) for b in bins[:2])}{' ...' if len(bins) > 2 else ''} > all.bin) and "
+                        f"train on all.bin (with --bin_dtype if they have no .json sidecar), or prepare their source "
+                        f"text into one (python data.py prepare --input FILES --output all.bin)")
     if bins and len(paths) > 1:
-        raise DataError(f"{bins[0]}: a prepared token file among {len(paths)} data files; train on it alone, or "
-                        f"prepare every source into one .bin (python data.py prepare --input FILE ... --output X.bin)")
+        raise DataError(f"{bins[0]}: a token file among {len(paths)} data files; train on it alone, or prepare "
+                        f"every source into one .bin (python data.py prepare --input FILE ... --output X.bin)")
     if bins:
         check_bin(bins[0], tokenizer, bin_dtype)
         return bins[0]
@@ -381,11 +388,11 @@ class PackedDataset(RowsDataset):
     eos, so the model learns where a document ends). `rows` selects a subset of rows (the train/val
     carve-off). The memmap is opened lazily, so DataLoader workers each open their own instead of
     pickling the whole array. `dtype` is that of a .bin without sidecar (check_bin); `vocab_size` checks
-    every id is < vocab_size (one pass over the file). All rows have one length, so `lengths` is None.
+    every id is < vocab_size (one pass over the file), `vocab_name` saying what that limit is. All rows have one length, so `lengths` is None.
     """
 
     def __init__(self, bin_path: str | Path, seq_len: int, rows: np.ndarray | Sequence[int] | None = None,
-                 dtype: str | None = None, vocab_size: int | None = None):
+                 dtype: str | None = None, vocab_size: int | None = None, vocab_name: str = ""):
         self.path = Path(bin_path)
         if not self.path.is_file():
             raise DataError(f"{self.path}: no such token file")
@@ -407,7 +414,7 @@ class PackedDataset(RowsDataset):
             raise DataError(f"{self.path}: row index out of range [0, {self.n_rows})")
         self._tokens: np.memmap | None = None
         if vocab_size is not None:
-            self.check_ids(vocab_size)
+            self.check_ids(vocab_size, vocab_name or f"vocab_size {vocab_size}")
 
     @property
     def tokens(self) -> np.memmap:
@@ -418,15 +425,17 @@ class PackedDataset(RowsDataset):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_tokens": None}
 
-    def check_ids(self, vocab_size: int, chunk: int = 1 << 24) -> None:
-        """Raise if a token id is >= vocab_size (data prepared with a bigger tokenizer), naming the offset."""
+    def check_ids(self, vocab_size: int, vocab_name: str, chunk: int = 1 << 24) -> None:
+        """Raise if a token id is >= vocab_size (data prepared with a bigger tokenizer), naming the offset and
+        `vocab_name`, what the limit is."""
         for start in range(0, self.n_tokens, chunk):
             part = self.tokens[start:start + chunk]
             bad = np.flatnonzero(part >= vocab_size)
             if len(bad):
                 off = start + int(bad[0])
-                raise DataError(f"{self.path}: token id {int(self.tokens[off])} at offset {off} is >= vocab_size "
-                                f"{vocab_size}; the data was tokenized with another tokenizer")
+                raise DataError(f"{self.path}: token id {int(self.tokens[off])} at offset {off} is beyond "
+                                f"{vocab_name}; the data was tokenized with another tokenizer: tokenize its source "
+                                f"text with this one (python data.py prepare --input FILE --tokenizer FOLDER)")
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         r = int(self.rows[i]) if self.rows is not None else i

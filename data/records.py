@@ -99,7 +99,7 @@ def data_files(spec: str | Path | Sequence[str | Path], suffixes: tuple[str, ...
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in suffixes)
             if not found:
-                raise DataError(f"{part}: a folder without {' or '.join(suffixes)} files")
+                raise DataError(f"{part}: a folder without {' or '.join(suffixes)} files{_folder_hint(path)}")
         elif path.is_file():
             found = [path]
         elif any(c in part for c in "*?["):
@@ -166,6 +166,23 @@ def _json_object(line: str, path: Path, line_no: int, expected: str) -> dict:
     return row
 
 
+def arrow_hint(folder: Path) -> str:
+    """What to do with a `datasets` save_to_disk folder (Arrow files with their dataset_info.json): export Parquet."""
+    return (f"{folder} is a datasets save_to_disk folder (Arrow files); write its rows as Parquet, which is read "
+            f"here: python -c \"import datasets; d = datasets.load_from_disk('{folder}'); (d['train'] if "
+            f"isinstance(d, datasets.DatasetDict) else d).to_parquet('train.parquet')\"")
+
+
+def _folder_hint(folder: Path) -> str:
+    """Why a --data_path folder holds no data file, when its files say (for the error that it holds none)."""
+    names = {p.name for p in folder.iterdir()} | {p.name for p in folder.glob("*/*")}
+    if any(n.endswith(".arrow") for n in names) or names & {"dataset_dict.json", "dataset_info.json"}:
+        return f": {arrow_hint(folder)}"
+    if any(n.endswith(".json") for n in names):
+        return ": its .json files are read when named one by one (--data_path FILE.json)"
+    return ""
+
+
 def iter_records(path: str | Path, expected: str, parse: Callable[[dict, Path, int], object] | None = None,
                  bad: BadRecords | None = None) -> Iterator[tuple[int, object]]:
     """(line number, record) of each non-blank line of a .jsonl file, or (row number, record) of each row of a
@@ -177,6 +194,8 @@ def iter_records(path: str | Path, expected: str, parse: Callable[[dict, Path, i
         raise DataError(f"{path}: a {path.suffix[1:].upper()} file; data files are JSON Lines (.jsonl, one object "
                         "per line) or .parquet: convert it, e.g. with pandas: read_csv(...)"
                         ".to_json('data.jsonl', orient='records', lines=True, force_ascii=False)")
+    if path.suffix == ".arrow":
+        raise DataError(arrow_hint(path.parent))
     rows = parquet_rows(path) if path.suffix == PARQUET else jsonl_rows(path, expected, bad)
     n_good = 0
     for line_no, row in rows:
@@ -262,7 +281,10 @@ def _without_nulls(value: Any) -> Any:
 
 def _text_field(row: dict, path: Path, line_no: int) -> str:
     if "text" not in row:
-        raise BadRecord(path, line_no, "missing field 'text' (expected {\"text\": ...})", "missing field 'text'")
+        other = next((k for k in row if k.lower() == "text"), None)  # a classifier's {"Text", "Label"}
+        hint = f"; its '{other}' is not it: field names are case-sensitive" if other else ""
+        raise BadRecord(path, line_no, f"missing field 'text' (expected {{\"text\": ...}}){hint}",
+                        "missing field 'text'")
     text = row["text"]
     if not isinstance(text, str):
         raise BadRecord(path, line_no, f"field 'text' must be a string, got {type(text).__name__}",

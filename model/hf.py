@@ -38,6 +38,16 @@ _NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "model.no
 _IGNORED = ("rotary_emb.inv_freq",)  # a buffer some older checkpoints saved; recomputed here
 
 
+def file_not_folder(path: str | Path) -> str:
+    """Said when a single file is named where a model or checkpoint folder is expected ('' when `path` is no file):
+    a .pt/.pth state dict (MiniMind's, nanoGPT's) holds weights without the architecture that reads them."""
+    if not Path(path).is_file():
+        return ""
+    return (f"{path} is a file, not a model folder (config.json + model.safetensors, as train.py and transformers' "
+            f"save_pretrained write): a bare weights file, such as a .pt or .pth state dict, cannot be read here; "
+            f"convert it to a Hugging Face folder with its project's tools, then name that folder")
+
+
 def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a model folder: model.safetensors, or the shards its index names."""
     index = model_dir / INDEX
@@ -190,7 +200,8 @@ def from_pretrained(
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     if not model_dir.is_dir():
-        raise FileNotFoundError(f"{model_dir}: no such model folder (expected config.json + model.safetensors)")
+        raise FileNotFoundError(file_not_folder(model_dir) or f"{model_dir}: no such model folder (expected "
+                                "config.json + model.safetensors)")
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: file missing; a model folder needs config.json + model.safetensors")
     try:

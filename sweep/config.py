@@ -47,6 +47,10 @@ def load_config(path: str | Path, mode: str | None = None) -> dict[str, Any]:
         raise SweepConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(config, dict):
         raise SweepConfigError(f"{path}: expected a mapping of sweep keys (method, metric, parameters, ...)")
+    if not {"method", "parameters"} & set(config):  # e.g. a training script's config file (model:, training:)
+        raise SweepConfigError(f"{path}: not a sweep config: a sweep has method, metric and parameters (see "
+                               f"sweep_configs/); a training config's keys are train.py's flags, given on its "
+                               f"command line")
     if mode and isinstance(config.get("parameters"), dict):
         config["parameters"]["mode"] = {"value": mode}
     config.setdefault("program", "train.py")
@@ -246,4 +250,12 @@ def check_train_flags(config: dict[str, Any]) -> list[str]:
             if unknown:
                 problems.append(f"parameters.{name}: train.py does not accept {' '.join(unknown)}")
                 break
+    # --eval_iters counts global batches: trials of other global batches would be ranked on other validation rows
+    params, metric = config["parameters"], config["metric"]["name"]
+    varied = [k for k in ("batch_size", "accumulation_steps") if k in params and "value" not in params[k]]
+    eval_iters = params.get("eval_iters", {}).get("value", parser.get_default("eval_iters"))
+    if varied and metric.startswith("val_") and eval_iters != 0:
+        problems.append(f"parameters.{varied[0]}: trials of other global batches would be validated on other rows "
+                        f"(eval_iters {eval_iters} counts global batches), so their {metric} would not compare: add "
+                        f"eval_iters: {{value: 0}} (the whole validation set)")
     return problems

@@ -32,7 +32,7 @@ def open_offline_sweep(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         if not saved.is_file():
             raise SweepConfigError(f"--resume: {sweep_dir} holds no sweep (no sweep.yaml); give its --sweep_dir")
         config = load_config(saved)
-        if args.config and load_config(args.config, args.mode) != config:
+        if args.config and _search(load_config(args.config, args.mode)) != _search(config):
             raise SweepConfigError(f"--resume: {args.config} differs from the sweep's {saved}; a sweep keeps its "
                                    f"search space (start a new one with another --sweep_dir)")
         return config, sweep_dir
@@ -40,9 +40,16 @@ def open_offline_sweep(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         raise SweepConfigError(f"{sweep_dir} already holds a sweep: continue it with --resume, "
                                f"or choose another --sweep_dir")
     config = load_config(args.config, args.mode)
+    if args.count is not None:  # the sweep's length, kept for --resume without --count
+        config["run_cap"] = args.count
     sweep_dir.mkdir(parents=True, exist_ok=True)
     saved.write_text(yaml.safe_dump(config, sort_keys=False))
     return config, sweep_dir
+
+
+def _search(config: dict[str, Any]) -> dict[str, Any]:
+    """A sweep's config but its run_cap, which --count sets in the saved copy."""
+    return {k: v for k, v in config.items() if k != "run_cap"}
 
 
 def to_python(value: Any) -> Any:

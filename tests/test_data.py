@@ -125,7 +125,8 @@ def test_uint32_when_vocab_exceeds_uint16(tok, tmp_path):
             f.write(part.tobytes())
     ds = PackedDataset(raw, 9, dtype="uint32")
     assert ds[2]["input_ids"].tolist() == list(range(65_530 + 18, 65_530 + 27))
-    with pytest.raises(DataError, match=r"token id 65536 at offset 6 is >= vocab_size 65536"):
+    with pytest.raises(DataError, match=r"token id 65536 at offset 6 is beyond vocab_size 65536; the data was "
+                                        r"tokenized with another tokenizer: tokenize its source text with this one"):
         PackedDataset(raw, 9, dtype="uint32", vocab_size=65_536)
     with pytest.raises(DataError, match="no sidecar raw.json says how its token ids are stored; pass --bin_dtype"):
         PackedDataset(raw, 9, vocab_size=70_000)  # no guess from the vocabulary: uint32 read as uint16 is garbage
@@ -270,8 +271,15 @@ def test_several_sources_are_prepared_into_one_cache_in_order(tok, tmp_path, mon
     assert data.pretrain_bin(f"{b},{a},{txt}", tok) == out
     monkeypatch.undo()
     assert data.pretrain_bin(f"{a},{b},{txt}", tok, show_progress=False) != out  # another order, another cache
-    with pytest.raises(DataError, match=r"a prepared token file among 2 data files"):
+    with pytest.raises(DataError, match=r"a token file among 2 data files"):
         data.pretrain_bin(f"{a},{out}", tok)
+    shards = tmp_path / "data_bin"  # another project's shards of one token stream: joined with cat, then trained
+    shards.mkdir()
+    for i in range(3):
+        (shards / f"part_{i:03d}.bin").write_bytes(out.read_bytes())
+    with pytest.raises(DataError, match=rf"3 token files \(part_000.bin, ...\): training reads one; join them in "
+                                        rf"order \(cat {shards}/part_000.bin {shards}/part_001.bin ... > all.bin\)"):
+        data.pretrain_bin(shards, tok)
 
 
 def test_cli_prepare(tok, tmp_path, capsys):
@@ -282,6 +290,14 @@ def test_cli_prepare(tok, tmp_path, capsys):
     cli.main(["prepare", "--input", str(src), "--tokenizer", str(ROOT / "tokenizer"),
               "--output", str(tmp_path / "a.bin")])
     assert f"{len(expected_tokens(tok, DOCS)):,} tokens" in capsys.readouterr().out
+    # --input as train.py's --data_path: a folder, a glob, a comma list (and train.py's --tokenizer_path)
+    (tmp_path / "src").mkdir()
+    write_jsonl(tmp_path / "src" / "1.jsonl", DOCS[:2]), write_jsonl(tmp_path / "src" / "2.jsonl", DOCS[2:])
+    for i, spec in enumerate((tmp_path / "src", tmp_path / "src" / "*.jsonl",
+                              f"{tmp_path / 'src' / '1.jsonl'},{tmp_path / 'src' / '2.jsonl'}")):
+        cli.main(["prepare", "--input", str(spec), "--tokenizer_path", str(ROOT / "tokenizer"),
+                  "--output", str(tmp_path / f"s{i}.bin")])
+        assert (tmp_path / f"s{i}.bin").read_bytes() == (tmp_path / "a.bin").read_bytes(), spec
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"txt": "typo"}\n')
     with pytest.raises(SystemExit) as e:
@@ -297,6 +313,8 @@ def test_cli_prepare(tok, tmp_path, capsys):
 @pytest.mark.parametrize("line, message", [
     (b'{"text": "ok"', "line 2: malformed JSON"),
     (b'{"content": "x"}', "line 2: missing field 'text' (expected {\"text\": ...})"),
+    (b'{"Text": "x", "Label": 1}', "line 2: missing field 'text' (expected {\"text\": ...}); its 'Text' is not it: "
+                                   "field names are case-sensitive"),
     (b'{"text": 17}', "line 2: field 'text' must be a string, got int"),
     (b'["text"]', "line 2: expected a JSON object"),
     (b'{"text": "caf\xe9"}', "line 2: not valid UTF-8 (byte 0xe9 at column 14)"),

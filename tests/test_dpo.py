@@ -199,6 +199,21 @@ def test_trl_implicit_prompt_strings_are_the_explicit_pair(tok, tmp_path):
     assert tok.decode([t for t in data[0]["chosen_labels"].tolist() if t != IGNORE_INDEX]) == "蓝色。<|im_end|>"
 
 
+def test_sides_that_repeat_the_prompt_are_not_given_it_twice(tok, tmp_path):
+    """hh-rlhf in TRL's layout: a "prompt" and sides that are whole conversations, the prompt's turn included. The
+    prompt is read once, as in MiniMind's layout of the same pair, not prepended a second time."""
+    rows = [{"prompt": "What is 0+1?", "chosen": [user("What is 0+1?"), assistant("1")],
+             "rejected": [user("What is 0+1?"), assistant("I don't know")]},
+            {"chosen": [user("What is 0+1?"), assistant("1")], "rejected": [user("What is 0+1?"),
+                                                                            assistant("I don't know")]},
+            {"prompt": [user("What is 0+1?")], "chosen": [assistant("1")], "rejected": [assistant("I don't know")]}]
+    data = DPODataset(write_jsonl(tmp_path / "hh.jsonl", rows), tok, 512)
+    assert data.formats == {"minimind": 1, "trl": 2}
+    for i in (1, 2):
+        assert all(torch.equal(data[0][k], data[i][k]) for k in data[0])
+    assert tok.decode(data[0]["chosen_input_ids"].tolist()).count("What is 0+1?") == 1
+
+
 @pytest.mark.parametrize("chosen, rejected, split", [
     ("12 + 7 = 19.", "12 + 7 = 18.", ("12 + 7 =", "19.", "18.")),             # not into the number
     ("The capital is Paris.", "The capital is Rome.", ("The capital is", "Paris.", "Rome.")),

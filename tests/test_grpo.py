@@ -170,6 +170,9 @@ THINK = "<think>\n21 + 19 = 40\n40 - 11 = 29\n</think>\n"
     ("'crown' reversed is 'nworcx'.", "nworc", False),
     ("Hamlet was written by William Shakespeare.", "William Shakespeare", True),
     ("Hamlet was written by John Milton.", "William Shakespeare", False),
+    ("She sold 48 + 24 = 72 clips. The answer is 72.", "She sold 48/2 = 24 clips in May.\n#### 72", True),  # GSM8K
+    ("48 + 24 = 72\n#### 72", "Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72", True),
+    ("48 + 24 = 72\n#### 71", "She sold 48 clips.\n#### 72", False),  # the number after the mark
 ])
 def test_accuracy_reward(completion, answer, correct):
     assert is_correct(completion, answer) is correct

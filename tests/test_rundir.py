@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -595,6 +596,36 @@ def test_resuming_an_older_checkpoint_starts_a_new_timeline(corpus, tmp_path, ca
     steps = [r["step"] for r in read_metrics(out) if "loss" in r]
     assert steps == sorted(set(steps))  # one record per step: the abandoned ones moved out
     assert train_losses(out) == pytest.approx(old, rel=1e-6)  # the same data and seed: the same losses again
+
+
+def test_a_refused_resume_leaves_the_run_folder_as_it_was(corpus, tmp_path, capsys):
+    """A checkpoint that cannot be loaded is refused before anything moves: a resume from an older, damaged checkpoint
+    used to send the run's newer checkpoints and final/ to abandoned/ first, then stop."""
+    out = tmp_path / "run"
+    common = ("--eval_interval", "0", "--save_interval_steps", "5", "--max_steps", "10")
+    train.main(train_args(corpus, out, *common))
+    (out / "checkpoints" / "step_000005" / "optimizer.pt").write_bytes(b"cut short")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    metrics = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ckpt.CheckpointError, match="optimizer.pt: cannot be read .*; the checkpoint is damaged"):
+        train.main(train_args(corpus, out, *common, "--resume", str(out / "checkpoints" / "step_000005")))
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert (out / "metrics.jsonl").read_text() == metrics
+
+
+def test_resume_after_a_kill_logs_each_step_once(corpus, tmp_path):
+    """Steps an interrupted run logged after its last checkpoint are run and logged again by the resume: their old
+    records are taken out, so metrics.jsonl keeps one record per step, the resumed run's."""
+    out = tmp_path / "run"
+    common = ("--eval_interval", "0", "--save_interval_steps", "5", "--lr_decay_iters", "10")
+    train.main(train_args(corpus, out, *common, "--max_steps", "8"))
+    shutil.rmtree(out / "checkpoints" / "step_000008")  # as if killed after step 8's record, before its checkpoint
+    shutil.rmtree(out / "final")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "lo')  # and a line cut short
+    train.main(train_args(corpus, out, *common, "--max_steps", "10", "--resume"))
+    steps = [r["step"] for r in read_metrics(out) if "loss" in r]
+    assert steps == list(range(1, 11))
 
 
 # ----------------------------------------------------------------------------- values that mean nothing

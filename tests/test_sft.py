@@ -63,6 +63,18 @@ def test_alpaca_is_the_same_as_the_equivalent_chat(tok, tmp_path):
     mixed = SFTDataset(write_jsonl(tmp_path / "m.jsonl", rows + chats), tok, 512)
     assert mixed.formats == {"chat": 2, "prompt-completion": 0, "text": 0, "alpaca": 2}
     assert len(SFTDataset(ROOT / "dataset" / "sft_alpaca.jsonl", tok, 512)) == 51
+    # ShareGPT's messages ({"from", "value"}) are the same conversations; another sender is named
+    roles = {"user": "human", "assistant": "gpt", "system": "system"}
+    sharegpt = [{"conversations": [{"from": roles[m["role"]], "value": m["content"]} for m in c["conversations"]]}
+                for c in chats]
+    share = SFTDataset(write_jsonl(tmp_path / "s.jsonl", sharegpt), tok, 512)
+    for i in range(2):
+        assert share[i]["input_ids"].tolist() == chat[i]["input_ids"].tolist()
+        assert share[i]["labels"].tolist() == chat[i]["labels"].tolist()
+    odd = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hello"}]}]
+    with pytest.raises(DataError, match="o.jsonl line 1: message 2 is from 'bot'; ShareGPT messages here are from "
+                                        "human, gpt, system"):
+        SFTDataset(write_jsonl(tmp_path / "o.jsonl", odd), tok, 512)
 
 
 def test_long_conversations_are_truncated_and_counted_never_dropped(tok, tmp_path, sft_files, base_model):
@@ -94,6 +106,8 @@ def test_long_conversations_are_truncated_and_counted_never_dropped(tok, tmp_pat
     ("{not json", "malformed JSON"),
     ('["a list"]', "expected a JSON object"),
     ('{"question": "hi", "answer": "x"}', "expected {\"conversations\""),
+    ('{"Text": "Win a prize now", "Label": 1}', "a classification line (Label, Text): SFT trains replies, not a "
+                                                "class head; write it as {\"prompt\": <the text>, \"completion\""),
     ('{"text": ""}', "field 'text' must be a non-empty string"),
     ('{"prompt": "你好", "completion": "你好！", "label": false}', "unpaired preference line"),
     ('{"prompt": "你好", "chosen": "你好！", "rejected": "走开。"}', "train it with --mode dpo"),
@@ -146,6 +160,28 @@ def test_a_json_array_or_csv_file_says_how_to_make_json_lines(tok, tmp_path):
     (tmp_path / "chats.csv").write_text("instruction,output\nSay hi.,Hi!\n")
     with pytest.raises(DataError, match=r"chats.csv: a CSV file; data files are JSON Lines"):
         SFTDataset(tmp_path / "chats.csv", tok, 512)
+    # A folder of such files: said, not only that it holds no data file
+    (tmp_path / "arrays").mkdir()
+    (tmp_path / "arrays" / "alpaca_data.json").write_text(array.read_text())
+    with pytest.raises(DataError, match=r"arrays: a folder without .jsonl or .parquet files: its .json files are read "
+                                        r"when named one by one"):
+        SFTDataset(tmp_path / "arrays", tok, 512)
+
+
+def test_a_datasets_save_to_disk_folder_says_how_to_export_parquet(tok, tmp_path):
+    """datasets' save_to_disk writes Arrow files (data-00000-of-00001.arrow) beside dataset_info.json: neither the
+    folder nor an .arrow file is read here, and both errors give the command that writes Parquet, which is."""
+    split = tmp_path / "wiki" / "train"
+    split.mkdir(parents=True)
+    (tmp_path / "wiki" / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    (split / "dataset_info.json").write_text("{}")
+    (split / "data-00000-of-00001.arrow").write_bytes(b"\xff\xff\xff\xff arrow stream")
+    export = r"write its rows as Parquet, which is read here: python -c \"import datasets; d = datasets.load_from_disk"
+    with pytest.raises(DataError, match=rf"wiki: a folder without .jsonl or .parquet files: .*wiki is a datasets "
+                                        rf"save_to_disk folder \(Arrow files\); {export}"):
+        SFTDataset(tmp_path / "wiki", tok, 512)
+    with pytest.raises(DataError, match=rf"train is a datasets save_to_disk folder \(Arrow files\); {export}"):
+        SFTDataset(split / "data-00000-of-00001.arrow", tok, 512)
 
 
 def padding_fraction(lengths: torch.Tensor, batches: Iterable[list[int]]) -> float:
@@ -530,6 +566,7 @@ def test_text_lines_train_every_token(tok, tmp_path):
     tokens = tok.encode(text) + [tok.eos_token_id]
     assert data.formats["text"] == 1
     assert data[0]["input_ids"].tolist() == tokens[:-1] and data[0]["labels"].tolist() == tokens[1:]
+    assert f"{len(tokens) - 1} trained (assistant, and every token of the text lines)" in data.summary()
     # A base model's tokenizer without a chat template trains on text lines; a conversation needs the template.
     from transformers import AutoTokenizer
     tok.save_pretrained(tmp_path / "base_tok")

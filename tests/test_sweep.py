@@ -148,6 +148,19 @@ def test_a_metric_the_trials_never_log_names_what_they_did_log(tmp_path):
         "failed", "wrote no val_los to metrics.jsonl (it logged val_loss; check the YAML's metric.name)")
 
 
+def test_resume_keeps_the_sweeps_count(tmp_path, capsys):
+    """A random sweep's --count is its length: --resume without it continues to that length (it used to stop with
+    "a random sweep never runs out of configurations"), and a larger --count extends it."""
+    config, out = fake_sweep(tmp_path, ["good", "worse"]), tmp_path / "sweep"
+    config.write_text(config.read_text().replace("method: grid", "method: random"))
+    assert run_sweep.main(["--config", str(config), "--sweep_dir", str(out), "--offline", "--count", "1"]) == 0
+    assert run_sweep.main(["--resume", "--sweep_dir", str(out), "--offline"]) == 0
+    assert len(load_trials(out)) == 1
+    assert run_sweep.main(["--resume", "--config", str(config), "--sweep_dir", str(out), "--offline",
+                           "--count", "2"]) == 0
+    assert len(load_trials(out)) == 2
+
+
 def test_interrupted_sweep_continues_with_resume(tmp_path):
     config, out = fake_sweep(tmp_path, ["slow", "good"]), tmp_path / "sweep"
     sweep = subprocess.Popen([sys.executable, "run_sweep.py", "--config", str(config), "--sweep_dir", str(out),
@@ -239,6 +252,15 @@ BASE = {"method": "grid", "metric": {"name": "val_loss", "goal": "minimize"},
         "parameters": {"learning_rate": {"values": [1.0e-3, 3.0e-3]}, "max_steps": {"value": 5}}}
 
 
+def test_a_training_config_is_not_taken_for_a_sweep(tmp_path):
+    """LLM_training's config/qwen600m.yaml given to run_sweep.py: one line, not one per missing sweep key."""
+    path = write_yaml(tmp_path / "qwen600m.yaml", {"model": {"name": "qwen"}, "training": {"batch_size": 2}})
+    with pytest.raises(SweepConfigError) as e:
+        load_config(path)
+    assert str(e.value) == (f"{path}: not a sweep config: a sweep has method, metric and parameters (see "
+                            f"sweep_configs/); a training config's keys are train.py's flags, given on its command line")
+
+
 @pytest.mark.parametrize("change, expected", [
     ({"method": "random", "parameters": {"learning_rate": {"min": 0.01, "max": 0.001}}},
      "parameters.learning_rate: min 0.01 is not less than max 0.001"),
@@ -259,6 +281,12 @@ BASE = {"method": "grid", "metric": {"name": "val_loss", "goal": "minimize"},
     ({"parameters": {"learning_rate": {"values": ["fast"]}}}, "parameters.learning_rate: train.py rejects "
                                                               "--learning_rate=fast"),
     ({"command": ["${env}", "${interpreter}", "${program}"]}, "command: needs ${args}"),
+    ({"parameters": {"batch_size": {"values": [8, 16]}, "eval_iters": {"value": 5}}},  # validated on 40 or 80 rows
+     "parameters.batch_size: trials of other global batches would be validated on other rows (eval_iters 5 counts "
+     "global batches), so their val_loss would not compare: add eval_iters: {value: 0}"),
+    ({"parameters": {"accumulation_steps": {"values": [1, 2]}}}, "parameters.accumulation_steps: trials of other "
+                                                                 "global batches would be validated on other rows "
+                                                                 "(eval_iters 50"),
 ])
 def test_bad_yaml_fails_with_one_line_naming_the_key(tmp_path, change, expected):
     config = {**BASE, "program": "train.py", **change}
@@ -282,6 +310,25 @@ def test_a_count_below_one_is_refused(tmp_path, capsys):
                         "--sweep_dir", str(tmp_path / "s")])
     assert exc.value.code == 2 and "--count must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_config_without_its_flag_is_answered_with_the_flag(tmp_path, capsys):
+    """python run_sweep.py sweep_configs/pretrain.yaml, as scripts that take the file as their argument are run."""
+    with pytest.raises(SystemExit) as exc:
+        run_sweep.main(["sweep_configs/pretrain.yaml", "--sweep_dir", str(tmp_path / "s")])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == ("run_sweep.py: error: sweep_configs/pretrain.yaml: name it "
+                                                        "with --config sweep_configs/pretrain.yaml")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("name", ["time_budget", "time_budget_shape"])
+def test_shipped_recipe_searches_are_valid(name):
+    """The time-to-quality searches pass every check; the one that varies the batch validates on the whole
+    validation set (eval_iters 0), which the checks require of it."""
+    config = load_config(ROOT / "sweep_configs" / f"{name}.yaml")
+    batch = config["parameters"].get("batch_size", {"value": "the default"})
+    assert "value" in batch or config["parameters"]["eval_iters"] == {"value": 0}
 
 
 @pytest.mark.parametrize("mode", ["pretrain", "sft", "lora", "dpo", "grpo"])

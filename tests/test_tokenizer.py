@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import CONVERSATION, ROOT, TOKENIZER, write_jsonl, write_parquet
+from data import DataError
 
 spec = importlib.util.spec_from_file_location("train_tokenizer", TOKENIZER / "train_tokenizer.py")
 train_tokenizer = importlib.util.module_from_spec(spec)
@@ -242,6 +243,24 @@ def test_train_tokenizer_takes_a_datasets_parquet_files(tmp_path):
                               "--out_dir", str(tmp_path / "never")], capture_output=True, text=True)
         assert bad.returncode == 1 and expected in bad.stderr.strip().splitlines()[-1], bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "never").exists()
+
+
+def test_train_tokenizer_reads_alpaca_and_sharegpt_lines_and_refuses_a_file_with_no_text(tmp_path):
+    """train.py --mode sft takes Alpaca's and ShareGPT's lines: their text trains the tokenizer too. A file whose
+    lines hold none of the fields read (a classifier's {"Text", "Label"}) is refused naming its fields, where it
+    used to leave a tokenizer of bytes alone and exit 0."""
+    alpaca = {"instruction": "请写一篇关于保护环境的文章", "input": "不少于十个字", "output": "保护环境是我们每个人的责任。",
+              "system": "你是助手"}
+    sharegpt = {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好，有什么可以帮你？"}]}
+    path = write_jsonl(tmp_path / "mixed.jsonl", [alpaca, sharegpt])
+    assert list(train_tokenizer.corpus_texts([path])) == [
+        "请写一篇关于保护环境的文章", "不少于十个字", "保护环境是我们每个人的责任。", "你是助手", "你好", "你好，有什么可以帮你？"]
+    other = write_jsonl(tmp_path / "spam.jsonl", [{"Text": "win a prize", "Label": 1}] * 3)
+    with pytest.raises(DataError, match="spam.jsonl: no text read: its lines have Label, Text; the text is read "
+                                        "from text, "):
+        list(train_tokenizer.corpus_texts([path, other]))
+    done = run_train_tokenizer("--data", str(other), "--out_dir", str(tmp_path / "never"))
+    assert done.returncode == 1 and "no text read" in done.stderr and not (tmp_path / "never").exists()
 
 
 def run_train_tokenizer(*args: str) -> subprocess.CompletedProcess:

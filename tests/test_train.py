@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,9 +154,33 @@ def test_the_start_line_names_the_validation_data_and_a_shape_transformers_lacks
     assert ("transformers has no class for this shape (--dim 64 is not a multiple of --n_heads 6): the model is "
             "saved with model_type \"zero2llm\"") in err
     assert json.loads((tmp_path / "a" / "final" / "config.json").read_text())["model_type"] == "zero2llm"
-    train.main(train_args(corpus, tmp_path / "b", "--max_steps", "1", "--val_data_path", ""))
+    own_data = train_args(corpus, tmp_path / "b", "--max_steps", "1")
+    del own_data[2:4]  # no --val_data_path: the user's own data is validated on rows carved off it
+    train.main(own_data)
     err = capsys.readouterr().err
-    assert "validation rows (--val_fraction 0.02)" in err and "transformers has no class" not in err
+    assert "validation rows (--val_fraction 0.02 of the training data)" in err and "transformers has no class" not in err
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_validation_uses_the_samples_held_out_file_only_with_the_sample(mode, corpus, tmp_path, monkeypatch):
+    """--val_data_path auto (the default): the shipped sample is validated on its held-out file; other training
+    data on a carve-off of its own rows, never on the sample's file (whose loss would say nothing of the run)."""
+    from trainer.config import TrainConfig
+
+    monkeypatch.chdir(ROOT)
+    Config = MODES[mode].Config
+
+    def resolved(**flags) -> str:
+        cfg = Config(out_dir=str(tmp_path / "out"), **flags)
+        TrainConfig.check(cfg)  # the flags every mode shares (the fine-tuning modes' own check wants a model)
+        return cfg.val_data_path
+
+    sample = resolved()
+    assert sample == f"dataset/{'sft' if mode == 'lora' else mode}_val.jsonl" and (ROOT / sample).is_file()
+    assert resolved(data_path=f"./{Config.data_path}") == sample  # the same file, written another way
+    assert resolved(data_path=str(corpus["train"])) == ""  # carved off --data_path
+    assert resolved(data_path=str(corpus["train"]), val_data_path=str(corpus["val"])) == str(corpus["val"])
+    assert resolved(val_data_path="") == ""
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -211,6 +236,16 @@ def test_bad_flags_fail_before_any_work(corpus, tmp_path, capsys, flags, message
     (["--mode", "grpo", "--per_device_train_batch_size", "16"],
      ["--per_device_train_batch_size is TRL's count of completions per device; --batch_size counts prompts, each "
       "sampled --num_generations (8) times: use --batch_size COMPLETIONS / 8"]),
+    # LLM_training's settings and MiniMind's --use_compile (0/1: the value converts, as argparse would)
+    (["--lr", "1e-3", "--num_epochs", "2", "--eval_iter", "5", "--use_compile", "1", "--drop_rate", "x"],
+     ["--lr is many scripts' name: use --learning_rate 1e-3", "--num_epochs is LLM_training's name: use --epochs 2",
+      "--eval_iter is LLM_training's name: use --eval_iters 5", "--use_compile is MiniMind's name: use --compile 1",
+      "--drop_rate is LLM_training's name for --dropout, which takes a number: x is not one"]),
+    # a config file or a folder written without its flag
+    (["--mode", "sft", "configs/training/sft.yaml"],
+     ["configs/training/sft.yaml: train.py reads no config file: write each of its keys as a flag (max_steps: 10 -> "
+      "--max_steps 10)"]),
+    (["tokenizer"], ["tokenizer: a folder is named after its flag (--data_path, --out_dir, --resume, ...)"]),
     # TRL's space-separated lists
     (["--mode", "lora", "--lora_target_modules", "q_proj", "v_proj"],
      ["unrecognized arguments: v_proj (a flag takes one value: quote a value with spaces, and join a list with "
@@ -275,19 +310,19 @@ def test_default_data_missing_outside_the_repository_says_where_to_run(tmp_path,
 _FINETUNE = {"tokenizer_path": "", "optimizer": "adamw", "warmup_iters": 20, "eval_interval": 100, "eval_iters": 0}
 MODE_DEFAULTS = {
     "pretrain": {"out_dir": "out/pretrain", "data_path": "dataset/pretrain.jsonl", "preset": "auto",
-                 "val_data_path": "dataset/pretrain_val.jsonl", "optimizer": "muon", "learning_rate": 3e-3,
+                 "val_data_path": "auto", "optimizer": "muon", "learning_rate": 3e-3,
                  "warmup_iters": 30},
     "sft": {**_FINETUNE, "out_dir": "out/sft", "data_path": "dataset/sft.jsonl",
-            "val_data_path": "dataset/sft_val.jsonl", "init_from": "out/pretrain/final", "learning_rate": 5e-4,
+            "val_data_path": "auto", "init_from": "out/pretrain/final", "learning_rate": 5e-4,
             "epochs": 2},
     "lora": {**_FINETUNE, "out_dir": "out/lora", "data_path": "dataset/sft.jsonl",
-             "val_data_path": "dataset/sft_val.jsonl", "init_from": "out/sft/final", "learning_rate": 2e-3,
+             "val_data_path": "auto", "init_from": "out/sft/final", "learning_rate": 2e-3,
              "epochs": 1, "lora_rank": 8, "lora_alpha": 16.0},
     "dpo": {**_FINETUNE, "out_dir": "out/dpo", "data_path": "dataset/dpo.jsonl",
-            "val_data_path": "dataset/dpo_val.jsonl", "init_from": "out/sft/final", "learning_rate": 5e-5,
+            "val_data_path": "auto", "init_from": "out/sft/final", "learning_rate": 5e-5,
             "epochs": 1, "eval_interval": 50, "dpo_beta": 0.1},
     "grpo": {**_FINETUNE, "out_dir": "out/grpo", "data_path": "dataset/grpo.jsonl",
-             "val_data_path": "dataset/grpo_val.jsonl", "init_from": "out/sft/final", "learning_rate": 5e-5,
+             "val_data_path": "auto", "init_from": "out/sft/final", "learning_rate": 5e-5,
              "batch_size": 8, "max_steps": 300, "warmup_iters": 5, "eval_interval": 50, "log_interval": 5,
              "num_generations": 8, "loss_type": "dapo"},
 }
@@ -337,6 +372,8 @@ def test_torchrun_two_processes_match_one(corpus, tmp_path):
         assert b[step] == pytest.approx(a[step], rel=1e-4), step
     seen = [[r["tokens_seen"] for r in read_metrics(run) if "tokens_seen" in r][-1] for run in (one, two)]
     assert seen[0] == seen[1] == 4 * 4 * 32  # 4 steps x 4 rows x 32 tokens, counted over both ranks
+    val = [[r["val_loss"] for r in read_metrics(run) if "val_loss" in r][-1] for run in (one, two)]
+    assert val[1] == pytest.approx(val[0], rel=1e-4)  # --eval_iters 4 global batches: the same 16 rows
 
 
 def test_skip_bad_records_trains_and_reports_per_reason(corpus, tmp_path, capsys):
@@ -526,8 +563,9 @@ class FakeWandb:
 
 
 def test_wandb_flags_of_zer02llm(corpus, tmp_path, monkeypatch):
-    """The architecture is in the run's config; every 2nd training record goes (validation ones always); best/
-    and final/ become artifact versions; the model is watched; the repository's Python files are saved."""
+    """The architecture is in the run's config; every 2nd training record goes (validation ones always), and the
+    run's last, so that the run's summary is its end; best/ and final/ become artifact versions; the model is
+    watched; the repository's Python files are saved."""
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     out = tmp_path / "run"
@@ -536,7 +574,7 @@ def test_wandb_flags_of_zer02llm(corpus, tmp_path, monkeypatch):
                           "--wandb_watch_log", "all", "--wandb_watch_log_freq", "5"))
     assert (fake.config["model"]["dim"], fake.config["model"]["n_layers"]) == (64, 2)
     assert fake.config["wandb_log_freq"] == 2 and fake.config["learning_rate"] == 3e-3
-    assert fake.logged == [1, 3, 3, 5, 6]  # training records of steps 1, 3, 5; validation at 3 and 6
+    assert fake.logged == [1, 3, 3, 5, 6, 6]  # training records of steps 1, 3, 5 and the last, 6; validation at 3, 6
     assert fake.watched == ("Transformer", "all", 5)
     assert "train.py" in fake.code and "trainer/loop.py" in fake.code and not any(
         c.startswith((".", "out/")) or not c.endswith(".py") for c in fake.code)
@@ -580,3 +618,37 @@ def test_data_path_takes_a_folder_and_a_raw_bin_with_its_dtype(corpus, tmp_path,
     result = train.main(train_args(corpus, tmp_path / "raw", "--data_path", str(raw), "--bin_dtype", "uint16",
                                    "--max_steps", "2", "--eval_interval", "0"))
     assert result["step"] == 2
+    # Another tokenizer's ids: a larger --vocab_size gives them embeddings, but the tokenizer still has no tokens for
+    # them (the exported model could neither read nor write its data)
+    foreign = tmp_path / "foreign.bin"
+    np.arange(7_000, 7_200, dtype=np.uint32).tofile(foreign)
+    with pytest.raises(DataError, match=r"token id 7000 at offset 0 is beyond the 6,400 tokens of the tokenizer "
+                                        r"\(--tokenizer_path tokenizer\)"):
+        train.main(train_args(corpus, tmp_path / "foreign", "--data_path", str(foreign), "--bin_dtype", "uint32",
+                              "--vocab_size", "100000", "--max_steps", "1"))
+
+
+@pytest.mark.parametrize("argv", [["--mode", "sft", "--init_from", "{pth}"], ["--resume", "{pth}"],
+                                  ["--mode", "dpo", "--ref_model_path", "{pth}"]])
+def test_a_bare_weights_file_is_named_as_one(tmp_path, capsys, argv):
+    """MiniMind's full_sft_512.pth where a model folder goes: said to be a weights file without its architecture,
+    not "no model there" (the file is there)."""
+    pth = tmp_path / "full_sft_512.pth"
+    torch.save({"tok_embeddings.weight": torch.zeros(2, 2)}, pth)
+    with pytest.raises(SystemExit):
+        train.parse_config([a.format(pth=pth) for a in argv] + ["--out_dir", str(tmp_path / "out")])
+    assert f"{pth} is a file, not a model folder" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="full_sft_512.pth is a file, not a model folder .* a bare weights file"):
+        eval_model.load_model(pth)
+
+
+def test_validation_scores_the_same_rows_however_the_global_batch_is_split(corpus, tmp_path):
+    """--eval_iters counts global batches: batch 4, and batch 2 x 2 accumulation steps (or x 2 processes), score the
+    same validation rows, so the same weights get the same val_loss (it used to count one process's batches)."""
+    still = ("--max_steps", "1", "--learning_rate", "0", "--muon_learning_rate", "0", "--eval_iters", "2",
+             "--save_interval_steps", "0")
+    whole = train.main(train_args(corpus, tmp_path / "a", *still, "--batch_size", "4"))
+    split = train.main(train_args(corpus, tmp_path / "b", *still, "--batch_size", "2", "--accumulation_steps", "2"))
+    half = train.main(train_args(corpus, tmp_path / "c", *still, "--batch_size", "2"))  # another global batch
+    assert split["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-6)
+    assert half["val_loss"] != pytest.approx(whole["val_loss"], rel=1e-4)  # fewer rows: another mean

@@ -101,30 +101,42 @@ CHAT_TEMPLATE = (
 
 
 def _message_texts(value: Any) -> Iterator[str]:
-    """The texts of a chat field: a string, or the contents (and reasoning) of a list of messages."""
+    """The texts of a chat field: a string, or the contents (and reasoning) of a list of messages, ShareGPT's
+    {"from", "value"} ones included."""
     if isinstance(value, str):
         yield value
     elif isinstance(value, list):
         for m in value:
-            for key in ("content", "reasoning_content"):
+            for key in ("content", "reasoning_content", "value"):
                 if isinstance(m, dict) and isinstance(m.get(key), str):
                     yield m[key]
 
 
+TEXT_FIELDS = ("text", "conversations", "messages", "chosen", "rejected", "prompt", "completion",  # every mode's
+               "instruction", "input", "output", "system")  # Alpaca's
+
+
 def corpus_texts(paths: Iterable[Path]) -> Iterator[str]:
-    """Texts of .jsonl and .parquet files ({"text"} documents and the messages of chat data of any mode, MiniMind's
-    and TRL's field names) and of .txt files (line by line; the <|endoftext|> lines that separate documents are left
-    out, as the token is added, not learned). Read as training reads them (data/records.py): a line that is not UTF-8
-    or not a JSON object, or a file that is not Parquet, is a DataError naming it."""
+    """Texts of .jsonl and .parquet files ({"text"} documents, the messages of chat data of any mode, MiniMind's,
+    TRL's and ShareGPT's field names, and Alpaca's fields) and of .txt files (line by line; the <|endoftext|> lines
+    that separate documents are left out, as the token is added, not learned). Read as training reads them
+    (data/records.py): a line that is not UTF-8 or not a JSON object, or a file that is not Parquet, is a
+    DataError naming it, and so is a file none of whose lines has one of those fields (other data, which would
+    leave a tokenizer of bytes alone)."""
     for path in paths:
         if path.suffix == ".txt":
             yield from (line for _, line in iter_lines(path, BadRecords()) if line.rstrip("\r\n") != SPECIAL_TOKENS[0])
             continue
+        read, keys = False, set()
         for _, row in iter_records(path, "(a {'text'} document or chat messages)"):
-            if isinstance(row.get("text"), str):
-                yield row["text"]
-            for key in ("conversations", "messages", "chosen", "rejected", "prompt", "completion"):
-                yield from _message_texts(row.get(key))
+            for key in TEXT_FIELDS:
+                for text in _message_texts(row.get(key)):
+                    read = True
+                    yield text
+            keys.update(row)
+        if not read:
+            raise DataError(f"{path}: no text read: its lines have {', '.join(sorted(keys)[:8]) or 'no fields'}; "
+                            f"the text is read from {', '.join(TEXT_FIELDS)} (messages: content or value)")
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 6400) -> Tokenizer:

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
 from model import hf
 from model.config import ModelConfig
@@ -83,8 +85,8 @@ def resume_path(resume: str, out_dir: str | Path) -> Path | None:
                                   f"--resume, or pass a checkpoint folder")
         return path
     if not Path(resume).is_dir():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint folder (--resume alone, or --resume auto, "
-                              f"continues from --out_dir's newest checkpoint)")
+        raise CheckpointError(f"--resume {hf.file_not_folder(resume) or f'{resume}: no such checkpoint folder'} "
+                              f"(--resume alone, or --resume auto, continues from --out_dir's newest checkpoint)")
     return Path(resume)
 
 
@@ -143,13 +145,13 @@ def save_checkpoint(out_dir: str | Path, step: int, env: DistEnv, *, model: torc
             dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / SHARDED)
         barrier()
         if env.is_main:
-            if is_sharded(model):  # what resume checks the architecture against
+            if is_sharded(model):  # what resume checks the architecture against, and read_sharded_model builds
                 (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
             else:
                 model.save_pretrained(tmp)
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(tmp)
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
             _fsync_write_json(tmp / STATE_FILE, trainer_state)
             replace_folder(tmp, final)  # the same step saved twice (e.g. a resumed run): newest wins
@@ -178,28 +180,56 @@ def rotate_checkpoints(out_dir: str | Path, keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+# What to do about a checkpoint that cannot be read (its folder fills the {}).
+_ANOTHER = "Resume from another checkpoint (--resume <its folder>), or delete {} and --resume takes the newest left."
+
+
 def _load(path: Path) -> Any:
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete. Delete "
-                              f"{path.parent} to resume from the one before it.")
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete. {_ANOTHER.format(path.parent)}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or corrupt file: say which, not a pickle traceback
-        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e}). Delete "
-                              f"{path.parent} to resume from the one before it.") from None
+        reason = (str(e).splitlines() or [""])[0][:120]
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {reason}); the checkpoint is damaged. "
+                              f"{_ANOTHER.format(path.parent)}") from None
 
 
 # Fields that may change between a run and its resume without changing the weights' meaning.
 _RESUMABLE_CHANGES = {"dropout", "flash_attn", "aux_loss_alpha"}
 
 
-def check_architecture(model: torch.nn.Module, path: Path) -> ModelConfig:
-    """The checkpoint's model config; CheckpointError naming the differing fields when it is another architecture."""
+def read_sharded_model(path: Path) -> torch.nn.Module:
+    """The model of an --fsdp checkpoint, its sharded/ weights read whole into this one process (eval_model reads
+    such a checkpoint this way; transformers cannot, and reads the run's final/ and best/, written whole)."""
+    from model import Transformer
+
+    model = Transformer(saved_config(path))
+    state = get_model_state_dict(model)
+    try:
+        with warnings.catch_warnings():  # DCP warns that it reads every shard in one process: the intent here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": state}, checkpoint_id=path / SHARDED, no_dist=True)
+    except Exception as e:  # a missing or truncated shard, or another model's (a LoRA run's) keys
+        raise CheckpointError(f"{path / SHARDED}: cannot be read as a model ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}); the run's final/ and best/ are whole model "
+                              f"folders") from None
+    set_model_state_dict(model, state)
+    return model
+
+
+def saved_config(path: Path) -> ModelConfig:
+    """The model config a checkpoint was written with (its config.json)."""
     config_file = path / "config.json"
     try:
-        saved = ModelConfig.from_hf_dict(json.loads(config_file.read_text()))
+        return ModelConfig.from_hf_dict(json.loads(config_file.read_text()))
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{config_file}: cannot be read ({e}); not a complete checkpoint.") from None
+
+
+def check_architecture(model: torch.nn.Module, path: Path) -> ModelConfig:
+    """The checkpoint's model config; CheckpointError naming the differing fields when it is another architecture."""
+    saved, config_file = saved_config(path), path / "config.json"
     diff = [f"{k}={v} (this run: {getattr(model.config, k)})" for k, v in vars(saved).items()
             if k not in _RESUMABLE_CHANGES and getattr(model.config, k) != v]
     if diff:
@@ -216,7 +246,7 @@ def _model_weights(saved: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
         state = hf.from_hf_state(load_file(str(weights_file)), saved, weights_file)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights_file}: cannot read the weights, the file is missing, truncated or corrupt "
-                              f"({e}). Delete {weights_file.parent} to resume from the one before it.") from None
+                              f"({e}). {_ANOTHER.format(weights_file.parent)}") from None
     if saved.tie_word_embeddings and "model.embed_tokens.weight" in state:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])  # saved once, as transformers does
     return state
@@ -246,7 +276,7 @@ def load_checkpoint(path: str | Path, env: DistEnv, *, model: torch.nn.Module, o
             dcp.load(loaded, checkpoint_id=path / SHARDED)
         except Exception as e:  # a missing or truncated shard: DCP's own error, summarised
             raise CheckpointError(f"{path / SHARDED}: cannot be read ({type(e).__name__}: {str(e)[:300]}). "
-                                  f"Delete {path} to resume from the one before it.") from None
+                                  f"{_ANOTHER.format(path)}") from None
         set_state_dict(model, optimizer.parts, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
     else:
         weights, optimizer_state = _model_weights(saved, path), _load(path / "optimizer.pt")

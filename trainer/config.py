@@ -63,6 +63,7 @@ class TrainConfig:
     """Flags shared by every mode: the run, its data, length, optimisation, evaluation, checkpoints and scale."""
     flag_group = "training (every mode)"
     data_suffixes: ClassVar[tuple[str, ...]] = (".jsonl", ".parquet", ".txt", ".bin")  # a --data_path folder's files
+    sample_val_data: ClassVar[str] = "dataset/pretrain_val.jsonl"  # held out from the shipped --data_path
 
     mode: str = flag("pretrain", "Training mode; `--mode X --help` lists that mode's flags and defaults.")
     out_dir: str = flag("out/pretrain", "Run folder: checkpoints/, best/, final/, metrics.jsonl.")
@@ -71,9 +72,10 @@ class TrainConfig:
                           "other modes: .jsonl or .parquet (a Hugging Face dataset's files). Several: a "
                           "folder (its data files, sorted by name), a glob ('shards/*.jsonl', sorted by name) or "
                           "comma-separated files (in the order given), all read in that order.")
-    val_data_path: str = flag("dataset/pretrain_val.jsonl", "Held-out data for validation (each mode defaults to its "
-                              "shipped sample); empty string = carve --val_fraction off the training data.")
-    val_fraction: float = flag(0.02, "Share of training rows held out when --val_data_path is empty.")
+    val_data_path: str = flag("auto", "Held-out data for validation; empty string = carve --val_fraction off the "
+                              "training data; auto: the shipped sample's held-out file (dataset/<mode>_val.jsonl) "
+                              "when --data_path is the shipped sample, else that carve-off of --data_path.")
+    val_fraction: float = flag(0.02, "Share of training rows held out when validation is carved off them.")
     skip_bad_records: bool = flag(False, "Skip malformed data lines (bad JSON or UTF-8, a missing field, a "
                                   "conversation without an assistant turn, ...) and report how many per reason, "
                                   "instead of stopping at the first one with its file and line. A file with no good "
@@ -129,7 +131,10 @@ class TrainConfig:
     num_workers: int = flag(0, "DataLoader worker processes.")
     log_interval: int = flag(10, "Steps between logged training metrics.")
     eval_interval: int = flag(100, "Steps between validation runs (and always at the end); 0 = only at the end.")
-    eval_iters: int = flag(50, "Validation batches per process per evaluation; 0 = the whole validation set.")
+    eval_iters: int = flag(50, "Global batches of validation rows per evaluation: its first eval_iters x "
+                           "--batch_size x --accumulation_steps x processes rows, the same rows however a global "
+                           "batch is split; 0 = the whole validation set (what runs of different global batches "
+                           "are compared on).")
     save_interval_steps: int = flag(200, "Steps between checkpoints in out_dir/checkpoints; 0 = only at the end. "
                                     "--save_interval is the same flag (Zer02LLM's name).",
                                     aliases=("--save_interval",))
@@ -203,6 +208,9 @@ class TrainConfig:
         if self.fsdp and self.wandb_watch_model:
             raise UsageError("--wandb_watch_model with --fsdp: the gradients are sharded over the processes; watch a "
                              "run without --fsdp")
+        if self.val_data_path == "auto":  # the user's own data is validated on its own rows, not on the sample's
+            shipped = Path(self.data_path).absolute() == Path(self.default("data_path")).absolute()
+            self.val_data_path = self.sample_val_data if shipped else ""
         for name in ("data_path", "val_data_path", "tokenizer_path"):
             path = getattr(self, name)
             # The shipped defaults are relative paths: the usual cause is a run from outside the repository.

@@ -114,6 +114,15 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def from_main(value: object) -> object:
+    """Rank 0's `value` on every rank (the others' own are ignored); also a barrier. A world of one: `value`."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -57,6 +57,7 @@ class MetricsLogger:
         self.bar = None
         self.wandb = None
         self.log_freq, self.log_model, self.n_train_records = log_freq, log_model, 0
+        self.held: dict[str, Any] | None = None  # the last training record log_freq kept from wandb
         if not enabled:
             return
         out = Path(out_dir)
@@ -84,11 +85,15 @@ class MetricsLogger:
                                 f"(from the last checkpoint)") from None
         if self.wandb is None:
             return
-        if "val_loss" not in record:  # a training record: every log_freq-th goes to wandb
+        if "val_loss" not in record:  # a training record: every log_freq-th goes to wandb, and the run's last
             self.n_train_records += 1
-            if (self.n_train_records - 1) % self.log_freq:
+            self.held = record if (self.n_train_records - 1) % self.log_freq else None
+            if self.held is not None:
                 return
-        self.wandb.log({k: v for k, v in record.items() if v is not None}, step=step)
+        self._send(record)
+
+    def _send(self, record: dict[str, Any]) -> None:
+        self.wandb.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
 
     def watch(self, model: Any, log: str, log_freq: int) -> None:
         """wandb.watch: histograms of the model's gradients and/or parameters every `log_freq` backward passes
@@ -133,4 +138,6 @@ class MetricsLogger:
             self.bar.close()
         self.file.close()
         if self.wandb is not None:
+            if self.held is not None:  # the summary shows the run's last training record, not an earlier one
+                self._send(self.held)
             self.wandb.finish()

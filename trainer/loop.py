@@ -44,7 +44,7 @@ from trainer.objectives import Batch
 from trainer.optim import Optimizers
 from trainer.sampler import ResumableBatchSampler
 from trainer.resume import check_resume, run_record
-from trainer.rundir import abandon_timeline, replace_folder
+from trainer.rundir import abandon_timeline, cut_metrics, replace_folder
 from trainer.schedule import lr_multiplier, parse_duration, steps_in_budget
 
 clock = time.monotonic  # the run's clock (tests drive a time budget with a fake one)
@@ -279,13 +279,18 @@ class Trainer:
         model, env = self.raw_model, self.env
         names = self.objective.eval_metrics
         model.eval()
-        sampler = ResumableBatchSampler(len(self.val_data), self.cfg.batch_size, env.rank, env.world_size,
-                                        shuffle=False, drop_last=False)
+        # The first eval_iters global batches' rows: the same rows for every split of a global batch over
+        # processes and accumulation steps, so such runs report the same validation loss.
+        n_rows = len(self.val_data)
+        if self.cfg.eval_iters:
+            n_rows = min(n_rows, self.cfg.eval_iters * self.cfg.batch_size * self.cfg.accumulation_steps
+                         * env.world_size)
+        sampler = ResumableBatchSampler(n_rows, self.cfg.batch_size, env.rank, env.world_size, shuffle=False,
+                                        drop_last=False)
         # [loss sum, items, metric_1 * items, ..., items where metric_1 is finite, ...]
         totals = torch.zeros(2 + 2 * len(names), device=env.device, dtype=torch.float64)
         batches = iter(self._loader(sampler, self.val_data))
-        n_steps = min(len(sampler), self.cfg.eval_iters or len(sampler))
-        for _ in range(n_steps):
+        for _ in range(len(sampler)):
             batch = next(batches, None)
             counted = batch is not None
             if not counted:  # this rank's share of the ragged last step is empty
@@ -339,13 +344,6 @@ class Trainer:
         """Continue from checkpoint `path`, after the resume policy (trainer/resume.py) accepted it; returns the
         lines to say (what changed; a new timeline)."""
         notes = check_resume(ckpt.read_state(path), self.record, self.cfg, path)
-        newer = [c for c in ckpt.list_checkpoints(self.out_dir) if ckpt.step_of(c) > ckpt.step_of(path)]
-        if newer and self._is_own(path) and self.env.is_main:
-            moved = abandon_timeline(self.out_dir, ckpt.step_of(path), newer)
-            notes.append(f"resuming from step {ckpt.step_of(path)}, before the newest checkpoint (step "
-                         f"{ckpt.step_of(newer[-1])}): a new timeline starts there, and what the old one wrote after it "
-                         f"(checkpoints, metrics, final/) was moved to {moved}")
-        barrier()
         saved = ckpt.load_checkpoint(path, self.env, model=self.raw_model, optimizer=self.optimizer,
                                      scaler=self.scaler)
         missing = [k for k in _CORE_STATE if k not in saved]
@@ -361,6 +359,18 @@ class Trainer:
         self.optimizer.apply_hyperparameters(self.cfg)
         if self._mid_group():
             self.prepared = [self._to_device(b) for b in ckpt.load_rank_file(path, "rollouts", self.env)]
+        # Only a checkpoint that loaded moves anything: a refused resume leaves the run folder as it was.
+        step = ckpt.step_of(path)
+        newer = [c for c in ckpt.list_checkpoints(self.out_dir) if ckpt.step_of(c) > step]
+        if self._is_own(path) and self.env.is_main:
+            if newer:
+                moved = abandon_timeline(self.out_dir, step, newer)
+                notes.append(f"resuming from step {step}, before the newest checkpoint (step "
+                             f"{ckpt.step_of(newer[-1])}): a new timeline starts there, and what the old one wrote "
+                             f"after it (checkpoints, metrics, final/) was moved to {moved}")
+            else:  # the steps an interrupted run logged after its last checkpoint are logged again from here
+                cut_metrics(self.out_dir, step)
+        barrier()
         return notes
 
     def _export(self, name: str) -> None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 MINIMIND, TRL, HF, HF_CONFIG = "MiniMind's", "TRL's", "TRL's and transformers'", "transformers' config"
+LLM_TRAINING = "LLM_training's"  # the names of its training scripts' settings
 
 # flag -> (whose name it is, what to use here): a flag of ours (the value given is carried over, "use --dim 512"),
 # or a sentence where no flag here means the same.
@@ -31,6 +33,20 @@ TRAIN: dict[str, tuple[str, str]] = {
                               "SFT model's)"),
     "--scoring_func": ("DeepSeek-MoE's", "the router scores the experts with a softmax, the only scoring here: "
                                          "drop it"),
+    "--use_compile": (MINIMIND, "--compile"),
+    # LLM_training's settings, and names common to many training scripts
+    "--lr": ("many scripts'", "--learning_rate"),
+    "--num_epochs": (LLM_TRAINING, "--epochs"),
+    "--eval_freq": (LLM_TRAINING, "--eval_interval"),
+    "--eval_iter": (LLM_TRAINING, "--eval_iters"),
+    "--save_step": (LLM_TRAINING, "--save_interval_steps"),
+    "--context_length": (LLM_TRAINING, "--max_seq_len"),
+    "--emb_dim": (LLM_TRAINING, "--dim"),
+    "--drop_rate": (LLM_TRAINING, "--dropout"),
+    "--stride": (LLM_TRAINING, "pretraining cuts the token stream into consecutive rows of --max_seq_len tokens (a "
+                               "stride of the row length): drop it"),
+    "--config": ("many scripts'", "train.py reads no config file: write each of its keys as a flag (max_steps: 10 "
+                                  "-> --max_steps 10); a sweep's YAML goes to run_sweep.py"),
     # transformers' config.json names of the model flags
     "--num_attention_heads": (HF_CONFIG, "--n_heads"),
     "--num_key_value_heads": (HF_CONFIG, "--n_kv_heads"),
@@ -120,10 +136,27 @@ def refuse(parser: argparse.ArgumentParser, unknown: list[str], answer_one: Call
            ) -> NoReturn:
     """Stop on argparse's unknown arguments: one line per flag among them, `answer_one(flag, value)`."""
     flags = given(unknown)
-    if not flags:  # words after a flag's value: a value with spaces not quoted, or a list written TRL's way
-        parser.error(f"unrecognized arguments: {' '.join(unknown)} (a flag takes one value: quote a value with "
-                     "spaces, and join a list with commas, a,b)")
+    if not flags:
+        parser.error(_stray_words(parser, unknown))
     parser.error("\n".join(answer_one(flag, value) for flag, value in flags))
+
+
+def _stray_words(parser: argparse.ArgumentParser, words: list[str]) -> str:
+    """Words that follow no flag: a config file or a folder written as another script takes them (this one takes
+    every value after its flag), or else a value with spaces not quoted, or a list written TRL's way."""
+    config = next((w for w in words if w.endswith((".yaml", ".yml", ".json", ".toml"))), None)
+    if config is not None and "--config" in parser._option_string_actions:
+        return f"{config}: name it with --config {config}"
+    if config is not None:
+        return (f"{config}: {parser.prog} reads no config file: write each of its keys as a flag (max_steps: 10 -> "
+                f"--max_steps 10)")
+    folder = next((w for w in words if Path(w).is_dir()), None)
+    if folder is not None:
+        names = [f for f in ("--model_path", "--data_path", "--init_from", "--out_dir", "--resume")
+                 if f in parser._option_string_actions]
+        return f"{folder}: a folder is named after its flag ({', '.join(names)}, ...)"
+    return (f"unrecognized arguments: {' '.join(words)} (a flag takes one value: quote a value with spaces, and join "
+            "a list with commas, a,b)")
 
 
 def refuse_unknown(parser: argparse.ArgumentParser, unknown: list[str], table: dict[str, tuple[str, str]]
@@ -168,12 +201,12 @@ def answer(flag: str, value: str | None, table: dict[str, tuple[str, str]],
 
 
 def _refuses(action: argparse.Action, value: str) -> str | None:
-    """What `action` takes, when it would refuse `value` (its choices, or its int or float type); else None."""
-    if action.choices is not None and value not in [str(c) for c in action.choices]:
-        return " or ".join(map(str, action.choices))
-    if action.type in (int, float):
+    """What `action` takes, when it would refuse `value` (its choices, or its int or float type); else None. The
+    value is converted first, as argparse does (MiniMind's `--use_compile 1` is `--compile 1`, which means on)."""
+    choices = None if action.choices is None else " or ".join(map(str, action.choices))
+    if callable(action.type):
         try:
-            action.type(value)
-        except ValueError:
-            return "a whole number" if action.type is int else "a number"
-    return None
+            value = action.type(value)
+        except (ValueError, TypeError, argparse.ArgumentTypeError):
+            return {int: "a whole number", float: "a number"}.get(action.type, choices)
+    return choices if action.choices is not None and value not in action.choices else None

@@ -143,6 +143,11 @@ def shard(model: nn.Module, env: DistEnv, dtype: torch.dtype) -> nn.Module:
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)  # moves each shard to the mesh's device
+    # The root returns the logits as lm_head's [B*T, V] product viewed as [B, T, V], and FSDP2 warns of an in-place
+    # op on such a view (it would skip the backward hook). Nothing here writes into logits in place (the objectives
+    # and samplers read them, tests/test_parallel.py checks the gradients against one process): the warning, once
+    # per process and run, is noise.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view tensor")
     for module in model.modules():
         if isinstance(module, CPULinear):  # collectives rewrite its gathered weights: a packed copy could go stale
             module.pack = False

@@ -56,11 +56,14 @@ def _boxed(text: str) -> str | None:
 
 
 def final_answer(completion: str) -> str:
-    r"""Where a completion states its answer: the last \boxed{...}; else what follows the last "the answer is";
-    else the text after the last </think> (the reply after the reasoning), else the whole completion."""
+    r"""Where a completion states its answer: the last \boxed{...}; else what follows the last "####" (GSM8K's
+    mark); else what follows the last "the answer is"; else the text after the last </think> (the reply after the
+    reasoning), else the whole completion."""
     boxed = _boxed(completion)
     if boxed is not None:
         return boxed
+    if "####" in completion:
+        return completion.rsplit("####", 1)[1]
     said = _ANSWER_IS.findall(completion)
     if said:
         return said[-1]
@@ -87,9 +90,11 @@ def is_correct(completion: str, answer: str) -> bool:
 
     A numeric answer matches the LAST number of the final answer ("21 + 19 - 11 = 29." -> 29; "1,000" = 1000;
     equal to 1e-6 relative). Any other answer matches when the final answer, lower-cased with punctuation
-    removed, is it or ends with it as whole words ("'crown' reversed is 'nworc'." matches "nworc").
+    removed, is it or ends with it as whole words ("'crown' reversed is 'nworc'." matches "nworc"). A reference
+    written as GSM8K's are, the worked solution then "#### 72", is the part after the mark.
     """
     stated = final_answer(completion)
+    answer = answer.rsplit("####", 1)[-1]
     target = parse_number(answer)
     if target is not None:
         numbers = [m.group() for m in _NUMBER.finditer(stated) if any(c.isdigit() for c in m.group())]

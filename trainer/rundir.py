@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from trainer.config import UsageError
-from trainer.distributed import DistEnv, barrier
+from trainer.distributed import DistEnv, from_main
 
 LOCK = ".lock"
 # What a run writes into its out_dir (--overwrite removes these and nothing else).
@@ -109,17 +109,25 @@ class RunLock:
 @contextlib.contextmanager
 def owned_out_dir(out_dir: Path, env: DistEnv, *, resume: bool, overwrite: bool) -> Iterator[None]:
     """The run's hold on out_dir: rank 0 takes the lock for the whole run, refuses (or, with --overwrite, clears)
-    an earlier run, and mends a best/ or final/ whose replacement a kill interrupted; the other ranks wait."""
+    an earlier run, and mends a best/ or final/ whose replacement a kill interrupted; the other ranks wait, and
+    stop with rank 0's error when it refuses (not with a broken connection when it exits)."""
     if not env.is_main:
-        barrier()
+        refused = from_main(None)
+        if refused:
+            raise UsageError(refused)
         yield
         return
-    with RunLock(out_dir) as lock:
-        notes = [lock.note, clear_earlier_run(out_dir, resume, overwrite),
-                 *(recover_folder(out_dir / name) for name in ("best", "final"))]
+    with contextlib.ExitStack() as held:
+        try:
+            lock = held.enter_context(RunLock(out_dir))
+            notes = [lock.note, clear_earlier_run(out_dir, resume, overwrite),
+                     *(recover_folder(out_dir / name) for name in ("best", "final"))]
+        except (UsageError, OSError) as e:
+            from_main(str(e))
+            raise
+        from_main(None)
         for note in filter(None, notes):
             print(note, file=sys.stderr)
-        barrier()
         yield
 
 
@@ -177,20 +185,28 @@ def abandon_timeline(out_dir: Path, from_step: int, newer: list[Path]) -> Path:
         folder = out_dir / name
         if folder.is_dir() and _export_step(folder) > from_step:
             os.rename(folder, dest / name)
-    metrics = out_dir / "metrics.jsonl"
-    if metrics.is_file():
-        kept, moved = [], []
-        for line in metrics.read_text().splitlines(keepends=True):
-            try:
-                step = json.loads(line).get("step", 0)
-            except ValueError:  # a line cut by a kill: it belongs to no timeline
-                continue
-            (moved if step > from_step else kept).append(line)
-        (dest / "metrics.jsonl").write_text("".join(moved))
-        tmp = metrics.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, metrics)
+    if (out_dir / "metrics.jsonl").is_file():
+        (dest / "metrics.jsonl").write_text(cut_metrics(out_dir, from_step))
     return dest
+
+
+def cut_metrics(out_dir: Path, from_step: int) -> str:
+    """Takes the records after `from_step` out of out_dir/metrics.jsonl (a resumed run logs those steps again, so
+    the file stays one record per step and evaluation) and returns them; drops a line cut short by a kill."""
+    metrics = out_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return ""
+    kept, cut = [], []
+    for line in metrics.read_text().splitlines(keepends=True):
+        try:
+            step = json.loads(line).get("step", 0)
+        except ValueError:  # a line cut by a kill: it belongs to no timeline
+            continue
+        (cut if step > from_step else kept).append(line)
+    tmp = metrics.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, metrics)
+    return "".join(cut)
 
 
 def _export_step(folder: Path) -> int:

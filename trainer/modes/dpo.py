@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -23,7 +24,7 @@ class DPOConfig(FinetuneConfig):
     # it close to the reference. The shipped 6M-parameter models tolerate more.
     out_dir: str = "out/dpo"
     data_path: str = "dataset/dpo.jsonl"
-    val_data_path: str = "dataset/dpo_val.jsonl"
+    sample_val_data: ClassVar[str] = "dataset/dpo_val.jsonl"
     learning_rate: float = 5e-5
     eval_interval: int = 50
     dpo_beta: float = flag(0.1, "DPO beta: strength of the pull towards the reference model (higher = stay closer); "

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from data import RowsDataset
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, hf
 from trainer import parallel
 from trainer.config import TrainConfig, UsageError, flag
 from trainer.modes.base import Mode, Run, train_and_val
@@ -40,6 +40,8 @@ class FinetuneConfig(TrainConfig):
         if not self.init_from:
             raise UsageError(f"--mode {self.mode} fine-tunes a trained model: pass --init_from <model folder>")
         if not (init / "config.json").is_file():
+            if init.is_file():
+                raise UsageError(f"--init_from {hf.file_not_folder(init)}")
             if (init / "adapter_config.json").is_file():
                 hint = "it holds a LoRA adapter, not a full model: use its merged/ folder (train with --merge)"
             elif self.init_from == self.default("init_from"):
@@ -138,7 +140,7 @@ def load_reference(run: Run) -> Transformer:
 def check_reference_path(path: str, name: str) -> None:
     """--ref_model_path / --reward_model_path name a model folder, checked before any work."""
     if path and not (Path(path) / "config.json").is_file():
-        raise UsageError(f"--{name} {path}: no model there (config.json + model.safetensors)")
+        raise UsageError(f"--{name} {hf.file_not_folder(path) or f'{path}: no model there (config.json + model.safetensors)'}")
 
 
 def read_chat_data(run: Run, dataset_cls: Callable[..., RowsDataset]) -> tuple[RowsDataset, RowsDataset]:

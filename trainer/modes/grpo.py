@@ -6,7 +6,7 @@ import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from data import GRPODataset, prompt_collate, stop_token_ids
 from model import ModelConfig
@@ -27,7 +27,7 @@ class GRPOConfig(FinetuneConfig):
     # steps and KL weight were chosen by held-out accuracy on the shipped data (README, GRPO: the runs compared).
     out_dir: str = "out/grpo"
     data_path: str = "dataset/grpo.jsonl"
-    val_data_path: str = "dataset/grpo_val.jsonl"
+    sample_val_data: ClassVar[str] = "dataset/grpo_val.jsonl"
     learning_rate: float = 5e-5
     batch_size: int = 8
     max_steps: int = 300

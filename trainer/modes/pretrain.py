@@ -115,11 +115,16 @@ class Pretrain(Mode):
             pretrain_bin(run.cfg.data_path, run.tokenizer, skip_bad_records=skip, bin_dtype=bin_dtype)
         barrier()
 
+        # Ids the model has no embedding for, or the tokenizer no token for (a model it could not read or write)
+        vocab = min(run.model_cfg.vocab_size, len(run.tokenizer))
+        vocab_name = (f"the model's --vocab_size {vocab:,}" if vocab == run.model_cfg.vocab_size else
+                      f"the {vocab:,} tokens of the tokenizer (--tokenizer_path {run.cfg.tokenizer_path})")
+
         def packed(path: str) -> PackedDataset:
             tokens = pretrain_bin(path, run.tokenizer, skip_bad_records=skip, bin_dtype=bin_dtype)
             raw = read_sidecar(tokens) is None  # --bin_dtype is for such a file only; a sidecar says its own
-            return PackedDataset(tokens, run.seq_len, dtype=bin_dtype if raw else None,
-                                 vocab_size=run.model_cfg.vocab_size)
+            return PackedDataset(tokens, run.seq_len, dtype=bin_dtype if raw else None, vocab_size=vocab,
+                                 vocab_name=vocab_name)
 
         train, val = train_and_val(run, packed)
         return Components(Transformer(run.model_cfg), CausalLMObjective(), train, val, collate,

@@ -17,7 +17,7 @@ class SFTConfig(FinetuneConfig):
     mode: str = "sft"
     out_dir: str = "out/sft"
     data_path: str = "dataset/sft.jsonl"
-    val_data_path: str = "dataset/sft_val.jsonl"
+    sample_val_data: ClassVar[str] = "dataset/sft_val.jsonl"
     init_from: str = "out/pretrain/final"
     learning_rate: float = 5e-4
     epochs: int = 2
