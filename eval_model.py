@@ -133,10 +133,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "top_k": (args.top_k >= 0, ">= 0 (0 = off)"), "top_p": (0 < args.top_p <= 1, "in (0, 1] (1 = off)"),
              "repetition_penalty": (args.repetition_penalty > 0, "> 0 (1 = off)"),
              "port": (args.port is None or 0 <= args.port <= 65535, "in 0..65535"),
-             "max_batch_size": (args.max_batch_size is None or args.max_batch_size >= 1, ">= 1")}
+             "max_batch_size": (args.max_batch_size is None or args.max_batch_size >= 1, ">= 1"),
+             # an unset variable ("$KEY") would make a server that takes an empty key: every client's
+             "api_key": (args.api_key is None or args.api_key.strip() != "", "a non-empty key")}
     for flag, (ok, rule) in rules.items():
         if not ok:
-            p.error(f"--{flag} {getattr(args, flag)}: must be {rule}")
+            value = getattr(args, flag)
+            shown = '""' if value == "" else value
+            p.error(f"--{flag} {shown}: must be {rule}")
     if args.model_path is None:
         if args.mode == "auto":
             p.error("--model_path is required (or --mode chat / complete, which talk to "
@@ -260,6 +264,8 @@ def load_model(model_path: Path, base_model_path: str | None = None) -> Transfor
     with the adapter merged in (fp32). Either in eval mode with frozen weights: nothing trains them, and frozen
     bf16 weights are what the model packs for fast products on CPUs (model/model.py CPULinear)."""
     if not (model_path / ADAPTER_CONFIG).is_file():
+        if base_model_path is not None and (model_path / "config.json").is_file():
+            raise ValueError(f"--base_model_path is for a LoRA adapter folder; {model_path} is a whole model: drop it")
         if not (model_path / "config.json").is_file() and (model_path / "final").is_dir():
             raise FileNotFoundError(f"{model_path} is a training run's folder: its model is {model_path / 'final'} "
                                     "(or best/); pass that as --model_path")
@@ -277,7 +283,9 @@ def load_model(model_path: Path, base_model_path: str | None = None) -> Transfor
     try:
         model = Transformer.from_pretrained(base)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"base model of the adapter {model_path}: {e}; pass --base_model_path") from None
+        fix = ("point --base_model_path at the model the adapter was trained on" if base_model_path else
+               f"its adapter_config.json names this folder: pass --base_model_path")
+        raise FileNotFoundError(f"base model of the adapter {model_path}: {e}; {fix}") from None
     return merge_lora(load_adapter(model, model_path)).eval().requires_grad_(False)
 
 
@@ -317,10 +325,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[--dim/--n_layers are not needed: the shape comes from the model's config.json (dim {c.dim}, "
               f"{c.n_layers} layers); ignored]", file=sys.stderr)
     if args.serve:
-        return serve_http(args, sock, model, tokenizer, stop)
+        return serve_http(args, sock, model, tokenizer, stop, max_new_tokens)
     if note:
         print(f"[{note}; --max_new_tokens changes it]", file=sys.stderr)
     mode = resolve_mode(args.mode, model_path)
+    if args.system is not None and mode == "complete":
+        why = "--mode complete" if args.mode == "complete" else "this model is not chat-tuned (--mode auto chose complete)"
+        raise SystemExit(f"error: --system is a chat's system message, and {why}: drop it, or add --mode chat")
     budget = model.config.max_seq_len - max_new_tokens  # prompt tokens that leave room for the answer
     sampling = dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -367,15 +378,15 @@ def server_socket(args: argparse.Namespace) -> socket.socket:
     return listen(args.host, args.port)
 
 
-def serve_http(args: argparse.Namespace, sock: socket.socket, model: Transformer, tokenizer, stop: list[int]) -> None:
-    """--serve: answer over HTTP until Ctrl-C. A request without max_tokens gets --max_new_tokens (or the
-    default), shrunk to what its prompt leaves of the context."""
+def serve_http(args: argparse.Namespace, sock: socket.socket, model: Transformer, tokenizer, stop: list[int],
+               max_new_tokens: int) -> None:
+    """--serve: answer over HTTP until Ctrl-C. A request without max_tokens gets the terminal's answer length
+    (--max_new_tokens, or the default: 256 or half the context), shrunk to what its prompt leaves of the context."""
     import serve as http
     from model.engine import Engine
 
     defaults = http.Defaults(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                             repetition_penalty=args.repetition_penalty,
-                             max_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+                             repetition_penalty=args.repetition_penalty, max_tokens=max_new_tokens)
     http.run(Engine(model, args.max_batch_size), tokenizer, stop, args.model_path, defaults, sock, args.api_key)
 
 

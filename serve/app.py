@@ -24,7 +24,8 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +35,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from data import render_prompt
 from model.engine import Engine
@@ -107,6 +109,17 @@ class Answer:
                 "total_tokens": prompt + self.completion_tokens}
 
 
+class HungUp(Exception):
+    """The client closed the connection before its request's body had arrived: nobody to answer."""
+
+
+async def request_body(request: Request) -> bytes:
+    try:
+        return await request.body()
+    except ClientDisconnect:
+        raise HungUp from None
+
+
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
     """`work`'s result, or None when the client hangs up first (then `work` is cancelled)."""
 
@@ -139,12 +152,23 @@ def build_app(engine: Engine, tokenizer, stop_ids: list[int], model_id: str, def
 
     context = engine.cache.max_len
     created = int(time.time())
+    # Prompts are rendered and tokenized off the event loop (a long one takes seconds, and every other client's
+    # stream would wait), one at a time: a fast tokenizer is not to be used by two threads at once.
+    tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+
+    async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)
+
     page = PAGE.read_text(encoding="utf-8")
     app = FastAPI(title="Zero2LLM", docs_url=None, redoc_url=None, openapi_url=None)  # /docs would need a CDN
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HungUp)
+    async def hung_up(request: Request, e: HungUp) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": logged as one line, not a traceback
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
@@ -254,21 +278,21 @@ def build_app(engine: Engine, tokenizer, stop_ids: list[int], model_id: str, def
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(request: Request) -> Response:
-        body = parse_body(await request.body(), ChatRequest)
+        body = parse_body(await request_body(request), ChatRequest)
         if not tokenizer.chat_template:
             raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions")
         try:
-            prompt = render_prompt(tokenizer, [m.as_chat() for m in body.messages])[1]
+            prompt = (await off_loop(render_prompt, tokenizer, [m.as_chat() for m in body.messages]))[1]
         except Exception as e:  # the template's own raise_exception (say, roles out of order), or a Jinja error
             raise ApiError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
         return await respond(request, body, start(body, prompt, "messages"), chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(request: Request) -> Response:
-        body = parse_body(await request.body(), CompletionRequest)
+        body = parse_body(await request_body(request), CompletionRequest)
         prompt = body.text_or_ids()
         if isinstance(prompt, str):
-            prompt = encode_completion(tokenizer, prompt)
+            prompt = await off_loop(encode_completion, tokenizer, prompt)
         elif not all(0 <= i < engine.model.config.vocab_size for i in prompt):
             raise ApiError(400, f"prompt: token ids must be in [0, {engine.model.config.vocab_size})", param="prompt")
         return await respond(request, body, start(body, prompt, "prompt"), chat=False)

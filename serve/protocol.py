@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ApiError(Exception):
@@ -28,6 +28,12 @@ class ApiError(Exception):
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        """A field sent as null is left out, as OpenAI reads it (clients send `"n": null` for an argument unset)."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
 
 class StreamOptions(Strict):
     include_usage: bool = False  # a last chunk with the usage counts (and no choices)
@@ -43,7 +49,7 @@ class RequestBody(Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
-    n: Literal[1] = 1  # one answer per request
+    n: int = 1  # one answer per request
     user: str | None = None  # an end-user id for the caller's records; not used here
     # OpenAI's fields for what this server does not do: their neutral values are accepted (some clients send them
     # on every request), any other is refused by name.
@@ -58,6 +64,14 @@ class RequestBody(Strict):
         if value:
             raise ValueError("is not supported by this server: leave it out (or at its default, 0 / null / false)")
         return value
+
+    @field_validator("n")
+    @classmethod
+    def _one_answer(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("this server gives one answer per request: send n requests instead (concurrent requests "
+                             "share the batch)")
+        return n
 
     @field_validator("stop")
     @classmethod
@@ -121,6 +135,10 @@ class CompletionRequest(RequestBody):
         return self.max_tokens
 
 
+_FIELD_NAMES = {name for model in (ChatRequest, CompletionRequest, StreamOptions, Message, TextPart)
+                for name in model.model_fields}
+
+
 def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON value")
 
@@ -146,12 +164,15 @@ def parse_body(body: bytes, schema: type[Strict]) -> Any:
         return schema.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        loc = ".".join(str(part) for part in first["loc"])
         if first["type"] == "extra_forbidden":
+            loc = ".".join(str(part) for part in first["loc"])
             raise ApiError(400, f"unrecognized request argument: {loc}", param=loc) from None
+        # the field's path, without pydantic's names for the type it tried ("content.str", "presence_penalty.float")
+        loc = ".".join(str(part) for part in first["loc"] if isinstance(part, int) or part in _FIELD_NAMES)
+        message = first["msg"].removeprefix("Value error, ")
         if not loc:
-            raise ApiError(400, f"the request body must be a JSON object ({first['msg']})") from None
-        raise ApiError(400, f"{loc}: {first['msg']}", param=loc) from None
+            raise ApiError(400, f"the request body must be a JSON object ({message})") from None
+        raise ApiError(400, f"{loc}: {message}", param=loc) from None
 
 
 class StopStrings:

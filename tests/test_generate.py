@@ -430,6 +430,16 @@ def test_a_stopped_answer_stays_in_the_conversation(endless_model: Path, monkeyp
 # ------------------------------------------------------------------ Zer02LLM's and MiniMind's eval_model flags
 
 
+def test_a_system_message_needs_a_chat(model_dir: Path) -> None:
+    """--system with a model answered as a continuation (no zero2llm.json saying chat, so --mode auto chose
+    complete) would be ignored: it is refused, saying why and what to add."""
+    import eval_model
+
+    with pytest.raises(SystemExit, match=r"--system is a chat's system message, and this model is not chat-tuned "
+                                         r"\(--mode auto chose complete\): drop it, or add --mode chat"):
+        eval_model.main(["--model_path", str(model_dir), "--system", "be nice", "--prompt", "hi"])
+
+
 def test_model_mode_is_mode_with_zer02llms_values(model_dir: Path, capsys) -> None:
     """--model_mode 0 (or pretrain) = --mode complete, 1 (or sft) = --mode chat: the same answers."""
     import eval_model

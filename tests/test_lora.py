@@ -145,8 +145,12 @@ def test_eval_model_loads_base_plus_adapter(lora_run, base_model, tmp_path, caps
     shutil.copytree(final, moved, ignore=shutil.ignore_patterns("merged"))
     config = json.loads((moved / "adapter_config.json").read_text())
     (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "gone/base"}))
-    with pytest.raises(SystemExit, match="pass --base_model_path"):
+    with pytest.raises(SystemExit, match="its adapter_config.json names this folder: pass --base_model_path"):
         eval_model.main(["--model_path", str(moved), "--prompt", "Hi", "--max_new_tokens", "2"])
+    with pytest.raises(SystemExit, match="point --base_model_path at the model the adapter was trained on"):
+        eval_model.main(["--model_path", str(moved), "--base_model_path", str(tmp_path / "nowhere"), "--prompt", "Hi"])
+    with pytest.raises(SystemExit, match="--base_model_path is for a LoRA adapter folder; .* is a whole model"):
+        eval_model.main(["--model_path", str(base_model), "--base_model_path", str(base_model), "--prompt", "Hi"])
     eval_model.main(["--model_path", str(moved), "--base_model_path", str(base_model), "--prompt", "What is 2 + 3?",
                      "--max_new_tokens", "3", "--temperature", "0"])
 

@@ -8,6 +8,7 @@ was asked: the requests' prompt tokens, each decode step's batch, and how each r
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -288,6 +289,41 @@ def test_a_client_that_hangs_up_while_waiting_for_a_whole_answer_frees_its_row(e
     assert request.finish_reason == "cancelled" and len(request.tokens) < 3000 and endless.engine.running == []
 
 
+def test_a_client_gone_before_its_body_arrived_leaves_no_traceback(server: Served) -> None:
+    """A request cut off while its body is being sent: answered 499 (one access-log line), where uvicorn used to log
+    "Exception in ASGI application" with the whole ClientDisconnect traceback; the server goes on."""
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"messages\": [")
+            time.sleep(0.3)
+        time.sleep(0.5)  # the server sees the hang-up
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=GOOD_CHAT).status_code == 200
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert not errors, [r.getMessage() for r in errors]
+
+
+def test_prompts_are_tokenized_off_the_event_loop(server: Served, monkeypatch) -> None:
+    """Rendering and tokenizing a prompt can take seconds (a huge one): they run in the server's tokenizing thread,
+    so every other client's stream goes on meanwhile."""
+    threads = []
+    real = serve.app.render_prompt
+
+    def recording(*args):
+        threads.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(serve.app, "render_prompt", recording)
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=GOOD_CHAT).status_code == 200
+    assert len(threads) == 1 and threads[0].startswith("tokenize"), threads
+
+
 # ----------------------------------------------------------------------------- errors
 
 GOOD_CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -301,18 +337,22 @@ GOOD_CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     ("chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role", "messages.0.role: "),
     ("chat/completions", {"messages": []}, "messages", "messages: List should have at least 1 item"),
     ("chat/completions", {**GOOD_CHAT, "frequency_penalty": 0.5}, "frequency_penalty",
-     "frequency_penalty: Value error, is not supported by this server"),
+     "frequency_penalty: is not supported by this server"),
     ("chat/completions", {**GOOD_CHAT, "best_of": 2}, "best_of", "unrecognized request argument: best_of"),
-    ("completions", {"prompt": "hi", "logprobs": 5}, "logprobs", "logprobs: Value error, is not supported"),
-    ("chat/completions", {**GOOD_CHAT, "n": 2}, "n", "n: Input should be 1"),
+    ("completions", {"prompt": "hi", "logprobs": 5}, "logprobs", "logprobs: is not supported"),
+    ("chat/completions", {**GOOD_CHAT, "n": 2}, "n", "n: this server gives one answer per request: send n requests"),
+    ("chat/completions", {**GOOD_CHAT, "presence_penalty": "x"}, "presence_penalty",  # not ".float": pydantic's
+     "presence_penalty: Input should be a valid number"),
+    ("chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content",
+     "messages.0.content: Input should be a valid string"),
     ("chat/completions", {**GOOD_CHAT, "max_tokens": 1000}, "max_tokens",
      "-token conversation exceed the model's 128-token context; ask for at most"),
     ("completions", {"prompt": "hello " * 200}, "prompt",
      "tokens and the model's context is 128: no room is left for an answer; shorten the prompt"),
     ("completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop", "stop takes up to 4"),
-    ("completions", {"prompt": 42}, "prompt", "prompt: Value error, must be a string, a list of one string, or a "
+    ("completions", {"prompt": 42}, "prompt", "prompt: must be a string, a list of one string, or a "
                                               "non-empty list of token ids"),
-    ("completions", {"prompt": ["a", "b"]}, "prompt", "prompt: Value error, takes one prompt per request"),
+    ("completions", {"prompt": ["a", "b"]}, "prompt", "prompt: takes one prompt per request"),
     ("completions", {"prompt": [5, 10**6]}, "prompt", "prompt: token ids must be in [0, "),
     ("completions", {"max_tokens": 3}, "prompt", "prompt: Field required"),
     ("completions", b'{"prompt": "caf\xe9 au lait"}', None, "the request body is not UTF-8: byte 0xe9 at position 15"),
@@ -330,6 +370,17 @@ def test_bad_requests_get_an_openai_error_and_the_server_goes_on(server: Served,
     if "context" in message:
         assert error["code"] == "context_length_exceeded"
     assert httpx.post(f"{server.url}/v1/chat/completions", json=GOOD_CHAT).json()["usage"]["completion_tokens"] == 2
+
+
+def test_null_fields_are_left_out_as_openai_reads_them(server: Served) -> None:
+    """Clients send `"n": null`, `"stream": null`, `"presence_penalty": null` for arguments left unset (the openai
+    client, when a wrapper passes n=None): null is the field's default, as OpenAI reads it."""
+    nulls = {"n": None, "stream": None, "presence_penalty": None, "frequency_penalty": None, "top_logprobs": None,
+             "parallel_tool_calls": None, "stop": None}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={**GOOD_CHAT, **nulls, "temperature": 0})
+    plain = httpx.post(f"{server.url}/v1/chat/completions", json={**GOOD_CHAT, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
 
 
 def test_the_official_client_raises_the_servers_error(server: Served) -> None:
@@ -410,6 +461,7 @@ def test_a_port_in_use_is_one_clear_error() -> None:
     (["--serve", "--prompt", "hi"], "--prompt does not go with --serve: clients send their own prompts"),
     (["--serve", "--mode", "chat"], "--mode does not go with --serve"),
     (["--serve", "--max_batch_size", "0"], "--max_batch_size 0: must be >= 1"),
+    (["--serve", "--api_key", ""], '--api_key "": must be a non-empty key'),
 ])
 def test_serve_flags_are_checked_before_loading(tmp_path, capsys, flags: list[str], message: str) -> None:
     with pytest.raises(SystemExit) as exc:
@@ -489,3 +541,30 @@ def test_the_chat_page_streams_answers_and_carries_the_conversation(browser, tok
         assert second.prompt == render_prompt(tok, conversation)[1]  # the second turn carries the first
         assert second.finish_reason == "length" and len(second.tokens) == 5 and answers()[-1]
         assert browser.find_element(By.ID, "input").get_attribute("value") == ""
+
+
+def test_the_chat_page_leaves_out_the_oldest_exchange_when_the_context_is_full(browser, tok) -> None:
+    """A chat longer than the model's context: the page leaves out its oldest exchange and asks again, as the
+    terminal chat does, where every later message used to be answered with an error until New chat."""
+    from selenium.webdriver.common.by import By
+
+    with serving(endless_chat_model(tok, max_seq_len=CONTEXT), tok, max_tokens=CONTEXT) as s:
+        browser.get(s.url + "/")
+        browser.find_element(By.ID, "temperature").clear()
+        browser.find_element(By.ID, "temperature").send_keys("0")
+
+        def idle_with(n: int) -> bool:
+            return browser.execute_script("return document.body.dataset.state") == "idle" and len(
+                browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == n
+
+        browser.find_element(By.ID, "input").send_keys("hello there\n")
+        wait_for(lambda: idle_with(1), 60, "the first answer, to the end of the context")
+        first = s.submitted[-1]
+        assert len(first.prompt) + len(first.tokens) == CONTEXT  # the answer took all the room the prompt left
+        browser.find_element(By.ID, "input").send_keys("and a second question\n")
+        wait_for(lambda: idle_with(2), 60, "the second answer")
+        second = render_prompt(tok, [{"role": "user", "content": "and a second question"}])[1]
+        assert s.submitted[-1].prompt == second and len(s.submitted) == 2  # the refused request never ran
+        notes = browser.execute_script("return [...document.querySelectorAll('.meta')].map((m) => m.textContent)")
+        assert notes[-1].startswith("2 earlier messages left out to fit the model's context")
+        assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
