@@ -333,6 +333,10 @@ GOOD_CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}', None, "the request body is not valid JSON"),
     ("chat/completions", {**GOOD_CHAT, "temperature": "hot"}, "temperature", "temperature: Input should be a valid number"),
     ("chat/completions", {**GOOD_CHAT, "stream": "yes"}, "stream", "stream: Input should be a valid boolean"),
+    ("chat/completions", {**GOOD_CHAT, "temperature": 5}, "temperature", "temperature: Input should be less than or "
+                                                                         "equal to 2"),
+    ("chat/completions", {**GOOD_CHAT, "stream_options": {"include_usage": True}}, "stream_options",
+     "stream_options: is only allowed when stream is true"),
     ("chat/completions", {**GOOD_CHAT, "max_tokens": 2.5}, "max_tokens", "max_tokens: Input should be a valid integer"),
     ("chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role", "messages.0.role: "),
     ("chat/completions", {"messages": []}, "messages", "messages: List should have at least 1 item"),
