@@ -284,7 +284,7 @@ def load_model(model_path: Path, base_model_path: str | None = None) -> Transfor
         model = Transformer.from_pretrained(base)
     except FileNotFoundError as e:
         fix = ("point --base_model_path at the model the adapter was trained on" if base_model_path else
-               f"its adapter_config.json names this folder: pass --base_model_path")
+               "its adapter_config.json names this folder: pass --base_model_path")
         raise FileNotFoundError(f"base model of the adapter {model_path}: {e}; {fix}") from None
     return merge_lora(load_adapter(model, model_path)).eval().requires_grad_(False)
 
@@ -330,7 +330,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{note}; --max_new_tokens changes it]", file=sys.stderr)
     mode = resolve_mode(args.mode, model_path)
     if args.system is not None and mode == "complete":
-        why = "--mode complete" if args.mode == "complete" else "this model is not chat-tuned (--mode auto chose complete)"
+        why = ("--mode complete" if args.mode == "complete" else
+               "this model is not chat-tuned (--mode auto chose complete)")
         raise SystemExit(f"error: --system is a chat's system message, and {why}: drop it, or add --mode chat")
     budget = model.config.max_seq_len - max_new_tokens  # prompt tokens that leave room for the answer
     sampling = dict(

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .records import PARQUET, BadRecords, DataError, arrow_hint, data_files, iter_lines, iter_record_texts, source_bytes
+from .records import (PARQUET, BadRecords, DataError, check_not_foreign, data_files, iter_lines, iter_record_texts,
+                      source_bytes)
 from .rows import RowsDataset
 
 SIDECAR_FORMAT = "zero2llm-tokens-v1"
@@ -182,8 +183,7 @@ def prepare_pretrain(src_paths: str | Path | Sequence[str | Path], tokenizer, ou
     for p in paths:
         if not p.is_file():
             raise DataError(f"{p}: no such data file")
-        if p.suffix == ".arrow":
-            raise DataError(arrow_hint(p.parent))
+        check_not_foreign(p)
         if p.suffix not in (".jsonl", PARQUET, ".txt"):
             raise DataError(f"{p}: unsupported extension {p.suffix!r}; use .jsonl ({{\"text\": ...}} per line), "
                             f".parquet (a \"text\" column) or .txt")
@@ -388,7 +388,8 @@ class PackedDataset(RowsDataset):
     eos, so the model learns where a document ends). `rows` selects a subset of rows (the train/val
     carve-off). The memmap is opened lazily, so DataLoader workers each open their own instead of
     pickling the whole array. `dtype` is that of a .bin without sidecar (check_bin); `vocab_size` checks
-    every id is < vocab_size (one pass over the file), `vocab_name` saying what that limit is. All rows have one length, so `lengths` is None.
+    every id is < vocab_size (one pass over the file), `vocab_name` saying what that limit is. All rows have
+    one length, so `lengths` is None.
     """
 
     def __init__(self, bin_path: str | Path, seq_len: int, rows: np.ndarray | Sequence[int] | None = None,

@@ -166,6 +166,16 @@ def _json_object(line: str, path: Path, line_no: int, expected: str) -> dict:
     return row
 
 
+def check_not_foreign(path: Path) -> None:
+    """A DataError saying how to convert a file of a format read nowhere here (CSV, a datasets Arrow file)."""
+    if path.suffix.lower() in (".csv", ".tsv"):
+        raise DataError(f"{path}: a {path.suffix[1:].upper()} file; data files are JSON Lines (.jsonl, one object "
+                        "per line) or .parquet: convert it, e.g. with pandas: read_csv(...)"
+                        ".to_json('data.jsonl', orient='records', lines=True, force_ascii=False)")
+    if path.suffix == ".arrow":
+        raise DataError(arrow_hint(path.parent))
+
+
 def arrow_hint(folder: Path) -> str:
     """What to do with a `datasets` save_to_disk folder (Arrow files with their dataset_info.json): export Parquet."""
     return (f"{folder} is a datasets save_to_disk folder (Arrow files); write its rows as Parquet, which is read "
@@ -190,12 +200,7 @@ def iter_records(path: str | Path, expected: str, parse: Callable[[dict, Path, i
     defect (not UTF-8, not a JSON object, or a BadRecord from `parse`) goes to `bad`, which raises it (default) or
     skips and counts it; `expected` describes the format."""
     path, bad = Path(path), bad if bad is not None else BadRecords()
-    if path.suffix.lower() in (".csv", ".tsv"):
-        raise DataError(f"{path}: a {path.suffix[1:].upper()} file; data files are JSON Lines (.jsonl, one object "
-                        "per line) or .parquet: convert it, e.g. with pandas: read_csv(...)"
-                        ".to_json('data.jsonl', orient='records', lines=True, force_ascii=False)")
-    if path.suffix == ".arrow":
-        raise DataError(arrow_hint(path.parent))
+    check_not_foreign(path)
     rows = parquet_rows(path) if path.suffix == PARQUET else jsonl_rows(path, expected, bad)
     n_good = 0
     for line_no, row in rows:

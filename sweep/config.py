@@ -49,8 +49,8 @@ def load_config(path: str | Path, mode: str | None = None) -> dict[str, Any]:
         raise SweepConfigError(f"{path}: expected a mapping of sweep keys (method, metric, parameters, ...)")
     if not {"method", "parameters"} & set(config):  # e.g. a training script's config file (model:, training:)
         raise SweepConfigError(f"{path}: not a sweep config: a sweep has method, metric and parameters (see "
-                               f"sweep_configs/); a training config's keys are train.py's flags, given on its "
-                               f"command line")
+                               "sweep_configs/); a training config's keys are train.py's flags, given on its "
+                               "command line")
     if mode and isinstance(config.get("parameters"), dict):
         config["parameters"]["mode"] = {"value": mode}
     config.setdefault("program", "train.py")

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from model import hf
+from model import Transformer, hf
 from model.config import ModelConfig
 from trainer.distributed import DistEnv, barrier
 from trainer.optim import Optimizers
@@ -202,8 +202,6 @@ _RESUMABLE_CHANGES = {"dropout", "flash_attn", "aux_loss_alpha"}
 def read_sharded_model(path: Path) -> torch.nn.Module:
     """The model of an --fsdp checkpoint, its sharded/ weights read whole into this one process (eval_model reads
     such a checkpoint this way; transformers cannot, and reads the run's final/ and best/, written whole)."""
-    from model import Transformer
-
     model = Transformer(saved_config(path))
     state = get_model_state_dict(model)
     try:

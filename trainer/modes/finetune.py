@@ -140,7 +140,8 @@ def load_reference(run: Run) -> Transformer:
 def check_reference_path(path: str, name: str) -> None:
     """--ref_model_path / --reward_model_path name a model folder, checked before any work."""
     if path and not (Path(path) / "config.json").is_file():
-        raise UsageError(f"--{name} {hf.file_not_folder(path) or f'{path}: no model there (config.json + model.safetensors)'}")
+        why = hf.file_not_folder(path) or f"{path}: no model there (config.json + model.safetensors)"
+        raise UsageError(f"--{name} {why}")
 
 
 def read_chat_data(run: Run, dataset_cls: Callable[..., RowsDataset]) -> tuple[RowsDataset, RowsDataset]:
