@@ -260,20 +260,21 @@ def fit_tail(ids: list[int], budget: int) -> list[int]:
 
 
 def load_model(model_path: Path, base_model_path: str | None = None) -> Transformer:
-    """A model folder as is (an --fsdp checkpoint's sharded weights read whole); an adapter folder as its base model
-    with the adapter merged in (fp32). Either in eval mode with frozen weights: nothing trains them, and frozen
-    bf16 weights are what the model packs for fast products on CPUs (model/model.py CPULinear)."""
+    """A model folder as is (a training checkpoint as trainer/checkpoint.py reads it, so an --fsdp or LoRA run's
+    too); an adapter folder as its base model with the adapter merged in (fp32). Either in eval mode with frozen
+    weights: nothing trains them, and frozen bf16 weights are what the model packs for fast products on CPUs
+    (model/model.py CPULinear)."""
     if not (model_path / ADAPTER_CONFIG).is_file():
         if base_model_path is not None and (model_path / "config.json").is_file():
             raise ValueError(f"--base_model_path is for a LoRA adapter folder; {model_path} is a whole model: drop it")
         if not (model_path / "config.json").is_file() and (model_path / "final").is_dir():
             raise FileNotFoundError(f"{model_path} is a training run's folder: its model is {model_path / 'final'} "
                                     "(or best/); pass that as --model_path")
-        if (model_path / "sharded").is_dir():  # an --fsdp run's checkpoint (trainer/checkpoint.py SHARDED)
-            from trainer.checkpoint import CheckpointError, read_sharded_model  # torch's DCP: slow to import
+        if (model_path / "trainer_state.json").is_file():  # a training checkpoint (trainer/checkpoint.py STATE_FILE)
+            from trainer.checkpoint import CheckpointError, read_model  # torch's DCP: slow to import
 
             try:
-                return read_sharded_model(model_path).eval().requires_grad_(False)
+                return read_model(model_path).eval().requires_grad_(False)
             except CheckpointError as e:
                 raise ValueError(str(e)) from None
         return Transformer.from_pretrained(model_path).eval().requires_grad_(False)

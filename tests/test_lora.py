@@ -141,6 +141,11 @@ def test_eval_model_loads_base_plus_adapter(lora_run, base_model, tmp_path, caps
         from_adapter = eval_model.load_model(final)(ids).logits
         merged = Transformer.from_pretrained(final / "merged").eval()(ids).logits
     torch.testing.assert_close(from_adapter, merged, atol=1e-5, rtol=1e-5)
+    # The run's last checkpoint (base and adapter in one file, for resume) is the same model, merged on reading.
+    last = sorted((lora_run / "checkpoints").iterdir())[-1]
+    assert last.name == "step_000012"
+    with torch.no_grad():
+        torch.testing.assert_close(eval_model.load_model(last)(ids).logits, merged, atol=1e-5, rtol=1e-5)
     moved = tmp_path / "adapter"
     shutil.copytree(final, moved, ignore=shutil.ignore_patterns("merged"))
     config = json.loads((moved / "adapter_config.json").read_text())

@@ -102,6 +102,14 @@ def test_fsdp_lora_resumes_exactly_and_exports_the_adapter(base_model, tmp_path)
     check_resume_is_exact(args, tmp_path, 4, 2, "--fsdp", "--lr_decay_iters", "4", "--eval_interval", "0",
                           "--save_interval_steps", "2", "--lora_dropout", "0.0")
     assert (tmp_path / "straight" / "final" / "adapter_model.safetensors").is_file()
+    # eval_model reads the sharded checkpoint of the last step as the exported adapter on its base, merged
+    import eval_model
+
+    ids = torch.arange(40).view(2, 20) * 7 % 300
+    sharded, final = (eval_model.load_model(tmp_path / "straight" / folder) for folder in
+                      ("checkpoints/step_000004", "final"))
+    with torch.no_grad():
+        torch.testing.assert_close(sharded(ids).logits, final(ids).logits, atol=1e-5, rtol=0)
 
 
 def test_fsdp_dpo_shards_the_reference_too(base_model, tmp_path):

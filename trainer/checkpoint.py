@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from model import Transformer, hf
+from model.lora import apply_lora, merge_lora
 from model.config import ModelConfig
 from trainer.distributed import DistEnv, barrier
 from trainer.optim import Optimizers
@@ -128,7 +129,8 @@ def save_checkpoint(out_dir: str | Path, step: int, env: DistEnv, *, model: torc
                     rank_files: dict[str, Any] | None = None, tokenizer: Any = None) -> Path:
     """Write a complete checkpoint atomically. Called by every rank (each saves its RNG, and each object of
     `rank_files` as <name>_<rank>.pt: state that differs per rank, such as GRPO's rollouts mid-group). Unsharded,
-    it is also a Hugging Face model folder with its `tokenizer`, which eval_model.py and transformers load as is."""
+    it is also a Hugging Face model folder with its `tokenizer`, which eval_model.py and transformers load as is;
+    a LoRA run's holds the adapter's weights beside the base's, which only read_model reads as the tuned model."""
     root = checkpoint_dir(out_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
@@ -145,7 +147,7 @@ def save_checkpoint(out_dir: str | Path, step: int, env: DistEnv, *, model: torc
             dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / SHARDED)
         barrier()
         if env.is_main:
-            if is_sharded(model):  # what resume checks the architecture against, and read_sharded_model builds
+            if is_sharded(model):  # what resume checks the architecture against, and read_model builds
                 (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
             else:
                 model.save_pretrained(tmp)
@@ -199,21 +201,32 @@ def _load(path: Path) -> Any:
 _RESUMABLE_CHANGES = {"dropout", "flash_attn", "aux_loss_alpha"}
 
 
-def read_sharded_model(path: Path) -> torch.nn.Module:
-    """The model of an --fsdp checkpoint, its sharded/ weights read whole into this one process (eval_model reads
-    such a checkpoint this way; transformers cannot, and reads the run's final/ and best/, written whole)."""
+def read_model(path: Path) -> torch.nn.Module:
+    """The model of checkpoint `path`, read whole into this one process, as eval_model reads a checkpoint. Most are
+    Hugging Face folders; two kinds are not, and are read here: an --fsdp run's (its sharded/ weights) and a LoRA
+    run's (the frozen base and the adapter in one model.safetensors, for resume), whose adapter is merged in.
+    transformers and PEFT read those runs' final/ and best/ instead."""
+    config = read_state(path).get("config", {})
+    lora = config.get("mode") == "lora"
+    if not lora and not (path / SHARDED).is_dir():
+        return Transformer.from_pretrained(path)
     model = Transformer(saved_config(path))
-    state = get_model_state_dict(model)
-    try:
-        with warnings.catch_warnings():  # DCP warns that it reads every shard in one process: the intent here
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({"model": state}, checkpoint_id=path / SHARDED, no_dist=True)
-    except Exception as e:  # a missing or truncated shard, or another model's (a LoRA run's) keys
-        raise CheckpointError(f"{path / SHARDED}: cannot be read as a model ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}); the run's final/ and best/ are whole model "
-                              f"folders") from None
-    set_model_state_dict(model, state)
-    return model
+    if lora:  # the run's own wrapping, so that the saved names and shapes are the model's
+        apply_lora(model, config["lora_rank"], config["lora_alpha"], targets=config["lora_target_modules"])
+    if (path / SHARDED).is_dir():
+        state = get_model_state_dict(model)
+        try:
+            with warnings.catch_warnings():  # DCP warns that it reads every shard in one process: the intent here
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load({"model": state}, checkpoint_id=path / SHARDED, no_dist=True)
+        except Exception as e:  # a missing or truncated shard
+            raise CheckpointError(f"{path / SHARDED}: cannot be read as a model ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]}); the run's final/ and best/ are whole model "
+                                  f"folders") from None
+        set_model_state_dict(model, state)
+    else:
+        model.load_state_dict(_model_weights(model.config, path))
+    return merge_lora(model) if lora else model
 
 
 def saved_config(path: Path) -> ModelConfig:
