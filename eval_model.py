@@ -263,7 +263,7 @@ def load_model(model_path: Path, base_model_path: str | None = None) -> Transfor
     """A model folder as is (a training checkpoint as trainer/checkpoint.py reads it, so an --fsdp or LoRA run's
     too); an adapter folder as its base model with the adapter merged in (fp32). Either in eval mode with frozen
     weights: nothing trains them, and frozen bf16 weights are what the model packs for fast products on CPUs
-    (model/model.py CPULinear)."""
+    (model/cpu_linear.py)."""
     if not (model_path / ADAPTER_CONFIG).is_file():
         if base_model_path is not None and (model_path / "config.json").is_file():
             raise ValueError(f"--base_model_path is for a LoRA adapter folder; {model_path} is a whole model: drop it")

@@ -435,7 +435,7 @@ class DPODataset(ChatDataset):
         self.tokens = {s: np.concatenate(tokens[s]) for s in self.SIDES}
         self.trained = {s: np.concatenate(trained[s]) for s in self.SIDES}
         self.row_lengths = torch.from_numpy(np.maximum(*(np.diff(self.offsets[s]) - 1 for s in self.SIDES)))
-        self.ref_logps: np.ndarray | None = None  # [all pairs, 2], shared by subset views
+        self.ref_logps: np.ndarray | None = None  # [all pairs of the file, 2]; a view fills its own rows
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         i = self._row(i)
@@ -454,7 +454,7 @@ class DPODataset(ChatDataset):
         if self.ref_logps is None:
             self.ref_logps = np.full((self.n_rows, 2), np.nan, dtype=np.float32)
         rows = np.arange(len(self)) if self.rows is None else self.rows
-        self.ref_logps[rows] = values  # in place: subset views of the same file share it
+        self.ref_logps[rows] = values  # by the file's row numbers, which __getitem__ reads them by
 
     def summary(self) -> str:
         n_tok = sum(len(t) for t in self.tokens.values())

@@ -14,7 +14,7 @@ def load_tokenizer(folder: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # a missing folder or file, broken JSON, JSON of another schema: each raises its own type
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{folder}: cannot load a tokenizer there ({type(e).__name__}: {reason}); it needs "

@@ -314,6 +314,9 @@ class ModelConfig:
         return cls(**ours)
 
 
+# Fields that change how the model trains, not what its weights compute: a fine-tuning run or a resume may change
+# them.
+TRAINING_FIELDS = ("dropout", "flash_attn", "aux_loss_alpha")
 HF_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "qwen3_next", "zero2llm")
 ROPE_SCALINGS = ("yarn", "llama3", "linear")
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .model import KVCache, Transformer, apply_rope, default_positions, packs
+from .cpu_linear import packs
+from .model import KVCache, Transformer, apply_rope, default_positions
 
 _product = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
 

@@ -338,6 +338,10 @@ def test_precomputed_reference_gives_the_same_losses(dpo_files, base_model, tmp_
     for s in (1, 2, 3):
         assert pre[s] == pytest.approx(live[s], rel=1e-3)
     assert live[3] < live[1]
+    # without validation data there is nothing to score for it (this used to stop on an empty torch.cat)
+    train.main(dpo_args(dpo_files, base_model, tmp_path / "no_val", *args, "--precompute_ref_logps",
+                        "--val_data_path", "", "--val_fraction", "0"))
+    assert train_losses(tmp_path / "no_val") == pre
 
 
 def test_torchrun_two_processes_match_one(dpo_files, base_model, tmp_path):

@@ -215,7 +215,7 @@ def test_a_frozen_bf16_model_serves_through_the_cpu_decode_step_with_the_forward
     position and seeing only its own columns; requests joining and leaving get the tokens the model's forward
     gives them."""
     from model.decode import CPUDecodeStep
-    from model.model import CPULinear
+    from model.cpu_linear import CPULinear
 
     monkeypatch.setattr(CPULinear, "pack", True)  # the packed products, whatever this CPU's default
     monkeypatch.setattr(CPULinear, "pack_max_rows", None)

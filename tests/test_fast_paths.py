@@ -243,7 +243,7 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("matvec", [True, False])  # AMX CPUs' path, others' (CPULinear.matvec), whatever this CPU is
 def test_linear_single_row_matrix_vector_path_equals_f_linear(monkeypatch, dtype, bias, matvec):
-    from model.model import CPULinear
+    from model.cpu_linear import CPULinear
 
     monkeypatch.setattr(CPULinear, "matvec", matvec)
     real_mv, real_addmv, calls = torch.mv, torch.addmv, []
@@ -268,7 +268,7 @@ needs_onednn_bf16 = pytest.mark.skipif(
 
 def spy_packing(monkeypatch) -> list[str]:
     """Force CPULinear's packed path on (whatever this CPU's default) and record every layer that takes it."""
-    from model.model import CPULinear
+    from model.cpu_linear import CPULinear
 
     monkeypatch.setattr(CPULinear, "pack", True)
     monkeypatch.setattr(CPULinear, "pack_max_rows", None)
@@ -286,7 +286,7 @@ def test_packed_bf16_weights_give_f_linear_bit_for_bit(monkeypatch, bias):
     decoding's one row to a prefill's hundreds, also under autocast from fp32 weights (DPO's reference); fp32,
     weights under PACK_MIN_WEIGHT, trainable weights, products with gradients and modules with pack False keep
     F.linear."""
-    from model.model import PACK_MIN_WEIGHT, CPULinear
+    from model.cpu_linear import PACK_MIN_WEIGHT, CPULinear
 
     calls = spy_packing(monkeypatch)
     torch.manual_seed(0)
@@ -331,7 +331,7 @@ def test_packed_bf16_weights_give_f_linear_bit_for_bit(monkeypatch, bias):
 def test_amx_cpus_pack_only_decoding_rows(monkeypatch):
     """Where pack_max_rows is set (CPUs with AMX, whose oneDNN changes kernels for a packed weight at a few dozen
     rows), products of up to that many rows take the packed weight and larger ones F.linear, alone or stacked."""
-    from model.model import PACK_MAX_ROWS_AMX, CPULinear, project
+    from model.cpu_linear import PACK_MAX_ROWS_AMX, CPULinear, project
 
     calls = spy_packing(monkeypatch)
     monkeypatch.setattr(CPULinear, "pack_max_rows", PACK_MAX_ROWS_AMX)
@@ -356,7 +356,7 @@ def test_packed_weights_follow_every_change_of_the_weights(monkeypatch):
     import copy
     import pickle
 
-    from model.model import CPULinear
+    from model.cpu_linear import CPULinear
 
     calls = spy_packing(monkeypatch)
     torch.manual_seed(0)
@@ -402,7 +402,7 @@ def test_stacked_packed_projections_give_the_same_logits_and_tokens(monkeypatch,
     (project): a model's logits and greedy tokens are those of F.linear bit for bit, with biases (Qwen2) or not."""
     from model import Transformer, generate
     from model.config import ModelConfig
-    from model.model import CPULinear
+    from model.cpu_linear import CPULinear
 
     calls = spy_packing(monkeypatch)
     torch.manual_seed(0)
@@ -479,7 +479,7 @@ def test_generate_decodes_through_the_cpu_step_where_it_applies(monkeypatch):
     padded rows too; --compile, and every model the step does not take, decode through the forward."""
     from model import generate
     from model.decode import CPUDecodeStep
-    from model.model import CPULinear
+    from model.cpu_linear import CPULinear
 
     spy_packing(monkeypatch)
     real_call, steps = CPUDecodeStep.__call__, []
@@ -523,7 +523,7 @@ def test_fp32_products_with_gradients_on_onednn_give_f_linears_values_and_gradie
     """With onednn_fp32 on (AMD CPUs with AVX-512), an fp32 product with gradients runs through oneDNN: its output
     and the gradients of x, weight and bias are F.linear's up to fp32 rounding, also for a frozen weight (LoRA's base
     layers) and a gradient that is not contiguous; without gradients, under autocast and in bf16 it is not used."""
-    from model.model import CPULinear
+    from model.cpu_linear import CPULinear
 
     monkeypatch.setattr(CPULinear, "onednn_fp32", True)
     torch.manual_seed(0)
@@ -559,7 +559,7 @@ def test_fsdp_modules_keep_f_linear():
     modules never pack."""
     from model import Transformer
     from model.config import ModelConfig
-    from model.model import CPULinear
+    from model.cpu_linear import CPULinear
     from trainer.parallel import shard
 
     env = distributed.init_distributed("cpu", process_group=True)

@@ -14,7 +14,7 @@ from model import ModelConfig, Transformer
 from model.config import config_from_preset
 from model.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, count_parameters, load_adapter, lora_layers,
                         merge_lora, save_adapter)
-from model.model import CPULinear, packs
+from model.cpu_linear import CPULinear, packs
 from trainer.config import UsageError
 
 

@@ -284,12 +284,13 @@ def test_sft_flag_errors(sft_files, base_model, tmp_path, capsys, flags, message
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_default_init_from_says_to_run_the_previous_stage(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # no out/pretrain/final here
+@pytest.mark.parametrize("mode,previous", [("sft", "pretrain"), ("lora", "sft"), ("dpo", "sft"), ("grpo", "sft")])
+def test_default_init_from_says_to_run_the_previous_stage(mode, previous, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no out/*/final here
     with pytest.raises(SystemExit):
-        train.main(["--mode", "sft", "--data_path", str(ROOT / "dataset" / "sft.jsonl"),
+        train.main(["--mode", mode, "--data_path", str(ROOT / "dataset" / "sft.jsonl"),
                     "--val_data_path", str(ROOT / "dataset" / "sft_val.jsonl")])
-    assert "run the previous stage first (python train.py --mode pretrain)" in capsys.readouterr().err
+    assert f"run the previous stage first (python train.py --mode {previous})" in capsys.readouterr().err
 
 
 def load_pipeline_check():

@@ -5,8 +5,10 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -361,12 +363,16 @@ def test_torchrun_two_processes_match_one(corpus, tmp_path):
     common = ("--max_steps", "4", "--eval_interval", "0", "--no-save_last", "--save_interval_steps", "0")
     one = tmp_path / "one"
     train.main(train_args(corpus, one, *common, "--batch_size", "4"))
-    two = tmp_path / "two"
+    two, fresh = tmp_path / "two", tmp_path / "fresh"  # a copy of the corpus that no run has tokenized yet
+    fresh.mkdir()
+    copies = {name: Path(shutil.copy(path, fresh)) for name, path in corpus.items()}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train.py"), *train_args(corpus, two, *common, "--batch_size", "2")]
+           str(ROOT / "train.py"), *train_args(copies, two, *common, "--batch_size", "2")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("train", "val"):  # rank 0 tokenizes each file once; rank 1 reads its cache
+        assert proc.stderr.count(f"{fresh / '.cache' / name}.") == 1, proc.stderr[-3000:]
     a, b = train_losses(one), train_losses(two)
     for step in range(1, 5):
         assert b[step] == pytest.approx(a[step], rel=1e-4), step

@@ -34,8 +34,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from model import Transformer, hf
+from model.config import TRAINING_FIELDS, ModelConfig
 from model.lora import apply_lora, merge_lora
-from model.config import ModelConfig
 from trainer.distributed import DistEnv, barrier
 from trainer.optim import Optimizers
 from trainer.parallel import is_sharded
@@ -197,10 +197,6 @@ def _load(path: Path) -> Any:
                               f"{_ANOTHER.format(path.parent)}") from None
 
 
-# Fields that may change between a run and its resume without changing the weights' meaning.
-_RESUMABLE_CHANGES = {"dropout", "flash_attn", "aux_loss_alpha"}
-
-
 def read_model(path: Path) -> torch.nn.Module:
     """The model of checkpoint `path`, read whole into this one process, as eval_model reads a checkpoint. Most are
     Hugging Face folders; two kinds are not, and are read here: an --fsdp run's (its sharded/ weights) and a LoRA
@@ -242,7 +238,7 @@ def check_architecture(model: torch.nn.Module, path: Path) -> ModelConfig:
     """The checkpoint's model config; CheckpointError naming the differing fields when it is another architecture."""
     saved, config_file = saved_config(path), path / "config.json"
     diff = [f"{k}={v} (this run: {getattr(model.config, k)})" for k, v in vars(saved).items()
-            if k not in _RESUMABLE_CHANGES and getattr(model.config, k) != v]
+            if k not in TRAINING_FIELDS and getattr(model.config, k) != v]
     if diff:
         raise CheckpointError(f"{config_file}: the checkpoint is a different model: {', '.join(diff)}. "
                               f"Resume with the same model flags, or use a new --out_dir.")

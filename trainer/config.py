@@ -105,7 +105,8 @@ class TrainConfig:
                             "start (tokenizing and compiling count): the run ends on time with its schedule complete "
                             "(wsd's decay starts when the remaining time says so). With --max_steps, whichever ends "
                             "first; without, --epochs is not used.")
-    weight_decay: float = flag(0.1, "AdamW weight decay, applied to matrices only (not norms).")
+    weight_decay: float = flag(0.1, "Weight decay of every matrix (by AdamW, or by Muon for the hidden ones), not "
+                               "of norms and biases.")
     beta1: float = flag(0.9, "AdamW beta1.")
     beta2: float = flag(0.95, "AdamW beta2.")
     grad_clip: float = flag(1.0, "Clip the global gradient norm to this; 0 = no clipping.")

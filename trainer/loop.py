@@ -118,12 +118,12 @@ class Trainer:
         self.peak_flops = peak_flops(env.device, self.dtype, cfg.peak_tflops)
         self.step_flops = 0.0  # model FLOPs since the last log, this rank
 
-        rows_per_step = cfg.batch_size * env.world_size
-        if len(train_data) < rows_per_step:
+        rows_per_micro_batch = cfg.batch_size * env.world_size
+        if len(train_data) < rows_per_micro_batch:
             raise UsageError(f"--batch_size {cfg.batch_size} x {env.world_size} process(es) needs at least "
-                             f"{rows_per_step} training rows, but {cfg.data_path} has {len(train_data)}. "
+                             f"{rows_per_micro_batch} training rows, but {cfg.data_path} has {len(train_data)}. "
                              f"Lower --batch_size or --max_seq_len, or add data.")
-        self.micro_per_epoch = len(train_data) // rows_per_step
+        self.micro_per_epoch = len(train_data) // rows_per_micro_batch
         # Each fetched step is trained num_iterations times (GRPO's policy updates per batch of rollouts).
         self.num_iterations = self.objective.num_iterations
         self.steps_per_epoch = max(1, self.micro_per_epoch // cfg.accumulation_steps) * self.num_iterations
@@ -176,7 +176,7 @@ class Trainer:
                                             # SFT rows vary in length: batch similar lengths per optimizer step
                                             lengths=self.train_data.lengths, group_rows=self.group_rows)
             for batch in self._loader(sampler, self.train_data):
-                s.epoch_offset += sampler.rows_per_step
+                s.epoch_offset += sampler.rows_per_micro_batch
                 yield batch
             s.epoch, s.epoch_offset = s.epoch + 1, 0
 
@@ -455,7 +455,7 @@ class Trainer:
         if s.eval_pending:  # the checkpoint resumed from was saved before its step's evaluation, which never ran
             log.message(f"step {s.step}: running the evaluation the interrupted run had not finished")
             s.eval_pending = False
-            self._evaluate(log, self.resumed_from)
+            self._validate_step(log, self.resumed_from)
         stream = self._train_batches()
         t_last, tokens_last = time.perf_counter(), s.tokens_seen
         self.step_flops = 0.0
@@ -503,7 +503,7 @@ class Trainer:
                 self.save_seconds = clock() - t_save
             if evaluates:
                 t_eval = clock()
-                self._evaluate(log, saved)
+                self._validate_step(log, saved)
                 self.eval_seconds = clock() - t_eval
             if saved is not None or evaluates:  # restart the tokens/s clock: it measures training, not the pauses
                 t_last, tokens_last, self.step_flops = time.perf_counter(), s.tokens_seen, 0.0
@@ -549,9 +549,11 @@ class Trainer:
         cfg, s = self.cfg, self.state
         if self.eval_seconds is not None:
             eval_seconds = self.eval_seconds
-        else:  # not timed yet: a validation batch is a forward, about a third of a training step
-            batches = -(-len(self.val_data or ()) // (cfg.batch_size * self.env.world_size))
-            eval_seconds = min(batches, cfg.eval_iters or batches) * self.step_seconds / 3
+        else:  # not timed yet: a validation micro-batch is a forward, a third of a training micro-batch's time
+            micro = -(-len(self.val_data or ()) // (cfg.batch_size * self.env.world_size))
+            if cfg.eval_iters:  # global batches, of accumulation_steps micro-batches each
+                micro = min(micro, cfg.eval_iters * cfg.accumulation_steps)
+            eval_seconds = micro * self.step_seconds / (3 * cfg.accumulation_steps)
         reserve = eval_seconds + 2 * self.save_seconds
         total = steps_in_budget(s.step, self._elapsed(), self.budget, cfg.decay_fraction, self.step_seconds, reserve)
         if total is None:
@@ -563,7 +565,7 @@ class Trainer:
         log.message(f"--time_budget {cfg.time_budget}: {self._elapsed():.0f}s spent by step {s.step}; the learning "
                     f"rate decays from here to the run's end at step {total}")
 
-    def _evaluate(self, log: MetricsLogger, checkpoint: Path | None) -> None:
+    def _validate_step(self, log: MetricsLogger, checkpoint: Path | None) -> None:
         """This step's evaluation: log it, export best/ if it improved, and mark `checkpoint` (this step's, saved
         just before) as evaluated."""
         cfg, s = self.cfg, self.state

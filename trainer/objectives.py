@@ -154,9 +154,9 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))
     sigmoid (DPO, Rafailov et al. 2023; with label_smoothing = conservative DPO / cDPO):
         loss = -(1 - ls) * log sigmoid(beta * h) - ls * log sigmoid(-beta * h)
-    ipo (Azar et al. 2023, eq. 17): loss = (h - 1 / (2 * beta))^2 on the UNSCALED log-ratio difference h, as in
-        the paper and in TRL. (TRL additionally divides each side's log-prob by its token count for IPO; here
-        h uses the same summed log-probs as DPO.)
+    ipo (Azar et al. 2023, eq. 17): loss = (h - 1 / (2 * beta))^2 on the unscaled log-ratio difference h, as in
+        the paper, of the same summed log-probs as DPO (TRL divides each side's log-prob by its token count for
+        IPO).
     """
     h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
     if loss_type == "sigmoid":

@@ -30,7 +30,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model.model import CPULinear
+from model.cpu_linear import CPULinear
 from trainer.distributed import DistEnv
 
 
@@ -120,9 +120,9 @@ def compile_blocks(model: nn.Module, device: torch.device) -> nn.Module:
 
     Inductor fuses the memory-bound elementwise work of a block (RMSNorm, RoPE, SwiGLU's silu * up, residual
     adds, autocast's bf16 casts) into a few generated kernels, forward and backward, and leaves matmuls and
-    attention to oneDNN / cuBLAS / the flash kernels: on a 2-core AMX CPU ~15% off a config-S step in bf16
-    and 9% in fp32 (bench/RESULTS.md). All blocks run the same code, so one graph is compiled (~15-40 s on 2
-    CPU cores the first time, seconds once Inductor's on-disk cache has it) and reused by every layer. Compiling in
+    attention to oneDNN / cuBLAS / the flash kernels (what that saves, and what the first compilation costs:
+    bench/compile_cost.py, bench/RESULTS.md). All blocks run the same code, so one graph is compiled (slow the
+    first time, quick once Inductor's on-disk cache has it) and reused by every layer. Compiling in
     place keeps parameter names, so checkpoints, DDP/FSDP, LoRA and activation checkpointing see the same modules.
     torch.compile traces a block at its next call, so compiling mid-run (--compile auto) is the same as before the
     DDP/FSDP wrapping.

@@ -29,17 +29,17 @@ class ResumableBatchSampler:
         self.seed, self.epoch, self.start = seed, epoch, start
         self.shuffle, self.drop_last = shuffle, drop_last
         self.lengths = None if lengths is None else torch.as_tensor(lengths)
-        self.group_rows = group_rows or self.rows_per_step
+        self.group_rows = group_rows or self.rows_per_micro_batch
         self.group_steps = group_steps
 
     @property
-    def rows_per_step(self) -> int:
+    def rows_per_micro_batch(self) -> int:
         return self.batch_size * self.world_size
 
     def _usable(self) -> int:
         # Dropping the ragged tail keeps every rank on the same number of batches: a rank with one
         # batch fewer would leave the others waiting forever in a collective.
-        return self.n_rows - self.n_rows % self.rows_per_step if self.drop_last else self.n_rows
+        return self.n_rows - self.n_rows % self.rows_per_micro_batch if self.drop_last else self.n_rows
 
     def _order(self) -> torch.Tensor:
         if not self.shuffle:
@@ -65,11 +65,11 @@ class ResumableBatchSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self._order()
-        for s in range(self.start, self._usable(), self.rows_per_step):
-            rows = order[s:s + self.rows_per_step][self.rank::self.world_size]
+        for s in range(self.start, self._usable(), self.rows_per_micro_batch):
+            rows = order[s:s + self.rows_per_micro_batch][self.rank::self.world_size]
             if len(rows):
                 yield rows.tolist()
 
     def __len__(self) -> int:
         remaining = max(0, self._usable() - self.start)
-        return -(-remaining // self.rows_per_step)
+        return -(-remaining // self.rows_per_micro_batch)

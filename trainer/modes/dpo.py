@@ -10,13 +10,12 @@ import torch
 from data import DPODataset, pair_collate
 from trainer.config import UsageError, flag
 from trainer.modes.base import Components, Run, hf_export
-from trainer.modes.finetune import (FinetuneConfig, FinetuneMode, check_reference_path, load_init_model,
-                                    load_reference, read_chat_data)
+from trainer.modes.finetune import FinetuneMode, ReferenceConfig, load_init_model, load_reference, read_chat_data
 from trainer.objectives import DPO_LOSSES, DPOObjective, sequence_logps
 
 
 @dataclass
-class DPOConfig(FinetuneConfig):
+class DPOConfig(ReferenceConfig):
     flag_group = "dpo"
 
     mode: str = "dpo"
@@ -32,7 +31,6 @@ class DPOConfig(FinetuneConfig):
     dpo_label_smoothing: float = flag(0.0, "Assumed share of flipped preference labels, in [0, 0.5) (conservative "
                                       "DPO; sigmoid loss only).")
     dpo_loss: str = flag("sigmoid", "Preference loss: sigmoid (DPO) or ipo.", choices=DPO_LOSSES)
-    ref_model_path: str = flag("", "Frozen reference model folder; empty = the --init_from folder.")
     precompute_ref_logps: bool = flag(False, "Compute the reference model's log-probs of every train/val pair once "
                                       "up front and free it: less memory and one forward per step instead of two.")
 
@@ -43,7 +41,6 @@ class DPOConfig(FinetuneConfig):
             raise UsageError(f"--dpo_label_smoothing {self.dpo_label_smoothing:g}: must be in [0, 0.5)")
         if self.dpo_label_smoothing and self.dpo_loss != "sigmoid":
             raise UsageError(f"--dpo_label_smoothing is for --dpo_loss sigmoid, not {self.dpo_loss}")
-        check_reference_path(self.ref_model_path, "ref_model_path")
         super().check()
 
 
@@ -60,7 +57,8 @@ class DPO(FinetuneMode):
         ref = load_reference(run)
         if cfg.precompute_ref_logps:
             for data in (train, val):
-                precompute_ref_logps(run, ref, data, collate_fn)
+                if data is not None and len(data):  # no validation (--val_data_path ""): nothing to score
+                    precompute_ref_logps(run, ref, data, collate_fn)
             ref = None  # the objective reads batch["ref_logps"]; the reference's memory goes back
         objective = DPOObjective(ref, cfg.dpo_beta, cfg.dpo_label_smoothing, cfg.dpo_loss)
         return Components(load_init_model(run), objective, train, val, collate_fn, hf_export(run.tokenizer))

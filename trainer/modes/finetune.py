@@ -14,6 +14,7 @@ import torch
 
 from data import RowsDataset
 from model import ModelConfig, Transformer, hf
+from model.config import TRAINING_FIELDS
 from trainer import parallel
 from trainer.config import TrainConfig, UsageError, flag
 from trainer.modes.base import Mode, Run, train_and_val
@@ -28,7 +29,6 @@ class FinetuneConfig(TrainConfig):
     # Shared flags with other defaults: the tokenizer is the --init_from folder's, and validation sets are small.
     tokenizer_path: str = ""
     warmup_iters: int = 20
-    eval_interval: int = 100
     eval_iters: int = 0
     init_from: str = flag("out/sft/final", "Model folder to start from; its config.json fixes the architecture "
                           "(only --dropout, --flash_attn, --aux_loss_alpha and --max_seq_len may be changed).")
@@ -68,8 +68,7 @@ def rope_range(config: ModelConfig) -> int:
 
 class FinetuneMode(Mode):
     Config = FinetuneConfig
-    # Model fields a fine-tuning run may change: they do not change what the weights mean.
-    model_flags = ("dropout", "flash_attn", "aux_loss_alpha")
+    model_flags = TRAINING_FIELDS  # of the model, what a fine-tuning run may change
     model_flags_title = "model (changes to the --init_from model)"
 
     def model_config(self, cfg: FinetuneConfig, overrides: dict[str, Any], tokenizer: Any) -> ModelConfig:
@@ -126,6 +125,19 @@ def load_init_model(run: Run, path: str | None = None, flag: str = "--init_from"
     model.tie_weights()
     model.generation_config = saved.generation_config  # several eos ids, sampling defaults: kept for export
     return model
+
+
+@dataclass
+class ReferenceConfig(FinetuneConfig):
+    """What the modes that hold a frozen reference model (DPO; GRPO's KL penalty) share."""
+    flag_group = "reference model (dpo, grpo)"
+
+    ref_model_path: str = flag("", "Frozen reference model folder (DPO's reference, GRPO's KL penalty); empty = the "
+                               "--init_from folder.")
+
+    def check(self) -> None:
+        check_reference_path(self.ref_model_path, "ref_model_path")
+        super().check()
 
 
 def load_reference(run: Run) -> Transformer:

@@ -13,13 +13,13 @@ from model import ModelConfig
 from trainer.config import UsageError, flag
 from trainer.grpo import LOSS_TYPES, GRPOObjective
 from trainer.modes.base import Components, Run, hf_export
-from trainer.modes.finetune import (FinetuneConfig, FinetuneMode, check_reference_path, load_init_model,
+from trainer.modes.finetune import (FinetuneMode, ReferenceConfig, check_reference_path, load_init_model,
                                     load_reference, read_chat_data)
 from trainer.rewards import RewardModel, load_reward_funcs, parse_weights
 
 
 @dataclass
-class GRPOConfig(FinetuneConfig):
+class GRPOConfig(ReferenceConfig):
     flag_group = "grpo"
 
     mode: str = "grpo"
@@ -77,8 +77,6 @@ class GRPOConfig(FinetuneConfig):
                                        "groups fill the rest.")
     log_completions_interval: int = flag(50, "Steps between sample completions shown on the console and appended to "
                                          "out_dir/completions.jsonl (and at step 1); 0 = never.")
-    ref_model_path: str = flag("", "Frozen reference model folder for the KL penalty; empty = the --init_from "
-                               "folder.")
 
     def check(self) -> None:
         if self.fsdp:
@@ -101,8 +99,7 @@ class GRPOConfig(FinetuneConfig):
                              f"fetched, nothing more)")
         if self.log_completions_interval < 0:
             raise UsageError(f"--log_completions_interval {self.log_completions_interval}: must be >= 0 (0 = never)")
-        for name in ("ref_model_path", "reward_model_path"):
-            check_reference_path(getattr(self, name), name)
+        check_reference_path(self.reward_model_path, "reward_model_path")
         super().check()
 
 

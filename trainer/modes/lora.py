@@ -10,7 +10,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -23,6 +23,7 @@ from trainer.modes.sft import SFT, SFTConfig
 @dataclass
 class LoRAConfig(SFTConfig):
     flag_group = "lora"
+    previous_stage: ClassVar[str] = "sft"
 
     mode: str = "lora"
     out_dir: str = "out/lora"

@@ -112,7 +112,8 @@ class Pretrain(Mode):
     def build(self, run: Run) -> Components:
         skip, bin_dtype = run.cfg.skip_bad_records, run.cfg.bin_dtype or None
         if run.env.is_main:  # rank 0 tokenizes (and reports skipped bad lines); the others wait, then read the cache
-            pretrain_bin(run.cfg.data_path, run.tokenizer, skip_bad_records=skip, bin_dtype=bin_dtype)
+            for path in filter(None, (run.cfg.data_path, run.cfg.val_data_path)):
+                pretrain_bin(path, run.tokenizer, skip_bad_records=skip, bin_dtype=bin_dtype)
         barrier()
 
         # Ids the model has no embedding for, or the tokenizer no token for (a model it could not read or write)
