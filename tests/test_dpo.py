@@ -404,7 +404,7 @@ def test_default_init_from_says_to_run_sft_first(tmp_path, monkeypatch, capsys):
 def test_a_reference_of_another_architecture_is_a_usage_error(dpo_files, base_model, tmp_path, tok):
     from model import Transformer
     from model.config import config_from_preset
-    from trainer.config import UsageError
+    from trainer.errors import UsageError
 
     other = tmp_path / "other"
     Transformer(config_from_preset("tiny", vocab_size=len(tok), max_seq_len=64, n_layers=1)).save_pretrained(other)

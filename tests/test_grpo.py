@@ -16,7 +16,7 @@ import train
 from conftest import ROOT, check_resume_is_exact, read_metrics, write_jsonl
 from data import DataError, GRPODataset, prompt_collate, stop_token_ids
 from model import Transformer
-from trainer.config import UsageError
+from trainer.errors import UsageError
 from trainer.objectives import IGNORE_INDEX, token_logps
 from trainer.grpo import GRPOObjective, group_advantages, per_token_loss, reduce_loss, take_groups
 from trainer.rewards import (accuracy_reward, format_reward, is_correct, length_penalty, load_reward_funcs,
@@ -481,6 +481,30 @@ def test_dynamic_sampling_trains_only_groups_with_a_spread(tok, base_model, tmp_
     assert next(draws) is only_flat[3]  # nothing drawn beyond the limit
 
 
+def test_dynamic_sampling_draws_as_long_as_any_rank_lacks_groups(tok, base_model, tmp_path, monkeypatch):
+    """Under DDP the ranks draw alike: this rank's batch is full of varied groups, but another rank (a max over
+    the ranks, faked here) still lacks some, so this one draws too, to the limit, and its data position stays in
+    step with the others'."""
+    import trainer.grpo
+
+    model = Transformer.from_pretrained(base_model).eval()
+    batches = prompt_batches(tok, tmp_path, [["a varied one"], ["varied too"], ["varied three"], ["varied four"]])
+    obj = objective(tok, "dapo", num_generations=4, max_completion_length=12, num_iterations=1,
+                    dynamic_sampling_draws=3, beta=0.0)
+    obj.reward_funcs = [("flat_or_varied", flat_or_varied)]
+    torch.manual_seed(0)
+    draws = iter(batches[1:])
+    (out,) = obj.prepare(model, batches[:1], step=1, draw=lambda: next(draws))
+    assert out["rollout_metrics"]["prompts_sampled"] == 1  # alone: full at once, nothing drawn
+    # another rank, whose groups all agree, is short until both have drawn to the limit (2 more batches)
+    other = iter([1, 1])
+    monkeypatch.setattr(trainer.grpo, "all_reduce_max", lambda t: t.fill_(max(int(t), next(other, 0))))
+    draws = iter(batches[1:])
+    (out,) = obj.prepare(model, batches[:1], step=2, draw=lambda: next(draws))
+    assert out["rollout_metrics"]["prompts_sampled"] == 3 and next(draws) is batches[3]
+    assert out["rollout_metrics"]["frac_trained_zero_std"] == 0.0
+
+
 def test_groups_of_different_widths_keep_their_tokens_and_log_probs(tok, base_model, tmp_path):
     """take_groups left-pads prompts and right-pads completions to the widest: every row's log-probs and targets
     are those it had in its own rollout."""
@@ -615,9 +639,10 @@ def test_bad_grpo_flags_fail_before_any_work(grpo_files, base_model, tmp_path, c
 
 
 def test_torchrun_two_processes_validate_like_one(grpo_files, base_model, tmp_path):
-    """2 CPU processes (gloo): rollouts, training and the all-reduced validation run without a hang; with the
-    weights held still (lr 0) the validation rewards equal one process's."""
-    common = ("--max_steps", "2", "--learning_rate", "0", "--save_interval_steps", "0")
+    """2 CPU processes (gloo): rollouts (with dynamic sampling, whose draws the ranks agree on), training and the
+    all-reduced validation run without a hang; with the weights held still (lr 0) the validation rewards equal one
+    process's."""
+    common = ("--max_steps", "2", "--learning_rate", "0", "--save_interval_steps", "0", "--dynamic_sampling")
     one = tmp_path / "one"
     train.main(grpo_args(grpo_files, base_model, one, *common, "--batch_size", "4"))
     two = tmp_path / "two"

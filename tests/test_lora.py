@@ -12,10 +12,10 @@ import train
 from conftest import check_resume_is_exact, sft_args, train_losses
 from model import ModelConfig, Transformer
 from model.config import config_from_preset
+from model.cpu_linear import CPULinear, packs
 from model.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, count_parameters, load_adapter, lora_layers,
                         merge_lora, save_adapter)
-from model.cpu_linear import CPULinear, packs
-from trainer.config import UsageError
+from trainer.errors import UsageError
 
 
 def tiny_model(seed: int = 0) -> Transformer:

@@ -10,7 +10,7 @@ import pytest
 import train
 from conftest import read_metrics, train_args
 from trainer import loop, parallel
-from trainer.schedule import lr_multiplier, parse_duration
+from trainer.schedule import budget_plan, lr_multiplier, parse_duration
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("1.5h", 5400), ("600", 600), ("2 min", 120)])
@@ -74,6 +74,36 @@ def test_a_time_budget_ends_the_run_on_time_with_its_decay_complete(corpus, tmp_
     assert lrs[4] == lrs[43] == pytest.approx(3e-3)  # the peak (pretraining's default), held
     assert all(a > b for a, b in zip([lrs[s] for s in range(44, 55)], [lrs[s] for s in range(45, 55)]))
     assert lrs[54] == pytest.approx(3e-4)  # the schedule is complete: the last step at the floor
+
+
+def test_a_time_budget_with_max_steps_never_raises_the_learning_rate_again(corpus, tmp_path, monkeypatch, capsys):
+    """--max_steps 50 within a 60 s budget: wsd's decay over steps 41-50 began before the budget planned (step 43),
+    and the budget's plan used to restart it from the peak there."""
+    FakeClock(monkeypatch)
+    out = tmp_path / "run"
+    train.main(train_args(corpus, out, "--time_budget", "60s", "--max_steps", "50", "--eval_interval", "0",
+                          "--eval_iters", "1", "--warmup_iters", "3", "--lr_schedule", "wsd"))
+    assert "--max_steps 50 ends the run first, on its own schedule" in capsys.readouterr().out
+    lrs = [r["lr"] for r in read_metrics(out) if "lr" in r]
+    assert len(lrs) == 50 and lrs[39] == pytest.approx(3e-3) and lrs[40] < lrs[39]  # steps 40 (the peak), 41
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] == pytest.approx(3e-4)
+
+
+def test_the_budget_plan_continues_a_decay_that_began():
+    # no --max_steps: the decay starts where the budget planned
+    assert budget_plan(43, 54, None, warmup_iters=3, decay_fraction=0.2) == (54, 43)
+    # --max_steps ends the run first: its own schedule, whatever the budget holds
+    assert budget_plan(43, 54, 50, warmup_iters=3, decay_fraction=0.2) == (50, None)
+    # the budget ends the run first (the steps turned slower) after --max_steps 50's decay began at step 40
+    total, start = budget_plan(45, 47, 50, warmup_iters=3, decay_fraction=0.2)
+    assert (total, start) == (47, 40)
+    before = [lr_multiplier(s, schedule="wsd", warmup_iters=3, total_steps=50, min_lr_ratio=0.1) for s in range(45)]
+    after = [lr_multiplier(s, schedule="wsd", warmup_iters=3, total_steps=total, min_lr_ratio=0.1, decay_start=start)
+             for s in range(45, 47)]
+    lrs = before[3:] + after  # after the warmup
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(0.1)
+    # not yet begun: the decay starts where the budget planned
+    assert budget_plan(43, 54, 100, warmup_iters=3, decay_fraction=0.2) == (54, 43)
 
 
 def test_a_time_budget_resumes_its_decided_length(corpus, tmp_path, monkeypatch):

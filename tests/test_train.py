@@ -20,7 +20,7 @@ from conftest import ROOT, check_resume_is_exact, read_metrics, train_args, trai
 from data import DataError
 from trainer import checkpoint as ckpt
 from trainer import other_flags
-from trainer.config import UsageError
+from trainer.errors import UsageError
 from trainer.modes import MODES
 from trainer.sampler import ResumableBatchSampler
 from trainer.schedule import lr_multiplier

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from trainer.config import UsageError
+from trainer.errors import UsageError
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from model.generate import generate_answers
-from trainer.config import UsageError
+from trainer.distributed import all_reduce_max
+from trainer.errors import UsageError
 from trainer.objectives import IGNORE_INDEX, Objective, token_logps
 from trainer.rewards import RewardFunc
 
@@ -233,13 +234,18 @@ class GRPOObjective(Objective):
         """DAPO's dynamic sampling: a group whose completions all score the same has advantage 0 and teaches
         nothing, so such groups are dropped and fresh prompt batches rolled out until every micro-batch is full of
         groups with a spread, or --dynamic_sampling_draws batches per micro-batch have been sampled; then the
-        dropped groups fill what is left (logged as frac_trained_zero_std). Returns (the micro-batches to train,
-        every rollout sampled)."""
+        dropped groups fill what is left (logged as frac_trained_zero_std). Under DDP every rank draws as long as
+        any rank still lacks groups, so that the ranks' data positions stay in step (a checkpoint keeps rank 0's
+        for all). Returns (the micro-batches to train, every rollout sampled)."""
         sizes = [len(r["group_std"]) for r in rollouts]
         sampled = list(rollouts)
         spread = [has_spread(r["group_std"]).tolist() for r in sampled]
-        while (sum(map(sum, spread)) < sum(sizes) and draw is not None
-               and len(sampled) < self.dynamic_sampling_draws * len(rollouts)):
+
+        def more() -> bool:
+            short = sum(map(sum, spread)) < sum(sizes) and len(sampled) < self.dynamic_sampling_draws * len(rollouts)
+            return bool(all_reduce_max(torch.tensor([int(short)], device=rollouts[0]["input_ids"].device)).item())
+
+        while draw is not None and more():
             sampled.append(self.rollout(model, draw()))
             spread.append(has_spread(sampled[-1]["group_std"]).tolist())
         groups = [(i, g) for i, row in enumerate(spread) for g in range(len(row))]

@@ -45,7 +45,7 @@ from trainer.optim import Optimizers
 from trainer.sampler import ResumableBatchSampler
 from trainer.resume import check_resume, run_record
 from trainer.rundir import abandon_timeline, cut_metrics, replace_folder
-from trainer.schedule import lr_multiplier, parse_duration, steps_in_budget
+from trainer.schedule import budget_plan, lr_multiplier, parse_duration, steps_in_budget
 
 clock = time.monotonic  # the run's clock (tests drive a time budget with a fake one)
 
@@ -457,8 +457,7 @@ class Trainer:
             s.eval_pending = False
             self._validate_step(log, self.resumed_from)
         stream = self._train_batches()
-        t_last, tokens_last = time.perf_counter(), s.tokens_seen
-        self.step_flops = 0.0
+        self._restart_speed()
         while not self._ended():
             t_step = clock()
             try:
@@ -478,8 +477,9 @@ class Trainer:
                 self._plan_length(log)
             done = self._ended()
             if s.step % cfg.log_interval == 0 or done:
-                dt = time.perf_counter() - t_last
-                tok_s = (s.tokens_seen - tokens_last) / max(dt, 1e-9)
+                since, tokens_since = self.speed_from
+                dt = time.perf_counter() - since
+                tok_s = (s.tokens_seen - tokens_since) / max(dt, 1e-9)
                 # MFU: this rank's FLOPs over this rank's peak.
                 speed = {"tokens_per_sec": tok_s, "mfu": self.step_flops / max(dt, 1e-9) / self.peak_flops}
                 shown = {"loss": f"{metrics['loss']:.3f}"} if "loss" in metrics else {}
@@ -487,7 +487,7 @@ class Trainer:
                                  "skipped_steps": s.skipped_steps, "empty_steps": s.empty_steps})
                 log.postfix({**shown, "lr": f"{metrics['lr']:.2e}", "tok/s": f"{tok_s:,.0f}",
                              "mfu": f"{speed['mfu']:.1%}"})
-                t_last, tokens_last, self.step_flops = time.perf_counter(), s.tokens_seen, 0.0
+                self._restart_speed()
             log.progress(1)
             if cfg.max_bad_steps and self.bad_streak >= cfg.max_bad_steps:
                 self._stop_diverged()
@@ -505,9 +505,14 @@ class Trainer:
                 t_eval = clock()
                 self._validate_step(log, saved)
                 self.eval_seconds = clock() - t_eval
-            if saved is not None or evaluates:  # restart the tokens/s clock: it measures training, not the pauses
-                t_last, tokens_last, self.step_flops = time.perf_counter(), s.tokens_seen, 0.0
+            if saved is not None or evaluates:  # tokens/s and MFU measure training, not the pauses
+                self._restart_speed()
         return 0
+
+    def _restart_speed(self) -> None:
+        """Measure tokens/s and MFU from here (the next log's figures cover the steps since)."""
+        self.speed_from = (time.perf_counter(), self.state.tokens_seen)
+        self.step_flops = 0.0  # model FLOPs since then, this rank
 
     def _auto_compile(self, log: MetricsLogger, seconds: float) -> None:
         """--compile auto: once AUTO_COMPILE_AFTER steps are timed, compile the blocks if the steps still to come are
@@ -555,15 +560,19 @@ class Trainer:
                 micro = min(micro, cfg.eval_iters * cfg.accumulation_steps)
             eval_seconds = micro * self.step_seconds / (3 * cfg.accumulation_steps)
         reserve = eval_seconds + 2 * self.save_seconds
-        total = steps_in_budget(s.step, self._elapsed(), self.budget, cfg.decay_fraction, self.step_seconds, reserve)
-        if total is None:
+        in_time = steps_in_budget(s.step, self._elapsed(), self.budget, cfg.decay_fraction, self.step_seconds, reserve)
+        if in_time is None:
             return
-        if self.max_steps is not None:
-            total = min(total, self.max_steps)
-        s.planned_steps, s.decay_start, s.planned_for = total, s.step, cfg.time_budget
+        total, start = budget_plan(s.step, in_time, self.max_steps, cfg.warmup_iters, cfg.decay_fraction)
+        s.planned_steps, s.decay_start, s.planned_for = total, start, cfg.time_budget
         log.set_total(total)
-        log.message(f"--time_budget {cfg.time_budget}: {self._elapsed():.0f}s spent by step {s.step}; the learning "
-                    f"rate decays from here to the run's end at step {total}")
+        spent = f"--time_budget {cfg.time_budget}: {self._elapsed():.0f}s spent by step {s.step}"
+        if start is None:
+            log.message(f"{spent}; --max_steps {total} ends the run first, on its own schedule")
+        elif start < s.step:
+            log.message(f"{spent}; the learning rate's decay, begun at step {start}, now ends at step {total}")
+        else:
+            log.message(f"{spent}; the learning rate decays from here to the run's end at step {total}")
 
     def _validate_step(self, log: MetricsLogger, checkpoint: Path | None) -> None:
         """This step's evaluation: log it, export best/ if it improved, and mark `checkpoint` (this step's, saved

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from trainer.config import UsageError
+from trainer.errors import UsageError
 
 RewardFunc = Callable[..., list[float | None]]
 

@@ -20,8 +20,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from trainer.config import UsageError
 from trainer.distributed import DistEnv, from_main
+from trainer.errors import UsageError
 
 LOCK = ".lock"
 # What a run writes into its out_dir (--overwrite removes these and nothing else).

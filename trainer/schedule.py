@@ -43,7 +43,7 @@ def lr_multiplier(step: int, *, schedule: str, warmup_iters: int, total_steps: i
         if total_steps is None:
             return 1.0
         if decay_start is None:
-            decay_start = max(warmup_iters, total_steps - max(1, round(decay_fraction * total_steps)))
+            decay_start = wsd_decay_start(total_steps, warmup_iters, decay_fraction)
         if step < decay_start:
             return 1.0
         progress = min(1.0, (step - decay_start + 1) / max(1, total_steps - decay_start))
@@ -53,6 +53,11 @@ def lr_multiplier(step: int, *, schedule: str, warmup_iters: int, total_steps: i
         return min_lr_ratio
     progress = (step - warmup_iters) / max(1, end - warmup_iters)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def wsd_decay_start(total_steps: int, warmup_iters: int, decay_fraction: float) -> int:
+    """The step at which wsd starts to decay in a run of `total_steps` that no time budget planned."""
+    return max(warmup_iters, total_steps - max(1, round(decay_fraction * total_steps)))
 
 
 def steps_in_budget(step: int, elapsed: float, budget: float, decay_fraction: float, seconds_per_step: float,
@@ -67,3 +72,17 @@ def steps_in_budget(step: int, elapsed: float, budget: float, decay_fraction: fl
         return None
     left = (budget - elapsed - reserve) / max(seconds_per_step, 1e-9)
     return step + max(1, int(left))
+
+
+def budget_plan(step: int, budget_total: int, max_steps: int | None, warmup_iters: int,
+                decay_fraction: float) -> tuple[int, int | None]:
+    """(the run's total steps, wsd's decay start) once a time budget found at `step` that its time holds
+    `budget_total` steps. The decay starts at `step`, unless --max_steps's schedule is already the run's: where its
+    steps end the run first, that schedule stands (decay start None: its last decay_fraction); where the budget ends
+    the run first but --max_steps's decay has begun, that decay goes on from where it began, down to the floor at
+    the budget's end. Either way the learning rate never climbs back during a decay."""
+    if max_steps is None:
+        return budget_total, step
+    if budget_total >= max_steps:
+        return max_steps, None
+    return budget_total, min(step, wsd_decay_start(max_steps, warmup_iters, decay_fraction))

@@ -8,7 +8,8 @@ from typing import ClassVar
 import torch
 
 from data import DPODataset, pair_collate
-from trainer.config import UsageError, flag
+from trainer.config import flag
+from trainer.errors import UsageError
 from trainer.modes.base import Components, Run, hf_export
 from trainer.modes.finetune import FinetuneMode, ReferenceConfig, load_init_model, load_reference, read_chat_data
 from trainer.objectives import DPO_LOSSES, DPOObjective, sequence_logps

@@ -16,7 +16,8 @@ from data import RowsDataset
 from model import ModelConfig, Transformer, hf
 from model.config import TRAINING_FIELDS
 from trainer import parallel
-from trainer.config import TrainConfig, UsageError, flag
+from trainer.config import TrainConfig, flag
+from trainer.errors import UsageError
 from trainer.modes.base import Mode, Run, train_and_val
 
 

@@ -10,7 +10,8 @@ from typing import Any, ClassVar
 
 from data import GRPODataset, prompt_collate, stop_token_ids
 from model import ModelConfig
-from trainer.config import UsageError, flag
+from trainer.config import flag
+from trainer.errors import UsageError
 from trainer.grpo import LOSS_TYPES, GRPOObjective
 from trainer.modes.base import Components, Run, hf_export
 from trainer.modes.finetune import (FinetuneMode, ReferenceConfig, check_reference_path, load_init_model,

@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 import torch
 
 from model.lora import apply_lora, count_parameters, merge_lora, save_adapter
-from trainer.config import UsageError, flag
+from trainer.config import flag
+from trainer.errors import UsageError
 from trainer.modes.base import Components, Export, Run, hf_export
 from trainer.modes.sft import SFT, SFTConfig
 

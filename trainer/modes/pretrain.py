@@ -12,7 +12,8 @@ from data import PackedDataset, collate, pretrain_bin, read_sidecar
 from model import ModelConfig, Transformer
 from model.config import PRESETS, config_from_preset
 from trainer.checkpoint import read_state, resume_path
-from trainer.config import TrainConfig, UsageError, flag
+from trainer.config import TrainConfig, flag
+from trainer.errors import UsageError
 from trainer.distributed import barrier
 from trainer.modes.base import Components, Mode, Run, hf_export, train_and_val
 from trainer.objectives import CausalLMObjective
