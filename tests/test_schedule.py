@@ -4,11 +4,15 @@ training step takes exactly one second of it (or as many as a test says)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
 import train
-from conftest import read_metrics, train_args
+from conftest import ROOT, read_metrics, train_args
 from trainer import loop, parallel
 from trainer.schedule import budget_plan, lr_multiplier, parse_duration
 
@@ -74,6 +78,31 @@ def test_a_time_budget_ends_the_run_on_time_with_its_decay_complete(corpus, tmp_
     assert lrs[4] == lrs[43] == pytest.approx(3e-3)  # the peak (pretraining's default), held
     assert all(a > b for a, b in zip([lrs[s] for s in range(44, 55)], [lrs[s] for s in range(45, 55)]))
     assert lrs[54] == pytest.approx(3e-4)  # the schedule is complete: the last step at the floor
+
+
+def test_every_rank_plans_the_same_length_from_the_slowest_ranks_clock(corpus, tmp_path, monkeypatch, capsys):
+    """The plan is made from the ranks' largest time spent (an all-reduced max; here another rank 5 s ahead of this
+    one's clock): every rank then stops at the same step, where each deciding on its own could differ by one."""
+    FakeClock(monkeypatch)
+    monkeypatch.setattr(loop, "all_reduce_max", lambda t: t.add_(torch.tensor([5.0, 0.0, 0.0], dtype=t.dtype)))
+    out = tmp_path / "run"
+    result = train.main(train_args(corpus, out, "--time_budget", "60s", "--eval_interval", "0", "--eval_iters", "1",
+                                   "--warmup_iters", "3"))
+    # 48 s of the other rank's clock by step 38 (43 on this one's), then 11 steps in what is left
+    assert "--time_budget 60s: 48s spent by step 38;" in capsys.readouterr().out and result["step"] == 49
+
+
+def test_under_torchrun_the_budget_counts_from_the_launchers_start():
+    """A worker (TORCHELASTIC_RUN_ID set, as torchrun sets it) counts from its parent's start: here a launcher that
+    waited 2 s before starting it."""
+    worker = ("import time, psutil; from trainer.loop import process_age; "
+              "print(process_age() - (time.time() - psutil.Process().create_time()))")
+    launcher = (f"import os, subprocess, sys, time; time.sleep(2); subprocess.run([sys.executable, '-c', {worker!r}], "
+                f"env={{**os.environ, 'TORCHELASTIC_RUN_ID': 'run'}}, check=True)")
+    proc = subprocess.run([sys.executable, "-c", launcher], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 2.0 <= float(proc.stdout) < 10.0  # the launcher's 2 s (and its start) before the worker's own age
 
 
 def test_a_time_budget_with_max_steps_never_raises_the_learning_rate_again(corpus, tmp_path, monkeypatch, capsys):

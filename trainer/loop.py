@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import os
 import shutil
 import statistics
 import time
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from trainer import checkpoint as ckpt
 from trainer import parallel
 from trainer.errors import TrainingError, UsageError
-from trainer.distributed import all_reduce_sum, barrier
+from trainer.distributed import all_reduce_max, all_reduce_sum, barrier
 from trainer.flops import peak_flops
 from trainer.interrupt import StopOnSignal
 from trainer.logger import MetricsLogger
@@ -51,8 +52,12 @@ clock = time.monotonic  # the run's clock (tests drive a time budget with a fake
 
 
 def process_age() -> float:
-    """Seconds since this process started: a time budget counts the imports, tokenizing and compiling too."""
-    return time.time() - psutil.Process().create_time()
+    """Seconds since the command started: a time budget counts the imports, tokenizing and compiling too. Under
+    torchrun the command is the launcher, this process's parent, which started a few seconds before its workers."""
+    process = psutil.Process()
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun for its workers
+        process = process.parent() or process
+    return time.time() - process.create_time()
 
 
 _MEMORY_FLAGS = ("--batch_size (with more --accumulation_steps to keep the global batch), --max_seq_len, "
@@ -559,14 +564,18 @@ class Trainer:
             if cfg.eval_iters:  # global batches, of accumulation_steps micro-batches each
                 micro = min(micro, cfg.eval_iters * cfg.accumulation_steps)
             eval_seconds = micro * self.step_seconds / (3 * cfg.accumulation_steps)
-        reserve = eval_seconds + 2 * self.save_seconds
-        in_time = steps_in_budget(s.step, self._elapsed(), self.budget, cfg.decay_fraction, self.step_seconds, reserve)
+        # Every rank must plan the same length (one that stopped early would leave the others waiting in a
+        # collective): the slowest rank's view of the time spent, the step rate and the reserve decides.
+        timing = torch.tensor([self._elapsed(), self.step_seconds, eval_seconds + 2 * self.save_seconds],
+                              dtype=torch.float64, device=self.env.device)
+        elapsed, step_seconds, reserve = all_reduce_max(timing).tolist()
+        in_time = steps_in_budget(s.step, elapsed, self.budget, cfg.decay_fraction, step_seconds, reserve)
         if in_time is None:
             return
         total, start = budget_plan(s.step, in_time, self.max_steps, cfg.warmup_iters, cfg.decay_fraction)
         s.planned_steps, s.decay_start, s.planned_for = total, start, cfg.time_budget
         log.set_total(total)
-        spent = f"--time_budget {cfg.time_budget}: {self._elapsed():.0f}s spent by step {s.step}"
+        spent = f"--time_budget {cfg.time_budget}: {elapsed:.0f}s spent by step {s.step}"
         if start is None:
             log.message(f"{spent}; --max_steps {total} ends the run first, on its own schedule")
         elif start < s.step:
