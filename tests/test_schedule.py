@@ -80,6 +80,23 @@ def test_a_time_budget_ends_the_run_on_time_with_its_decay_complete(corpus, tmp_
     assert lrs[54] == pytest.approx(3e-4)  # the schedule is complete: the last step at the floor
 
 
+def test_a_time_budget_counts_the_evaluations_still_to_come(corpus, tmp_path, monkeypatch):
+    """Evaluations of 2 s every 10 steps of 1 s: the steps left after the plan pause for them too, and the run
+    still ends within its 60 s."""
+    clock = FakeClock(monkeypatch)
+    real_evaluate = loop.Trainer.evaluate
+
+    def evaluate(trainer):
+        clock.now += 2.0
+        return real_evaluate(trainer)
+
+    monkeypatch.setattr(loop.Trainer, "evaluate", evaluate)
+    out = tmp_path / "run"
+    train.main(train_args(corpus, out, "--time_budget", "60s", "--eval_interval", "10", "--eval_iters", "1",
+                          "--warmup_iters", "3", "--save_interval_steps", "0"))
+    assert 56.0 <= clock.now - 95.0 <= 60.0  # the process started at 95 on the fake clock
+
+
 def test_every_rank_plans_the_same_length_from_the_slowest_ranks_clock(corpus, tmp_path, monkeypatch, capsys):
     """The plan is made from the ranks' largest time spent (an all-reduced max; here another rank 5 s ahead of this
     one's clock): every rank then stops at the same step, where each deciding on its own could differ by one."""

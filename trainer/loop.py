@@ -555,7 +555,8 @@ class Trainer:
 
     def _plan_length(self, log: MetricsLogger) -> None:
         """With --time_budget: once its stable part is spent, fix the run's length (and so wsd's decay) to what the
-        remaining time holds, keeping back what the final evaluation, checkpoint and export will take."""
+        remaining time holds, with the evaluations and checkpoints on the way, keeping back what the final
+        evaluation, checkpoint and export will take."""
         cfg, s = self.cfg, self.state
         if self.eval_seconds is not None:
             eval_seconds = self.eval_seconds
@@ -564,9 +565,15 @@ class Trainer:
             if cfg.eval_iters:  # global batches, of accumulation_steps micro-batches each
                 micro = min(micro, cfg.eval_iters * cfg.accumulation_steps)
             eval_seconds = micro * self.step_seconds / (3 * cfg.accumulation_steps)
+        # The steps to come also pause for the evaluations and checkpoints on their way: a share of those per step.
+        per_step = self.step_seconds
+        if cfg.eval_interval:
+            per_step += eval_seconds / cfg.eval_interval
+        if cfg.save_interval_steps and not cfg.save_best_only:
+            per_step += self.save_seconds / cfg.save_interval_steps
         # Every rank must plan the same length (one that stopped early would leave the others waiting in a
         # collective): the slowest rank's view of the time spent, the step rate and the reserve decides.
-        timing = torch.tensor([self._elapsed(), self.step_seconds, eval_seconds + 2 * self.save_seconds],
+        timing = torch.tensor([self._elapsed(), per_step, eval_seconds + 2 * self.save_seconds],
                               dtype=torch.float64, device=self.env.device)
         elapsed, step_seconds, reserve = all_reduce_max(timing).tolist()
         in_time = steps_in_budget(s.step, elapsed, self.budget, cfg.decay_fraction, step_seconds, reserve)
