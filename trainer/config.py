@@ -102,9 +102,9 @@ class TrainConfig:
     decay_fraction: float = flag(0.2, "wsd: the share of the run spent decaying (of its steps, or of its time with "
                                  "--time_budget).")
     time_budget: str = flag("", "Wall-clock budget of the run, such as 90s, 10m or 1.5h, counted from the process's "
-                            "start, or torchrun's (tokenizing and compiling count): the run ends on time with its schedule complete "
-                            "(wsd's decay starts when the remaining time says so). With --max_steps, whichever ends "
-                            "first; without, --epochs is not used.")
+                            "start, or torchrun's (tokenizing and compiling count): the run ends on time with its "
+                            "schedule complete (wsd's decay starts when the remaining time says so). With --max_steps, "
+                            "whichever ends first; without, --epochs is not used.")
     weight_decay: float = flag(0.1, "Weight decay of every matrix (by AdamW, or by Muon for the hidden ones), not "
                                "of norms and biases.")
     beta1: float = flag(0.9, "AdamW beta1.")

@@ -58,7 +58,7 @@ class DPO(FinetuneMode):
         ref = load_reference(run)
         if cfg.precompute_ref_logps:
             for data in (train, val):
-                if data is not None and len(data):  # no validation (--val_data_path ""): nothing to score
+                if len(data):  # no validation rows (--val_data_path "" --val_fraction 0): nothing to score
                     precompute_ref_logps(run, ref, data, collate_fn)
             ref = None  # the objective reads batch["ref_logps"]; the reference's memory goes back
         objective = DPOObjective(ref, cfg.dpo_beta, cfg.dpo_label_smoothing, cfg.dpo_loss)
